@@ -1,0 +1,7 @@
+"""``python -m lrquant``."""
+
+import sys
+
+from lrquant.cli import main
+
+sys.exit(main())

@@ -1,0 +1,121 @@
+"""Quantized checkpoints on disk, written atomically.
+
+A quantized output folder is a plain Hugging Face checkpoint (``from_pretrained`` loads it; the
+weights are the dequantized, fake-quantized values) plus ``lrquant_quant.json``, which holds the
+settings needed to rebuild run-time activation quantization, and ``report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch.nn as nn
+from pydantic import ValidationError
+
+from lrquant import __version__
+from lrquant.arch import ArchSpec
+from lrquant.config import QuantScheme, describe_validation_error
+from lrquant.errors import LrquantError
+from lrquant.quant.apply import detach_quantizers
+
+QUANT_FILE = "lrquant_quant.json"
+REPORT_FILE = "report.json"
+FORMAT_VERSION = 1
+
+
+class AtomicOutputDir:
+    """A temporary sibling folder that replaces ``final`` only on :meth:`commit`.
+
+    Created up front, so an unwritable destination fails before any long work. Anything not
+    committed (an error, Ctrl-C) is removed, and ``final`` is never seen half-written.
+    """
+
+    def __init__(self, final: str | Path, overwrite: bool = False) -> None:
+        self.final = Path(final).expanduser().absolute()
+        if self.final.exists() and not (self.final.is_dir() and overwrite):
+            what = "folder" if self.final.is_dir() else "file"
+            hint = "pass --overwrite to replace it" if self.final.is_dir() else "choose another path"
+            if not self.final.is_dir() or any(self.final.iterdir()):
+                raise LrquantError(f"output '{final}' already exists as a {what}: {hint}")
+        try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
+        except OSError as err:
+            raise LrquantError(f"output '{final}' is not writable: {err.strerror or err}") from None
+
+    def commit(self) -> Path:
+        """Move the finished temporary folder to its final name."""
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; give it normal permissions
+        old = None
+        if self.final.exists():
+            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
+            os.replace(self.final, old)
+        os.replace(self.tmp, self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.final
+
+    def discard(self) -> None:
+        """Remove the temporary folder (a no-op after :meth:`commit`)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> AtomicOutputDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def save_quantized(
+    folder: Path, model: nn.Module, tokenizer: object, arch: ArchSpec, scheme: QuantScheme, method: str
+) -> None:
+    """Save a quantized model into ``folder`` (normally an :class:`AtomicOutputDir`'s ``tmp``).
+
+    The model's quantizers are removed first: the saved linears are plain ``nn.Linear`` holding
+    the quantized weights.
+    """
+    detach_quantizers(model, arch)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    write_json(
+        folder / QUANT_FILE,
+        {
+            "format_version": FORMAT_VERSION,
+            "lrquant_version": __version__,
+            "method": method,
+            "model_type": model.config.model_type,
+            "scheme": scheme.model_dump(),
+        },
+    )
+
+
+def read_scheme(folder: Path) -> QuantScheme | None:
+    """The scheme of a quantized output folder, or ``None`` for an ordinary model folder."""
+    path = Path(folder) / QUANT_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format_version") != FORMAT_VERSION:
+            raise LrquantError(
+                f"'{path}' has format version {data.get('format_version')}; "
+                f"this lrquant reads version {FORMAT_VERSION}"
+            )
+        return QuantScheme.model_validate(data["scheme"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise LrquantError(f"'{path}' is damaged ({type(err).__name__}): re-run the quantization") from None
+    except ValidationError as err:
+        raise LrquantError(describe_validation_error(err, f"'{path}' holds invalid settings")) from None

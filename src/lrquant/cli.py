@@ -1,0 +1,171 @@
+"""The ``lrquant`` command: a thin layer over :mod:`lrquant.api`, one function per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lrquant.errors import LrquantError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _windows(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got '{value}'") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {count})")
+    return count
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"built-in name, local HF folder (safetensors) or .gguf file (default: {DEFAULT_MODEL})",
+    )
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the folder")
+
+
+def _add_data_args(parser: argparse.ArgumentParser, eval_flag: str) -> None:
+    parser.add_argument(
+        eval_flag,
+        dest="eval_data",
+        default="wikipedia:test",
+        help="evaluation text: file, folder, .jsonl, or wikipedia[:train|:test] (default: wikipedia:test)",
+    )
+    parser.add_argument("--seqlen", type=int, default=512, help="tokens per window (default: 512)")
+    parser.add_argument(
+        "--eval-windows",
+        type=_windows,
+        default=32,
+        help="evaluation windows: a number or 'all' (default: 32)",
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass in evaluation")
+    parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for all subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="lrquant", description="Post-training quantization of transformers."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and write a checkpoint with a run report")
+    _add_model_args(q)
+    q.add_argument("--output", required=True, help="output folder (written atomically)")
+    q.add_argument("--method", default="rtn", help="quantization method (default: rtn)")
+    q.add_argument("--wbits", type=int, default=4, help="weight bits: 2-8, or 16 for none (default: 4)")
+    q.add_argument("--abits", type=int, default=16, help="activation bits: 2-8, or 16 for none (default: 16)")
+    q.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
+    q.add_argument("--w-symmetric", action="store_true", help="symmetric weight grid (default: asymmetric)")
+    q.add_argument("--a-symmetric", action="store_true", help="symmetric activation grid")
+    q.add_argument("--qkv-bits", type=int, default=None, help="bits of Q, K, V after RoPE (default: --abits)")
+    q.add_argument("--softmax-bits", type=int, default=16, help="bits of the softmax output (default: 16)")
+    q.add_argument(
+        "--calib-data", default="wikipedia:train", help="calibration text (default: wikipedia:train)"
+    )
+    q.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
+    q.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
+    q.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_data_args(q, "--eval-data")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a model or of a quantized output folder")
+    _add_model_args(e)
+    _add_data_args(e, "--data")
+    e.set_defaults(func=cmd_eval)
+    return parser
+
+
+def _data_settings(args: argparse.Namespace):
+    from lrquant.api import DataSettings
+
+    if args.batch_size < 1:
+        raise LrquantError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    return DataSettings(
+        calib=getattr(args, "calib_data", "wikipedia:train"),
+        eval=args.eval_data,
+        seqlen=args.seqlen,
+        nsamples=getattr(args, "nsamples", 128),
+        eval_windows=args.eval_windows,
+        text_field=args.text_field,
+        seed=getattr(args, "seed", 0),
+        batch_size=args.batch_size,
+    )
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """``lrquant quantize``."""
+    from lrquant import api
+    from lrquant.config import build_scheme
+
+    scheme = build_scheme(
+        wbits=args.wbits,
+        abits=args.abits,
+        group_size=args.group_size,
+        w_symmetric=args.w_symmetric,
+        a_symmetric=args.a_symmetric,
+        qkv_bits=args.qkv_bits,
+        softmax_bits=args.softmax_bits,
+    )
+    report = api.quantize(
+        args.model,
+        args.output,
+        scheme=scheme,
+        method=args.method,
+        data=_data_settings(args),
+        evaluate_perplexity=not args.no_eval,
+        overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        ppl = report["perplexity"]
+        summary = ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()) or "not evaluated"
+        print(
+            f"{report['method']} {report['scheme']}: perplexity {summary}; "
+            f"{report['seconds']['total']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MiB -> {args.output}"
+        )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``lrquant eval``."""
+    from lrquant import api
+
+    result = api.evaluate(args.model, _data_settings(args), trust_remote_code=args.trust_remote_code)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"{result['model']} ({result['scheme']}): perplexity {result['perplexity']:.3f} on "
+            f"{result['windows']} windows of {result['seqlen']} tokens from {result['data']}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a subcommand; user errors print one line and exit with status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LrquantError as err:
+        print(f"lrquant: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lrquant: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Typed, validated quantization settings.
+
+Every field is checked where it enters (``extra="forbid"``: a misspelt key is an error, not a
+silent default), so the rest of the package can trust these objects.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from lrquant.errors import LrquantError
+
+Granularity = Literal["tensor", "channel", "group", "token"]
+FULL_PRECISION_BITS = 16
+
+
+def _check_bits(value: int) -> int:
+    if value != FULL_PRECISION_BITS and not 2 <= value <= 8:
+        raise ValueError(f"must be 2 to 8, or {FULL_PRECISION_BITS} for full precision (got {value})")
+    return value
+
+
+class QuantSpec(BaseModel):
+    """How one tensor is fake-quantized: a uniform affine grid of ``bits`` bits.
+
+    Statistics are reduced over the last dimension: per output channel for a ``[out, in]``
+    weight, per token for a ``[..., tokens, features]`` activation, per group of ``group_size``
+    consecutive input columns for ``granularity="group"``, or over the whole tensor.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: int = FULL_PRECISION_BITS
+    symmetric: bool = False
+    granularity: Granularity = "channel"
+    group_size: int | None = None
+
+    @field_validator("bits")
+    @classmethod
+    def _valid_bits(cls, value: int) -> int:
+        return _check_bits(value)
+
+    @field_validator("group_size")
+    @classmethod
+    def _positive_group(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"must be at least 1 (got {value})")
+        return value
+
+    @model_validator(mode="after")
+    def _group_needs_size(self) -> QuantSpec:
+        if self.granularity == "group" and self.group_size is None:
+            raise ValueError("granularity 'group' needs a group_size")
+        if self.granularity != "group" and self.group_size is not None:
+            raise ValueError(f"group_size is only used with granularity 'group', not '{self.granularity}'")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this spec changes the tensor at all (16 bits is the identity)."""
+        return self.bits < FULL_PRECISION_BITS
+
+
+class QuantScheme(BaseModel):
+    """The whole model's quantization settings: weights, linear inputs and attention tensors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weight: QuantSpec = QuantSpec(bits=4, granularity="channel")
+    activation: QuantSpec = QuantSpec(bits=FULL_PRECISION_BITS, granularity="token")
+    qkv: QuantSpec = QuantSpec(bits=FULL_PRECISION_BITS, granularity="token")
+    softmax: QuantSpec = QuantSpec(bits=FULL_PRECISION_BITS, granularity="token")
+
+    @property
+    def name(self) -> str:
+        """Short label such as ``W4A16g128`` or ``W4A4``."""
+        label = f"W{self.weight.bits}A{self.activation.bits}"
+        if self.weight.granularity == "group":
+            label += f"g{self.weight.group_size}"
+        return label
+
+    @property
+    def quantizes_activations(self) -> bool:
+        """True when anything besides the weights is quantized at run time."""
+        return any(spec.enabled for spec in (self.activation, self.qkv, self.softmax))
+
+
+def build_scheme(
+    wbits: int = 4,
+    abits: int = FULL_PRECISION_BITS,
+    group_size: int | None = None,
+    w_symmetric: bool = False,
+    a_symmetric: bool = False,
+    w_granularity: Granularity | None = None,
+    qkv_bits: int | None = None,
+    softmax_bits: int = FULL_PRECISION_BITS,
+) -> QuantScheme:
+    """Build a scheme from flat settings, as the command line gives them.
+
+    Weights are per output channel, or per group when ``group_size`` is given. Linear inputs are
+    quantized per token. Q, K and V (after rotary embedding) follow ``abits`` unless ``qkv_bits``
+    says otherwise; the softmax output stays in full precision unless ``softmax_bits`` is set.
+    Raises :class:`LrquantError` naming the bad setting.
+    """
+    if w_granularity is None:
+        w_granularity = "group" if group_size is not None else "channel"
+    return QuantScheme(
+        weight=_spec(
+            "weight", bits=wbits, symmetric=w_symmetric, granularity=w_granularity, group_size=group_size
+        ),
+        activation=_spec("activation", bits=abits, symmetric=a_symmetric, granularity="token"),
+        qkv=_spec(
+            "qkv", bits=abits if qkv_bits is None else qkv_bits, symmetric=a_symmetric, granularity="token"
+        ),
+        softmax=_spec("softmax", bits=softmax_bits, granularity="token"),
+    )
+
+
+def _spec(label: str, **fields: object) -> QuantSpec:
+    try:
+        return QuantSpec(**fields)
+    except ValidationError as err:
+        raise LrquantError(describe_validation_error(err, f"invalid {label} quantization")) from None
+
+
+def describe_validation_error(err: ValidationError, what: str = "invalid settings") -> str:
+    """One line naming each bad field and why, from a pydantic error."""
+    parts = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "value"
+        parts.append(f"{where} {item['msg'].removeprefix('Value error, ')}")
+    return f"{what}: " + "; ".join(parts)

@@ -1,0 +1,111 @@
+"""Quantization of attention's Q, K, V (after rotary embedding) and softmax output.
+
+Rather than re-implementing each model's attention, we register wrappers in transformers'
+attention-function registry. The model's own attention module computes the projections, norms
+and rotary embedding as the installed library version does, then hands Q, K and V to the
+registered function, which quantizes them and calls the original implementation.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from lrquant.config import QuantSpec
+from lrquant.quant.quantizer import fake_quantize
+
+PREFIX = "lrquant_"
+ATTR = "lrquant_attention"
+
+
+@dataclass
+class AttentionQuant:
+    """Quantization settings attached to one attention module."""
+
+    qkv: QuantSpec
+    softmax: QuantSpec
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _eager_with_softmax_quant(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    softmax_spec: QuantSpec,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **_: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention whose probabilities are fake-quantized before multiplying V."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask[..., : key.shape[-2]]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = fake_quantize(probs, softmax_spec)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+def _model_eager(module: nn.Module) -> Callable:
+    """The eager attention function of the module's own modeling file."""
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward to wrap")
+    return fn
+
+
+def _wrapper(base: str) -> Callable:
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        settings: AttentionQuant | None = getattr(module, ATTR, None)
+        if settings is not None and settings.qkv.enabled:
+            query = fake_quantize(query, settings.qkv)
+            key = fake_quantize(key, settings.qkv)
+            value = fake_quantize(value, settings.qkv)
+        if settings is not None and settings.softmax.enabled:
+            return _eager_with_softmax_quant(
+                module, query, key, value, attention_mask, settings.softmax, **kwargs
+            )
+        fn = _model_eager(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+        return fn(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+def quantized_implementation(base: str) -> str:
+    """Register (once) and return the name of the quantizing wrapper around ``base``."""
+    if base.startswith(PREFIX):
+        return base
+    if base not in ("sdpa", "eager"):
+        base = "sdpa"
+    name = PREFIX + base
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _wrapper(base))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def base_implementation(name: str) -> str:
+    """The implementation a quantizing wrapper name stands for."""
+    return name.removeprefix(PREFIX)

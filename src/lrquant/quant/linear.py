@@ -1,0 +1,58 @@
+"""A linear layer that fake-quantizes its weight and, per token, its input."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lrquant.config import QuantSpec
+from lrquant.quant.quantizer import fake_quantize
+
+
+class QuantLinear(nn.Linear):
+    """Drop-in ``nn.Linear`` that shares the original ``weight``/``bias`` parameters.
+
+    The forward quantizes the input with ``act_spec`` (dynamic: statistics of this very input)
+    and the weight with ``weight_spec``. After :meth:`freeze_weight` the stored weight already lies
+    on the grid and is used as it is. State-dict keys are those of the wrapped linear.
+    """
+
+    def __init__(self, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec) -> None:
+        nn.Module.__init__(self)
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight_spec = weight_spec
+        self.act_spec = act_spec
+        self.weight_frozen = not weight_spec.enabled
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight the forward uses (dequantized values on the quantization grid)."""
+        if self.weight_frozen:
+            return self.weight
+        return fake_quantize(self.weight, self.weight_spec)
+
+    @torch.no_grad()
+    def freeze_weight(self) -> None:
+        """Write the quantized weight into ``weight`` once, so later forwards skip quantizing it."""
+        if not self.weight_frozen:
+            self.weight.copy_(fake_quantize(self.weight, self.weight_spec))
+            self.weight_frozen = True
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with the current (frozen) weight, for saving."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = self.weight
+        linear.bias = self.bias
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(fake_quantize(x, self.act_spec), self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"w{self.weight_spec.bits}, a{self.act_spec.bits}"
+        )

@@ -1,0 +1,95 @@
+"""Uniform affine fake quantization with a straight-through estimator.
+
+``x̂ = (clamp(round(x / Δ) + z, qmin, qmax) - z) · Δ``, with Δ and z from the min and max of each
+statistics group (the last dimension, a group of columns, or the whole tensor). Rounding passes
+gradients straight through, so Δ, z and anything upstream of ``x`` can be learned.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lrquant.config import QuantSpec
+
+MIN_SCALE = 1e-5
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest in the forward pass; identity gradient in the backward pass."""
+    return (x.round() - x).detach() + x
+
+
+def integer_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The integer grid ``[qmin, qmax]``: signed for symmetric, unsigned for asymmetric."""
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def group_for_stats(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
+    """Reshape ``x`` so that each statistics group is one row of the last dimension.
+
+    Returns the view and the number of padding columns added. A group size that does not divide
+    the row leaves a shorter last group; it is padded with copies of its own last element, which
+    changes neither its minimum nor its maximum, so it gets its own scale and zero point.
+    """
+    if spec.granularity == "tensor":
+        return x.reshape(1, -1), 0
+    if spec.granularity != "group":
+        return x, 0
+    size = spec.group_size
+    assert size is not None
+    pad = -x.shape[-1] % size
+    if pad:
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
+    return x.unflatten(-1, (x.shape[-1] // size, size)), pad
+
+
+def ungroup(xg: torch.Tensor, like: torch.Tensor, pad: int) -> torch.Tensor:
+    """Undo :func:`group_for_stats`: back to the shape of ``like``."""
+    if xg.shape == like.shape:
+        return xg
+    out = xg.flatten(-2) if xg.dim() == like.dim() + 1 else xg
+    if pad:
+        out = out[..., : like.shape[-1]]
+    return out.reshape(like.shape)
+
+
+def quant_params(
+    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step size Δ and zero point z (on the integer grid) for a range ``[xmin, xmax]``."""
+    qmin, qmax = integer_range(bits, symmetric)
+    if symmetric:
+        scale = (torch.maximum(xmax.abs(), xmin.abs()) / qmax).clamp(min=MIN_SCALE)
+        return scale, torch.zeros_like(scale)
+    scale = ((xmax - xmin) / (qmax - qmin)).clamp(min=MIN_SCALE)
+    zero = round_ste((-xmin / scale).clamp(-1e4, 1e4))
+    return scale, zero
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    upper: torch.Tensor | None = None,
+    lower: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Quantize and dequantize ``x`` on the grid ``spec`` describes; identity at 16 bits.
+
+    ``upper`` and ``lower`` optionally shrink each group's range (``xmax·upper``, ``xmin·lower``,
+    learnable weight clipping); they broadcast against the per-group statistics, shape
+    ``[..., groups, 1]`` for group granularity or ``[..., 1]`` otherwise.
+    """
+    if not spec.enabled:
+        return x
+    xg, pad = group_for_stats(x, spec)
+    xmax = xg.amax(dim=-1, keepdim=True)
+    xmin = xg.amin(dim=-1, keepdim=True)
+    if upper is not None:
+        xmax = xmax * upper
+    if lower is not None:
+        xmin = xmin * lower
+    scale, zero = quant_params(xmin, xmax, spec.bits, spec.symmetric)
+    qmin, qmax = integer_range(spec.bits, spec.symmetric)
+    q = torch.clamp(round_ste(xg / scale) + zero, qmin, qmax)
+    return ungroup((q - zero) * scale, x, pad)
