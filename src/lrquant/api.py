@@ -15,14 +15,12 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lrquant import __version__
-from lrquant.arch import ArchSpec
 from lrquant.checkpoint import REPORT_FILE, AtomicOutputDir, save_quantized, write_json
 from lrquant.config import QuantScheme
 from lrquant.data.text import (
@@ -34,11 +32,12 @@ from lrquant.data.text import (
 )
 from lrquant.errors import LrquantError
 from lrquant.eval.perplexity import perplexity
+from lrquant.methods.blockwise import quantize_blockwise, report_dict
+from lrquant.methods.resume import ResumeStore
 from lrquant.methods.rtn import quantize_rtn
 from lrquant.models.loading import LoadedModel, load_model
-
-Method = Callable[[torch.nn.Module, ArchSpec, QuantScheme], None]
-METHODS: dict[str, Method] = {"rtn": quantize_rtn}
+from lrquant.recipes import DEFAULT_METHOD, Recipe, build_recipe
+from lrquant.report import PLOT_FILE, plot_blocks
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ class DataSettings:
     calib: str = "wikipedia:train"
     eval: str = "wikipedia:test"
     seqlen: int = 512
-    nsamples: int = 128
+    nsamples: int | None = None  # None: the recipe's preset decides
     eval_windows: int | None = 32
     text_field: str = "text"
     seed: int = 0
@@ -66,16 +65,25 @@ def peak_rss_mb() -> float:
     return peak / 1024 if sys.platform != "darwin" else peak / 2**20
 
 
+def _check_seqlen(loaded: LoadedModel, seqlen: int) -> None:
+    # Learned position embeddings (OPT) fail with an IndexError past the model's context.
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seqlen > limit:
+        raise LrquantError(f"--seqlen {seqlen} is longer than the model's context of {limit} tokens")
+
+
 def evaluation_data(loaded: LoadedModel, data: DataSettings) -> torch.Tensor:
     """The evaluation windows ``[n, seqlen]`` for ``loaded``'s tokenizer."""
+    _check_seqlen(loaded, data.seqlen)
     ids = tokenize_documents(load_documents(data.eval, "test", data.text_field), loaded.tokenizer)
     return evaluation_windows(ids, data.seqlen, prepended_bos(loaded.tokenizer), data.eval_windows)
 
 
-def calibration_data(loaded: LoadedModel, data: DataSettings) -> torch.Tensor:
-    """The seeded calibration windows ``[nsamples, seqlen]``."""
+def calibration_data(loaded: LoadedModel, data: DataSettings, nsamples: int) -> torch.Tensor:
+    """``nsamples`` seeded calibration windows ``[nsamples, seqlen]``."""
+    _check_seqlen(loaded, data.seqlen)
     ids = tokenize_documents(load_documents(data.calib, "train", data.text_field), loaded.tokenizer)
-    return calibration_windows(ids, data.seqlen, prepended_bos(loaded.tokenizer), data.nsamples, data.seed)
+    return calibration_windows(ids, data.seqlen, prepended_bos(loaded.tokenizer), nsamples, data.seed)
 
 
 def _environment() -> dict:
@@ -113,11 +121,60 @@ def evaluate(model: str, data: DataSettings | None = None, trust_remote_code: bo
     }
 
 
+def apply_method(
+    loaded: LoadedModel,
+    scheme: QuantScheme,
+    method: str,
+    recipe: Recipe,
+    calibration: torch.Tensor | None,
+    seed: int = 0,
+    store: ResumeStore | None = None,
+) -> list[dict]:
+    """Quantize ``loaded.model`` in place; returns the per-block reports of a learned method.
+
+    ``rtn`` needs no calibration; every other method learns (or, for ``smoothquant``, sets) its
+    transforms block by block on ``calibration`` windows, resuming from ``store`` when it holds
+    finished blocks of the same run.
+    """
+    if method == "rtn":
+        quantize_rtn(loaded.model, loaded.arch, scheme)
+        return []
+    if calibration is None:
+        raise LrquantError(f"method '{method}' needs calibration data")
+    start = store.load(loaded.model, loaded.arch, scheme) if store is not None else None
+    if start is not None:
+        log(f"resuming at block {start[0] + 1} from {store.folder}")
+    reports = quantize_blockwise(
+        loaded.model,
+        loaded.arch,
+        scheme,
+        recipe,
+        calibration,
+        seed,
+        start,
+        store.save_block if store is not None else None,
+    )
+    return store.reports if store is not None else [report_dict(r) for r in reports]
+
+
+def _fingerprint(loaded, scheme, recipe, method, data, calibration) -> dict:
+    return {
+        "model": str(loaded.path),
+        "scheme": scheme.model_dump(),
+        "recipe": recipe.model_dump(),
+        "method": method,
+        "data": [data.calib, data.seqlen, data.seed, data.text_field],
+        "calibration_checksum": int(calibration.sum()),
+    }
+
+
 def quantize(
     model: str,
     output: str | Path,
     scheme: QuantScheme,
-    method: str = "rtn",
+    method: str = DEFAULT_METHOD,
+    preset: str = "default",
+    overrides: dict | None = None,
     data: DataSettings | None = None,
     evaluate_perplexity: bool = True,
     overwrite: bool = False,
@@ -125,13 +182,17 @@ def quantize(
 ) -> dict:
     """Quantize ``model`` with ``method`` and ``scheme``; write the checkpoint and report to ``output``.
 
-    Returns the run report (also written as ``report.json``): settings, seed, model, data,
-    perplexity before and after (when ``evaluate_perplexity``), seconds per stage, peak RSS.
-    The output folder appears only when everything succeeded.
+    ``method`` names a recipe (``rtn``, ``smoothquant``, ``omniquant``, ``lrquant``,
+    ``lrquant_plus``), ``preset`` its budget (``fast``, ``default``, ``paper``) and ``overrides``
+    any recipe field. Returns the run report (also written as ``report.json``, with a per-block
+    plot for learned methods): settings, seed, model, data, perplexity before and after (when
+    ``evaluate_perplexity``), per-block losses, seconds per stage, peak RSS. The output folder
+    appears only when everything succeeded; an interrupted learned run resumes when rerun.
     """
-    if method not in METHODS:
-        raise LrquantError(f"unknown method '{method}'; available: {', '.join(sorted(METHODS))}")
     data = data or DataSettings()
+    if data.nsamples is not None:
+        overrides = {**(overrides or {}), "nsamples": data.nsamples}
+    recipe = build_recipe(method, preset, overrides)
     torch.manual_seed(data.seed)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -146,6 +207,7 @@ def quantize(
         log(f"loading {model}")
         loaded = load_model(model, trust_remote_code=trust_remote_code)
         lap("load")
+        calibration = None if method == "rtn" else calibration_data(loaded, data, recipe.nsamples)
         windows = evaluation_data(loaded, data) if evaluate_perplexity else None
         perplexities: dict[str, float] = {}
         if windows is not None:
@@ -153,7 +215,10 @@ def quantize(
             perplexities["fp"] = perplexity(loaded.model, windows, data.batch_size, "fp perplexity")
             lap("eval_fp")
         log(f"quantizing with {method} at {scheme.name}")
-        METHODS[method](loaded.model, loaded.arch, scheme)
+        store = None
+        if calibration is not None:
+            store = ResumeStore(out.final, _fingerprint(loaded, scheme, recipe, method, data, calibration))
+        blocks = apply_method(loaded, scheme, method, recipe, calibration, data.seed, store)
         lap("quantize")
         if windows is not None:
             perplexities["quantized"] = perplexity(
@@ -164,8 +229,10 @@ def quantize(
         lap("save")
         report = {
             "method": method,
+            "preset": preset,
             "scheme": scheme.name,
             "settings": scheme.model_dump(),
+            "recipe": None if calibration is None else recipe.model_dump(),
             "model": {
                 "name": model,
                 "path": str(loaded.path),
@@ -173,19 +240,24 @@ def quantize(
                 "parameters": loaded.num_parameters,
             },
             "data": {
-                "calibration": None,  # round-to-nearest uses no calibration data
+                "calibration": None if calibration is None else data.calib,
                 "evaluation": data.eval,
                 "seqlen": data.seqlen,
-                "nsamples": data.nsamples,
+                "nsamples": None if calibration is None else calibration.shape[0],
                 "eval_windows": None if windows is None else windows.shape[0],
             },
             "seed": data.seed,
             "perplexity": perplexities,
+            "blocks": blocks,
             "seconds": {**seconds, "total": round(sum(seconds.values()), 2)},
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "environment": _environment(),
         }
         write_json(out.tmp / REPORT_FILE, report)
+        if blocks:
+            plot_blocks(blocks, out.tmp / PLOT_FILE, f"{method} {scheme.name}")
         out.commit()
+    if store is not None:
+        store.clear()
     log(f"wrote {out.final}")
     return report

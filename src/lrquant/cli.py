@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import NoReturn
 
 from lrquant.errors import LrquantError
 
@@ -51,17 +52,35 @@ def _add_data_args(parser: argparse.ArgumentParser, eval_flag: str) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other user error (subparsers inherit this class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"lrquant: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for all subcommands."""
-    parser = argparse.ArgumentParser(
-        prog="lrquant", description="Post-training quantization of transformers."
-    )
+    parser = _Parser(prog="lrquant", description="Post-training quantization of transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and write a checkpoint with a run report")
     _add_model_args(q)
     q.add_argument("--output", required=True, help="output folder (written atomically)")
-    q.add_argument("--method", default="rtn", help="quantization method (default: rtn)")
+    q.add_argument(
+        "--method",
+        default="lrquant_plus",
+        help="rtn, smoothquant, omniquant, lrquant or lrquant_plus (default: lrquant_plus)",
+    )
+    q.add_argument("--preset", default="default", help="budget: fast, default or paper (default: default)")
+    q.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set epochs=3 --set rotation=false (repeatable)",
+    )
     q.add_argument("--wbits", type=int, default=4, help="weight bits: 2-8, or 16 for none (default: 4)")
     q.add_argument("--abits", type=int, default=16, help="activation bits: 2-8, or 16 for none (default: 16)")
     q.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
@@ -72,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--calib-data", default="wikipedia:train", help="calibration text (default: wikipedia:train)"
     )
-    q.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
+    q.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: the preset's)")
     q.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
     q.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -95,7 +114,7 @@ def _data_settings(args: argparse.Namespace):
         calib=getattr(args, "calib_data", "wikipedia:train"),
         eval=args.eval_data,
         seqlen=args.seqlen,
-        nsamples=getattr(args, "nsamples", 128),
+        nsamples=getattr(args, "nsamples", None),
         eval_windows=args.eval_windows,
         text_field=args.text_field,
         seed=getattr(args, "seed", 0),
@@ -107,6 +126,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     """``lrquant quantize``."""
     from lrquant import api
     from lrquant.config import build_scheme
+    from lrquant.recipes import parse_overrides
 
     scheme = build_scheme(
         wbits=args.wbits,
@@ -122,6 +142,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         args.output,
         scheme=scheme,
         method=args.method,
+        preset=args.preset,
+        overrides=parse_overrides(args.overrides),
         data=_data_settings(args),
         evaluate_perplexity=not args.no_eval,
         overwrite=args.overwrite,
@@ -163,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lrquant: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lrquant: interrupted; no output was written", file=sys.stderr)
+        print(
+            "lrquant: interrupted; no output was written (a learned run keeps its finished blocks: "
+            "rerun the same command to resume)",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -50,7 +50,8 @@ def _read(path: Path) -> str:
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     docs = []
-    for number, line in enumerate(_read(path).splitlines(), start=1):
+    # only "\n" ends a record: str.splitlines() would also split at U+2028 etc. inside JSON strings
+    for number, line in enumerate(_read(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -89,10 +90,9 @@ def tokenize_documents(docs: list[str], tokenizer) -> torch.Tensor:
 
 
 def _body_length(seqlen: int, bos: int | None) -> int:
-    body = seqlen - (bos is not None)
-    if body < 1:
+    if seqlen < 2:  # a window of one token predicts nothing (perplexity would divide by zero)
         raise LrquantError(f"seqlen {seqlen} is too short: it must be at least 2")
-    return body
+    return seqlen - (bos is not None)
 
 
 def _with_bos(rows: torch.Tensor, bos: int | None) -> torch.Tensor:

@@ -12,7 +12,8 @@ from lrquant.quant.attention import ATTR, AttentionQuant, base_implementation, q
 from lrquant.quant.linear import QuantLinear
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` of ``root`` is."""
     parent_name, _, attr = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
 
@@ -27,12 +28,24 @@ def attach_quantizers(
     weights as already quantized (a saved quantized checkpoint), so they are used as stored.
     """
     for block in arch.block_list(model):
-        for name, child in list(block.named_modules()):
-            if isinstance(child, nn.Linear) and not isinstance(child, QuantLinear):
-                qlinear = QuantLinear(child, scheme.weight, scheme.activation)
-                qlinear.weight_frozen = qlinear.weight_frozen or weights_on_grid
-                _replace(block, name, qlinear)
-        setattr(block.get_submodule(arch.attention), ATTR, AttentionQuant(scheme.qkv, scheme.softmax))
+        attach_block_quantizers(block, arch, scheme, weights_on_grid)
+    use_quantized_attention(model)
+
+
+def attach_block_quantizers(
+    block: nn.Module, arch: ArchSpec, scheme: QuantScheme, weights_on_grid: bool = False
+) -> None:
+    """:func:`attach_quantizers` for one block (the model must also :func:`use_quantized_attention`)."""
+    for name, child in list(block.named_modules()):
+        if isinstance(child, nn.Linear) and not isinstance(child, QuantLinear):
+            qlinear = QuantLinear(child, scheme.weight, scheme.activation)
+            qlinear.weight_frozen = qlinear.weight_frozen or weights_on_grid
+            replace_module(block, name, qlinear)
+    setattr(block.get_submodule(arch.attention), ATTR, AttentionQuant(scheme.qkv, scheme.softmax))
+
+
+def use_quantized_attention(model: nn.Module) -> None:
+    """Route the model's attention through the quantizing wrapper (a no-op for blocks without settings)."""
     model.set_attn_implementation(quantized_implementation(model.config._attn_implementation))
 
 
@@ -41,7 +54,7 @@ def detach_quantizers(model: nn.Module, arch: ArchSpec) -> None:
     for block in arch.block_list(model):
         for name, child in list(block.named_modules()):
             if isinstance(child, QuantLinear):
-                _replace(block, name, child.to_linear())
+                replace_module(block, name, child.to_linear())
         attention = block.get_submodule(arch.attention)
         if hasattr(attention, ATTR):
             delattr(attention, ATTR)

@@ -47,9 +47,18 @@ def _eager_with_softmax_quant(
     scaling: float | None = None,
     dropout: float = 0.0,
     softcap: float | None = None,
+    is_causal: bool | None = None,
     **_: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention whose probabilities are fake-quantized before multiplying V."""
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    if attention_mask is None and is_causal and query.shape[2] > 1:
+        # sdpa's mask function leaves out a purely causal mask (sdpa then sets is_causal): rebuild it,
+        # aligned top-left as torch's is_causal is.
+        attention_mask = torch.ones(
+            query.shape[2], key.shape[2], dtype=torch.bool, device=query.device
+        ).tril()
     groups = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     if scaling is None:

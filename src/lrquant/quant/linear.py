@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from lrquant.config import QuantSpec
 from lrquant.quant.quantizer import fake_quantize
+from lrquant.transforms.weight import WeightTransform
 
 
 class QuantLinear(nn.Linear):
@@ -15,7 +16,9 @@ class QuantLinear(nn.Linear):
 
     The forward quantizes the input with ``act_spec`` (dynamic: statistics of this very input)
     and the weight with ``weight_spec``. After :meth:`freeze_weight` the stored weight already lies
-    on the grid and is used as it is. State-dict keys are those of the wrapped linear.
+    on the grid and is used as it is. While a block is being learned, ``transform`` (smoothing,
+    clipping, rotation) decides the weight; :meth:`fold_transform` writes its result in place.
+    State-dict keys are those of the wrapped linear.
     """
 
     def __init__(self, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec) -> None:
@@ -27,12 +30,34 @@ class QuantLinear(nn.Linear):
         self.weight_spec = weight_spec
         self.act_spec = act_spec
         self.weight_frozen = not weight_spec.enabled
+        self.transform: WeightTransform | None = None
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the forward uses (dequantized values on the quantization grid)."""
         if self.weight_frozen:
             return self.weight
         return fake_quantize(self.weight, self.weight_spec)
+
+    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias the forward computes with."""
+        if self.transform is not None:
+            return self.transform.weight_and_bias(self.weight, self.bias, self.weight_spec)
+        return self.quantized_weight(), self.bias
+
+    @torch.no_grad()
+    def fold_transform(self) -> None:
+        """Write what the transform computes into ``weight``/``bias`` and drop the transform."""
+        if self.transform is None:
+            return
+        weight, bias = self.weight_and_bias()
+        self.weight.copy_(weight)
+        if bias is not None:
+            if self.bias is None:
+                self.bias = nn.Parameter(bias.to(self.weight.dtype))
+            else:
+                self.bias.copy_(bias)
+        self.transform = None
+        self.weight_frozen = True
 
     @torch.no_grad()
     def freeze_weight(self) -> None:
@@ -49,7 +74,8 @@ class QuantLinear(nn.Linear):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(fake_quantize(x, self.act_spec), self.quantized_weight(), self.bias)
+        weight, bias = self.weight_and_bias()
+        return F.linear(fake_quantize(x, self.act_spec), weight, bias)
 
     def extra_repr(self) -> str:
         return (

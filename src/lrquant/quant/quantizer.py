@@ -64,7 +64,9 @@ def quant_params(
         scale = (torch.maximum(xmax.abs(), xmin.abs()) / qmax).clamp(min=MIN_SCALE)
         return scale, torch.zeros_like(scale)
     scale = ((xmax - xmin) / (qmax - qmin)).clamp(min=MIN_SCALE)
-    zero = round_ste((-xmin / scale).clamp(-1e4, 1e4))
+    # No clamp on z: a narrow range far from 0 (a constant group, a one-element ragged tail)
+    # needs |z| >> 1e4, and clamping it moved the whole grid away from the data.
+    zero = round_ste(-xmin / scale)
     return scale, zero
 
 

@@ -1,0 +1,146 @@
+"""Perplexity / time / memory table of quantization methods on a real LLM (not part of CI).
+
+Each (method, setting) runs in its own fresh process, so its peak RSS is its own and runs do not
+share state. Calibration on ``wikipedia:train`` (seeded random windows), perplexity on
+``wikipedia:test`` (consecutive windows), as the package defaults do.
+
+    python benchmarks/llm_ppl.py --methods rtn                       # the RTN table
+    python benchmarks/llm_ppl.py --methods rtn omniquant lrquant_plus --settings W4A4 W6A6
+    python benchmarks/llm_ppl.py --methods lrquant_plus --settings W4A4 --set rotation=false --name ablate
+
+Writes ``benchmarks/results/<name>.md`` and ``.json`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SETTINGS: dict[str, dict] = {
+    "FP": {},
+    "W4A16": dict(wbits=4),
+    "W4A16g128": dict(wbits=4, group_size=128),
+    "W3A16g128": dict(wbits=3, group_size=128),
+    "W2A16g64": dict(wbits=2, group_size=64),
+    "W8A8": dict(wbits=8, abits=8),
+    "W6A6": dict(wbits=6, abits=6),
+    "W4A8": dict(wbits=4, abits=8),
+    "W4A4": dict(wbits=4, abits=4),
+}
+RESULTS = Path(__file__).parent / "results"
+
+
+def run_one(job: dict) -> dict:
+    """Load, quantize (unless FP) and evaluate one setting in this process."""
+    import torch
+
+    from lrquant.api import DataSettings, apply_method, calibration_data, evaluation_data, peak_rss_mb
+    from lrquant.config import build_scheme
+    from lrquant.eval.perplexity import perplexity
+    from lrquant.models.loading import load_model
+    from lrquant.recipes import build_recipe, parse_overrides
+
+    torch.manual_seed(job["seed"])
+    data = DataSettings(seqlen=job["seqlen"], eval_windows=job["windows"], seed=job["seed"])
+    loaded = load_model(job["model"])
+    windows = evaluation_data(loaded, data)
+    start = time.perf_counter()
+    blocks = []
+    if job["setting"] != "FP":
+        recipe = build_recipe(job["method"], job["preset"], parse_overrides(job["overrides"]))
+        calibration = None if job["method"] == "rtn" else calibration_data(loaded, data, recipe.nsamples)
+        scheme = build_scheme(**SETTINGS[job["setting"]])
+        blocks = apply_method(loaded, scheme, job["method"], recipe, calibration, job["seed"])
+    quantize_s = time.perf_counter() - start
+    start = time.perf_counter()
+    ppl = perplexity(loaded.model, windows)
+    return {
+        **job,
+        "perplexity": ppl,
+        "quantize_s": round(quantize_s, 1),
+        "eval_s": round(time.perf_counter() - start, 1),
+        "peak_rss_mb": round(peak_rss_mb()),
+        "eval_tokens": int(windows.numel()),
+        "retries": sum(b["retries"] for b in blocks),
+        "last_block_cosine": blocks[-1]["cosine"] if blocks else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--methods", nargs="+", default=["rtn"])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--preset", default="default")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="table")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))))
+        return
+
+    rows = []
+    jobs = [(m, s) for s in args.settings for m in (["-"] if s == "FP" else args.methods)]
+    for method, setting in jobs:
+        job = dict(
+            model=args.model,
+            method=method,
+            setting=setting,
+            preset=args.preset,
+            overrides=args.overrides,
+            seqlen=args.seqlen,
+            windows=args.windows,
+            seed=args.seed,
+        )
+        out = subprocess.run(
+            [sys.executable, __file__, "--one", json.dumps(job)], capture_output=True, text=True, check=False
+        )
+        if out.returncode != 0:
+            sys.exit(f"{method} {setting} failed:\n{out.stderr[-3000:]}")
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(
+            f"{method:>13} {setting:<10} ppl {row['perplexity']:9.3f}  quantize {row['quantize_s']:7.1f} s"
+            f"  eval {row['eval_s']:6.1f} s  peak RSS {row['peak_rss_mb']} MiB",
+            flush=True,
+        )
+
+    import torch
+    import transformers
+
+    machine = (
+        f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
+    extra = f"; overrides {' '.join(args.overrides)}" if args.overrides else ""
+    lines = [
+        f"Model `{args.model}`; calibration `wikipedia:train`, preset `{args.preset}`{extra}; perplexity on "
+        f"`wikipedia:test`, {args.windows} windows x {args.seqlen} tokens; seed {args.seed}; {machine}.",
+        "",
+        "| method | setting | perplexity | quantize s | peak RSS MiB |",
+        "|---|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['method']} | {r['setting']} | {r['perplexity']:.2f} | {r['quantize_s']:.1f} "
+        f"| {r['peak_rss_mb']} |"
+        for r in rows
+    ]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(
+        json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n"
+    )
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""The block-wise learner behind OmniQuant, LRQuant and LRQuant+.
+
+For each transformer block in turn:
+
+1. run the full-precision block on the full-precision chain's input (target of the
+   error-propagation branch) and on the quantized chain's input (target of the homologous
+   branch), recording input statistics for the smoothing initialisation;
+2. quantize the block and attach its learnable transforms (smoothing scales and shifts,
+   clipping bounds, rotation vectors);
+3. train them so the quantized block on the quantized input matches both targets
+   (MSE plus negative log cosine, dynamically weighted);
+4. fold the transforms into the block's weights and quantize them for good;
+5. feed the quantized chain forward through the finished block.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from lrquant.arch import ArchSpec
+from lrquant.config import QuantScheme
+from lrquant.errors import LrquantError
+from lrquant.methods import losses
+from lrquant.methods.capture import capture_block_inputs, capture_block_kwargs, run_block
+from lrquant.quant.apply import attach_block_quantizers, use_quantized_attention
+from lrquant.quant.linear import QuantLinear
+from lrquant.recipes import Recipe
+from lrquant.transforms.block import (
+    AttentionLayout,
+    BlockTransforms,
+    ChannelStats,
+    TransformOptions,
+    attach_block_transforms,
+    fold_block_transforms,
+)
+
+
+@dataclass
+class BlockReport:
+    """What happened while one block was learned."""
+
+    index: int
+    losses: list[float] = field(default_factory=list)
+    cosine: float = float("nan")
+    mse: float = float("nan")
+    seconds: float = 0.0
+    retries: int = 0
+    lr_scale: float = 1.0
+
+
+@dataclass
+class ChainState:
+    """Inputs of the next block on the full-precision and the quantized chains."""
+
+    fp: torch.Tensor
+    quant: torch.Tensor
+
+
+BlockDone = Callable[[int, nn.Module, ChainState, BlockReport], None]
+
+
+def transform_options(recipe: Recipe, arch: ArchSpec) -> TransformOptions:
+    """The transforms a recipe asks for. Shifts (``auto``) are used where the norm has a bias."""
+    shifts = recipe.shifts == "on" or (recipe.shifts == "auto" and arch.norm_kind == "layer")
+    if shifts and arch.norm_kind != "layer":
+        # An RMSNorm has no bias to fold a shift into (fold_into_norm would fail after training).
+        raise LrquantError(
+            f"shifts=on needs LayerNorm models (e.g. opt); '{arch.model_types[0]}' uses RMSNorm: "
+            "use shifts=auto or shifts=off"
+        )
+    return TransformOptions(
+        smoothing=recipe.smoothing,
+        alpha=recipe.alpha,
+        shifts=shifts,
+        qk_smoothing=recipe.qk_smoothing,
+        clipping=recipe.clipping,
+        rotation=recipe.rotation,
+    )
+
+
+@torch.no_grad()
+def _targets_and_stats(
+    block: nn.Module, arch: ArchSpec, state: ChainState, kwargs: dict, recipe: Recipe
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, ChannelStats]]:
+    stats: dict[str, ChannelStats] = {}
+
+    def observe(name: str):
+        def hook(_module, args):
+            x = args[0].detach().flatten(0, -2).float()
+            lo, hi = x.amin(dim=0), x.amax(dim=0)
+            if name in stats:
+                lo, hi = torch.minimum(stats[name].min, lo), torch.maximum(stats[name].max, hi)
+            stats[name] = ChannelStats(lo, hi)
+
+        return hook
+
+    names = {pair.targets[0] for pair in arch.smooth_pairs}
+    handles = [block.get_submodule(n).register_forward_pre_hook(observe(n)) for n in names]
+    try:
+        fp_out = run_block(block, state.fp, kwargs, recipe.batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    hom_out = run_block(block, state.quant, kwargs, recipe.batch_size) if recipe.homologous else None
+    return fp_out, hom_out, stats
+
+
+def _loss(
+    out: torch.Tensor, targets: list[torch.Tensor], recipe: Recipe, weighting: losses.DynamicWeighting | None
+) -> tuple[torch.Tensor, float]:
+    """The loss to minimise, and its unweighted value (comparable across blocks, for the report)."""
+    mse = sum(losses.mse(out, t) for t in targets) if recipe.mse else None
+    nlc = sum(losses.nlc(out, t) for t in targets) if recipe.nlc else None
+    terms = [t for t in (mse, nlc) if t is not None]
+    raw = sum(terms)
+    if weighting is not None and len(terms) == 2:
+        return weighting(*terms), float(raw.detach())
+    return raw, float(raw.detach())
+
+
+def _train_block(
+    block: nn.Module,
+    bt: BlockTransforms,
+    state: ChainState,
+    targets: list[torch.Tensor],
+    kwargs: dict,
+    recipe: Recipe,
+    seed: int,
+    report: BlockReport,
+    bar: tqdm | None,
+) -> None:
+    initial = copy.deepcopy(bt.state_dict())
+    n = state.quant.shape[0]
+    autocast = torch.autocast(
+        "cpu" if state.quant.device.type == "cpu" else "cuda", torch.bfloat16, recipe.bf16
+    )
+    for attempt in range(recipe.max_retries + 1):
+        lr_scale = 0.5**attempt
+        bt.load_state_dict(initial)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": bt.smoothing_parameters(), "lr": recipe.lr_transform * lr_scale},
+                {"params": bt.clipping_parameters(), "lr": recipe.lr_clipping * lr_scale},
+            ],
+            weight_decay=0.0,
+        )
+        weighting = losses.DynamicWeighting(2) if recipe.dynamic_weighting else None
+        generator = torch.Generator().manual_seed(seed)
+        report.losses = []
+        finite = True
+        for _epoch in range(recipe.epochs):
+            total = 0.0
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, recipe.batch_size):
+                idx = order[start : start + recipe.batch_size]
+                with autocast:
+                    out = block(state.quant[idx], **kwargs)
+                out = (out[0] if isinstance(out, tuple) else out).float()
+                loss, raw = _loss(out, [t[idx] for t in targets], recipe, weighting)
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += raw
+            if not finite:
+                break
+            report.losses.append(total / math.ceil(n / recipe.batch_size))
+            if bar is not None:
+                bar.set_postfix(block=report.index, epoch=_epoch + 1, loss=f"{report.losses[-1]:.4g}")
+        if finite:
+            report.retries, report.lr_scale = attempt, lr_scale
+            return
+    # Every retry diverged: keep the initial transforms (smoothing init, no clipping learned).
+    bt.load_state_dict(initial)
+    report.retries, report.lr_scale = recipe.max_retries + 1, 0.0
+
+
+def quantize_blockwise(
+    model: nn.Module,
+    arch: ArchSpec,
+    scheme: QuantScheme,
+    recipe: Recipe,
+    calibration: torch.Tensor,
+    seed: int = 0,
+    start: tuple[int, ChainState] | None = None,
+    on_block_done: BlockDone | None = None,
+) -> list[BlockReport]:
+    """Quantize every block of ``model`` in place with ``recipe``; returns per-block reports.
+
+    ``start`` resumes at a block with the chain inputs saved when the previous one finished
+    (blocks before it must already hold their finished weights). ``on_block_done`` is called
+    after each block, e.g. to checkpoint it.
+    """
+    blocks = arch.block_list(model)
+    kwargs_per_block = capture_block_kwargs(model, arch, calibration[0])
+    if start is None:
+        first = 0
+        inputs = capture_block_inputs(model, arch, calibration)
+        state = ChainState(fp=inputs, quant=inputs.clone())
+    else:
+        first, state = start
+    layout = AttentionLayout.from_config(model.config)
+    options = transform_options(recipe, arch)
+    use_quantized_attention(model)
+    reports = []
+    run_start = time.perf_counter()
+    bar = tqdm(total=len(blocks), initial=first, desc="blocks", unit="block", disable=None)
+    for index in range(first, len(blocks)):
+        began = time.perf_counter()
+        block, kwargs = blocks[index], kwargs_per_block[index]
+        report = BlockReport(index)
+        for p in block.parameters():
+            p.requires_grad_(False)
+        fp_out, hom_out, stats = _targets_and_stats(block, arch, state, kwargs, recipe)
+        attach_block_quantizers(block, arch, scheme)
+        bt = attach_block_transforms(block, arch, layout, stats, options, scheme.weight)
+        targets = [t for t, on in ((fp_out, recipe.error_propagation), (hom_out, recipe.homologous)) if on]
+        if recipe.learn and targets and (bt.smoothing_parameters() or bt.clipping_parameters()):
+            _train_block(block, bt, state, targets, kwargs, recipe, seed * 1000 + index, report, bar)
+        with torch.no_grad():
+            fold_block_transforms(block, arch)
+            for module in block.modules():
+                if isinstance(module, QuantLinear):
+                    module.freeze_weight()
+            quant_out = run_block(block, state.quant, kwargs, recipe.batch_size)
+            report.cosine = float(losses.token_cosine(quant_out, fp_out))
+            report.mse = float(losses.mse(quant_out, fp_out))
+        state = ChainState(fp=fp_out, quant=quant_out)
+        report.seconds = round(time.perf_counter() - began, 2)
+        reports.append(report)
+        if on_block_done is not None:
+            on_block_done(index, block, state, report)
+        bar.update(1)
+        bar.set_postfix(block=index, cos=f"{report.cosine:.4f}")
+        _log_block(report, len(blocks), time.perf_counter() - run_start, index - first + 1)
+    bar.close()
+    return reports
+
+
+def _log_block(report: BlockReport, total: int, elapsed: float, done_now: int) -> None:
+    left = elapsed / done_now * (total - report.index - 1)
+    loss = f", loss {report.losses[0]:.4g} -> {report.losses[-1]:.4g}" if report.losses else ""
+    retry = f", {report.retries} retries (lr x{report.lr_scale:g})" if report.retries else ""
+    print(
+        f"lrquant: block {report.index + 1}/{total}: cosine {report.cosine:.5f}{loss}{retry}, "
+        f"{report.seconds:.1f} s, about {left / 60:.1f} min left",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def report_dict(report: BlockReport) -> dict:
+    """A JSON-friendly view of a block report."""
+    return asdict(report)

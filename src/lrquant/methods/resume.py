@@ -1,0 +1,88 @@
+"""Crash-safe progress of a block-wise run: every finished block is saved, a rerun resumes.
+
+The store lives beside the output folder (``.<name>.resume``). After each block it holds the
+block's finished weights, the inputs of the next block on both chains, and the per-block
+reports, each file replaced atomically. A rerun of the same command with the same settings picks
+up at the first unfinished block and computes bit for bit what an uninterrupted run computes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from lrquant.arch import ArchSpec
+from lrquant.config import QuantScheme
+from lrquant.errors import LrquantError
+from lrquant.methods.blockwise import BlockReport, ChainState, report_dict
+from lrquant.quant.apply import attach_block_quantizers
+
+META = "progress.json"
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+class ResumeStore:
+    """Per-block checkpoints for one run, identified by a fingerprint of all its settings."""
+
+    def __init__(self, output: Path, fingerprint: dict) -> None:
+        self.folder = output.parent / f".{output.name}.resume"
+        self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
+        self.reports: list[dict] = []
+
+    def load(self, model: nn.Module, arch: ArchSpec, scheme: QuantScheme) -> tuple[int, ChainState] | None:
+        """Restore finished blocks into ``model``; return where to continue, or ``None`` to start."""
+        meta_path = self.folder / META
+        if not meta_path.is_file():
+            return None
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") != self.fingerprint:
+            raise LrquantError(
+                f"'{self.folder}' holds progress of a run with other settings: rerun that command, "
+                "or delete the folder to start over"
+            )
+        done = int(meta["done"])
+        blocks = arch.block_list(model)
+        for index in range(done):
+            attach_block_quantizers(blocks[index], arch, scheme, weights_on_grid=True)
+            _load_block(blocks[index], load_file(self.folder / f"block-{index}.safetensors"))
+        chain = load_file(self.folder / "chain.safetensors")
+        self.reports = meta["reports"]
+        return done, ChainState(fp=chain["fp"], quant=chain["quant"])
+
+    def save_block(self, index: int, block: nn.Module, state: ChainState, report: BlockReport) -> None:
+        """Record that block ``index`` is finished (call after it is folded and quantized)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _atomic_save(
+            {k: v.detach() for k, v in block.state_dict().items()}, self.folder / f"block-{index}.safetensors"
+        )
+        _atomic_save({"fp": state.fp, "quant": state.quant}, self.folder / "chain.safetensors")
+        self.reports.append(report_dict(report))
+        meta = {"fingerprint": self.fingerprint, "done": index + 1, "reports": self.reports}
+        tmp = self.folder / (META + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, self.folder / META)
+
+    def clear(self) -> None:
+        """Delete the store (after the output folder was written)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _load_block(block: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    # A fold may have given a linear a bias it did not have (shifts); create it before loading.
+    for key in tensors:
+        module_name, _, attr = key.rpartition(".")
+        module = block.get_submodule(module_name)
+        if attr == "bias" and getattr(module, "bias", None) is None:
+            module.bias = nn.Parameter(torch.zeros_like(tensors[key]))
+    block.load_state_dict(tensors, strict=True)

@@ -1,0 +1,89 @@
+"""Named quantization recipes and budget presets, as data.
+
+A recipe switches the ingredients of the block-wise learner on and off; ablations are a recipe
+with one switch flipped (``lrquant quantize --set rotation=false``). A preset sets the budget:
+calibration samples and epochs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lrquant.config import describe_validation_error
+from lrquant.errors import LrquantError
+
+
+class Recipe(BaseModel):
+    """Every switch of a quantization run. ``learn=False`` means one-shot (no training)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    learn: bool = True
+    smoothing: Literal["lae", "smoothquant", "ones"] | None = "lae"
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    shifts: Literal["auto", "on", "off"] = "auto"
+    qk_smoothing: bool = True
+    clipping: bool = True
+    rotation: bool = True
+    mse: bool = True
+    nlc: bool = True
+    dynamic_weighting: bool = True
+    error_propagation: bool = True
+    homologous: bool = True
+    epochs: int = Field(5, ge=0)
+    nsamples: int = Field(64, ge=1)
+    batch_size: int = Field(1, ge=1)
+    lr_transform: float = Field(5e-3, gt=0)
+    lr_clipping: float = Field(1e-2, gt=0)
+    bf16: bool = True
+    max_retries: int = Field(3, ge=0)
+
+
+RECIPES: dict[str, dict] = {
+    "rtn": dict(learn=False, smoothing=None, clipping=False, rotation=False),
+    "smoothquant": dict(
+        learn=False, smoothing="smoothquant", qk_smoothing=False, clipping=False, rotation=False
+    ),
+    "omniquant": dict(
+        smoothing="smoothquant", rotation=False, nlc=False, dynamic_weighting=False, homologous=False
+    ),
+    "lrquant": dict(rotation=False, dynamic_weighting=False, homologous=False),
+    "lrquant_plus": dict(),
+}
+DEFAULT_METHOD = "lrquant_plus"
+
+PRESETS: dict[str, dict] = {
+    "fast": dict(nsamples=32, epochs=2),
+    "default": dict(nsamples=64, epochs=5),
+    "paper": dict(nsamples=128, epochs=20, bf16=False),
+}
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["epochs=3", "rotation=false"]`` -> a dict; pydantic converts the values."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise LrquantError(f"--set expects key=value, got '{item}'")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+def build_recipe(method: str, preset: str = "default", overrides: dict | None = None) -> Recipe:
+    """The recipe of ``method`` with ``preset``'s budget and explicit ``overrides`` on top."""
+    if method not in RECIPES:
+        raise LrquantError(f"unknown method '{method}'; available: {', '.join(RECIPES)}")
+    if preset not in PRESETS:
+        raise LrquantError(f"unknown preset '{preset}'; available: {', '.join(PRESETS)}")
+    fields = {**PRESETS[preset], **RECIPES[method], **(overrides or {})}
+    if fields.get("smoothing") in ("none", "None", "off"):
+        fields["smoothing"] = None
+    try:
+        return Recipe(**fields)
+    except ValidationError as err:
+        raise LrquantError(
+            describe_validation_error(err, f"invalid recipe settings for '{method}'")
+        ) from None

@@ -1,0 +1,80 @@
+"""What a linear layer's weight becomes while its block is being learned.
+
+``W' = diag(1/r) · W · diag(c)``, ``b' = (b + W·δc - δr) / r`` for the smoothing factors acting
+on its input columns (``c``, ``δc``) and output rows (``r``, ``δr``); then the learnable clipping
+bounds pick the quantization range and the rotation vector multiplies each dequantized row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from lrquant.config import QuantSpec
+from lrquant.quant.quantizer import fake_quantize, group_for_stats
+
+Vector = Callable[[], torch.Tensor]
+CLIP_INIT = 4.0  # sigmoid(4) ≈ 0.982: start just inside the min/max range
+
+
+class LearnableClipping(nn.Module):
+    """Per-group bounds ``xmax·σ(γ)`` and ``xmin·σ(β)`` for one weight (γ = β = 4 at start)."""
+
+    def __init__(self, weight: torch.Tensor, spec: QuantSpec) -> None:
+        super().__init__()
+        stats_shape = group_for_stats(weight.detach(), spec)[0].shape[:-1] + (1,)
+        self.upper = nn.Parameter(torch.full(stats_shape, CLIP_INIT))
+        self.lower = nn.Parameter(torch.full(stats_shape, CLIP_INIT))
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.sigmoid(self.upper), torch.sigmoid(self.lower)
+
+
+class WeightTransform:
+    """The learnable pieces acting on one linear; the parameters are owned elsewhere."""
+
+    def __init__(self) -> None:
+        self.col_scale: list[Vector] = []
+        self.col_shift: Vector | None = None
+        self.row_scale: list[Vector] = []
+        self.row_shift: Vector | None = None
+        self.clipping: LearnableClipping | None = None
+        self.rotation: nn.Parameter | None = None
+
+    def transformed(
+        self, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The smoothed, still unquantized weight and bias."""
+        w = weight.float()
+        b = None if bias is None else bias.float()
+        if self.col_shift is not None:
+            shifted = w @ self.col_shift()
+            b = shifted if b is None else b + shifted
+        for col in self.col_scale:
+            w = w * col()
+        if self.row_shift is not None:
+            b = -self.row_shift() if b is None else b - self.row_shift()
+        for row in self.row_scale:
+            r = row()
+            w = w / r[:, None]
+            b = None if b is None else b / r
+        return w, b
+
+    def quantize(self, weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        """Fake-quantize with the learned clipping range, then apply the rotation vector."""
+        upper = lower = None
+        if self.clipping is not None:
+            upper, lower = self.clipping.factors()
+        w = fake_quantize(weight, spec, upper, lower)
+        if self.rotation is not None:
+            w = w * self.rotation
+        return w
+
+    def weight_and_bias(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the linear computes with: quantized transformed weight, transformed bias."""
+        w, b = self.transformed(weight, bias)
+        return self.quantize(w, spec), b

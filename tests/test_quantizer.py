@@ -1,0 +1,414 @@
+"""Fake quantization on plain tensors, checked against the grid's definition, and the settings' validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from lrquant.config import QuantScheme, QuantSpec, build_scheme
+from lrquant.errors import LrquantError
+from lrquant.quant.quantizer import fake_quantize
+
+BITS = range(2, 9)
+MIN_STEP = 1e-5
+
+
+def spec_for(bits: int, symmetric: bool, granularity: str, group_size: int | None = None) -> QuantSpec:
+    return QuantSpec(bits=bits, symmetric=symmetric, granularity=granularity, group_size=group_size)
+
+
+def groups(x: torch.Tensor, spec: QuantSpec) -> list[torch.Tensor]:
+    """The statistics groups of ``x`` as the spec defines them, computed independently of the package."""
+    if spec.granularity == "tensor":
+        return [x.reshape(-1)]
+    rows = list(x.reshape(-1, x.shape[-1]))
+    if spec.granularity in ("channel", "token"):
+        return rows
+    assert spec.group_size is not None
+    return [chunk for row in rows for chunk in torch.split(row, spec.group_size)]
+
+
+def step(group: torch.Tensor, bits: int, symmetric: bool) -> float:
+    """Δ from its definition: (max - min) / (2^b - 1), or max|x| / (2^(b-1) - 1); at least 1e-5."""
+    if symmetric:
+        delta = group.abs().max().item() / (2 ** (bits - 1) - 1)
+    else:
+        delta = (group.max() - group.min()).item() / (2**bits - 1)
+    return max(delta, MIN_STEP)
+
+
+def tol(x: torch.Tensor) -> float:
+    """Float32 slack for dividing by Δ and multiplying back."""
+    return 1e-6 * (1.0 + x.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------- identity
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(bits=16),
+        QuantSpec(bits=16, granularity="token", symmetric=True),
+        QuantSpec(bits=16, granularity="tensor"),
+        QuantSpec(bits=16, granularity="group", group_size=7),
+    ],
+)
+def test_sixteen_bits_is_exact_identity(spec: QuantSpec) -> None:
+    x = torch.randn(3, 5, 33) * 10
+    out = fake_quantize(x, spec)
+    assert out.shape == x.shape
+    assert torch.equal(out, x)
+    assert not spec.enabled
+
+
+# ------------------------------------------------------------------------------------ error and levels
+
+GRANULARITIES = [
+    ("channel", None),
+    ("token", None),
+    ("tensor", None),
+    ("group", 64),  # divides 576
+    ("group", 128),  # 576 = 4 * 128 + 64: a ragged last group of 64
+    ("group", 100),  # ragged last group of 76
+    ("group", 1024),  # larger than the row
+]
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("granularity,group_size", GRANULARITIES)
+@pytest.mark.parametrize("bits", BITS)
+def test_error_within_half_step_and_level_count(
+    bits: int, symmetric: bool, granularity: str, group_size: int | None
+) -> None:
+    gen = torch.Generator().manual_seed(bits * 7 + symmetric)
+    # Rows of different scales and offsets, so that per-row statistics matter.
+    x = torch.randn(6, 576, generator=gen) * torch.logspace(-2, 1, 6).unsqueeze(1)
+    x = x + torch.linspace(-1, 1, 6).unsqueeze(1)
+    spec = spec_for(bits, symmetric, granularity, group_size)
+    out = fake_quantize(x, spec)
+    assert out.shape == x.shape
+    assert out.dtype == x.dtype
+
+    n_groups = 0
+    for xg, qg in zip(groups(x, spec), groups(out, spec), strict=True):
+        n_groups += 1
+        delta = step(xg, bits, symmetric)
+        err = (qg - xg).abs().max().item()
+        assert err <= delta / 2 + tol(xg), (err, delta)
+        assert torch.unique(qg).numel() <= 2**bits
+    expected_groups = {"channel": 6, "token": 6, "tensor": 1}.get(granularity)
+    if expected_groups is None:
+        expected_groups = 6 * -(-576 // group_size)
+    assert n_groups == expected_groups
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_dense_row_uses_every_level(bits: int) -> None:
+    x = torch.linspace(-3.0, 5.0, 4096).unsqueeze(0)
+    assert torch.unique(fake_quantize(x, QuantSpec(bits=bits))).numel() == 2**bits
+    # Symmetric: the most negative integer is never reached with Δ = max|x| / (2^(b-1) - 1).
+    sym = fake_quantize(x, QuantSpec(bits=bits, symmetric=True))
+    assert torch.unique(sym).numel() <= 2**bits
+
+
+def test_group_larger_than_row_equals_per_channel() -> None:
+    x = torch.randn(4, 576)
+    for symmetric in (False, True):
+        per_row = fake_quantize(x, spec_for(4, symmetric, "channel"))
+        assert torch.equal(fake_quantize(x, spec_for(4, symmetric, "group", 1024)), per_row)
+        assert torch.equal(fake_quantize(x, spec_for(4, symmetric, "group", 576)), per_row)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_ragged_last_group_has_its_own_scale(symmetric: bool) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 576, generator=gen) * 100.0
+    x[:, 512:] = torch.randn(3, 64, generator=gen) * 1e-3  # the short last group of 128-groups
+    spec = spec_for(4, symmetric, "group", 128)
+    out = fake_quantize(x, spec)
+
+    big_half_step = min(step(x[r, :128], 4, symmetric) for r in range(3)) / 2
+    tail = x[:, 512:]
+    tail_err = (out[:, 512:] - tail).abs()
+    for r in range(3):
+        assert tail_err[r].max().item() <= step(tail[r], 4, symmetric) / 2 + 1e-7
+    assert tail_err.max().item() < 1e-4 * big_half_step
+    # Really quantized on a fine grid: not all zero, several distinct levels.
+    assert torch.unique(out[0, 512:]).numel() >= 8
+
+
+def test_one_element_last_group_and_constant_groups_are_exact() -> None:
+    # 129 columns in groups of 128 leave a one-element last group: min = max, the range is empty.
+    x = torch.randn(4, 129) * 3
+    out = fake_quantize(x, QuantSpec(bits=4, granularity="group", group_size=128))
+    assert torch.allclose(out[:, -1], x[:, -1], atol=1e-5)
+    for value in (0.5, -2.0, 30.0):
+        const = torch.full((2, 16), value)
+        for symmetric in (False, True):
+            q = fake_quantize(const, QuantSpec(bits=4, symmetric=symmetric))
+            assert torch.allclose(q, const, rtol=1e-5), (value, symmetric, q[0, 0])
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+
+
+@pytest.mark.parametrize(
+    "shape", [(32, 48), (2, 7, 48), (2, 4, 7, 48)], ids=["weight2d", "activation3d", "attention4d"]
+)
+@pytest.mark.parametrize(
+    "granularity,group_size", [("channel", None), ("token", None), ("tensor", None), ("group", 20)]
+)
+def test_shapes_preserved_and_rows_independent(
+    shape: tuple[int, ...], granularity: str, group_size: int | None
+) -> None:
+    x = torch.randn(shape)
+    spec = spec_for(4, False, granularity, group_size)
+    out = fake_quantize(x, spec)
+    assert out.shape == x.shape
+    if granularity == "tensor":
+        return
+    # Row-wise granularities: each last-dimension row is quantized on its own.
+    rows = x.reshape(-1, shape[-1])
+    expected = torch.stack([fake_quantize(row.unsqueeze(0), spec)[0] for row in rows]).reshape(shape)
+    assert torch.equal(out, expected)
+
+
+# -------------------------------------------------------------------------------------------------- grids
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_symmetric_grid(bits: int) -> None:
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(5, 64, generator=gen) * 2
+    x[:, ::9] = 0.0
+    spec = QuantSpec(bits=bits, symmetric=True)
+    out = fake_quantize(x, spec)
+    assert torch.all(out[:, ::9] == 0.0)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    for xr, qr in zip(x, out, strict=True):
+        delta = step(xr, bits, True)
+        k = qr / delta
+        assert torch.allclose(k, k.round(), atol=1e-4)
+        assert k.round().min() >= qmin and k.round().max() <= qmax
+    # Symmetric about 0: negating the input negates the output.
+    assert torch.equal(fake_quantize(-x, spec), -out)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_asymmetric_grid_reproduces_min_and_max(bits: int) -> None:
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(bits)) * 3 + 1
+    out = fake_quantize(x, QuantSpec(bits=bits))
+    delta = (x.amax(-1) - x.amin(-1)) / (2**bits - 1)
+    assert torch.all((out.amin(-1) - x.amin(-1)).abs() <= delta / 2 + 1e-5)
+    assert torch.all((out.amax(-1) - x.amax(-1)).abs() <= delta / 2 + 1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_asymmetric_all_positive_row_uses_whole_range(bits: int) -> None:
+    x = torch.linspace(10.0, 11.0, 1000).unsqueeze(0)
+    out = fake_quantize(x, QuantSpec(bits=bits))
+    delta = 1.0 / (2**bits - 1)  # not 11 / (2^b - 1): no levels spent on [0, 10]
+    assert (out - x).abs().max().item() <= delta / 2 + 1e-5
+    assert torch.unique(out).numel() == 2**bits
+    assert out.min().item() >= 10.0 - delta / 2 - 1e-5
+
+
+# ------------------------------------------------------------------------------------------ per token
+
+
+def test_per_token_quantizes_each_token_independently() -> None:
+    x = torch.randn(2, 6, 32)
+    spec = QuantSpec(bits=4, granularity="token")
+    scaled = x.clone()
+    scaled[0, 3] *= 100.0
+    out, out_scaled = fake_quantize(x, spec), fake_quantize(scaled, spec)
+    untouched = torch.ones(2, 6, dtype=torch.bool)
+    untouched[0, 3] = False
+    assert torch.equal(out[untouched], out_scaled[untouched])
+    assert torch.allclose(out_scaled[0, 3], 100.0 * out[0, 3], rtol=1e-5, atol=1e-5)
+    # Per tensor, by contrast, the outlier token coarsens every other token.
+    per_tensor = QuantSpec(bits=4, granularity="tensor")
+    assert not torch.equal(fake_quantize(x, per_tensor)[1], fake_quantize(scaled, per_tensor)[1])
+
+
+# ----------------------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("granularity,group_size", [("channel", None), ("tensor", None), ("group", 16)])
+def test_straight_through_gradient_is_one_inside_range(
+    symmetric: bool, granularity: str, group_size: int | None
+) -> None:
+    x = torch.randn(4, 48, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+    spec = spec_for(3, symmetric, granularity, group_size)
+    fake_quantize(x, spec).sum().backward()
+    assert x.grad is not None
+    # The extremes of each group also receive gradient through Δ and z; every other element is interior.
+    interior = torch.ones_like(x, dtype=torch.bool)
+    detached = x.detach()
+    if granularity == "tensor":
+        flat = interior.view(-1)
+        ref = detached.abs() if symmetric else detached
+        flat[ref.argmax()] = False
+        flat[detached.argmin()] = False
+    else:
+        size = group_size or 48
+        view = interior.view(4, -1, size)
+        xs = detached.view(4, -1, size)
+        ref = xs.abs() if symmetric else xs
+        view.scatter_(-1, ref.argmax(-1, keepdim=True), False)
+        view.scatter_(-1, xs.argmin(-1, keepdim=True), False)
+    assert interior.sum() > 0.8 * x.numel()
+    assert torch.allclose(x.grad[interior], torch.ones(int(interior.sum())), atol=1e-5)
+
+
+def test_gradient_is_zero_outside_clipped_range_and_reaches_clip_factors() -> None:
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    upper = torch.full((4, 1), 0.6, requires_grad=True)
+    lower = torch.full((4, 1), 0.7, requires_grad=True)
+    out = fake_quantize(x, QuantSpec(bits=4), upper=upper, lower=lower)
+    ((out - x.detach()) ** 2).sum().backward()
+    assert upper.grad is not None and lower.grad is not None
+    assert torch.isfinite(upper.grad).all() and torch.isfinite(lower.grad).all()
+    assert torch.all(upper.grad != 0) and torch.all(lower.grad != 0)
+
+    x.grad = None
+    fake_quantize(x, QuantSpec(bits=4), upper=upper.detach(), lower=lower.detach()).sum().backward()
+    xd = x.detach()
+    hi, lo = 0.6 * xd.amax(-1, keepdim=True), 0.7 * xd.amin(-1, keepdim=True)
+    delta = (hi - lo) / 15
+    clipped = (xd > hi + delta) | (xd < lo - delta)
+    # The row extremes still get gradient through Δ and z (they set the clipped range).
+    clipped.scatter_(-1, xd.argmax(-1, keepdim=True), False)
+    clipped.scatter_(-1, xd.argmin(-1, keepdim=True), False)
+    inside = (xd < hi - delta) & (xd > lo + delta)
+    assert clipped.any() and inside.any()
+    assert torch.all(x.grad[clipped] == 0)
+    assert torch.allclose(x.grad[inside], torch.ones(int(inside.sum())), atol=1e-5)
+
+
+def test_clip_factors_reach_group_statistics() -> None:
+    x = torch.randn(3, 40).requires_grad_(True)
+    spec = QuantSpec(bits=4, granularity="group", group_size=16)  # 3 groups, the last one of 8
+    upper = torch.full((3, 3, 1), 0.8, requires_grad=True)
+    out = fake_quantize(x, spec, upper=upper)
+    assert out.shape == x.shape
+    ((out - x.detach()) ** 2).sum().backward()
+    assert upper.grad is not None and upper.grad.shape == (3, 3, 1)
+    assert torch.all(upper.grad != 0)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("factor", [0.5, 0.8])
+def test_clip_factors_shrink_the_range(symmetric: bool, factor: float) -> None:
+    x = torch.randn(6, 128, generator=torch.Generator().manual_seed(9)) * 2
+    f = torch.full((6, 1), factor)
+    out = fake_quantize(x, QuantSpec(bits=4, symmetric=symmetric), upper=f, lower=f)
+    hi, lo = factor * x.amax(-1), factor * x.amin(-1)
+    if symmetric:
+        delta = torch.maximum(hi.abs(), lo.abs()) / 7
+        # The signed grid is [-8Δ, 7Δ]: the clipped range's magnitude, one level lower at most.
+        assert torch.all(out.amax(-1) <= 7 * delta + 1e-5)
+        assert torch.all(out.amin(-1) >= -8 * delta - 1e-5)
+    else:
+        delta = (hi - lo) / 15
+        assert torch.all(out.amax(-1) <= hi + delta / 2 + 1e-5)
+        assert torch.all(out.amin(-1) >= lo - delta / 2 - 1e-5)
+    assert torch.all(out.abs().amax(-1) < x.abs().amax(-1) - 0.05)
+    unclipped = fake_quantize(x, QuantSpec(bits=4, symmetric=symmetric))
+    assert torch.all(out.abs().amax(-1) < unclipped.abs().amax(-1))
+
+
+# -------------------------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize("bits", [0, 1, 9, 15, 17])
+def test_spec_rejects_bits(bits: int) -> None:
+    with pytest.raises(ValidationError, match="bits"):
+        QuantSpec(bits=bits)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8, 16])
+def test_spec_accepts_bits(bits: int) -> None:
+    assert QuantSpec(bits=bits).enabled == (bits != 16)
+
+
+@pytest.mark.parametrize("size", [0, -1])
+def test_spec_rejects_group_size(size: int) -> None:
+    with pytest.raises(ValidationError, match="group_size"):
+        QuantSpec(bits=4, granularity="group", group_size=size)
+
+
+def test_spec_rejects_inconsistent_group_settings() -> None:
+    with pytest.raises(ValidationError, match="group_size"):
+        QuantSpec(bits=4, granularity="group")
+    with pytest.raises(ValidationError, match="group_size"):
+        QuantSpec(bits=4, granularity="channel", group_size=128)
+    with pytest.raises(ValidationError, match="granularity"):
+        QuantSpec(bits=4, granularity="row")
+
+
+def test_unknown_fields_are_errors() -> None:
+    with pytest.raises(ValidationError, match="bitz"):
+        QuantSpec(bitz=4)
+    with pytest.raises(ValidationError, match="weights"):
+        QuantScheme(weights=QuantSpec(bits=4))
+    with pytest.raises(ValidationError):
+        QuantScheme.model_validate({"weight": {"bits": 4, "group": 128}})
+
+
+def test_settings_are_frozen() -> None:
+    spec = QuantSpec(bits=4)
+    with pytest.raises(ValidationError):
+        spec.bits = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"wbits": 1}, "weight"),
+        ({"wbits": 9}, "weight"),
+        ({"wbits": 17}, "weight"),
+        ({"abits": 1}, "activation"),
+        ({"qkv_bits": 9}, "qkv"),
+        ({"softmax_bits": 17}, "softmax"),
+        ({"group_size": 0}, "group_size"),
+        ({"group_size": -1}, "group_size"),
+        ({"w_granularity": "group"}, "group_size"),
+    ],
+)
+def test_build_scheme_errors_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(LrquantError, match=field) as info:
+        build_scheme(**kwargs)
+    assert not isinstance(info.value, ValidationError)
+    message = str(info.value)
+    assert "\n" not in message
+    if "bits" in next(iter(kwargs)):
+        assert "bits" in message
+
+
+def test_build_scheme_fields_and_names() -> None:
+    scheme = build_scheme(wbits=4, abits=16, group_size=128)
+    assert scheme.name == "W4A16g128"
+    assert scheme.weight == QuantSpec(bits=4, granularity="group", group_size=128)
+    assert not scheme.quantizes_activations
+
+    w4a4 = build_scheme(wbits=4, abits=4)
+    assert w4a4.name == "W4A4"
+    assert w4a4.weight.granularity == "channel"
+    assert w4a4.activation == QuantSpec(bits=4, granularity="token")
+    assert w4a4.qkv.bits == 4  # Q, K, V follow the activation bits by default
+    assert w4a4.softmax.bits == 16
+    assert w4a4.quantizes_activations
+
+    assert build_scheme(wbits=8, abits=8).name == "W8A8"
+    assert build_scheme().name == "W4A16"
+    assert build_scheme(wbits=3, group_size=64, w_symmetric=True).name == "W3A16g64"
+
+    only_qkv = build_scheme(wbits=16, abits=16, qkv_bits=4)
+    assert only_qkv.qkv.bits == 4 and only_qkv.activation.bits == 16
+    assert only_qkv.quantizes_activations
+    assert build_scheme(softmax_bits=8).softmax.bits == 8
+    assert build_scheme(a_symmetric=True, abits=8).qkv.symmetric

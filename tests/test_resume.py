@@ -1,0 +1,160 @@
+"""Crash-safe learned runs: an interrupted ``quantize`` leaves no output but keeps its finished blocks,
+and rerunning the same command resumes to bit-for-bit the result of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lrquant import api, cli
+from lrquant.checkpoint import REPORT_FILE
+from lrquant.config import build_scheme
+from lrquant.errors import LrquantError
+from lrquant.methods.resume import META, ResumeStore
+from lrquant.models.tiny import save_tiny_model
+
+NUM_LAYERS = 3
+SCHEME = build_scheme(4, 4, group_size=16)
+OVERRIDES = {"epochs": 1}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from more threads, and several stall badly on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny llama with 3 blocks, so an interruption after block 0 is mid-run."""
+    return save_tiny_model("llama", tmp_path_factory.mktemp("llama3") / "model", num_layers=NUM_LAYERS)
+
+
+@pytest.fixture(scope="module")
+def data(text_file: Path) -> api.DataSettings:
+    return api.DataSettings(calib=str(text_file), eval=str(text_file), seqlen=32, nsamples=4, eval_windows=2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(llama3: Path, data: api.DataSettings, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "out_a"
+    _run(llama3, out, data)
+    return out
+
+
+def _run(model: Path, out: Path, data: api.DataSettings, overrides: dict | None = None) -> dict:
+    return api.quantize(
+        str(model),
+        out,
+        scheme=SCHEME,
+        method="lrquant_plus",
+        preset="fast",
+        overrides=overrides or OVERRIDES,
+        data=data,
+        evaluate_perplexity=False,
+    )
+
+
+def _interrupt_after_block(monkeypatch: pytest.MonkeyPatch, index: int) -> list[int]:
+    """Make the run stop (Ctrl-C) right after block ``index`` was saved; returns the saved indices."""
+    original = ResumeStore.save_block
+    saved: list[int] = []
+
+    def save_then_interrupt(self, i, block, state, report) -> None:
+        original(self, i, block, state, report)
+        saved.append(i)
+        if i == index:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ResumeStore, "save_block", save_then_interrupt)
+    return saved
+
+
+def _resume_folder(out: Path) -> Path:
+    return out.parent / f".{out.name}.resume"
+
+
+def test_interrupted_run_resumes_to_the_same_checkpoint(
+    llama3: Path, data: api.DataSettings, uninterrupted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out_b"
+    resume = _resume_folder(out)
+    with monkeypatch.context() as patch:
+        saved = _interrupt_after_block(patch, 0)
+        with pytest.raises(KeyboardInterrupt):
+            _run(llama3, out, data)
+    assert saved == [0]
+    assert not out.exists()  # no half-written output
+    assert [p.name for p in tmp_path.iterdir()] == [resume.name]  # and no temporary folder left behind
+    progress = json.loads((resume / META).read_text())
+    assert progress["done"] == 1
+    assert [r["index"] for r in progress["reports"]] == [0]
+    assert (resume / "block-0.safetensors").is_file() and (resume / "chain.safetensors").is_file()
+
+    with monkeypatch.context() as patch:
+        saved = _interrupt_after_block(patch, -1)  # only records
+        report = _run(llama3, out, data)
+    assert saved == [1, 2]  # resumed: block 0 was not learned again
+    assert out.is_dir() and not resume.exists()
+    assert [b["index"] for b in report["blocks"]] == list(range(NUM_LAYERS))
+    on_disk = json.loads((out / REPORT_FILE).read_text())
+    assert [b["index"] for b in on_disk["blocks"]] == list(range(NUM_LAYERS))
+    assert all(len(b["losses"]) == 1 for b in on_disk["blocks"])
+
+    expected = load_file(uninterrupted / "model.safetensors")
+    got = load_file(out / "model.safetensors")
+    assert got.keys() == expected.keys()
+    assert any(".layers.2." in key for key in got)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    # The block reports of the resumed run match the uninterrupted ones too.
+    reference = json.loads((uninterrupted / REPORT_FILE).read_text())["blocks"]
+    assert [b["losses"] for b in on_disk["blocks"]] == [b["losses"] for b in reference]
+
+
+def test_rerun_with_other_settings_refuses_the_resume_folder(
+    llama3: Path, data: api.DataSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out_c"
+    with monkeypatch.context() as patch:
+        _interrupt_after_block(patch, 0)
+        with pytest.raises(KeyboardInterrupt):
+            _run(llama3, out, data)
+    resume = _resume_folder(out)
+    with pytest.raises(LrquantError, match="delete the folder") as err:
+        _run(llama3, out, data, overrides={"epochs": 2})
+    assert "rerun that command" in str(err.value) and resume.name in str(err.value)
+    assert resume.is_dir() and not out.exists()  # nothing was lost or written
+    assert json.loads((resume / META).read_text())["done"] == 1
+
+
+def test_cli_interrupt_exits_130_with_a_resume_hint(
+    llama3: Path,
+    text_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "out_cli"
+    # This test ends with the resume folder in place; it lives in tmp_path.
+    _interrupt_after_block(monkeypatch, 1)
+    argv = [
+        "quantize", "--model", str(llama3), "--output", str(out),
+        "--method", "lrquant_plus", "--preset", "fast", "--set", "epochs=1",
+        "--wbits", "4", "--abits", "4", "--group-size", "16",
+        "--calib-data", str(text_file), "--eval-data", str(text_file),
+        "--seqlen", "32", "--nsamples", "4", "--no-eval",
+    ]  # fmt: skip
+    status = cli.main(argv)
+    assert status == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "rerun the same command to resume" in err
+    assert not out.exists()
+    assert json.loads((_resume_folder(out) / META).read_text())["done"] == 2
