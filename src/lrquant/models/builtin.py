@@ -124,8 +124,8 @@ def resolve_builtin(name: str) -> Path:
         raise LrquantError(f"unknown built-in model {name!r}; known: {', '.join(sorted(BUILTIN_MODELS))}")
     spec = BUILTIN_MODELS[name]
     final = cache_root() / "models" / name
-    if (final / MARKER).is_file():
-        return final
+    if final.is_dir():
+        return _complete(final)
     gguf = _gguf_path(spec)
     return _cached_conversion(gguf, final, _source_info(spec.package, gguf))
 
@@ -134,9 +134,15 @@ def resolve_gguf(gguf: Path) -> Path:
     """A local HF directory converted from a user's ``.gguf`` file, cached by the file's hash."""
     info = _source_info(None, gguf)
     final = cache_root() / "models" / f"gguf-{gguf.stem}-{str(info['sha256'])[:16]}"
-    if (final / MARKER).is_file():
-        return final
+    if final.is_dir():
+        return _complete(final)
     return _cached_conversion(gguf, final, info)
+
+
+def _complete(final: Path) -> Path:
+    if not (final / MARKER).is_file():
+        raise LrquantError(f"{final} exists but is not a complete conversion; delete it and retry")
+    return final
 
 
 def _cached_conversion(gguf: Path, final: Path, info: dict[str, object]) -> Path:
@@ -146,9 +152,7 @@ def _cached_conversion(gguf: Path, final: Path, info: dict[str, object]) -> Path
     crashed or concurrent conversion is never mistaken for a complete one.
     """
     if final.is_dir():
-        if (final / MARKER).is_file():
-            return final
-        raise LrquantError(f"{final} exists but is not a complete conversion; delete it and retry")
+        return _complete(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     print(f"lrquant: converting {gguf.name} to float32 once; cached at {final}", file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
