@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from helpers import logits, rel_err
 
 from lrquant.arch import get_arch_spec
 from lrquant.config import QuantScheme, build_scheme
@@ -33,24 +34,6 @@ W4A4_G16 = build_scheme(4, 4, group_size=16)
 W4A16 = build_scheme(4, 16)
 W4A4 = build_scheme(4, 4)
 OUTLIER_CHANNELS = [3, 17, 30, 51]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from more threads, and several stall badly on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).norm() / ref.norm()).item()
-
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 def random_ids(model: nn.Module, n: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -251,7 +234,7 @@ def test_build_recipe_combines_method_and_preset(method: str, preset: str) -> No
 def test_recipe_contents() -> None:
     plus = build_recipe("lrquant_plus", "default")
     assert plus.rotation and plus.nlc and plus.dynamic_weighting and plus.homologous and plus.learn
-    assert (plus.nsamples, plus.epochs) == (64, 5)
+    assert (plus.nsamples, plus.epochs) == (64, 4)
     omni = build_recipe("omniquant", "paper")
     assert omni.smoothing == "smoothquant" and not (omni.nlc or omni.rotation or omni.homologous)
     assert (omni.nsamples, omni.epochs, omni.bf16) == (128, 20, False)

@@ -22,15 +22,6 @@ SCHEME = build_scheme(4, 4, group_size=16)
 OVERRIDES = {"epochs": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from more threads, and several stall badly on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def llama3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny llama with 3 blocks, so an interruption after block 0 is mid-run."""

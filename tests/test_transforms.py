@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from helpers import logits, rel_err
 
 from lrquant.arch import ArchSpec, get_arch_spec
 from lrquant.config import build_scheme
@@ -35,24 +36,6 @@ from lrquant.transforms.smoothing import (
 
 FP = build_scheme(16, 16)
 SEQ = 40  # longer than Gemma's sliding window (32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from more threads, and several stall badly on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).norm() / ref.norm()).item()
-
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 def random_stats(block: nn.Module, arch: ArchSpec, generator: torch.Generator) -> dict[str, ChannelStats]:

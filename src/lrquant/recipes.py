@@ -32,7 +32,7 @@ class Recipe(BaseModel):
     dynamic_weighting: bool = True
     error_propagation: bool = True
     homologous: bool = True
-    epochs: int = Field(5, ge=0)
+    epochs: int = Field(4, ge=0)
     nsamples: int = Field(64, ge=1)
     batch_size: int = Field(1, ge=1)
     lr_transform: float = Field(5e-3, gt=0)
@@ -56,7 +56,7 @@ DEFAULT_METHOD = "lrquant_plus"
 
 PRESETS: dict[str, dict] = {
     "fast": dict(nsamples=32, epochs=2),
-    "default": dict(nsamples=64, epochs=5),
+    "default": dict(nsamples=64, epochs=4),
     "paper": dict(nsamples=128, epochs=20, bf16=False),
 }
 
