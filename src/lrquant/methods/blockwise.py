@@ -110,7 +110,8 @@ def _targets_and_stats(
     finally:
         for handle in handles:
             handle.remove()
-    hom_out = run_block(block, state.quant, kwargs, recipe.batch_size) if recipe.homologous else None
+    homologous = recipe.homologous and recipe.learn  # a one-shot recipe needs no training targets
+    hom_out = run_block(block, state.quant, kwargs, recipe.batch_size) if homologous else None
     return fp_out, hom_out, stats
 
 
