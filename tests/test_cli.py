@@ -382,3 +382,11 @@ def test_console_entry_error(tmp_path: Path) -> None:
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"lrquant: error: model '{missing}' not found: give a local model folder")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_run_removes_the_parent_folders_it_created(work: Path, capsys) -> None:
+    out = work / "new" / "deeper" / "out"
+    status = cli.main(["quantize", "--model", str(work / "missing-model"), "--output", str(out)])
+    assert status == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (work / "new").exists()

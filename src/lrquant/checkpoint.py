@@ -41,6 +41,8 @@ class AtomicOutputDir:
             hint = "pass --overwrite to replace it" if self.final.is_dir() else "choose another path"
             if not self.final.is_dir() or any(self.final.iterdir()):
                 raise LrquantError(f"output '{final}' already exists as a {what}: {hint}")
+        # Parent folders this run creates are removed again if it fails.
+        self.created = [p for p in reversed(self.final.parents) if not p.exists()]
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
@@ -62,8 +64,14 @@ class AtomicOutputDir:
         return self.final
 
     def discard(self) -> None:
-        """Remove the temporary folder (a no-op after :meth:`commit`)."""
+        """Remove the temporary folder and the parents made for it (a no-op after :meth:`commit`)."""
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if not self.final.exists():
+            for parent in reversed(self.created):
+                try:
+                    parent.rmdir()  # only if empty
+                except OSError:
+                    break
 
     def __enter__(self) -> AtomicOutputDir:
         return self
