@@ -8,7 +8,8 @@ share state. Calibration on ``wikipedia:train`` (seeded random windows), perplex
     python benchmarks/llm_ppl.py --methods rtn omniquant lrquant_plus --settings W4A4 W6A6
     python benchmarks/llm_ppl.py --methods lrquant_plus --settings W4A4 --set rotation=false --name ablate
 
-Writes ``benchmarks/results/<name>.md`` and ``.json`` and prints the table.
+Writes ``benchmarks/results/<name>.md`` and ``.json`` and prints the table; rows are also
+appended to ``<name>.jsonl`` as they finish, and a rerun of the same command skips them.
 """
 
 from __future__ import annotations
@@ -88,6 +89,11 @@ def main() -> None:
         print(json.dumps(run_one(json.loads(args.one))))
         return
 
+    # Finished jobs are appended to <name>.jsonl as they end, so an interrupted table resumes
+    # where it stopped when the same command is run again.
+    RESULTS.mkdir(exist_ok=True)
+    done_path = RESULTS / f"{args.name}.jsonl"
+    done = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
     rows = []
     jobs = [(m, s) for s in args.settings for m in (["-"] if s == "FP" else args.methods)]
     for method, setting in jobs:
@@ -101,12 +107,19 @@ def main() -> None:
             windows=args.windows,
             seed=args.seed,
         )
-        out = subprocess.run(
-            [sys.executable, __file__, "--one", json.dumps(job)], capture_output=True, text=True, check=False
-        )
-        if out.returncode != 0:
-            sys.exit(f"{method} {setting} failed:\n{out.stderr[-3000:]}")
-        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row = next((r for r in done if all(r.get(k) == v for k, v in job.items())), None)
+        if row is None:
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", json.dumps(job)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if out.returncode != 0:
+                sys.exit(f"{method} {setting} failed:\n{out.stderr[-3000:]}")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            with done_path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
         rows.append(row)
         print(
             f"{method:>13} {setting:<10} ppl {row['perplexity']:9.3f}  quantize {row['quantize_s']:7.1f} s"
@@ -134,7 +147,6 @@ def main() -> None:
         f"| {r['peak_rss_mb']} |"
         for r in rows
     ]
-    RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"{args.name}.json").write_text(
         json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n"
