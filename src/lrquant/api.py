@@ -23,6 +23,7 @@ import torch
 from lrquant import __version__
 from lrquant.checkpoint import REPORT_FILE, AtomicOutputDir, save_quantized, write_json
 from lrquant.config import QuantScheme
+from lrquant.console import log
 from lrquant.data.text import (
     calibration_windows,
     evaluation_windows,
@@ -52,11 +53,6 @@ class DataSettings:
     text_field: str = "text"
     seed: int = 0
     batch_size: int = 1
-
-
-def log(message: str) -> None:
-    """A progress line on stderr."""
-    print(f"lrquant: {message}", file=sys.stderr, flush=True)
 
 
 def peak_rss_mb() -> float:

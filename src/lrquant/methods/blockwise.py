@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,11 +27,11 @@ from tqdm.auto import tqdm
 
 from lrquant.arch import ArchSpec
 from lrquant.config import QuantScheme
+from lrquant.console import log
 from lrquant.errors import LrquantError
 from lrquant.methods import losses
 from lrquant.methods.capture import capture_block_inputs, capture_block_kwargs, run_block
 from lrquant.quant.apply import attach_block_quantizers, use_quantized_attention
-from lrquant.quant.linear import QuantLinear
 from lrquant.recipes import Recipe
 from lrquant.transforms.block import (
     AttentionLayout,
@@ -158,7 +157,7 @@ def _train_block(
         generator = torch.Generator().manual_seed(seed)
         report.losses = []
         finite = True
-        for _epoch in range(recipe.epochs):
+        for epoch in range(recipe.epochs):
             total = 0.0
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, recipe.batch_size):
@@ -178,7 +177,7 @@ def _train_block(
                 break
             report.losses.append(total / math.ceil(n / recipe.batch_size))
             if bar is not None:
-                bar.set_postfix(block=report.index, epoch=_epoch + 1, loss=f"{report.losses[-1]:.4g}")
+                bar.set_postfix(block=report.index, epoch=epoch + 1, loss=f"{report.losses[-1]:.4g}")
         if finite:
             report.retries, report.lr_scale = attempt, lr_scale
             return
@@ -230,10 +229,7 @@ def quantize_blockwise(
         if recipe.learn and targets and (bt.smoothing_parameters() or bt.clipping_parameters()):
             _train_block(block, bt, state, targets, kwargs, recipe, seed * 1000 + index, report, bar)
         with torch.no_grad():
-            fold_block_transforms(block, arch)
-            for module in block.modules():
-                if isinstance(module, QuantLinear):
-                    module.freeze_weight()
+            fold_block_transforms(block, arch)  # also freezes every linear's quantized weight
             quant_out = run_block(block, state.quant, kwargs, recipe.batch_size)
             report.cosine = float(losses.token_cosine(quant_out, fp_out))
             report.mse = float(losses.mse(quant_out, fp_out))
@@ -253,11 +249,9 @@ def _log_block(report: BlockReport, total: int, elapsed: float, done_now: int) -
     left = elapsed / done_now * (total - report.index - 1)
     loss = f", loss {report.losses[0]:.4g} -> {report.losses[-1]:.4g}" if report.losses else ""
     retry = f", {report.retries} retries (lr x{report.lr_scale:g})" if report.retries else ""
-    print(
-        f"lrquant: block {report.index + 1}/{total}: cosine {report.cosine:.5f}{loss}{retry}, "
-        f"{report.seconds:.1f} s, about {left / 60:.1f} min left",
-        file=sys.stderr,
-        flush=True,
+    log(
+        f"block {report.index + 1}/{total}: cosine {report.cosine:.5f}{loss}{retry}, "
+        f"{report.seconds:.1f} s, about {left / 60:.1f} min left"
     )
 
 

@@ -14,11 +14,11 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lrquant.console import log
 from lrquant.errors import LrquantError
 
 MARKER = "lrquant_source.json"
@@ -154,7 +154,7 @@ def _cached_conversion(gguf: Path, final: Path, info: dict[str, object]) -> Path
     if final.is_dir():
         return _complete(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    print(f"lrquant: converting {gguf.name} to float32 once; cached at {final}", file=sys.stderr)
+    log(f"converting {gguf.name} to float32 once; cached at {final}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         try:

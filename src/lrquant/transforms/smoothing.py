@@ -38,19 +38,15 @@ def smoothquant_scale(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alp
 class SmoothingFactor(nn.Module):
     """The learnable scale ``s`` (and optional shift ``δ``) of one smoothing pair in one block.
 
-    ``scale`` may have fewer entries than the channels it acts on: :meth:`expand` maps it onto a
-    layout (e.g. repeated over the query heads of a key/value group, or over both halves of a
-    rotary head), so every layout sees the same shared parameter.
+    ``scale`` may have fewer entries than the channels it acts on (one per key/value channel, or
+    per half of a rotary head); the wiring in :mod:`lrquant.transforms.block` spreads it over the
+    channels, so every place it acts sees the same shared parameter.
     """
 
-    def __init__(
-        self, scale: torch.Tensor, shift: torch.Tensor | None = None, learnable: bool = True
-    ) -> None:
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.scale = nn.Parameter(scale.detach().clone().float(), requires_grad=learnable)
-        self.shift = (
-            None if shift is None else nn.Parameter(shift.detach().clone().float(), requires_grad=learnable)
-        )
+        self.scale = nn.Parameter(scale.detach().clone().float())
+        self.shift = None if shift is None else nn.Parameter(shift.detach().clone().float())
 
     def value(self) -> torch.Tensor:
         """The scale as used in the forward pass (truncated away from zero)."""
@@ -80,9 +76,8 @@ class SmoothedNorm(nn.Module):
 def fold_into_norm(norm: nn.Module, factor: SmoothingFactor, plus_one: bool) -> None:
     """Fold ``(norm(x) - δ) / s`` into the norm's parameters in place.
 
-    ``plus_one`` is for norms that compute ``x̂ · (1 + w)`` (Gemma). A shift needs a norm bias:
-    LayerNorm has one; an RMSNorm gets a ``bias`` parameter it did not have (see docs: such a
-    model is no longer a plain Hugging Face checkpoint).
+    ``plus_one`` is for norms that compute ``x̂ · (1 + w)`` (Gemma). A shift needs a norm bias,
+    which LayerNorm has and RMSNorm has not (recipes only use shifts on LayerNorm models).
     """
     scale = factor.value().to(norm.weight.dtype)
     if plus_one:
