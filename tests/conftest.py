@@ -99,3 +99,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def eager_quantizer() -> Iterator[None]:
+    """Compiling costs seconds per new shape, which tiny models never win back; one test opts in."""
+    from lrquant.quant import quantizer
+
+    quantizer.COMPILE_ALLOWED = False
+    yield
+    quantizer.COMPILE_ALLOWED = True

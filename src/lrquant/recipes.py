@@ -38,6 +38,7 @@ class Recipe(BaseModel):
     lr_transform: float = Field(5e-3, gt=0)
     lr_clipping: float = Field(1e-2, gt=0)
     bf16: bool = True
+    compile: bool = True  # fuse fake quantization with torch.compile while learning (eager if unavailable)
     max_retries: int = Field(3, ge=0)
 
 

@@ -32,6 +32,7 @@ from lrquant.errors import LrquantError
 from lrquant.methods import losses
 from lrquant.methods.capture import capture_block_inputs, capture_block_kwargs, run_block
 from lrquant.quant.apply import attach_block_quantizers, use_quantized_attention
+from lrquant.quant.quantizer import compiled_quantizer
 from lrquant.recipes import Recipe
 from lrquant.transforms.block import (
     AttentionLayout,
@@ -226,13 +227,17 @@ def quantize_blockwise(
         attach_block_quantizers(block, arch, scheme)
         bt = attach_block_transforms(block, arch, layout, stats, options, scheme.weight)
         targets = [t for t, on in ((fp_out, recipe.error_propagation), (hom_out, recipe.homologous)) if on]
-        if recipe.learn and targets and (bt.smoothing_parameters() or bt.clipping_parameters()):
-            _train_block(block, bt, state, targets, kwargs, recipe, seed * 1000 + index, report, bar)
-        with torch.no_grad():
-            fold_block_transforms(block, arch)  # also freezes every linear's quantized weight
-            quant_out = run_block(block, state.quant, kwargs, recipe.batch_size)
-            report.cosine = float(losses.token_cosine(quant_out, fp_out))
-            report.mse = float(losses.mse(quant_out, fp_out))
+        learn = recipe.learn and targets and (bt.smoothing_parameters() or bt.clipping_parameters())
+        # Folding and the quantized chain use the same (compiled or eager) quantizer as training,
+        # so the finished block computes what the last training step computed.
+        with compiled_quantizer(bool(learn) and recipe.compile):
+            if learn:
+                _train_block(block, bt, state, targets, kwargs, recipe, seed * 1000 + index, report, bar)
+            with torch.no_grad():
+                fold_block_transforms(block, arch)  # also freezes every linear's quantized weight
+                quant_out = run_block(block, state.quant, kwargs, recipe.batch_size)
+        report.cosine = float(losses.token_cosine(quant_out, fp_out))
+        report.mse = float(losses.mse(quant_out, fp_out))
         state = ChainState(fp=fp_out, quant=quant_out)
         report.seconds = round(time.perf_counter() - began, 2)
         reports.append(report)

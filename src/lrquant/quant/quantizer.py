@@ -7,9 +7,13 @@ gradients straight through, so Δ, z and anything upstream of ``x`` can be learn
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import torch
 
 from lrquant.config import QuantSpec
+from lrquant.console import log
 
 MIN_SCALE = 1e-5
 
@@ -81,9 +85,19 @@ def fake_quantize(
     ``upper`` and ``lower`` optionally shrink each group's range (``xmax·upper``, ``xmin·lower``,
     learnable weight clipping); they broadcast against the per-group statistics, shape
     ``[..., groups, 1]`` for group granularity or ``[..., 1]`` otherwise.
+
+    Inside :func:`compiled_quantizer` the same computation runs as one fused kernel.
     """
     if not spec.enabled:
         return x
+    if _compiled is not None:
+        return _run_compiled(x, spec, upper, lower)
+    return _fake_quantize(x, spec, upper, lower)
+
+
+def _fake_quantize(
+    x: torch.Tensor, spec: QuantSpec, upper: torch.Tensor | None, lower: torch.Tensor | None
+) -> torch.Tensor:
     xg, pad = group_for_stats(x, spec)
     xmax = xg.amax(dim=-1, keepdim=True)
     xmin = xg.amin(dim=-1, keepdim=True)
@@ -95,3 +109,44 @@ def fake_quantize(
     qmin, qmax = integer_range(spec.bits, spec.symmetric)
     q = torch.clamp(round_ste(xg / scale) + zero, qmin, qmax)
     return ungroup((q - zero) * scale, x, pad)
+
+
+# Fake quantization is a chain of a dozen elementwise ops and reductions, forward and backward;
+# eager PyTorch runs each as its own pass over memory. Fusing them with torch.compile makes a
+# block-training step about 1.5x faster on CPU. Compiled once per process (shapes are static).
+COMPILE_ALLOWED = True  # a process-wide off switch (the test suite runs eager)
+_compiled: Callable | None = None
+_compiled_fn: Callable | None = None
+_compile_failed = False
+_COMPILE_VARIANTS = 64  # tensor shapes x specs x clipping on/off seen in one model
+
+
+def _run_compiled(x, spec, upper, lower) -> torch.Tensor:
+    global _compiled, _compile_failed
+    assert _compiled is not None
+    try:
+        with torch._dynamo.config.patch(recompile_limit=_COMPILE_VARIANTS):
+            return _compiled(x, spec, upper, lower)
+    except Exception as error:  # no C++ compiler, unsupported platform, ...
+        log(f"torch.compile is unavailable here ({type(error).__name__}); quantizing without it")
+        _compiled, _compile_failed = None, True
+        return _fake_quantize(x, spec, upper, lower)
+
+
+@contextlib.contextmanager
+def compiled_quantizer(enabled: bool = True) -> Iterator[None]:
+    """Run :func:`fake_quantize` through ``torch.compile`` inside this context (if ``enabled``).
+
+    Falls back to the eager version, with one log line, where compiling fails.
+    """
+    global _compiled, _compiled_fn
+    if not (enabled and COMPILE_ALLOWED) or _compile_failed:
+        yield
+        return
+    if _compiled_fn is None:
+        _compiled_fn = torch.compile(_fake_quantize, dynamic=False)
+    previous, _compiled = _compiled, _compiled_fn
+    try:
+        yield
+    finally:
+        _compiled = previous
