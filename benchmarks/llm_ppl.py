@@ -62,6 +62,7 @@ def run_one(job: dict) -> dict:
     ppl = perplexity(loaded.model, windows)
     return {
         **job,
+        "commit": _commit(),
         "perplexity": ppl,
         "quantize_s": round(quantize_s, 1),
         "eval_s": round(time.perf_counter() - start, 1),
@@ -70,6 +71,19 @@ def run_one(job: dict) -> dict:
         "retries": sum(b["retries"] for b in blocks),
         "last_block_cosine": blocks[-1]["cosine"] if blocks else None,
     }
+
+
+def _commit() -> str:
+    """The checked-out commit (with "+dirty" for uncommitted changes), so every row names its code."""
+    here = Path(__file__).parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, check=False)
+
+    rev, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "src")
+    if rev.returncode != 0:
+        return "unknown"
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def main() -> None:
