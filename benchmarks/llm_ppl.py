@@ -7,6 +7,12 @@ share state. Calibration on ``wikipedia:train`` (seeded random windows), perplex
     python benchmarks/llm_ppl.py --methods rtn                       # the RTN table
     python benchmarks/llm_ppl.py --methods rtn omniquant lrquant_plus --settings W4A4 W6A6
     python benchmarks/llm_ppl.py --methods lrquant_plus --settings W4A4 --set rotation=false --name ablate
+    python benchmarks/llm_ppl.py --methods autoround lrquant_plus --settings W4A16g64 --preset fast
+
+``autoround`` (weight-only settings) runs the auto-round package (``pip install -e ".[bench]"``)
+with its default SignRound tuning on the very calibration windows lrquant gets (same text, samples
+and length), and our evaluator scores the model it leaves in memory, after checking that every
+quantized weight really changed and lies on its grid.
 
 Writes ``benchmarks/results/<name>.md`` and ``.json`` and prints the table; rows are also
 appended to ``<name>.jsonl`` as they finish, and a rerun of the same command skips them.
@@ -26,7 +32,9 @@ SETTINGS: dict[str, dict] = {
     "FP": {},
     "W4A16": dict(wbits=4),
     "W4A16g128": dict(wbits=4, group_size=128),
+    "W4A16g64": dict(wbits=4, group_size=64),
     "W3A16g128": dict(wbits=3, group_size=128),
+    "W3A16g64": dict(wbits=3, group_size=64),
     "W2A16g64": dict(wbits=2, group_size=64),
     "W8A8": dict(wbits=8, abits=8),
     "W6A6": dict(wbits=6, abits=6),
@@ -52,7 +60,11 @@ def run_one(job: dict) -> dict:
     windows = evaluation_data(loaded, data)
     start = time.perf_counter()
     blocks = []
-    if job["setting"] != "FP":
+    if job["method"] == "autoround":
+        recipe = build_recipe("lrquant_plus", job["preset"])  # for the calibration sample count only
+        calibration = calibration_data(loaded, data, recipe.nsamples)
+        _autoround(loaded, SETTINGS[job["setting"]], calibration, job["seed"])
+    elif job["setting"] != "FP":
         recipe = build_recipe(job["method"], job["preset"], parse_overrides(job["overrides"]))
         calibration = None if job["method"] == "rtn" else calibration_data(loaded, data, recipe.nsamples)
         scheme = build_scheme(**SETTINGS[job["setting"]])
@@ -71,6 +83,43 @@ def run_one(job: dict) -> dict:
         "retries": sum(b["retries"] for b in blocks),
         "last_block_cosine": blocks[-1]["cosine"] if blocks else None,
     }
+
+
+def _autoround(loaded, setting: dict, calibration, seed: int) -> None:
+    """Quantize ``loaded.model`` in place with auto-round's defaults at a weight-only ``setting``."""
+    import torch
+    from auto_round import AutoRound
+
+    if setting.get("abits", 16) != 16 or "group_size" not in setting:
+        sys.exit("autoround: only group-wise weight-only settings (e.g. W4A16g64) are compared")
+    bits, group = setting["wbits"], setting["group_size"]
+    linears = {
+        name: module.weight.detach().clone()
+        for name, module in loaded.model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name != "lm_head"
+    }
+    tuner = AutoRound(
+        loaded.model,
+        tokenizer=loaded.tokenizer,
+        bits=bits,
+        group_size=group,
+        sym=False,  # asymmetric, as lrquant's default weight grid
+        dataset=[window[None] for window in calibration],
+        nsamples=len(calibration),
+        seqlen=calibration.shape[1],
+        seed=seed,
+        device_map="cpu",
+    )
+    tuner.quantize()
+    # auto-round's "fake" export wrote unquantized weights in 0.16.1: check the model we score.
+    modules = dict(loaded.model.named_modules())
+    for name, before in linears.items():
+        weight = modules[name].weight.detach().float()
+        if torch.equal(weight, before.float()):
+            sys.exit(f"autoround left {name} unquantized")
+        distinct = max(row.unique().numel() for row in weight.reshape(-1, group))
+        if distinct > 2**bits:
+            sys.exit(f"autoround: {name} has {distinct} values in a group of {group}, not a {bits}-bit grid")
 
 
 def _commit() -> str:
