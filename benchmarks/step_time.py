@@ -1,0 +1,113 @@
+"""Seconds per block-training step, side by side: eager vs compiled quantizer, bf16 vs fp32.
+
+One process, one block (block 0 of the model), LRQuant+ transforms attached at a scheme; each
+variant first runs untimed warm-up steps (compiling happens there; its time is reported), then
+``--steps`` timed steps. The per-step time times the steps of a preset times the blocks gives that
+preset's training time (what ``lrquant quantize`` spends beyond capture and folding).
+
+    python benchmarks/step_time.py --wbits 4 --abits 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from lrquant.api import DataSettings, calibration_data
+from lrquant.config import build_scheme
+from lrquant.methods import losses
+from lrquant.methods.blockwise import ChainState, _loss, _targets_and_stats, transform_options
+from lrquant.methods.capture import capture_block_inputs, capture_block_kwargs
+from lrquant.models.loading import load_model
+from lrquant.quant.apply import attach_block_quantizers, use_quantized_attention
+from lrquant.quant.quantizer import compiled_quantizer
+from lrquant.recipes import PRESETS, build_recipe
+from lrquant.transforms.block import AttentionLayout, attach_block_transforms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--wbits", type=int, default=4)
+    parser.add_argument("--abits", type=int, default=4)
+    parser.add_argument("--group-size", type=int)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    loaded = load_model(args.model)
+    model, arch = loaded.model, loaded.arch
+    recipe = build_recipe("lrquant_plus", "fast")
+    n = args.steps + args.warmup
+    calibration = calibration_data(loaded, DataSettings(), n)
+    scheme = build_scheme(wbits=args.wbits, abits=args.abits, group_size=args.group_size)
+    kwargs = capture_block_kwargs(model, arch, calibration[0])[0]
+    inputs = capture_block_inputs(model, arch, calibration)
+    state = ChainState(inputs, inputs.clone())
+    block = arch.block_list(model)[0]
+    for p in block.parameters():
+        p.requires_grad_(False)
+    fp_out, hom_out, stats = _targets_and_stats(block, arch, state, kwargs, recipe)
+    use_quantized_attention(model)
+    attach_block_quantizers(block, arch, scheme)
+    layout = AttentionLayout.from_config(model.config)
+    bt = attach_block_transforms(block, arch, layout, stats, transform_options(recipe, arch), scheme.weight)
+    initial = {k: v.clone() for k, v in bt.state_dict().items()}
+
+    def run(bf16: bool, compiled: bool) -> tuple[float, float]:
+        bt.load_state_dict(initial)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": bt.smoothing_parameters(), "lr": recipe.lr_transform},
+                {"params": bt.clipping_parameters(), "lr": recipe.lr_clipping},
+            ],
+            weight_decay=0.0,
+        )
+        weighting = losses.DynamicWeighting(2)
+
+        def step(i: int) -> None:
+            with torch.autocast("cpu", torch.bfloat16, bf16):
+                out = block(state.quant[i : i + 1], **kwargs)
+            out = (out[0] if isinstance(out, tuple) else out).float()
+            loss, _ = _loss(out, [fp_out[i : i + 1], hom_out[i : i + 1]], recipe, weighting)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        with compiled_quantizer(compiled):
+            start = time.perf_counter()
+            for i in range(args.warmup):
+                step(i)
+            warm = time.perf_counter() - start
+            start = time.perf_counter()
+            for i in range(args.warmup, n):
+                step(i)
+        return (time.perf_counter() - start) / args.steps, warm
+
+    blocks = len(arch.block_list(model))
+    print(
+        f"{args.model}, block 0 of {blocks}, W{args.wbits}A{args.abits}"
+        f"{f'g{args.group_size}' if args.group_size else ''}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}; {args.steps} timed steps after {args.warmup} warm-up steps"
+    )
+    print("| matmuls | quantizer | s / step | warm-up s | train min: fast | default | paper |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for bf16 in (True, False):
+        for compiled in (False, True):
+            per_step, warm = run(bf16, compiled)
+            minutes = [
+                per_step * PRESETS[p]["nsamples"] * PRESETS[p]["epochs"] * blocks / 60
+                for p in ("fast", "default", "paper")
+            ]
+            print(
+                f"| {'bf16' if bf16 else 'fp32'} | {'compiled' if compiled else 'eager'} | {per_step:.3f} "
+                f"| {warm:.1f} | " + " | ".join(f"{m:.1f}" for m in minutes) + " |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
