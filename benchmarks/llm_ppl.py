@@ -122,6 +122,26 @@ def _autoround(loaded, setting: dict, calibration, seed: int) -> None:
             sys.exit(f"autoround: {name} has {distinct} values in a group of {group}, not a {bits}-bit grid")
 
 
+def _pivot(rows: list[dict]) -> list[str]:
+    """Settings down, methods across: "perplexity (quantize seconds)"."""
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["setting"] != "FP"))
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    cell = {(r["method"], r["setting"]): r for r in rows}
+    out = ["| setting | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    for setting in settings:
+        if setting == "FP":
+            fp = cell["-", "FP"]["perplexity"]
+            out.append(f"| FP | {fp:.2f} |" + " |" * (len(methods) - 1))
+            continue
+        cells = [cell.get((m, setting)) for m in methods]
+        out.append(
+            f"| {setting} | "
+            + " | ".join(f"{r['perplexity']:.2f} ({r['quantize_s']:.0f} s)" if r else "" for r in cells)
+            + " |"
+        )
+    return out
+
+
 def _commit() -> str:
     """The checked-out commit (with "+dirty" for uncommitted changes), so every row names its code."""
     here = Path(__file__).parent
@@ -210,6 +230,7 @@ def main() -> None:
         f"| {r['peak_rss_mb']} |"
         for r in rows
     ]
+    lines += ["", *_pivot(rows)]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"{args.name}.json").write_text(
         json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n"
