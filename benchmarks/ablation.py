@@ -23,14 +23,14 @@ RESULTS = HERE / "results"
 # Label, override. Shifts are not listed: on RMSNorm models (SmolLM2) they are off already.
 VARIANTS: list[tuple[str, str | None]] = [
     ("LRQuant+ (everything)", None),
+    ("no rotation vectors", "rotation=false"),
+    ("no homologous branch", "homologous=false"),
+    ("no NLC loss (MSE only)", "nlc=false"),
+    ("no dynamic weighting", "dynamic_weighting=false"),
+    ("no weight clipping", "clipping=false"),
     ("no smoothing scales", "smoothing=none"),
     ("smoothing starts at 1 (no LAE init)", "smoothing=ones"),
     ("no q/k smoothing", "qk_smoothing=false"),
-    ("no weight clipping", "clipping=false"),
-    ("no rotation vectors", "rotation=false"),
-    ("no NLC loss (MSE only)", "nlc=false"),
-    ("no dynamic weighting", "dynamic_weighting=false"),
-    ("no homologous branch", "homologous=false"),
 ]
 
 
