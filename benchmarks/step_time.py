@@ -18,7 +18,13 @@ import torch
 from lrquant.api import DataSettings, calibration_data
 from lrquant.config import build_scheme
 from lrquant.methods import losses
-from lrquant.methods.blockwise import ChainState, _loss, _targets_and_stats, transform_options
+from lrquant.methods.blockwise import (
+    ChainState,
+    _targets_and_stats,
+    optimizer_for,
+    training_step,
+    transform_options,
+)
 from lrquant.methods.capture import capture_block_inputs, capture_block_kwargs
 from lrquant.models.loading import load_model
 from lrquant.quant.apply import attach_block_quantizers, use_quantized_attention
@@ -59,23 +65,14 @@ def main() -> None:
 
     def run(bf16: bool, compiled: bool) -> tuple[float, float]:
         bt.load_state_dict(initial)
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": bt.smoothing_parameters(), "lr": recipe.lr_transform},
-                {"params": bt.clipping_parameters(), "lr": recipe.lr_clipping},
-            ],
-            weight_decay=0.0,
-        )
+        timed = recipe.model_copy(update={"bf16": bf16})
+        optimizer = optimizer_for(bt, timed)
         weighting = losses.DynamicWeighting(2)
 
         def step(i: int) -> None:
-            with torch.autocast("cpu", torch.bfloat16, bf16):
-                out = block(state.quant[i : i + 1], **kwargs)
-            out = (out[0] if isinstance(out, tuple) else out).float()
-            loss, _ = _loss(out, [fp_out[i : i + 1], hom_out[i : i + 1]], recipe, weighting)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            batch = slice(i, i + 1)
+            targets = [fp_out[batch], hom_out[batch]]
+            training_step(block, state.quant[batch], targets, kwargs, timed, optimizer, weighting)
 
         with compiled_quantizer(compiled):
             start = time.perf_counter()

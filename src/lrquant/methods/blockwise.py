@@ -128,6 +128,41 @@ def _loss(
     return raw, float(raw.detach())
 
 
+def optimizer_for(bt: BlockTransforms, recipe: Recipe, lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """AdamW over a block's transforms: smoothing and clipping at their own learning rates."""
+    return torch.optim.AdamW(
+        [
+            {"params": bt.smoothing_parameters(), "lr": recipe.lr_transform * lr_scale},
+            {"params": bt.clipping_parameters(), "lr": recipe.lr_clipping * lr_scale},
+        ],
+        weight_decay=0.0,
+    )
+
+
+def training_step(
+    block: nn.Module,
+    inputs: torch.Tensor,
+    targets: list[torch.Tensor],
+    kwargs: dict,
+    recipe: Recipe,
+    optimizer: torch.optim.Optimizer,
+    weighting: losses.DynamicWeighting | None,
+) -> float | None:
+    """One optimizer step on one batch; returns the unweighted loss, or None (and no update) if
+    the loss is not finite."""
+    device = "cpu" if inputs.device.type == "cpu" else "cuda"
+    with torch.autocast(device, torch.bfloat16, recipe.bf16):
+        out = block(inputs, **kwargs)
+    out = (out[0] if isinstance(out, tuple) else out).float()
+    loss, raw = _loss(out, targets, recipe, weighting)
+    if not torch.isfinite(loss):
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return raw
+
+
 def _train_block(
     block: nn.Module,
     bt: BlockTransforms,
@@ -141,19 +176,10 @@ def _train_block(
 ) -> None:
     initial = copy.deepcopy(bt.state_dict())
     n = state.quant.shape[0]
-    autocast = torch.autocast(
-        "cpu" if state.quant.device.type == "cpu" else "cuda", torch.bfloat16, recipe.bf16
-    )
     for attempt in range(recipe.max_retries + 1):
         lr_scale = 0.5**attempt
         bt.load_state_dict(initial)
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": bt.smoothing_parameters(), "lr": recipe.lr_transform * lr_scale},
-                {"params": bt.clipping_parameters(), "lr": recipe.lr_clipping * lr_scale},
-            ],
-            weight_decay=0.0,
-        )
+        optimizer = optimizer_for(bt, recipe, lr_scale)
         weighting = losses.DynamicWeighting(2) if recipe.dynamic_weighting else None
         generator = torch.Generator().manual_seed(seed)
         report.losses = []
@@ -163,16 +189,12 @@ def _train_block(
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, recipe.batch_size):
                 idx = order[start : start + recipe.batch_size]
-                with autocast:
-                    out = block(state.quant[idx], **kwargs)
-                out = (out[0] if isinstance(out, tuple) else out).float()
-                loss, raw = _loss(out, [t[idx] for t in targets], recipe, weighting)
-                if not torch.isfinite(loss):
+                raw = training_step(
+                    block, state.quant[idx], [t[idx] for t in targets], kwargs, recipe, optimizer, weighting
+                )
+                if raw is None:
                     finite = False
                     break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
                 total += raw
             if not finite:
                 break
