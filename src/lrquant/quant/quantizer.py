@@ -90,7 +90,7 @@ def fake_quantize(
     """
     if not spec.enabled:
         return x
-    if _compiled is not None:
+    if _compiled_depth and not _compile_failed:
         return _run_compiled(x, spec, upper, lower)
     return _fake_quantize(x, spec, upper, lower)
 
@@ -115,21 +115,20 @@ def _fake_quantize(
 # eager PyTorch runs each as its own pass over memory. Fusing them with torch.compile makes a
 # block-training step about 1.5x faster on CPU. Compiled once per process (shapes are static).
 COMPILE_ALLOWED = True  # a process-wide off switch (the test suite runs eager)
-_compiled: Callable | None = None
-_compiled_fn: Callable | None = None
+_compiled_fn: Callable | None = None  # built on first use, kept for the process
+_compiled_depth = 0  # how many compiled_quantizer contexts are open
 _compile_failed = False
 _COMPILE_VARIANTS = 64  # tensor shapes x specs x clipping on/off seen in one model
 
 
 def _run_compiled(x, spec, upper, lower) -> torch.Tensor:
-    global _compiled, _compile_failed
-    assert _compiled is not None
+    global _compile_failed
+    assert _compiled_fn is not None
     try:
-        with torch._dynamo.config.patch(recompile_limit=_COMPILE_VARIANTS):
-            return _compiled(x, spec, upper, lower)
+        return _compiled_fn(x, spec, upper, lower)
     except Exception as error:  # no C++ compiler, unsupported platform, ...
         log(f"torch.compile is unavailable here ({type(error).__name__}); quantizing without it")
-        _compiled, _compile_failed = None, True
+        _compile_failed = True
         return _fake_quantize(x, spec, upper, lower)
 
 
@@ -139,14 +138,16 @@ def compiled_quantizer(enabled: bool = True) -> Iterator[None]:
 
     Falls back to the eager version, with one log line, where compiling fails.
     """
-    global _compiled, _compiled_fn
+    global _compiled_depth, _compiled_fn
     if not (enabled and COMPILE_ALLOWED) or _compile_failed:
         yield
         return
     if _compiled_fn is None:
         _compiled_fn = torch.compile(_fake_quantize, dynamic=False)
-    previous, _compiled = _compiled, _compiled_fn
+    _compiled_depth += 1
     try:
-        yield
+        # Compiling happens lazily, at calls inside this context: the limit applies there.
+        with torch._dynamo.config.patch(recompile_limit=_COMPILE_VARIANTS):
+            yield
     finally:
-        _compiled = previous
+        _compiled_depth -= 1
