@@ -12,13 +12,13 @@ Writes ``benchmarks/results/<name>.md`` and prints it.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
+from llm_ppl import RESULTS, cell, find_row, load_rows
+
 HERE = Path(__file__).parent
-RESULTS = HERE / "results"
 
 # Label, override. Shifts are not listed: on RMSNorm models (SmolLM2) they are off already.
 VARIANTS: list[tuple[str, str | None]] = [
@@ -34,30 +34,26 @@ VARIANTS: list[tuple[str, str | None]] = [
 ]
 
 
-def _rows(name: str) -> list[dict]:
-    path = RESULTS / f"{name}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _find(rows: list[dict], setting: str, override: str | None, args: argparse.Namespace) -> dict | None:
-    overrides = [override] if override else []
-    for row in rows:
-        if (
-            row["method"] == "lrquant_plus"
-            and row["setting"] == setting
-            and row["overrides"] == overrides
-            and row["preset"] == args.preset
-            and row["seed"] == args.seed
-            and row["windows"] == args.windows
-        ):
-            return row
-    return None
+def _job(args: argparse.Namespace, setting: str, override: str | None) -> dict:
+    """The llm_ppl.py job of one variant, as its rows record it."""
+    return dict(
+        model=args.model,
+        method="lrquant_plus",
+        setting=setting,
+        preset=args.preset,
+        overrides=[override] if override else [],
+        seqlen=args.seqlen,
+        windows=args.windows,
+        seed=args.seed,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--settings", nargs="+", default=["W4A4", "W2A16g64"])
     parser.add_argument("--preset", default="fast")
+    parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--baseline", default="table_fast", help="results holding the full recipe's rows")
@@ -67,30 +63,31 @@ def main() -> None:
     table: dict[tuple[str, str], dict] = {}
     for setting in args.settings:
         for label, override in VARIANTS:
-            row = _find(_rows(args.baseline), setting, override, args) if override is None else None
+            job = _job(args, setting, override)
+            row = find_row(load_rows(args.baseline), job) if override is None else None
             if row is None:
-                command = [sys.executable, str(HERE / "llm_ppl.py"), "--methods", "lrquant_plus"]
-                command += ["--settings", setting, "--preset", args.preset, "--name", args.name]
+                command = [sys.executable, str(HERE / "llm_ppl.py"), "--model", args.model]
+                command += ["--methods", "lrquant_plus", "--settings", setting, "--preset", args.preset]
+                command += ["--name", args.name, "--seqlen", str(args.seqlen)]
                 command += ["--windows", str(args.windows), "--seed", str(args.seed)]
                 command += ["--set", override] if override else []
                 if subprocess.run(command, check=False).returncode != 0:
                     sys.exit(f"ablation run failed: {setting} {label}")
-                row = _find(_rows(args.name), setting, override, args)
+                row = find_row(load_rows(args.name), job)
                 assert row is not None
             table[label, setting] = row
 
     lines = [
-        f"LRQuant+ on `smollm2-135m`, preset `{args.preset}`, seed {args.seed}; perplexity on "
-        f"`wikipedia:test`, {args.windows} windows x 512 tokens (lower is better); "
+        f"LRQuant+ on `{args.model}`, preset `{args.preset}`, seed {args.seed}; perplexity on "
+        f"`wikipedia:test`, {args.windows} windows x {args.seqlen} tokens (lower is better); "
         "quantization seconds in brackets.",
         "",
         "| variant | " + " | ".join(args.settings) + " |",
         "|---|" + "---:|" * len(args.settings),
     ]
     for label, _ in VARIANTS:
-        cells = [table[label, s] for s in args.settings]
-        cells_md = " | ".join(f"{r['perplexity']:.2f} ({r['quantize_s']:.0f} s)" for r in cells)
-        lines.append(f"| {label} | {cells_md} |")
+        cells = " | ".join(cell(table[label, s]) for s in args.settings)
+        lines.append(f"| {label} | {cells} |")
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -52,7 +52,7 @@ def run_one(job: dict) -> dict:
     from lrquant.config import build_scheme
     from lrquant.eval.perplexity import perplexity
     from lrquant.models.loading import load_model
-    from lrquant.recipes import build_recipe, parse_overrides
+    from lrquant.recipes import PRESETS, build_recipe, parse_overrides
 
     torch.manual_seed(job["seed"])
     data = DataSettings(seqlen=job["seqlen"], eval_windows=job["windows"], seed=job["seed"])
@@ -61,8 +61,7 @@ def run_one(job: dict) -> dict:
     start = time.perf_counter()
     blocks = []
     if job["method"] == "autoround":
-        recipe = build_recipe("lrquant_plus", job["preset"])  # for the calibration sample count only
-        calibration = calibration_data(loaded, data, recipe.nsamples)
+        calibration = calibration_data(loaded, data, PRESETS[job["preset"]]["nsamples"])
         _autoround(loaded, SETTINGS[job["setting"]], calibration, job["seed"])
     elif job["setting"] != "FP":
         recipe = build_recipe(job["method"], job["preset"], parse_overrides(job["overrides"]))
@@ -122,23 +121,35 @@ def _autoround(loaded, setting: dict, calibration, seed: int) -> None:
             sys.exit(f"autoround: {name} has {distinct} values in a group of {group}, not a {bits}-bit grid")
 
 
+def load_rows(name: str) -> list[dict]:
+    """The finished rows of results ``name`` (its ``.jsonl``), oldest first."""
+    path = RESULTS / f"{name}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def find_row(rows: list[dict], job: dict) -> dict | None:
+    """The row that ran exactly ``job``, if any."""
+    return next((r for r in rows if all(r.get(k) == v for k, v in job.items())), None)
+
+
+def cell(row: dict) -> str:
+    """A table cell: "perplexity (quantize seconds)"."""
+    return f"{row['perplexity']:.2f} ({row['quantize_s']:.0f} s)"
+
+
 def _pivot(rows: list[dict]) -> list[str]:
     """Settings down, methods across: "perplexity (quantize seconds)"."""
     methods = list(dict.fromkeys(r["method"] for r in rows if r["setting"] != "FP"))
     settings = list(dict.fromkeys(r["setting"] for r in rows))
-    cell = {(r["method"], r["setting"]): r for r in rows}
+    by_key = {(r["method"], r["setting"]): r for r in rows}
     out = ["| setting | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
     for setting in settings:
         if setting == "FP":
-            fp = cell["-", "FP"]["perplexity"]
+            fp = by_key["-", "FP"]["perplexity"]
             out.append(f"| FP | {fp:.2f} |" + " |" * (len(methods) - 1))
             continue
-        cells = [cell.get((m, setting)) for m in methods]
-        out.append(
-            f"| {setting} | "
-            + " | ".join(f"{r['perplexity']:.2f} ({r['quantize_s']:.0f} s)" if r else "" for r in cells)
-            + " |"
-        )
+        cells = [by_key.get((m, setting)) for m in methods]
+        out.append(f"| {setting} | " + " | ".join(cell(r) if r else "" for r in cells) + " |")
     return out
 
 
@@ -176,7 +187,7 @@ def main() -> None:
     # where it stopped when the same command is run again.
     RESULTS.mkdir(exist_ok=True)
     done_path = RESULTS / f"{args.name}.jsonl"
-    done = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
+    done = load_rows(args.name)
     rows = []
     jobs = [(m, s) for s in args.settings for m in (["-"] if s == "FP" else args.methods)]
     for method, setting in jobs:
@@ -190,7 +201,7 @@ def main() -> None:
             windows=args.windows,
             seed=args.seed,
         )
-        row = next((r for r in done if all(r.get(k) == v for k, v in job.items())), None)
+        row = find_row(done, job)
         if row is None:
             out = subprocess.run(
                 [sys.executable, __file__, "--one", json.dumps(job)],
