@@ -50,7 +50,7 @@ def main() -> None:
     n = args.steps + args.warmup
     calibration = calibration_data(loaded, DataSettings(), n)
     scheme = build_scheme(wbits=args.wbits, abits=args.abits, group_size=args.group_size)
-    kwargs = capture_block_kwargs(model, arch, calibration[0])[0]
+    kwargs = capture_block_kwargs(model, arch, calibration[0])[0][0]
     inputs = capture_block_inputs(model, arch, calibration)
     state = ChainState(inputs, inputs.clone())
     block = arch.block_list(model)[0]

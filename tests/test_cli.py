@@ -194,7 +194,7 @@ def test_bad_model_paths(work: Path, text_file: Path, capsys: pytest.CaptureFixt
     assert "local model folder" in line and ".gguf" in line and "smollm2-135m" in line
 
     line = error_line(*run(capsys, *quantize_args("no-such-model", work / "out", text_file)))
-    assert "model 'no-such-model' not found" in line and "built-in name (smollm2-135m)" in line
+    assert "model 'no-such-model' not found" in line and "built-in name (dinov2-small, smollm2-135m)" in line
 
     not_gguf = work / "weights.txt"
     not_gguf.write_text("not a model")

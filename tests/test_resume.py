@@ -49,7 +49,7 @@ def _run(model: Path, out: Path, data: api.DataSettings, overrides: dict | None 
         preset="fast",
         overrides=overrides or OVERRIDES,
         data=data,
-        evaluate_perplexity=False,
+        run_eval=False,
     )
 
 

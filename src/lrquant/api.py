@@ -15,15 +15,16 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from lrquant import __version__
-from lrquant.checkpoint import REPORT_FILE, AtomicOutputDir, save_quantized, write_json
+from lrquant.checkpoint import REPORT_FILE, AtomicOutputDir, read_source, save_quantized, write_json
 from lrquant.config import QuantScheme
 from lrquant.console import log
+from lrquant.data.images import resolve_image_source
 from lrquant.data.text import (
     calibration_windows,
     evaluation_windows,
@@ -32,27 +33,50 @@ from lrquant.data.text import (
     tokenize_documents,
 )
 from lrquant.errors import LrquantError
+from lrquant.eval import images as image_eval
+from lrquant.eval.images import DEFAULT_IMAGE_EVAL
 from lrquant.eval.perplexity import perplexity
 from lrquant.methods.blockwise import quantize_blockwise, report_dict
 from lrquant.methods.resume import ResumeStore
 from lrquant.methods.rtn import quantize_rtn
-from lrquant.models.loading import LoadedModel, load_model
+from lrquant.models.builtin import is_builtin
+from lrquant.models.loading import LoadedModel, load_model, resolve_model_dir
 from lrquant.recipes import DEFAULT_METHOD, Recipe, build_recipe
 from lrquant.report import PLOT_FILE, plot_blocks
+
+TEXT_CALIB, TEXT_EVAL = "wikipedia:train", "wikipedia:test"
+IMAGE_CALIB = "photos"
+IMAGE_CALIBRATION_SAMPLES = 32
 
 
 @dataclass(frozen=True)
 class DataSettings:
-    """Where calibration and evaluation text come from and how it is windowed."""
+    """Where calibration and evaluation data come from, and how text is windowed.
 
-    calib: str = "wikipedia:train"
-    eval: str = "wikipedia:test"
+    ``calib``/``eval`` left as None take the model's modality defaults: Wikipedia text for a
+    language model; for a vision model the built-in photos for calibration and
+    :data:`DEFAULT_IMAGE_EVAL` for evaluation. ``nsamples`` None: the preset's count of text
+    windows, or 32 images. ``image_size`` overrides the model's input resolution.
+    """
+
+    calib: str | None = None
+    eval: str | None = None
     seqlen: int = 512
-    nsamples: int | None = None  # None: the recipe's preset decides
+    nsamples: int | None = None
     eval_windows: int | None = 32
     text_field: str = "text"
     seed: int = 0
     batch_size: int = 1
+    image_size: int | None = None
+
+    def for_model(self, loaded: LoadedModel) -> DataSettings:
+        """These settings with the modality's defaults filled in."""
+        image = loaded.arch.modality == "image"
+        return replace(
+            self,
+            calib=self.calib or (IMAGE_CALIB if image else TEXT_CALIB),
+            eval=self.eval or (DEFAULT_IMAGE_EVAL if image else TEXT_EVAL),
+        )
 
 
 def peak_rss_mb() -> float:
@@ -70,13 +94,23 @@ def _check_seqlen(loaded: LoadedModel, seqlen: int) -> None:
 
 def evaluation_data(loaded: LoadedModel, data: DataSettings) -> torch.Tensor:
     """The evaluation windows ``[n, seqlen]`` for ``loaded``'s tokenizer."""
+    data = data.for_model(loaded)
     _check_seqlen(loaded, data.seqlen)
     ids = tokenize_documents(load_documents(data.eval, "test", data.text_field), loaded.tokenizer)
     return evaluation_windows(ids, data.seqlen, prepended_bos(loaded.tokenizer), data.eval_windows)
 
 
+def _preprocess(loaded: LoadedModel, data: DataSettings):
+    prep = loaded.preprocess
+    return prep if data.image_size is None else prep.with_size(data.image_size)
+
+
 def calibration_data(loaded: LoadedModel, data: DataSettings, nsamples: int) -> torch.Tensor:
-    """``nsamples`` seeded calibration windows ``[nsamples, seqlen]``."""
+    """``nsamples`` seeded calibration windows ``[nsamples, seqlen]``, or images ``[n, 3, H, W]``."""
+    data = data.for_model(loaded)
+    if loaded.arch.modality == "image":
+        images = resolve_image_source(data.calib, nsamples, data.seed)
+        return _preprocess(loaded, data)(images.images)
     _check_seqlen(loaded, data.seqlen)
     ids = tokenize_documents(load_documents(data.calib, "train", data.text_field), loaded.tokenizer)
     return calibration_windows(ids, data.seqlen, prepended_bos(loaded.tokenizer), nsamples, data.seed)
@@ -97,24 +131,68 @@ def _environment() -> dict:
     }
 
 
-def evaluate(model: str, data: DataSettings | None = None, trust_remote_code: bool = False) -> dict:
-    """Perplexity of ``model`` (a name, a folder, a .gguf, or a quantized output folder)."""
-    data = data or DataSettings()
+def evaluate(
+    model: str,
+    data: DataSettings | None = None,
+    trust_remote_code: bool = False,
+    reference: str | None = None,
+) -> dict:
+    """Evaluate ``model`` (a name, a folder, a .gguf, or a quantized output folder).
+
+    A language model gets its perplexity. A vision model gets, on each evaluation set, the cosine
+    similarity of its features to ``reference``'s and top-1 or linear-probe accuracy (probes are
+    trained on the reference's features). The reference defaults to the model a quantized folder
+    was made from, when that is still there, else the model itself.
+    """
     start = time.perf_counter()
     loaded = load_model(model, trust_remote_code=trust_remote_code)
-    windows = evaluation_data(loaded, data)
-    ppl = perplexity(loaded.model, windows, data.batch_size)
-    return {
+    data = (data or DataSettings()).for_model(loaded)
+    result = {
         "model": model,
         "model_type": loaded.model_type,
         "scheme": loaded.scheme.name if loaded.scheme else "fp",
         "data": data.eval,
-        "seqlen": data.seqlen,
-        "windows": windows.shape[0],
-        "perplexity": ppl,
+    }
+    if loaded.arch.modality == "image":
+        reference = reference or _source_model(loaded)
+        result.update(
+            reference=reference, images=_evaluate_images(loaded, data, reference, trust_remote_code)
+        )
+    else:
+        windows = evaluation_data(loaded, data)
+        ppl = perplexity(loaded.model, windows, data.batch_size)
+        result.update(seqlen=data.seqlen, windows=windows.shape[0], perplexity=ppl)
+    return {
+        **result,
         "seconds": round(time.perf_counter() - start, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
+
+
+def _source_model(loaded: LoadedModel) -> str | None:
+    """The full-precision model a quantized folder was made from, if it can still be loaded."""
+    source = read_source(loaded.path)
+    if source is None:
+        return None
+    try:
+        resolve_model_dir(source)
+    except LrquantError:
+        log(f"the source model '{source}' is gone: scoring against the quantized model itself")
+        return None
+    return source
+
+
+def _evaluate_images(
+    loaded: LoadedModel, data: DataSettings, reference: str | None, trust_remote_code: bool
+) -> dict[str, dict]:
+    sets = image_eval.load_eval_sets(data.eval, _preprocess(loaded, data), data.seed)
+    ref_model = loaded
+    if reference is not None:
+        ref_model = load_model(reference, trust_remote_code=trust_remote_code)
+    ref = image_eval.reference_outputs(ref_model.model, ref_model.arch, sets, data.batch_size)
+    if ref_model is loaded:
+        return image_eval.metrics(sets, ref, ref.outputs, image_eval.is_classifier(loaded.model))
+    return image_eval.score(loaded.model, loaded.arch, sets, ref, data.batch_size)
 
 
 def apply_method(
@@ -172,7 +250,7 @@ def quantize(
     preset: str = "default",
     overrides: dict | None = None,
     data: DataSettings | None = None,
-    evaluate_perplexity: bool = True,
+    run_eval: bool = True,
     overwrite: bool = False,
     trust_remote_code: bool = False,
 ) -> dict:
@@ -181,15 +259,12 @@ def quantize(
     ``method`` names a recipe (``rtn``, ``smoothquant``, ``omniquant``, ``lrquant``,
     ``lrquant_plus``), ``preset`` its budget (``fast``, ``default``, ``paper``) and ``overrides``
     any recipe field. Returns the run report (also written as ``report.json``, with a per-block
-    plot for learned methods): settings, seed, model, data, perplexity before and after (when
-    ``evaluate_perplexity``), per-block losses, seconds per stage, peak RSS. The output folder
+    plot for learned methods): settings, seed, model, data, evaluation before and after (when
+    ``run_eval``: perplexity for a language model, feature cosine and top-1 or probe accuracy
+    for a vision model), per-block losses, seconds per stage, peak RSS. The output folder
     appears only when everything succeeded; an interrupted learned run resumes when rerun.
     """
-    data = data or DataSettings()
-    if data.nsamples is not None:
-        overrides = {**(overrides or {}), "nsamples": data.nsamples}
-    recipe = build_recipe(method, preset, overrides)
-    torch.manual_seed(data.seed)
+    torch.manual_seed((data or DataSettings()).seed)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -202,13 +277,18 @@ def quantize(
     with AtomicOutputDir(output, overwrite) as out:
         log(f"loading {model}")
         loaded = load_model(model, trust_remote_code=trust_remote_code)
+        data = (data or DataSettings()).for_model(loaded)
+        image = loaded.arch.modality == "image"
+        nsamples = data.nsamples or (IMAGE_CALIBRATION_SAMPLES if image else None)
+        if nsamples is not None:
+            overrides = {**(overrides or {}), "nsamples": nsamples}
+        recipe = build_recipe(method, preset, overrides)
         lap("load")
         calibration = None if method == "rtn" else calibration_data(loaded, data, recipe.nsamples)
-        windows = evaluation_data(loaded, data) if evaluate_perplexity else None
-        perplexities: dict[str, float] = {}
-        if windows is not None:
-            log(f"full-precision perplexity on {windows.shape[0]} windows of {data.seqlen} tokens")
-            perplexities["fp"] = perplexity(loaded.model, windows, data.batch_size, "fp perplexity")
+        evaluation: dict[str, object] = {}
+        if run_eval:
+            run_fp_eval, run_quant_eval, eval_details = _evaluation_stages(loaded, data)
+            evaluation["fp"] = run_fp_eval()
             lap("eval_fp")
         log(f"quantizing with {method} at {scheme.name}")
         store = None
@@ -216,12 +296,13 @@ def quantize(
             store = ResumeStore(out.final, _fingerprint(loaded, scheme, recipe, method, data, calibration))
         blocks = apply_method(loaded, scheme, method, recipe, calibration, data.seed, store)
         lap("quantize")
-        if windows is not None:
-            perplexities["quantized"] = perplexity(
-                loaded.model, windows, data.batch_size, "quantized perplexity"
-            )
+        if run_eval:
+            evaluation["quantized"] = run_quant_eval()
             lap("eval_quantized")
-        save_quantized(out.tmp, loaded.model, loaded.tokenizer, loaded.arch, scheme, method)
+        source_name = model if is_builtin(model) else str(loaded.path.resolve())
+        save_quantized(
+            out.tmp, loaded.model, loaded.tokenizer, loaded.arch, scheme, method, loaded.path, source_name
+        )
         lap("save")
         report = {
             "method": method,
@@ -233,17 +314,20 @@ def quantize(
                 "name": model,
                 "path": str(loaded.path),
                 "model_type": loaded.model_type,
+                "modality": loaded.arch.modality,
                 "parameters": loaded.num_parameters,
             },
             "data": {
                 "calibration": None if calibration is None else data.calib,
-                "evaluation": data.eval,
-                "seqlen": data.seqlen,
+                "evaluation": data.eval if run_eval else None,
+                "seqlen": None if image else data.seqlen,
+                "image_size": None if not image or calibration is None else calibration.shape[-1],
                 "nsamples": None if calibration is None else calibration.shape[0],
-                "eval_windows": None if windows is None else windows.shape[0],
+                "eval_windows": None,
+                **(eval_details if run_eval else {}),
             },
             "seed": data.seed,
-            "perplexity": perplexities,
+            "images" if image else "perplexity": evaluation,
             "blocks": blocks,
             "seconds": {**seconds, "total": round(sum(seconds.values()), 2)},
             "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -257,3 +341,32 @@ def quantize(
         store.clear()
     log(f"wrote {out.final}")
     return report
+
+
+def _evaluation_stages(loaded: LoadedModel, data: DataSettings):
+    """Two functions: score the model now (full precision, also the reference) and after quantizing."""
+    if loaded.arch.modality == "image":
+        sets = image_eval.load_eval_sets(data.eval, _preprocess(loaded, data), data.seed)
+        classifier = image_eval.is_classifier(loaded.model)
+        ref: list[image_eval.Reference] = []
+
+        def fp() -> dict:
+            log(f"full-precision outputs on {', '.join(s.name for s in sets)}")
+            ref.append(image_eval.reference_outputs(loaded.model, loaded.arch, sets, data.batch_size))
+            return image_eval.metrics(sets, ref[0], ref[0].outputs, classifier)
+
+        def quantized() -> dict:
+            return image_eval.score(loaded.model, loaded.arch, sets, ref[0], data.batch_size)
+
+        return fp, quantized, {"eval_images": {s.name: s.pixels.shape[0] for s in sets}}
+
+    windows = evaluation_data(loaded, data)
+
+    def fp_ppl() -> float:
+        log(f"full-precision perplexity on {windows.shape[0]} windows of {data.seqlen} tokens")
+        return perplexity(loaded.model, windows, data.batch_size, "fp perplexity")
+
+    def quant_ppl() -> float:
+        return perplexity(loaded.model, windows, data.batch_size, "quantized perplexity")
+
+    return fp_ppl, quant_ppl, {"eval_windows": windows.shape[0]}

@@ -87,17 +87,31 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
 def save_quantized(
-    folder: Path, model: nn.Module, tokenizer: object, arch: ArchSpec, scheme: QuantScheme, method: str
+    folder: Path,
+    model: nn.Module,
+    tokenizer: object | None,
+    arch: ArchSpec,
+    scheme: QuantScheme,
+    method: str,
+    source: Path | None = None,
+    source_name: str | None = None,
 ) -> None:
     """Save a quantized model into ``folder`` (normally an :class:`AtomicOutputDir`'s ``tmp``).
 
     The model's quantizers are removed first: the saved linears are plain ``nn.Linear`` holding
-    the quantized weights.
+    the quantized weights. A vision model keeps the image preprocessing of its ``source`` folder;
+    ``source_name`` (how the user named the full-precision model) is recorded for evaluation.
     """
     detach_quantizers(model, arch)
     model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if source is not None and (source / PREPROCESSOR_FILE).is_file():
+        shutil.copyfile(source / PREPROCESSOR_FILE, folder / PREPROCESSOR_FILE)
     write_json(
         folder / QUANT_FILE,
         {
@@ -105,9 +119,21 @@ def save_quantized(
             "lrquant_version": __version__,
             "method": method,
             "model_type": model.config.model_type,
+            "source_model": source_name,
             "scheme": scheme.model_dump(),
         },
     )
+
+
+def read_source(folder: Path) -> str | None:
+    """The full-precision model a quantized output folder was made from, as the user named it."""
+    path = Path(folder) / QUANT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("source_model")
+    except (json.JSONDecodeError, AttributeError):
+        return None
 
 
 def read_scheme(folder: Path) -> QuantScheme | None:

@@ -37,8 +37,14 @@ def _add_data_args(parser: argparse.ArgumentParser, eval_flag: str) -> None:
     parser.add_argument(
         eval_flag,
         dest="eval_data",
-        default="wikipedia:test",
-        help="evaluation text: file, folder, .jsonl, or wikipedia[:train|:test] (default: wikipedia:test)",
+        default=None,
+        help="evaluation data. Text: file, folder, .jsonl, or wikipedia[:train|:test] (default: "
+        "wikipedia:test). Images: comma-separated sets, each a folder (class subfolders for "
+        "labels) or photos, photos:heldout, digits, lfw, with an optional @SIZE (default: "
+        "photos:heldout,digits@112,lfw@112)",
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="input resolution of a vision model (default: its own)"
     )
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per window (default: 512)")
     parser.add_argument(
@@ -89,18 +95,40 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--qkv-bits", type=int, default=None, help="bits of Q, K, V after RoPE (default: --abits)")
     q.add_argument("--softmax-bits", type=int, default=16, help="bits of the softmax output (default: 16)")
     q.add_argument(
-        "--calib-data", default="wikipedia:train", help="calibration text (default: wikipedia:train)"
+        "--post-act-bits",
+        type=int,
+        default=None,
+        help="bits of the MLP activation output, the input of its second linear (default: --abits)",
     )
-    q.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: the preset's)")
+    q.add_argument(
+        "--calib-data",
+        default=None,
+        help="calibration data: text as for --eval-data (default: wikipedia:train), or images: a "
+        "folder or the built-in photos (default: photos)",
+    )
+    q.add_argument(
+        "--nsamples",
+        type=int,
+        default=None,
+        help="calibration windows or images (default: the preset's windows, or 32 images)",
+    )
     q.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
     q.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_data_args(q, "--eval-data")
     q.set_defaults(func=cmd_quantize)
 
-    e = sub.add_parser("eval", help="perplexity of a model or of a quantized output folder")
+    e = sub.add_parser(
+        "eval", help="perplexity (text) or feature cosine and accuracy (images) of a model or output folder"
+    )
     _add_model_args(e)
     _add_data_args(e, "--data")
+    e.add_argument(
+        "--reference",
+        default=None,
+        help="full-precision model that vision features are compared to and probes trained on "
+        "(default: the model a quantized folder was made from)",
+    )
     e.set_defaults(func=cmd_eval)
     return parser
 
@@ -110,8 +138,10 @@ def _data_settings(args: argparse.Namespace):
 
     if args.batch_size < 1:
         raise LrquantError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    if args.image_size is not None and args.image_size < 8:
+        raise LrquantError(f"--image-size must be at least 8 pixels (got {args.image_size})")
     return DataSettings(
-        calib=getattr(args, "calib_data", "wikipedia:train"),
+        calib=getattr(args, "calib_data", None),
         eval=args.eval_data,
         seqlen=args.seqlen,
         nsamples=getattr(args, "nsamples", None),
@@ -119,6 +149,7 @@ def _data_settings(args: argparse.Namespace):
         text_field=args.text_field,
         seed=getattr(args, "seed", 0),
         batch_size=args.batch_size,
+        image_size=args.image_size,
     )
 
 
@@ -136,6 +167,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         a_symmetric=args.a_symmetric,
         qkv_bits=args.qkv_bits,
         softmax_bits=args.softmax_bits,
+        post_act_bits=args.post_act_bits,
     )
     report = api.quantize(
         args.model,
@@ -145,17 +177,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         preset=args.preset,
         overrides=parse_overrides(args.overrides),
         data=_data_settings(args),
-        evaluate_perplexity=not args.no_eval,
+        run_eval=not args.no_eval,
         overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code,
     )
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        ppl = report["perplexity"]
-        summary = ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()) or "not evaluated"
+        if "images" in report:
+            summary = "; ".join(f"{k}: {_image_summary(v)}" for k, v in report["images"].items())
+            summary = summary or "not evaluated"
+        else:
+            ppl = report["perplexity"]
+            summary = "perplexity " + (", ".join(f"{k} {v:.3f}" for k, v in ppl.items()) or "not evaluated")
         print(
-            f"{report['method']} {report['scheme']}: perplexity {summary}; "
+            f"{report['method']} {report['scheme']}: {summary}; "
             f"{report['seconds']['total']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MiB -> {args.output}"
         )
     return 0
@@ -165,15 +201,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """``lrquant eval``."""
     from lrquant import api
 
-    result = api.evaluate(args.model, _data_settings(args), trust_remote_code=args.trust_remote_code)
+    result = api.evaluate(
+        args.model, _data_settings(args), trust_remote_code=args.trust_remote_code, reference=args.reference
+    )
     if args.json:
         print(json.dumps(result, indent=2))
+    elif "images" in result:
+        against = result["reference"] or "itself"
+        print(f"{result['model']} ({result['scheme']}) against {against}: {_image_summary(result['images'])}")
     else:
         print(
             f"{result['model']} ({result['scheme']}): perplexity {result['perplexity']:.3f} on "
             f"{result['windows']} windows of {result['seqlen']} tokens from {result['data']}"
         )
     return 0
+
+
+def _image_summary(sets: dict[str, dict]) -> str:
+    """``photos:heldout cos 0.998, digits@112 probe 95.3 %`` from a vision evaluation."""
+    parts = []
+    for name, row in sets.items():
+        text = f"{name} cos {row['cosine']:.4f}"
+        for key, label in (("top1", "top-1"), ("probe_accuracy", "probe")):
+            if key in row:
+                text += f" {label} {row[key]:.1f} %"
+        parts.append(text)
+    return ", ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,7 +64,11 @@ class QuantSpec(BaseModel):
 
 
 class QuantScheme(BaseModel):
-    """The whole model's quantization settings: weights, linear inputs and attention tensors."""
+    """The whole model's quantization settings: weights, linear inputs and attention tensors.
+
+    ``post_act``, when set, replaces ``activation`` for the input of the MLP's second linear
+    (the GELU/SiLU output: the hardest activation of vision transformers).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -72,6 +76,12 @@ class QuantScheme(BaseModel):
     activation: QuantSpec = QuantSpec(bits=FULL_PRECISION_BITS, granularity="token")
     qkv: QuantSpec = QuantSpec(bits=FULL_PRECISION_BITS, granularity="token")
     softmax: QuantSpec = QuantSpec(bits=FULL_PRECISION_BITS, granularity="token")
+    post_act: QuantSpec | None = None
+
+    @property
+    def mlp_out_activation(self) -> QuantSpec:
+        """The input quantizer of the MLP's second linear."""
+        return self.activation if self.post_act is None else self.post_act
 
     @property
     def name(self) -> str:
@@ -79,12 +89,15 @@ class QuantScheme(BaseModel):
         label = f"W{self.weight.bits}A{self.activation.bits}"
         if self.weight.granularity == "group":
             label += f"g{self.weight.group_size}"
+        if self.post_act is not None and self.post_act != self.activation:
+            label += f"p{self.post_act.bits}"
         return label
 
     @property
     def quantizes_activations(self) -> bool:
         """True when anything besides the weights is quantized at run time."""
-        return any(spec.enabled for spec in (self.activation, self.qkv, self.softmax))
+        specs = (self.activation, self.qkv, self.softmax, self.mlp_out_activation)
+        return any(spec.enabled for spec in specs)
 
 
 def build_scheme(
@@ -96,12 +109,15 @@ def build_scheme(
     w_granularity: Granularity | None = None,
     qkv_bits: int | None = None,
     softmax_bits: int = FULL_PRECISION_BITS,
+    post_act_bits: int | None = None,
 ) -> QuantScheme:
     """Build a scheme from flat settings, as the command line gives them.
 
     Weights are per output channel, or per group when ``group_size`` is given. Linear inputs are
     quantized per token. Q, K and V (after rotary embedding) follow ``abits`` unless ``qkv_bits``
-    says otherwise; the softmax output stays in full precision unless ``softmax_bits`` is set.
+    says otherwise; the softmax output stays in full precision unless ``softmax_bits`` is set;
+    the MLP activation output (input of its second linear) follows ``abits`` unless
+    ``post_act_bits`` is given.
     Raises :class:`LrquantError` naming the bad setting.
     """
     if w_granularity is None:
@@ -115,6 +131,9 @@ def build_scheme(
             "qkv", bits=abits if qkv_bits is None else qkv_bits, symmetric=a_symmetric, granularity="token"
         ),
         softmax=_spec("softmax", bits=softmax_bits, granularity="token"),
+        post_act=None
+        if post_act_bits is None
+        else _spec("post_act", bits=post_act_bits, symmetric=a_symmetric, granularity="token"),
     )
 
 

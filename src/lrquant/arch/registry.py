@@ -1,4 +1,4 @@
-"""Per-architecture maps, keyed by ``config.model_type``.
+"""Per-architecture maps, keyed by ``config.model_type``: decoder LLMs and vision transformers.
 
 Everything the quantizer must know about a model family is written here as data: the path of the
 block list, the attention module inside a block, and the smoothing pairs ("this module's output
@@ -34,42 +34,92 @@ class SmoothPair:
     source_rows: Literal["all", "v_of_fused_qkv"] = "all"
 
 
+Modality = Literal["text", "image"]
+
+
 @dataclass(frozen=True)
 class ArchSpec:
-    """How one family of decoder models is laid out (names relative to the model or a block)."""
+    """How one family of transformer models is laid out (names relative to the model or a block).
+
+    ``blocks`` lists where the block list may sit, first match wins (a bare backbone and a model
+    with a head nest it differently). A ``*`` in the path stands for every entry of a list of
+    stages (Swin); ``transition`` then names the stage's module that runs after its last block
+    (Swin's patch merging), kept in full precision. ``mlp_out`` names the linear that reads the
+    MLP's activation function output (GELU/SiLU), whose input can get its own activation bits.
+    """
 
     model_types: tuple[str, ...]
-    blocks: str
+    blocks: tuple[str, ...]
     attention: str
     smooth_pairs: tuple[SmoothPair, ...]
     norm_kind: NormKind
+    mlp_out: tuple[str, ...]
     q_proj: str | None = None
     k_proj: str | None = None
     rope: bool = True
     qk_norm: bool = False
     fused_qkv: str | None = None
+    modality: Modality = "text"
+    cls_token: bool = False
+    transition: str | None = None
 
-    def block_list(self, model: nn.Module) -> nn.ModuleList:
-        """Return the model's list of transformer blocks."""
-        base = model
-        for part in self.blocks.split("."):
-            if not hasattr(base, part):
-                raise LrquantError(
-                    f"model of type {type(model).__name__} has no '{self.blocks}': "
-                    "is it a decoder model of a supported architecture?"
-                )
-            base = getattr(base, part)
-        if not isinstance(base, nn.ModuleList):
-            raise LrquantError(f"'{self.blocks}' is not a list of blocks in {type(model).__name__}")
-        return base
+    def named_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Every transformer block in execution order, with its name relative to the model."""
+        for path in self.blocks:
+            found = _resolve(model, path)
+            if found is not None:
+                return found
+        raise LrquantError(
+            f"model of type {type(model).__name__} has none of {', '.join(self.blocks)}: "
+            f"is it a {self.modality} model of a supported architecture?"
+        )
+
+    def block_list(self, model: nn.Module) -> list[nn.Module]:
+        """Every transformer block of the model, in execution order."""
+        return [block for _, block in self.named_blocks(model)]
+
+    def transitions(self, model: nn.Module) -> dict[int, nn.Module]:
+        """Modules that run between blocks, keyed by the index of the block they follow."""
+        if self.transition is None:
+            return {}
+        out: dict[int, nn.Module] = {}
+        names = [name for name, _ in self.named_blocks(model)]
+        for index, name in enumerate(names):
+            stage = name.rsplit(".", 2)[0]  # "<stages>.<i>.<blocks>.<j>" -> "<stages>.<i>"
+            last = index + 1 == len(names) or not names[index + 1].startswith(stage + ".")
+            module = getattr(model.get_submodule(stage), self.transition, None)
+            if last and module is not None:
+                out[index] = module
+        return out
+
+
+def _resolve(model: nn.Module, path: str) -> list[tuple[str, nn.Module]] | None:
+    """The blocks at ``path`` (``*`` expands a list of stages), or None where it does not exist."""
+    head, star, tail = path.partition(".*.")
+    try:
+        base = model.get_submodule(head)
+    except AttributeError:
+        return None
+    if not isinstance(base, nn.ModuleList):
+        return None
+    if not star:
+        return [(f"{head}.{i}", block) for i, block in enumerate(base)]
+    found: list[tuple[str, nn.Module]] = []
+    for i, stage in enumerate(base):
+        inner = _resolve(stage, tail)
+        if inner is None:
+            return None
+        found += [(f"{head}.{i}.{name}", block) for name, block in inner]
+    return found
 
 
 def _llama_like(*model_types: str, qk_norm: bool = False) -> ArchSpec:
     return ArchSpec(
         model_types=model_types,
-        blocks="model.layers",
+        blocks=("model.layers",),
         attention="self_attn",
         norm_kind="rms",
+        mlp_out=("mlp.down_proj",),
         q_proj="self_attn.q_proj",
         k_proj="self_attn.k_proj",
         qk_norm=qk_norm,
@@ -88,9 +138,10 @@ def _gemma(*model_types: str, qk_norm: bool) -> ArchSpec:
     # post_attention_layernorm normalises the attention *output* before the residual add.
     return ArchSpec(
         model_types=model_types,
-        blocks="model.layers",
+        blocks=("model.layers",),
         attention="self_attn",
         norm_kind="rms_plus_one",
+        mlp_out=("mlp.down_proj",),
         q_proj="self_attn.q_proj",
         k_proj="self_attn.k_proj",
         qk_norm=qk_norm,
@@ -104,6 +155,89 @@ def _gemma(*model_types: str, qk_norm: bool) -> ArchSpec:
     )
 
 
+def _vit_like(
+    *model_types: str,
+    blocks: tuple[str, ...],
+    norms: tuple[str, str],
+    attention: str,
+    out_proj: str,
+    cls_token: bool = True,
+    transition: str | None = None,
+) -> ArchSpec:
+    # Pre-norm encoder blocks: norm -> q/k/v, v -> attention output, norm -> MLP up. The MLP's
+    # second linear reads GELU outputs (no linear equivalence there) and is not smoothed. Dinov2's
+    # layer scale multiplies the attention/MLP outputs after these linears, so it needs nothing.
+    q, k, v = (f"{attention}.{p}_proj" for p in "qkv")
+    return ArchSpec(
+        model_types=model_types,
+        blocks=blocks,
+        attention=attention,
+        norm_kind="layer",
+        mlp_out=("mlp.fc2",),
+        q_proj=q,
+        k_proj=k,
+        rope=False,
+        modality="image",
+        cls_token=cls_token,
+        transition=transition,
+        smooth_pairs=(
+            SmoothPair("qkv", norms[0], (q, k, v)),
+            SmoothPair("mlp_in", norms[1], ("mlp.fc1",)),
+            SmoothPair("out", v, (f"{attention}.{out_proj}",), kind="linear"),
+        ),
+    )
+
+
+_VISION_SPECS: tuple[ArchSpec, ...] = (
+    _vit_like(
+        "vit",
+        blocks=("vit.layers", "layers"),
+        norms=("layernorm_before", "layernorm_after"),
+        attention="attention",
+        out_proj="o_proj",
+    ),
+    _vit_like(
+        "deit",
+        blocks=("deit.layers", "layers"),
+        norms=("layernorm_before", "layernorm_after"),
+        attention="attention",
+        out_proj="o_proj",
+    ),
+    _vit_like(
+        "dinov2",
+        blocks=("dinov2.encoder.layer", "encoder.layer"),
+        norms=("norm1", "norm2"),
+        attention="attention",
+        out_proj="o_proj",
+    ),
+    _vit_like(
+        "clip_vision_model",
+        "clip",
+        blocks=("vision_model.encoder.layers", "encoder.layers"),
+        norms=("layer_norm1", "layer_norm2"),
+        attention="self_attn",
+        out_proj="out_proj",
+    ),
+    _vit_like(
+        "siglip_vision_model",
+        "siglip",
+        blocks=("vision_model.encoder.layers", "encoder.layers"),
+        norms=("layer_norm1", "layer_norm2"),
+        attention="self_attn",
+        out_proj="out_proj",
+        cls_token=False,
+    ),
+    _vit_like(
+        "swin",
+        blocks=("swin.encoder.layers.*.blocks", "encoder.layers.*.blocks"),
+        norms=("layernorm_before", "layernorm_after"),
+        attention="attention",
+        out_proj="o_proj",
+        cls_token=False,
+        transition="downsample",
+    ),
+)
+
 _SPECS: tuple[ArchSpec, ...] = (
     _llama_like("llama", "mistral", "qwen2"),
     _llama_like("qwen3", qk_norm=True),
@@ -111,9 +245,10 @@ _SPECS: tuple[ArchSpec, ...] = (
     _gemma("gemma3_text", qk_norm=True),
     ArchSpec(
         model_types=("opt",),
-        blocks="model.decoder.layers",
+        blocks=("model.decoder.layers",),
         attention="self_attn",
         norm_kind="layer",
+        mlp_out=("fc2",),
         q_proj="self_attn.q_proj",
         k_proj="self_attn.k_proj",
         rope=False,
@@ -127,9 +262,10 @@ _SPECS: tuple[ArchSpec, ...] = (
     ),
     ArchSpec(
         model_types=("phi3",),
-        blocks="model.layers",
+        blocks=("model.layers",),
         attention="self_attn",
         norm_kind="rms",
+        mlp_out=("mlp.down_proj",),
         fused_qkv="self_attn.qkv_proj",
         smooth_pairs=(
             SmoothPair("qkv", "input_layernorm", ("self_attn.qkv_proj",)),
@@ -145,7 +281,7 @@ _SPECS: tuple[ArchSpec, ...] = (
     ),
 )
 
-_BY_TYPE: dict[str, ArchSpec] = {t: spec for spec in _SPECS for t in spec.model_types}
+_BY_TYPE: dict[str, ArchSpec] = {t: spec for spec in _SPECS + _VISION_SPECS for t in spec.model_types}
 
 
 def supported_model_types() -> list[str]:

@@ -226,14 +226,14 @@ def quantize_blockwise(
     after each block, e.g. to checkpoint it.
     """
     blocks = arch.block_list(model)
-    kwargs_per_block = capture_block_kwargs(model, arch, calibration[0])
+    transitions = arch.transitions(model)
+    kwargs_per_block, transition_kwargs = capture_block_kwargs(model, arch, calibration[0])
     if start is None:
         first = 0
         inputs = capture_block_inputs(model, arch, calibration)
         state = ChainState(fp=inputs, quant=inputs.clone())
     else:
         first, state = start
-    layout = AttentionLayout.from_config(model.config)
     options = transform_options(recipe, arch)
     use_quantized_attention(model)
     reports = []
@@ -247,6 +247,7 @@ def quantize_blockwise(
             p.requires_grad_(False)
         fp_out, hom_out, stats = _targets_and_stats(block, arch, state, kwargs, recipe)
         attach_block_quantizers(block, arch, scheme)
+        layout = AttentionLayout.of_block(block, arch, model.config)
         bt = attach_block_transforms(block, arch, layout, stats, options, scheme.weight)
         targets = [t for t, on in ((fp_out, recipe.error_propagation), (hom_out, recipe.homologous)) if on]
         learn = recipe.learn and targets and (bt.smoothing_parameters() or bt.clipping_parameters())
@@ -261,6 +262,8 @@ def quantize_blockwise(
         report.cosine = float(losses.token_cosine(quant_out, fp_out))
         report.mse = float(losses.mse(quant_out, fp_out))
         state = ChainState(fp=fp_out, quant=quant_out)
+        if index in transitions:  # e.g. Swin's patch merging, kept in full precision
+            state = _through(transitions[index], state, transition_kwargs[index], recipe.batch_size)
         report.seconds = round(time.perf_counter() - began, 2)
         reports.append(report)
         if on_block_done is not None:
@@ -270,6 +273,15 @@ def quantize_blockwise(
         _log_block(report, len(blocks), time.perf_counter() - run_start, index - first + 1)
     bar.close()
     return reports
+
+
+@torch.no_grad()
+def _through(module: nn.Module, state: ChainState, kwargs: dict, batch_size: int) -> ChainState:
+    """Both chains through a full-precision module that runs between two blocks."""
+    return ChainState(
+        fp=run_block(module, state.fp, kwargs, batch_size),
+        quant=run_block(module, state.quant, kwargs, batch_size),
+    )
 
 
 def _log_block(report: BlockReport, total: int, elapsed: float, done_now: int) -> None:

@@ -1,6 +1,8 @@
-"""Run a model up to its first block and record what each block is called with."""
+"""Run a model up to its first block and record what each block (and each transition) is called with."""
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn as nn
@@ -12,9 +14,37 @@ class _Stop(Exception):
     pass
 
 
+def model_inputs(arch: ArchSpec, sample: torch.Tensor) -> dict:
+    """The keyword arguments that run the model on one calibration sample (token ids or an image)."""
+    if arch.modality == "image":
+        return {"pixel_values": sample[None]}
+    return {"input_ids": sample[None], "use_cache": False}
+
+
+def call_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Everything a module was called with except its first argument (the hidden states), by name.
+
+    Positional extras (Swin passes ``input_dimensions`` positionally) are named from the
+    module's signature, so a recorded call can be replayed as ``module(hidden, **kwargs)``.
+    """
+    params = list(inspect.signature(module.forward).parameters.values())
+    first = params[0].name if params else "hidden_states"
+    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    out: dict = {}
+    for name, value in bound.items():
+        if name == first:
+            continue
+        kind = next(p.kind for p in params if p.name == name)
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, arch: ArchSpec, windows: torch.Tensor) -> torch.Tensor:
-    """The hidden states entering block 0 for each window, ``[n, seqlen, hidden]`` in float32."""
+def capture_block_inputs(model: nn.Module, arch: ArchSpec, samples: torch.Tensor) -> torch.Tensor:
+    """The hidden states entering block 0 for each sample, ``[n, tokens, hidden]`` in float32."""
     first = arch.block_list(model)[0]
     rows: list[torch.Tensor] = []
 
@@ -25,9 +55,9 @@ def capture_block_inputs(model: nn.Module, arch: ArchSpec, windows: torch.Tensor
 
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for window in windows:
+        for sample in samples:
             try:
-                model(input_ids=window[None], use_cache=False)
+                model(**model_inputs(arch, sample))
             except _Stop:
                 pass
     finally:
@@ -36,28 +66,42 @@ def capture_block_inputs(model: nn.Module, arch: ArchSpec, windows: torch.Tensor
 
 
 @torch.no_grad()
-def capture_block_kwargs(model: nn.Module, arch: ArchSpec, window: torch.Tensor) -> list[dict]:
-    """The keyword arguments (mask, rotary embeddings, positions) each block receives.
+def capture_block_kwargs(
+    model: nn.Module, arch: ArchSpec, sample: torch.Tensor
+) -> tuple[list[dict], dict[int, dict]]:
+    """The keyword arguments (mask, rotary embeddings, positions, grid size) each block receives,
+    and those of each transition between blocks (keyed by the block it follows).
 
-    They differ between blocks in some models (sliding-window and global layers), and they do
-    not depend on the window's content, only its length: one window is enough.
+    They differ between blocks in some models (sliding-window and global layers, Swin stages),
+    and they do not depend on the sample's content, only its size: one sample is enough.
     """
     calls: list[dict] = []
+    transition_calls: dict[int, dict] = {}
 
-    def grab(_module, _args, kwargs):
-        calls.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+    def grab(module, args, kwargs):
+        calls.append(call_kwargs(module, args, kwargs))
+
+    def grab_transition(index: int):
+        def hook(module, args, kwargs):
+            transition_calls[index] = call_kwargs(module, args, kwargs)
+
+        return hook
 
     handles = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in arch.block_list(model)]
+    handles += [
+        module.register_forward_pre_hook(grab_transition(index), with_kwargs=True)
+        for index, module in arch.transitions(model).items()
+    ]
     try:
-        model(input_ids=window[None], use_cache=False)
+        model(**model_inputs(arch, sample))
     finally:
         for handle in handles:
             handle.remove()
-    return calls
+    return calls, transition_calls
 
 
 def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch_size: int = 1) -> torch.Tensor:
-    """Apply ``block`` to ``inputs`` ``[n, seqlen, hidden]`` in batches; returns float32 outputs."""
+    """Apply ``block`` to ``inputs`` ``[n, tokens, hidden]`` in batches; returns float32 outputs."""
     outs = []
     for start in range(0, inputs.shape[0], batch_size):
         out = block(inputs[start : start + batch_size], **kwargs)

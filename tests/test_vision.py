@@ -1,0 +1,199 @@
+"""Vision transformers through the same learner: exact transforms, Swin's stages, learned quantization
+beating RTN, the command line on image folders, and clear errors for bad image folders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from helpers import rel_err
+from PIL import Image
+from test_transforms import perturb, random_stats
+
+from lrquant import api
+from lrquant.arch import get_arch_spec
+from lrquant.cli import main
+from lrquant.config import build_scheme
+from lrquant.methods.blockwise import quantize_blockwise
+from lrquant.methods.rtn import quantize_rtn
+from lrquant.models.tiny_vision import TINY_VISION_ARCHS, save_tiny_vision_model, tiny_vision_model
+from lrquant.quant.apply import attach_block_quantizers, use_quantized_attention
+from lrquant.quant.linear import QuantLinear
+from lrquant.recipes import build_recipe
+from lrquant.transforms.block import (
+    AttentionLayout,
+    TransformOptions,
+    attach_block_transforms,
+    fold_block_transforms,
+)
+
+FP = build_scheme(16, 16)
+
+
+def features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(pixel_values=pixels)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def pixels(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("model_type", TINY_VISION_ARCHS)
+def test_vision_transforms_are_exact_in_full_precision(model_type: str) -> None:
+    model = tiny_vision_model(model_type, seed=0)
+    arch = get_arch_spec(model.config.model_type)
+    x = pixels(2, 1)
+    ref = features(model, x)
+    generator = torch.Generator().manual_seed(1)
+    use_quantized_attention(model)
+    options = TransformOptions(shifts=True, clipping=False, rotation=False)
+    transforms = []
+    for block in arch.block_list(model):
+        attach_block_quantizers(block, arch, FP)
+        layout = AttentionLayout.of_block(block, arch, model.config)
+        bt = attach_block_transforms(
+            block, arch, layout, random_stats(block, arch, generator), options, FP.weight
+        )
+        assert set(bt.factors) == {"qkv", "mlp_in", "out", "qk"}
+        transforms.append(bt)
+    for bt in transforms:
+        perturb(bt, generator)
+    assert rel_err(features(model, x), ref) < 1e-5
+    for block in arch.block_list(model):
+        fold_block_transforms(block, arch)
+    assert rel_err(features(model, x), ref) < 1e-5
+
+
+def test_swin_blocks_span_stages_with_patch_merging_between() -> None:
+    model = tiny_vision_model("swin", num_layers=2)
+    arch = get_arch_spec("swin")
+    names = [name for name, _ in arch.named_blocks(model)]
+    assert names == [f"encoder.layers.{s}.blocks.{b}" for s in (0, 1) for b in (0, 1)]
+    assert list(arch.transitions(model)) == [1]  # the last stage has no patch merging
+    layouts = [AttentionLayout.of_block(b, arch, model.config) for b in arch.block_list(model)]
+    assert [(lay.heads, lay.head_dim) for lay in layouts] == [(2, 16), (2, 16), (4, 16), (4, 16)]
+
+
+@pytest.mark.parametrize("model_type", ["vit", "swin", "dinov2"])
+def test_learned_w4a4_beats_rtn_and_16_bit_is_identity(model_type: str) -> None:
+    calib, test = pixels(8, 2), pixels(4, 3)
+    base = tiny_vision_model(model_type, seed=0)
+    ref = features(base, test)
+    arch = get_arch_spec(base.config.model_type)
+
+    rtn = tiny_vision_model(model_type, seed=0)
+    quantize_rtn(rtn, arch, build_scheme(4, 4))
+    learned = tiny_vision_model(model_type, seed=0)
+    recipe = build_recipe("lrquant_plus", "fast", {"epochs": 3, "compile": False})
+    reports = quantize_blockwise(learned, arch, build_scheme(4, 4), recipe, calib)
+    assert len(reports) == len(arch.block_list(learned))
+    assert rel_err(features(learned, test), ref) < rel_err(features(rtn, test), ref)
+
+    identity = tiny_vision_model(model_type, seed=0)
+    quantize_blockwise(identity, arch, FP, build_recipe("lrquant_plus", "fast", {"epochs": 1}), calib)
+    assert rel_err(features(identity, test), ref) < 1e-5
+
+
+def test_post_activation_bits_reach_the_mlp_output_linear_only() -> None:
+    model = tiny_vision_model("vit")
+    arch = get_arch_spec("vit")
+    scheme = build_scheme(4, 4, post_act_bits=8)
+    assert scheme.name == "W4A4p8"
+    attach_block_quantizers(arch.block_list(model)[0], arch, scheme)
+    bits = {
+        n: m.act_spec.bits for n, m in arch.block_list(model)[0].named_modules() if isinstance(m, QuantLinear)
+    }
+    assert bits.pop("mlp.fc2") == 8
+    assert set(bits.values()) == {4}
+
+
+def write_images(folder, classes: dict[str, int], seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    for name, count in classes.items():
+        (folder / name).mkdir(parents=True)
+        for i in range(count):
+            shade = rng.integers(0, 255, 3) if name != "flat" else np.array([128, 128, 128])
+            array = (rng.random((40, 48, 3)) * 60 + shade).clip(0, 255).astype(np.uint8)
+            Image.fromarray(array).save(folder / name / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def vit_folder(tmp_path_factory: pytest.TempPathFactory):
+    return save_tiny_vision_model("vit", tmp_path_factory.mktemp("vit") / "model", classifier=True)
+
+
+def test_quantize_and_evaluate_a_classifier_on_image_folders(vit_folder, tmp_path) -> None:
+    labelled = tmp_path / "labelled"
+    write_images(labelled, {"a": 6, "b": 6, "c": 6})
+    out = tmp_path / "out"
+    data = api.DataSettings(calib=str(labelled), eval=f"{labelled},photos:heldout", nsamples=8)
+    report = api.quantize(
+        str(vit_folder),
+        out,
+        build_scheme(4, 8),
+        "lrquant_plus",
+        "fast",
+        {"epochs": 1, "compile": False},
+        data,
+    )
+    assert report["data"]["nsamples"] == 8 and report["model"]["modality"] == "image"
+    fp, quant = report["images"]["fp"], report["images"]["quantized"]
+    assert set(fp) == {str(labelled), "photos:heldout"}
+    assert fp[str(labelled)]["cosine"] == pytest.approx(1.0)
+    assert 0.5 < quant["photos:heldout"]["cosine"] < 1.0
+    assert "top1" in quant[str(labelled)] and quant[str(labelled)]["images"] == 9
+    assert (out / "report.json").is_file() and (out / "blocks.png").is_file()
+
+    # The output folder evaluates against the model it was made from, with the same numbers.
+    again = api.evaluate(str(out), api.DataSettings(eval=f"{labelled},photos:heldout"))
+    assert again["reference"] == str(vit_folder.resolve())
+    assert again["images"]["photos:heldout"]["cosine"] == pytest.approx(
+        quant["photos:heldout"]["cosine"], rel=1e-5
+    )
+
+
+def test_cli_quantizes_a_backbone_with_probe_accuracy(tmp_path, capsys) -> None:
+    model = save_tiny_vision_model("dinov2", tmp_path / "dinov2")
+    labelled = tmp_path / "labelled"
+    write_images(labelled, {"a": 5, "b": 5})
+    out = tmp_path / "out"
+    code = main(
+        ["quantize", "--model", str(model), "--output", str(out), "--method", "rtn", "--wbits", "4",
+         "--abits", "6", "--eval-data", f"{labelled}@48", "--json"]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    row = report["images"]["quantized"][f"{labelled}@48"]
+    assert 0 <= row["probe_accuracy"] <= 100 and row["images"] == 5
+    assert report["data"]["eval_images"] == {f"{labelled}@48": 5}
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: d.mkdir(), "no images"),
+        (lambda d: (d.mkdir(), (d / "x.png").write_bytes(b"not an image")), "x.png"),
+        (
+            lambda d: (d.mkdir(), Image.fromarray(np.zeros((8, 8), np.float32), "F").save(d / "f.tiff")),
+            "mode F",
+        ),
+    ],
+    ids=["empty", "unreadable", "wrong-mode"],
+)
+def test_bad_calibration_folders_give_one_clear_line(vit_folder, tmp_path, capsys, make, message) -> None:
+    bad = tmp_path / "bad"
+    make(bad)
+    out = tmp_path / "out"
+    code = main(
+        ["quantize", "--model", str(vit_folder), "--output", str(out), "--method", "omniquant",
+         "--calib-data", str(bad), "--no-eval"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("lrquant: error")]) == 1
+    assert not out.exists()
