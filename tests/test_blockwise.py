@@ -341,3 +341,15 @@ def test_dynamic_weighting_normalises_each_term() -> None:
     weighting(a, b).backward()
     assert a.grad.item() == pytest.approx(1 / (1e-4 + 1e-6), rel=1e-3)
     assert b.grad.item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_bf16_auto_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lrquant import recipes
+
+    auto = build_recipe("lrquant_plus", "fast")
+    assert auto.bf16 == "auto"
+    for native in (True, False):
+        monkeypatch.setattr(recipes, "fast_bf16", lambda device, native=native: native)
+        assert recipes.use_bf16(auto, "cpu") is native
+        assert recipes.use_bf16(build_recipe("lrquant_plus", "fast", {"bf16": "true"}), "cpu") is True
+        assert recipes.use_bf16(build_recipe("lrquant_plus", "fast", {"bf16": "false"}), "cpu") is False

@@ -3,6 +3,7 @@ beating RTN, the command line on image folders, and clear errors for bad image f
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -79,24 +80,75 @@ def test_swin_blocks_span_stages_with_patch_merging_between() -> None:
     assert [(lay.heads, lay.head_dim) for lay in layouts] == [(2, 16), (2, 16), (4, 16), (4, 16)]
 
 
-@pytest.mark.parametrize("model_type", ["vit", "swin", "dinov2"])
+OUTLIER_CHANNELS = [3, 17, 40]
+
+
+def outlier_vision_model(model_type: str) -> nn.Module:
+    """A tiny vision model with outlier channels (x12) out of its norms, as real ViTs have."""
+    model = tiny_vision_model(model_type, seed=0)
+    arch = get_arch_spec(model.config.model_type)
+    with torch.no_grad():
+        for block in arch.block_list(model):
+            for pair in arch.smooth_pairs:
+                if pair.kind == "norm":
+                    norm = block.get_submodule(pair.source)
+                    channels = [c for c in OUTLIER_CHANNELS if c < norm.weight.shape[0]]
+                    norm.weight[channels] *= 12
+    return model
+
+
+@pytest.mark.parametrize("model_type", TINY_VISION_ARCHS)
 def test_learned_w4a4_beats_rtn_and_16_bit_is_identity(model_type: str) -> None:
     calib, test = pixels(8, 2), pixels(4, 3)
-    base = tiny_vision_model(model_type, seed=0)
+    base = outlier_vision_model(model_type)
     ref = features(base, test)
     arch = get_arch_spec(base.config.model_type)
 
-    rtn = tiny_vision_model(model_type, seed=0)
+    rtn = copy.deepcopy(base)
     quantize_rtn(rtn, arch, build_scheme(4, 4))
-    learned = tiny_vision_model(model_type, seed=0)
+    learned = copy.deepcopy(base)
     recipe = build_recipe("lrquant_plus", "fast", {"epochs": 3, "compile": False})
     reports = quantize_blockwise(learned, arch, build_scheme(4, 4), recipe, calib)
     assert len(reports) == len(arch.block_list(learned))
-    assert rel_err(features(learned, test), ref) < rel_err(features(rtn, test), ref)
+    learned_err, rtn_err = rel_err(features(learned, test), ref), rel_err(features(rtn, test), ref)
+    assert learned_err < 0.9 * rtn_err, (learned_err, rtn_err)  # observed 0.55-0.87 x RTN
 
-    identity = tiny_vision_model(model_type, seed=0)
+    identity = copy.deepcopy(base)
     quantize_blockwise(identity, arch, FP, build_recipe("lrquant_plus", "fast", {"epochs": 1}), calib)
     assert rel_err(features(identity, test), ref) < 1e-5
+
+
+def test_attention_matmul_inputs_are_quantized_when_asked() -> None:
+    x = pixels(2, 4)
+    outs = {}
+    for qkv, softmax in ((16, 16), (4, 16), (16, 4)):
+        model = tiny_vision_model("swin")  # relative position bias and shifted-window masks
+        quantize_rtn(model, get_arch_spec("swin"), build_scheme(16, 16, qkv_bits=qkv, softmax_bits=softmax))
+        outs[qkv, softmax] = features(model, x)
+    ref = features(tiny_vision_model("swin"), x)
+    assert rel_err(outs[16, 16], ref) < 1e-6
+    assert 1e-3 < rel_err(outs[4, 16], ref) < 0.5
+    assert 1e-4 < rel_err(outs[16, 4], ref) < 0.5  # 2x2 windows: 4 probabilities per row
+
+
+@pytest.mark.parametrize(
+    ("config_name", "tower"), [("clip", "CLIPVisionModel"), ("siglip", "SiglipVisionModel")]
+)
+def test_full_clip_and_siglip_checkpoints_load_their_vision_tower(tmp_path, config_name, tower) -> None:
+    import transformers
+
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2}
+    prefix = "CLIP" if config_name == "clip" else "Siglip"
+    config = getattr(transformers, f"{prefix}Config")(
+        text_config={**sizes, "vocab_size": 100, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
+        vision_config={**sizes, "image_size": 32, "patch_size": 8},
+    )
+    full = getattr(transformers, f"{prefix}Model")(config).eval()
+    full.save_pretrained(tmp_path / "full")
+    loaded = api.load_model(str(tmp_path / "full"))
+    assert type(loaded.model).__name__ == tower and loaded.arch.modality == "image"
+    x = pixels(1, 5)
+    assert rel_err(features(loaded.model, x), full.vision_model(pixel_values=x).last_hidden_state) < 1e-6
 
 
 def test_post_activation_bits_reach_the_mlp_output_linear_only() -> None:
@@ -197,3 +249,30 @@ def test_bad_calibration_folders_give_one_clear_line(vit_folder, tmp_path, capsy
     assert code == 2 and message in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("lrquant: error")]) == 1
     assert not out.exists()
+
+
+def test_quantize_head_rounds_the_classifier_and_survives_saving(vit_folder, tmp_path) -> None:
+    x = pixels(3, 6)
+    outs = {}
+    for head in (False, True):
+        out = tmp_path / f"head-{head}"
+        scheme = build_scheme(4, 16, head=head)
+        api.quantize(str(vit_folder), out, scheme, "rtn", run_eval=False)
+        loaded = api.load_model(str(out))
+        assert isinstance(loaded.model.classifier, QuantLinear) == head
+        assert loaded.model.classifier.weight.unique().numel() <= (16 * 3 if head else 10**9)
+        outs[head] = features(loaded.model, x)
+    assert rel_err(outs[True], outs[False]) > 1e-3
+
+
+def test_quantize_head_refuses_a_head_tied_to_the_embeddings(tmp_path, capsys) -> None:
+    from lrquant.models.tiny import save_tiny_model
+
+    model = save_tiny_model("gemma2", tmp_path / "gemma2")  # ties lm_head to the embeddings
+    code = main(
+        ["quantize", "--model", str(model), "--output", str(tmp_path / "out"), "--method", "rtn",
+         "--quantize-head", "--no-eval"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "shares its weight with the input embeddings" in err
+    assert not (tmp_path / "out").exists()

@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="bits of the MLP activation output, the input of its second linear (default: --abits)",
     )
     q.add_argument(
+        "--quantize-head",
+        action="store_true",
+        help="also quantize the LM head or classifier, round-to-nearest (default: full precision)",
+    )
+    q.add_argument(
         "--calib-data",
         default=None,
         help="calibration data: text as for --eval-data (default: wikipedia:train), or images: a "
@@ -168,6 +173,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         qkv_bits=args.qkv_bits,
         softmax_bits=args.softmax_bits,
         post_act_bits=args.post_act_bits,
+        head=args.quantize_head,
     )
     report = api.quantize(
         args.model,

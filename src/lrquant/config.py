@@ -67,7 +67,8 @@ class QuantScheme(BaseModel):
     """The whole model's quantization settings: weights, linear inputs and attention tensors.
 
     ``post_act``, when set, replaces ``activation`` for the input of the MLP's second linear
-    (the GELU/SiLU output: the hardest activation of vision transformers).
+    (the GELU/SiLU output: the hardest activation of vision transformers). ``head`` also
+    quantizes the output head (LM head or classifier; round-to-nearest, it is not learned).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -77,6 +78,7 @@ class QuantScheme(BaseModel):
     qkv: QuantSpec = QuantSpec(bits=FULL_PRECISION_BITS, granularity="token")
     softmax: QuantSpec = QuantSpec(bits=FULL_PRECISION_BITS, granularity="token")
     post_act: QuantSpec | None = None
+    head: bool = False
 
     @property
     def mlp_out_activation(self) -> QuantSpec:
@@ -110,6 +112,7 @@ def build_scheme(
     qkv_bits: int | None = None,
     softmax_bits: int = FULL_PRECISION_BITS,
     post_act_bits: int | None = None,
+    head: bool = False,
 ) -> QuantScheme:
     """Build a scheme from flat settings, as the command line gives them.
 
@@ -134,6 +137,7 @@ def build_scheme(
         post_act=None
         if post_act_bits is None
         else _spec("post_act", bits=post_act_bits, symmetric=a_symmetric, granularity="token"),
+        head=head,
     )
 
 

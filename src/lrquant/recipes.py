@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lrquant.config import describe_validation_error
@@ -37,7 +38,7 @@ class Recipe(BaseModel):
     batch_size: int = Field(1, ge=1)
     lr_transform: float = Field(5e-3, gt=0)
     lr_clipping: float = Field(1e-2, gt=0)
-    bf16: bool = True
+    bf16: bool | Literal["auto"] = "auto"  # bf16 autocast while learning; auto: where matmuls are native
     compile: bool = True  # fuse fake quantization with torch.compile while learning (eager if unavailable)
     max_retries: int = Field(3, ge=0)
 
@@ -60,6 +61,26 @@ PRESETS: dict[str, dict] = {
     "default": dict(nsamples=64, epochs=4),
     "paper": dict(nsamples=128, epochs=20, bf16=False),
 }
+
+
+def fast_bf16(device: str) -> bool:
+    """Whether bf16 matmuls run natively on ``device`` ("cpu" or "cuda").
+
+    On a CPU without AMX or AVX-512 BF16 they are emulated and 50-100x slower than fp32 (measured:
+    a 257x384x1536 product takes 230 ms in bf16 against 3.5 ms in fp32 on an AVX2-only Xeon);
+    with AMX they are about 7x faster than fp32.
+    """
+    if device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return any(
+        bool(getattr(torch.cpu, probe, lambda: False)())
+        for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    )
+
+
+def use_bf16(recipe: Recipe, device: str) -> bool:
+    """The recipe's bf16 switch, with ``auto`` decided by :func:`fast_bf16`."""
+    return fast_bf16(device) if recipe.bf16 == "auto" else bool(recipe.bf16)
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:

@@ -46,6 +46,7 @@ class ArchSpec:
     stages (Swin); ``transition`` then names the stage's module that runs after its last block
     (Swin's patch merging), kept in full precision. ``mlp_out`` names the linear that reads the
     MLP's activation function output (GELU/SiLU), whose input can get its own activation bits.
+    ``heads`` names the output heads (relative to the model) that ``--quantize-head`` quantizes.
     """
 
     model_types: tuple[str, ...]
@@ -62,6 +63,7 @@ class ArchSpec:
     modality: Modality = "text"
     cls_token: bool = False
     transition: str | None = None
+    heads: tuple[str, ...] = ("lm_head",)
 
     def named_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """Every transformer block in execution order, with its name relative to the model."""
@@ -180,6 +182,7 @@ def _vit_like(
         modality="image",
         cls_token=cls_token,
         transition=transition,
+        heads=("classifier",),
         smooth_pairs=(
             SmoothPair("qkv", norms[0], (q, k, v)),
             SmoothPair("mlp_in", norms[1], ("mlp.fc1",)),

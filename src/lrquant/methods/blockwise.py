@@ -31,9 +31,9 @@ from lrquant.console import log
 from lrquant.errors import LrquantError
 from lrquant.methods import losses
 from lrquant.methods.capture import capture_block_inputs, capture_block_kwargs, run_block
-from lrquant.quant.apply import attach_block_quantizers, use_quantized_attention
+from lrquant.quant.apply import attach_block_quantizers, attach_head_quantizers, use_quantized_attention
 from lrquant.quant.quantizer import compiled_quantizer
-from lrquant.recipes import Recipe
+from lrquant.recipes import Recipe, use_bf16
 from lrquant.transforms.block import (
     AttentionLayout,
     BlockTransforms,
@@ -151,7 +151,7 @@ def training_step(
     """One optimizer step on one batch; returns the unweighted loss, or None (and no update) if
     the loss is not finite."""
     device = "cpu" if inputs.device.type == "cpu" else "cuda"
-    with torch.autocast(device, torch.bfloat16, recipe.bf16):
+    with torch.autocast(device, torch.bfloat16, use_bf16(recipe, device)):
         out = block(inputs, **kwargs)
     out = (out[0] if isinstance(out, tuple) else out).float()
     loss, raw = _loss(out, targets, recipe, weighting)
@@ -272,6 +272,7 @@ def quantize_blockwise(
         bar.set_postfix(block=index, cos=f"{report.cosine:.4f}")
         _log_block(report, len(blocks), time.perf_counter() - run_start, index - first + 1)
     bar.close()
+    attach_head_quantizers(model, arch, scheme)  # round-to-nearest, when the scheme asks for it
     return reports
 
 

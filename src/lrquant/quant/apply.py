@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from lrquant.arch import ArchSpec
 from lrquant.config import QuantScheme
+from lrquant.errors import LrquantError
 from lrquant.quant.attention import ATTR, AttentionQuant, base_implementation, quantized_implementation
 from lrquant.quant.linear import QuantLinear
 
@@ -24,13 +25,52 @@ def attach_quantizers(
     """Swap every linear inside the transformer blocks for a :class:`QuantLinear` and make the
     attention modules quantize Q, K, V (and optionally the softmax output).
 
-    Embeddings (patch embeddings too), the final norm and the LM or classifier head stay in full
-    precision. ``weights_on_grid`` marks
+    Embeddings (patch embeddings too) and the final norm stay in full precision; so does the LM or
+    classifier head unless ``scheme.head``. ``weights_on_grid`` marks
     weights as already quantized (a saved quantized checkpoint), so they are used as stored.
     """
     for block in arch.block_list(model):
         attach_block_quantizers(block, arch, scheme, weights_on_grid)
+    attach_head_quantizers(model, arch, scheme, weights_on_grid)
     use_quantized_attention(model)
+
+
+def head_linears(model: nn.Module, arch: ArchSpec) -> list[tuple[str, nn.Linear]]:
+    """The model's output heads that are linear layers (a backbone has none)."""
+    found = []
+    for name in arch.heads:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.Linear):
+            found.append((name, module))
+    return found
+
+
+def attach_head_quantizers(
+    model: nn.Module, arch: ArchSpec, scheme: QuantScheme, weights_on_grid: bool = False
+) -> None:
+    """With ``scheme.head``, quantize the output heads like block linears (their weights rounded to
+    nearest unless already on the grid). A head tied to the input embeddings is refused: rounding
+    it would round the embeddings too."""
+    if not scheme.head:
+        return
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for name, linear in head_linears(model, arch):
+        if isinstance(linear, QuantLinear):
+            continue
+        if isinstance(embeddings, nn.Embedding) and linear.weight is embeddings.weight:
+            raise LrquantError(
+                f"'{name}' shares its weight with the input embeddings: it cannot be quantized "
+                "alone; leave out --quantize-head"
+            )
+        qlinear = QuantLinear(linear, scheme.weight, scheme.activation)
+        if weights_on_grid:
+            qlinear.weight_frozen = True
+        else:
+            qlinear.freeze_weight()
+        replace_module(model, name, qlinear)
 
 
 def attach_block_quantizers(
@@ -53,6 +93,9 @@ def use_quantized_attention(model: nn.Module) -> None:
 
 def detach_quantizers(model: nn.Module, arch: ArchSpec) -> None:
     """Undo :func:`attach_quantizers`, keeping whatever weights the linears hold now."""
+    for name, head in head_linears(model, arch):
+        if isinstance(head, QuantLinear):
+            replace_module(model, name, head.to_linear())
     for block in arch.block_list(model):
         for name, child in list(block.named_modules()):
             if isinstance(child, QuantLinear):
@@ -64,8 +107,11 @@ def detach_quantizers(model: nn.Module, arch: ArchSpec) -> None:
 
 
 def quant_linears(model: nn.Module, arch: ArchSpec) -> Iterator[tuple[str, QuantLinear]]:
-    """Every quantized linear in the blocks, with its name relative to the model."""
+    """Every quantized linear in the blocks (and heads), with its name relative to the model."""
     for prefix, block in arch.named_blocks(model):
         for name, child in block.named_modules():
             if isinstance(child, QuantLinear):
                 yield f"{prefix}.{name}", child
+    for name, head in head_linears(model, arch):
+        if isinstance(head, QuantLinear):
+            yield name, head
