@@ -62,7 +62,7 @@ def run_one(job: dict) -> dict:
     blocks = []
     if job["method"] == "autoround":
         calibration = calibration_data(loaded, data, PRESETS[job["preset"]]["nsamples"])
-        _autoround(loaded, SETTINGS[job["setting"]], calibration, job["seed"])
+        _autoround(loaded, SETTINGS[job["setting"]], calibration, job["seed"], job["overrides"])
     elif job["setting"] != "FP":
         recipe = build_recipe(job["method"], job["preset"], parse_overrides(job["overrides"]))
         calibration = None if job["method"] == "rtn" else calibration_data(loaded, data, recipe.nsamples)
@@ -84,10 +84,13 @@ def run_one(job: dict) -> dict:
     }
 
 
-def _autoround(loaded, setting: dict, calibration, seed: int) -> None:
-    """Quantize ``loaded.model`` in place with auto-round's defaults at a weight-only ``setting``."""
+def _autoround(loaded, setting: dict, calibration, seed: int, overrides: list[str]) -> None:
+    """Quantize ``loaded.model`` in place with auto-round at a weight-only ``setting``: its defaults,
+    with ``overrides`` (``iters=64``, ``batch_size=1``: integers, floats or booleans) on top."""
     import torch
     from auto_round import AutoRound
+
+    from lrquant.recipes import parse_overrides
 
     if setting.get("abits", 16) != 16 or "group_size" not in setting:
         sys.exit("autoround: only group-wise weight-only settings (e.g. W4A16g64) are compared")
@@ -108,6 +111,7 @@ def _autoround(loaded, setting: dict, calibration, seed: int) -> None:
         seqlen=calibration.shape[1],
         seed=seed,
         device_map="cpu",
+        **{key: _literal(value) for key, value in parse_overrides(overrides).items()},
     )
     tuner.quantize()
     # auto-round's "fake" export wrote unquantized weights in 0.16.1: check the model we score.
@@ -119,6 +123,18 @@ def _autoround(loaded, setting: dict, calibration, seed: int) -> None:
         distinct = max(row.unique().numel() for row in weight.reshape(-1, group))
         if distinct > 2**bits:
             sys.exit(f"autoround: {name} has {distinct} values in a group of {group}, not a {bits}-bit grid")
+
+
+def _literal(value: str) -> int | float | bool | str:
+    """``"64"`` -> 64, ``"1e-3"`` -> 0.001, ``"false"`` -> False; anything else stays a string."""
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def load_rows(name: str) -> list[dict]:
@@ -177,6 +193,13 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="table")
+    parser.add_argument(
+        "--autoround",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="auto-round arguments over its defaults, e.g. iters=64 batch_size=1 (autoround jobs only)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -196,7 +219,7 @@ def main() -> None:
             method=method,
             setting=setting,
             preset=args.preset,
-            overrides=args.overrides,
+            overrides=args.autoround if method == "autoround" else args.overrides,
             seqlen=args.seqlen,
             windows=args.windows,
             seed=args.seed,
@@ -229,6 +252,8 @@ def main() -> None:
         f"transformers {transformers.__version__}"
     )
     extra = f"; overrides {' '.join(args.overrides)}" if args.overrides else ""
+    if args.autoround and "autoround" in args.methods:
+        extra += f"; auto-round {' '.join(args.autoround)} over its defaults"
     lines = [
         f"Model `{args.model}`; calibration `wikipedia:train`, preset `{args.preset}`{extra}; perplexity on "
         f"`wikipedia:test`, {args.windows} windows x {args.seqlen} tokens; seed {args.seed}; {machine}.",

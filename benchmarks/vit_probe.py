@@ -57,22 +57,33 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _key(row: dict) -> tuple:
-    return (row["model"], row["method"], row["setting"], row["preset"], tuple(row["overrides"]), row["seed"])
+    return (
+        row["model"],
+        row["method"],
+        row["setting"],
+        row["preset"],
+        tuple(row["overrides"]),
+        row["seed"],
+        row.get("eval", EVAL),
+    )
 
 
 def _cell(row: dict, set_name: str, metric: str) -> str:
-    value = row["images"][set_name][metric]
+    value = row["images"].get(set_name, {}).get(metric)
+    if value is None:
+        return "-"
     return f"{value:.4f}" if metric == "cosine" else f"{value:.1f}"
 
 
 def _table(rows: list[dict]) -> list[str]:
     lines = [
-        "| method | setting | photo cosine | digits probe % | digits cosine | lfw probe % | seconds |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| method | setting | overrides | photo cosine | digits probe % | digits cosine | lfw probe % | s |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['method']} | {row['setting']} | {_cell(row, 'photos:heldout', 'cosine')} | "
+            f"| {row['method']} | {row['setting']} | {' '.join(row['overrides']) or '-'} | "
+            f"{_cell(row, 'photos:heldout', 'cosine')} | "
             f"{_cell(row, 'digits@112', 'probe_accuracy')} | {_cell(row, 'digits@112', 'cosine')} | "
             f"{_cell(row, 'lfw@112', 'probe_accuracy')} | {row['quantize_s']:.0f} |"
         )
@@ -86,28 +97,39 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="run every method once per variant (overrides on top of --set), e.g. rotation=false epochs=0",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="vit_fast")
+    parser.add_argument("--eval", default=EVAL, help=f"evaluation sets (default: {EVAL})")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
     path = RESULTS / f"{args.name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     done = {_key(r) for r in _rows(path)}
-    data = DataSettings(eval=EVAL, seed=args.seed)
+    data = DataSettings(eval=args.eval, seed=args.seed)
     loaded = load_model(args.model)
-    sets = image_eval.load_eval_sets(EVAL, loaded.preprocess, args.seed)
+    sets = image_eval.load_eval_sets(args.eval, loaded.preprocess, args.seed)
     reference = image_eval.reference_outputs(loaded.model, loaded.arch, sets)
     calibration = calibration_data(loaded, data.for_model(loaded), 32)
-    jobs = [("fp", "FP")] + [(m, s) for s in args.settings for m in args.methods]
-    for method, setting in jobs:
+    variants = [v.split(",") for v in args.variants] if args.variants else [[]]
+    jobs = [("fp", "FP", [])] + [(m, s, v) for s in args.settings for v in variants for m in args.methods]
+    for method, setting, variant in jobs:
+        overrides = sorted(args.overrides + variant) if method != "fp" else []
         job = {
             "model": args.model,
             "method": method,
             "setting": setting,
             "preset": args.preset,
-            "overrides": sorted(args.overrides) if method != "fp" else [],
+            "overrides": overrides,
             "seed": args.seed,
+            "eval": args.eval,
         }
         if _key(job) in done:
             continue
@@ -116,7 +138,7 @@ def main() -> None:
         start = time.perf_counter()
         blocks: list[dict] = []
         if method != "fp":
-            recipe = build_recipe(method, args.preset, {**parse_overrides(args.overrides), "nsamples": 32})
+            recipe = build_recipe(method, args.preset, {**parse_overrides(overrides), "nsamples": 32})
             scheme = build_scheme(**SETTINGS[setting])
             blocks = apply_method(loaded, scheme, method, recipe, None if method == "rtn" else calibration)
         quantize_s = time.perf_counter() - start
@@ -137,7 +159,7 @@ def main() -> None:
     rows = [r for r in _rows(path) if r["model"] == args.model and r["preset"] == args.preset]
     info = (
         f"Model `{args.model}`; calibration: 32 seeded crops of the built-in photos at "
-        f"{calibration.shape[-1]} px, preset `{args.preset}`; evaluation {EVAL}; seed {args.seed}; "
+        f"{calibration.shape[-1]} px, preset `{args.preset}`; evaluation {args.eval}; seed {args.seed}; "
         f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}."
     )
     (RESULTS / f"{args.name}.md").write_text("\n".join([info, "", *_table(rows)]) + "\n")

@@ -28,7 +28,7 @@ from lrquant.data.images import (
     to_rgb,
 )
 from lrquant.errors import LrquantError
-from lrquant.eval.vision import LinearProbe, feature_cosine, fit_probe, probe_accuracy, top1
+from lrquant.eval.vision import LinearProbe, feature_cosine, probe_accuracy, top1
 
 
 def _save(path: Path, color: tuple[int, int, int] = (10, 20, 30), size: tuple[int, int] = (12, 10)) -> Path:
@@ -376,14 +376,14 @@ def _separable(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_linear_probe_separable_and_noise() -> None:
     train, train_labels = _separable(150, seed=0)
     test, test_labels = _separable(90, seed=0)
-    probe = fit_probe(train, train_labels)
+    probe = LinearProbe.fit(train, train_labels)
     assert isinstance(probe, LinearProbe)
     assert probe.accuracy(train, train_labels) == 100.0
     assert probe.accuracy(test, test_labels) == 100.0
     assert probe.predict(test).shape == (90,)
     noise = torch.randn(test.shape, generator=torch.Generator().manual_seed(1)) * test.std(dim=0) * 3
     assert probe.accuracy(test + noise, test_labels) < 90.0
-    again = fit_probe(train, train_labels, seed=5)
+    again = LinearProbe.fit(train, train_labels)  # deterministic: zero start, full batch
     assert torch.equal(again.weight, probe.weight)
     assert probe_accuracy(train, train_labels, test, test_labels) == 100.0
 
@@ -391,7 +391,7 @@ def test_linear_probe_separable_and_noise() -> None:
 def test_linear_probe_errors() -> None:
     features = torch.randn(6, 4)
     with pytest.raises(LrquantError, match="at least two classes"):
-        fit_probe(features, torch.zeros(6, dtype=torch.long))
-    probe = fit_probe(features, torch.tensor([0, 1, 0, 1, 0, 1]))
+        LinearProbe.fit(features, torch.zeros(6, dtype=torch.long))
+    probe = LinearProbe.fit(features, torch.tensor([0, 1, 0, 1, 0, 1]))
     with pytest.raises(LrquantError, match="trained on 4"):
         probe.accuracy(torch.randn(6, 5), torch.zeros(6, dtype=torch.long))

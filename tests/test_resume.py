@@ -149,3 +149,27 @@ def test_cli_interrupt_exits_130_with_a_resume_hint(
     assert "interrupted" in err and "rerun the same command to resume" in err
     assert not out.exists()
     assert json.loads((_resume_folder(out) / META).read_text())["done"] == 2
+
+
+def test_swin_resumes_across_the_patch_merging_between_stages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interrupted after the last block of Swin's first stage: the saved chain is the input of the
+    next stage (after the patch merging), and the resumed run equals an uninterrupted one."""
+    from lrquant.models.tiny_vision import save_tiny_vision_model
+
+    model = save_tiny_vision_model("swin", tmp_path / "swin", num_layers=2)
+    data = api.DataSettings(calib="photos", nsamples=4)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    _run(model, whole, data)
+    with monkeypatch.context() as patch:
+        _interrupt_after_block(patch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            _run(model, resumed, data)
+    chain = load_file(_resume_folder(resumed) / "chain.safetensors")
+    assert all(t.shape[1:] == (16, 64) for t in chain.values())  # stage 2: a 4x4 grid of 64 channels
+    _run(model, resumed, data)
+    expected, got = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key

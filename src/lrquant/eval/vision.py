@@ -146,21 +146,6 @@ class LinearProbe:
         return top1(self.logits(features), labels)
 
 
-def fit_probe(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    seed: int = 0,
-    weight_decay: float = 1e-3,
-    max_iter: int = 500,
-) -> LinearProbe:
-    """``LinearProbe.fit``; ``seed`` is accepted for a uniform call signature but changes nothing.
-
-    The fit has no randomness (zero start, full batch, deterministic float64 maths).
-    """
-    del seed
-    return LinearProbe.fit(features, labels, weight_decay=weight_decay, max_iter=max_iter)
-
-
 def probe_accuracy(
     train_fp: torch.Tensor,
     train_labels: torch.Tensor,
