@@ -276,3 +276,20 @@ def test_quantize_head_refuses_a_head_tied_to_the_embeddings(tmp_path, capsys) -
     err = capsys.readouterr().err
     assert code == 2 and "shares its weight with the input embeddings" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_best_initialisation_keeps_the_lower_calibration_loss() -> None:
+    """smoothing=best tries LAE and SmoothQuant scales per block and keeps the lower loss: with MSE
+    alone and untrained, block 0 ends exactly as good as the better of the two."""
+    calib = pixels(8, 7)  # all 8 samples are the search samples
+    arch = get_arch_spec("vit")
+    reports = {}
+    for how in ("lae", "smoothquant", "best"):
+        model = outlier_vision_model("vit")
+        recipe = build_recipe("lrquant_plus", "fast", {"smoothing": how, "epochs": 0, "nlc": False})
+        reports[how] = quantize_blockwise(model, arch, build_scheme(4, 4), recipe, calib)[0]
+    chosen = reports["best"].init
+    assert chosen in ("lae", "smoothquant") and reports["lae"].init is None
+    assert reports["best"].mse == pytest.approx(reports[chosen].mse, rel=1e-5)
+    assert reports["best"].mse == pytest.approx(min(reports["lae"].mse, reports["smoothquant"].mse), rel=1e-5)
+    assert reports["lae"].mse != pytest.approx(reports["smoothquant"].mse, rel=1e-3)  # a real choice

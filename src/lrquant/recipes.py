@@ -22,7 +22,8 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     learn: bool = True
-    smoothing: Literal["lae", "smoothquant", "ones"] | None = "lae"
+    # "best": per block, whichever of LAE and SmoothQuant (alpha) gives the lower calibration loss
+    smoothing: Literal["lae", "smoothquant", "ones", "best"] | None = "lae"
     alpha: float = Field(0.5, ge=0.0, le=1.0)
     shifts: Literal["auto", "on", "off"] = "auto"
     qk_smoothing: bool = True

@@ -35,6 +35,7 @@ from lrquant.quant.apply import attach_block_quantizers, attach_head_quantizers,
 from lrquant.quant.quantizer import compiled_quantizer
 from lrquant.recipes import Recipe, use_bf16
 from lrquant.transforms.block import (
+    SEARCHED_INITS,
     AttentionLayout,
     BlockTransforms,
     ChannelStats,
@@ -55,6 +56,7 @@ class BlockReport:
     seconds: float = 0.0
     retries: int = 0
     lr_scale: float = 1.0
+    init: str | None = None  # the initialisation chosen by smoothing="best"
 
 
 @dataclass
@@ -209,6 +211,31 @@ def _train_block(
     report.retries, report.lr_scale = recipe.max_retries + 1, 0.0
 
 
+INIT_SEARCH_SAMPLES = 8
+
+
+@torch.no_grad()
+def _choose_init(
+    block: nn.Module,
+    bt: BlockTransforms,
+    inputs: torch.Tensor,
+    targets: list[torch.Tensor],
+    kwargs: dict,
+    recipe: Recipe,
+) -> str:
+    """Try each candidate initialisation of the smoothing scales; keep the one whose quantized
+    block has the lowest unweighted loss on the first calibration samples."""
+    n = min(INIT_SEARCH_SAMPLES, inputs.shape[0])
+    scores = {}
+    for how in SEARCHED_INITS:
+        bt.use_init(how)
+        out = run_block(block, inputs[:n], kwargs, recipe.batch_size)
+        scores[how] = _loss(out, [t[:n] for t in targets], recipe, None)[1]
+    best = min(scores, key=scores.__getitem__)
+    bt.use_init(best)
+    return best
+
+
 def quantize_blockwise(
     model: nn.Module,
     arch: ArchSpec,
@@ -251,6 +278,9 @@ def quantize_blockwise(
         bt = attach_block_transforms(block, arch, layout, stats, options, scheme.weight)
         targets = [t for t, on in ((fp_out, recipe.error_propagation), (hom_out, recipe.homologous)) if on]
         learn = recipe.learn and targets and (bt.smoothing_parameters() or bt.clipping_parameters())
+        if bt.inits and targets:
+            with compiled_quantizer(bool(learn) and recipe.compile):
+                report.init = _choose_init(block, bt, state.quant, targets, kwargs, recipe)
         # Folding and the quantized chain use the same (compiled or eager) quantizer as training,
         # so the finished block computes what the last training step computed.
         with compiled_quantizer(bool(learn) and recipe.compile):
@@ -289,6 +319,7 @@ def _log_block(report: BlockReport, total: int, elapsed: float, done_now: int) -
     left = elapsed / done_now * (total - report.index - 1)
     loss = f", loss {report.losses[0]:.4g} -> {report.losses[-1]:.4g}" if report.losses else ""
     retry = f", {report.retries} retries (lr x{report.lr_scale:g})" if report.retries else ""
+    retry += f", init {report.init}" if report.init else ""
     log(
         f"block {report.index + 1}/{total}: cosine {report.cosine:.5f}{loss}{retry}, "
         f"{report.seconds:.1f} s, about {left / 60:.1f} min left"

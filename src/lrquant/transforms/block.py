@@ -27,7 +27,8 @@ from lrquant.transforms.smoothing import (
 )
 from lrquant.transforms.weight import LearnableClipping, WeightTransform
 
-ScaleInit = Literal["lae", "smoothquant", "ones"]
+ScaleInit = Literal["lae", "smoothquant", "ones", "best"]
+SEARCHED_INITS: tuple[str, ...] = ("lae", "smoothquant")
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,14 @@ class BlockTransforms(nn.Module):
         self.factors = nn.ModuleDict()
         self.clipping = nn.ModuleDict()
         self.rotation = nn.ParameterDict()
+        # smoothing="best": each pair's candidate initial scales, by initialisation name
+        self.inits: dict[str, dict[str, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def use_init(self, how: str) -> None:
+        """Set every smoothing pair's scale to its ``how`` candidate (see ``smoothing="best"``)."""
+        for name, candidates in self.inits.items():
+            self.factors[name].scale.copy_(candidates[how])
 
     def smoothing_parameters(self) -> list[nn.Parameter]:
         """Scales, shifts and rotation vectors (trained at the transform learning rate)."""
@@ -121,7 +130,7 @@ def _key(name: str) -> str:
 def _init_scale(
     how: ScaleInit, act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float
 ) -> torch.Tensor:
-    if how == "lae":
+    if how in ("lae", "best"):  # "best" starts from LAE; the learner then tries each candidate
         return log_activation_equivalent(act_absmax)
     if how == "smoothquant":
         return smoothquant_scale(act_absmax, weight_absmax, alpha)
@@ -173,6 +182,10 @@ def _wire_pair(block, pair: SmoothPair, arch, layout, stat, options, linears, tr
     shift = mid if options.shifts else None
     factor = SmoothingFactor(_init_scale(options.smoothing, act_absmax, weight_absmax, options.alpha), shift)
     bt.factors[pair.name] = factor
+    if options.smoothing == "best":
+        bt.inits[pair.name] = {
+            how: _init_scale(how, act_absmax, weight_absmax, options.alpha) for how in SEARCHED_INITS
+        }
     spread = layout.kv_to_query if pair.kind == "linear" else (lambda v: v)
     for target in pair.targets:
         transforms[target].col_scale.append(lambda f=factor: spread(f.value()))
