@@ -73,7 +73,7 @@ def run_one(job: dict) -> dict:
     ppl = perplexity(loaded.model, windows)
     return {
         **job,
-        "commit": _commit(),
+        "commit": code_version(),
         "perplexity": ppl,
         "quantize_s": round(quantize_s, 1),
         "eval_s": round(time.perf_counter() - start, 1),
@@ -169,7 +169,7 @@ def _pivot(rows: list[dict]) -> list[str]:
     return out
 
 
-def _commit() -> str:
+def code_version() -> str:
     """The checked-out commit (with "+dirty" for uncommitted changes), so every row names its code."""
     here = Path(__file__).parent
 

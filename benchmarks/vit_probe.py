@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import time
-from pathlib import Path
 
 import torch
+from llm_ppl import RESULTS, code_version, load_rows
 
 from lrquant.api import DataSettings, apply_method, calibration_data, peak_rss_mb
 from lrquant.config import build_scheme
@@ -28,7 +27,6 @@ from lrquant.eval import images as image_eval
 from lrquant.models.loading import load_model
 from lrquant.recipes import build_recipe, parse_overrides
 
-RESULTS = Path(__file__).parent / "results"
 SETTINGS: dict[str, dict] = {
     "W8A8": {"wbits": 8, "abits": 8},
     "W6A6": {"wbits": 6, "abits": 6},
@@ -38,22 +36,6 @@ SETTINGS: dict[str, dict] = {
 }
 EVAL = "photos:heldout,digits@112,lfw@112"
 METRICS = (("photos:heldout", "cosine"), ("digits@112", "probe_accuracy"), ("lfw@112", "probe_accuracy"))
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _rows(path: Path) -> list[dict]:
-    return (
-        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    )
 
 
 def _key(row: dict) -> tuple:
@@ -112,7 +94,7 @@ def main() -> None:
 
     path = RESULTS / f"{args.name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = {_key(r) for r in _rows(path)}
+    done = {_key(r) for r in load_rows(args.name)}
     data = DataSettings(eval=args.eval, seed=args.seed)
     loaded = load_model(args.model)
     sets = image_eval.load_eval_sets(args.eval, loaded.preprocess, args.seed)
@@ -144,7 +126,7 @@ def main() -> None:
         quantize_s = time.perf_counter() - start
         row = {
             **job,
-            "commit": _commit(),
+            "commit": code_version(),
             "images": image_eval.score(loaded.model, loaded.arch, sets, reference),
             "quantize_s": round(quantize_s, 1),
             "calibration_images": calibration.shape[0],
@@ -156,7 +138,7 @@ def main() -> None:
             fh.write(json.dumps(row) + "\n")
         print(" | ".join(_table([row])[-1:]), flush=True)
 
-    rows = [r for r in _rows(path) if r["model"] == args.model and r["preset"] == args.preset]
+    rows = [r for r in load_rows(args.name) if r["model"] == args.model and r["preset"] == args.preset]
     info = (
         f"Model `{args.model}`; calibration: 32 seeded crops of the built-in photos at "
         f"{calibration.shape[-1]} px, preset `{args.preset}`; evaluation {args.eval}; seed {args.seed}; "

@@ -186,12 +186,10 @@ def _evaluate_images(
     loaded: LoadedModel, data: DataSettings, reference: str | None, trust_remote_code: bool
 ) -> dict[str, dict]:
     sets = image_eval.load_eval_sets(data.eval, _preprocess(loaded, data), data.seed)
-    ref_model = loaded
-    if reference is not None:
-        ref_model = load_model(reference, trust_remote_code=trust_remote_code)
+    if reference is None:  # the model scored against itself
+        return image_eval.reference_metrics(loaded.model, loaded.arch, sets, data.batch_size)[1]
+    ref_model = load_model(reference, trust_remote_code=trust_remote_code)
     ref = image_eval.reference_outputs(ref_model.model, ref_model.arch, sets, data.batch_size)
-    if ref_model is loaded:
-        return image_eval.metrics(sets, ref, ref.outputs, image_eval.is_classifier(loaded.model))
     return image_eval.score(loaded.model, loaded.arch, sets, ref, data.batch_size)
 
 
@@ -347,13 +345,13 @@ def _evaluation_stages(loaded: LoadedModel, data: DataSettings):
     """Two functions: score the model now (full precision, also the reference) and after quantizing."""
     if loaded.arch.modality == "image":
         sets = image_eval.load_eval_sets(data.eval, _preprocess(loaded, data), data.seed)
-        classifier = image_eval.is_classifier(loaded.model)
         ref: list[image_eval.Reference] = []
 
         def fp() -> dict:
             log(f"full-precision outputs on {', '.join(s.name for s in sets)}")
-            ref.append(image_eval.reference_outputs(loaded.model, loaded.arch, sets, data.batch_size))
-            return image_eval.metrics(sets, ref[0], ref[0].outputs, classifier)
+            reference, own = image_eval.reference_metrics(loaded.model, loaded.arch, sets, data.batch_size)
+            ref.append(reference)
+            return own
 
         def quantized() -> dict:
             return image_eval.score(loaded.model, loaded.arch, sets, ref[0], data.batch_size)

@@ -160,9 +160,9 @@ def _gemma(*model_types: str, qk_norm: bool) -> ArchSpec:
 def _vit_like(
     *model_types: str,
     blocks: tuple[str, ...],
-    norms: tuple[str, str],
-    attention: str,
-    out_proj: str,
+    norms: tuple[str, str] = ("layernorm_before", "layernorm_after"),
+    attention: str = "attention",
+    out_proj: str = "o_proj",
     cls_token: bool = True,
     transition: str | None = None,
 ) -> ArchSpec:
@@ -192,27 +192,8 @@ def _vit_like(
 
 
 _VISION_SPECS: tuple[ArchSpec, ...] = (
-    _vit_like(
-        "vit",
-        blocks=("vit.layers", "layers"),
-        norms=("layernorm_before", "layernorm_after"),
-        attention="attention",
-        out_proj="o_proj",
-    ),
-    _vit_like(
-        "deit",
-        blocks=("deit.layers", "layers"),
-        norms=("layernorm_before", "layernorm_after"),
-        attention="attention",
-        out_proj="o_proj",
-    ),
-    _vit_like(
-        "dinov2",
-        blocks=("dinov2.encoder.layer", "encoder.layer"),
-        norms=("norm1", "norm2"),
-        attention="attention",
-        out_proj="o_proj",
-    ),
+    _vit_like("vit", "deit", blocks=("vit.layers", "deit.layers", "layers")),
+    _vit_like("dinov2", blocks=("dinov2.encoder.layer", "encoder.layer"), norms=("norm1", "norm2")),
     _vit_like(
         "clip_vision_model",
         "clip",
@@ -233,9 +214,6 @@ _VISION_SPECS: tuple[ArchSpec, ...] = (
     _vit_like(
         "swin",
         blocks=("swin.encoder.layers.*.blocks", "encoder.layers.*.blocks"),
-        norms=("layernorm_before", "layernorm_after"),
-        attention="attention",
-        out_proj="o_proj",
         cls_token=False,
         transition="downsample",
     ),

@@ -126,6 +126,15 @@ def reference_outputs(
     return Reference(outputs, train)
 
 
+def reference_metrics(
+    model: nn.Module, arch: ArchSpec, sets: list[EvalSet], batch_size: int = 16
+) -> tuple[Reference, dict[str, dict]]:
+    """Run the reference model over every set and score it against itself (cosine 1, its own
+    top-1 or probe accuracy): what the full-precision row of a table reports."""
+    reference = reference_outputs(model, arch, sets, batch_size)
+    return reference, metrics(sets, reference, reference.outputs, is_classifier(model))
+
+
 def score(
     model: nn.Module,
     arch: ArchSpec,

@@ -262,6 +262,9 @@ def quantize_blockwise(
     else:
         first, state = start
     options = transform_options(recipe, arch)
+    # The head (when asked for) runs after every block, so rounding it first changes no target;
+    # first, so that a head that cannot be quantized stops the run before any training.
+    attach_head_quantizers(model, arch, scheme)
     use_quantized_attention(model)
     reports = []
     run_start = time.perf_counter()
@@ -278,12 +281,11 @@ def quantize_blockwise(
         bt = attach_block_transforms(block, arch, layout, stats, options, scheme.weight)
         targets = [t for t, on in ((fp_out, recipe.error_propagation), (hom_out, recipe.homologous)) if on]
         learn = recipe.learn and targets and (bt.smoothing_parameters() or bt.clipping_parameters())
-        if bt.inits and targets:
-            with compiled_quantizer(bool(learn) and recipe.compile):
-                report.init = _choose_init(block, bt, state.quant, targets, kwargs, recipe)
         # Folding and the quantized chain use the same (compiled or eager) quantizer as training,
         # so the finished block computes what the last training step computed.
         with compiled_quantizer(bool(learn) and recipe.compile):
+            if bt.inits and targets:
+                report.init = _choose_init(block, bt, state.quant, targets, kwargs, recipe)
             if learn:
                 _train_block(block, bt, state, targets, kwargs, recipe, seed * 1000 + index, report, bar)
             with torch.no_grad():
@@ -302,7 +304,6 @@ def quantize_blockwise(
         bar.set_postfix(block=index, cos=f"{report.cosine:.4f}")
         _log_block(report, len(blocks), time.perf_counter() - run_start, index - first + 1)
     bar.close()
-    attach_head_quantizers(model, arch, scheme)  # round-to-nearest, when the scheme asks for it
     return reports
 
 

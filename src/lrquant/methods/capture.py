@@ -27,15 +27,14 @@ def call_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     Positional extras (Swin passes ``input_dimensions`` positionally) are named from the
     module's signature, so a recorded call can be replayed as ``module(hidden, **kwargs)``.
     """
-    params = list(inspect.signature(module.forward).parameters.values())
-    first = params[0].name if params else "hidden_states"
-    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    signature = inspect.signature(module.forward)
+    params = signature.parameters
+    first = next(iter(params), "hidden_states")
     out: dict = {}
-    for name, value in bound.items():
+    for name, value in signature.bind_partial(*args, **kwargs).arguments.items():
         if name == first:
             continue
-        kind = next(p.kind for p in params if p.name == name)
-        if kind is inspect.Parameter.VAR_KEYWORD:
+        if params[name].kind is inspect.Parameter.VAR_KEYWORD:
             out.update(value)
         else:
             out[name] = value
