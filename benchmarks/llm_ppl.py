@@ -171,7 +171,7 @@ def _pivot(rows: list[dict]) -> list[str]:
 
 def code_version() -> str:
     """The checked-out commit (with "+dirty" for uncommitted changes), so every row names its code."""
-    here = Path(__file__).parent
+    here = Path(__file__).parent.parent  # the repository root, where "src" is
 
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, check=False)
