@@ -50,11 +50,13 @@ def run_one(job: dict) -> dict:
 
     from lrquant.api import DataSettings, apply_method, calibration_data, evaluation_data, peak_rss_mb
     from lrquant.config import build_scheme
+    from lrquant.device import placed, resolve_device
     from lrquant.eval.perplexity import perplexity
     from lrquant.models.loading import load_model
     from lrquant.recipes import PRESETS, build_recipe, parse_overrides
 
     torch.manual_seed(job["seed"])
+    device = resolve_device(job.get("device", "cpu"))
     data = DataSettings(seqlen=job["seqlen"], eval_windows=job["windows"], seed=job["seed"])
     loaded = load_model(job["model"])
     windows = evaluation_data(loaded, data)
@@ -67,10 +69,11 @@ def run_one(job: dict) -> dict:
         recipe = build_recipe(job["method"], job["preset"], parse_overrides(job["overrides"]))
         calibration = None if job["method"] == "rtn" else calibration_data(loaded, data, recipe.nsamples)
         scheme = build_scheme(**SETTINGS[job["setting"]])
-        blocks = apply_method(loaded, scheme, job["method"], recipe, calibration, job["seed"])
+        blocks = apply_method(loaded, scheme, job["method"], recipe, calibration, job["seed"], device=device)
     quantize_s = time.perf_counter() - start
     start = time.perf_counter()
-    ppl = perplexity(loaded.model, windows)
+    with placed(loaded.model, device):
+        ppl = perplexity(loaded.model, windows)
     return {
         **job,
         "commit": code_version(),
@@ -78,10 +81,17 @@ def run_one(job: dict) -> dict:
         "quantize_s": round(quantize_s, 1),
         "eval_s": round(time.perf_counter() - start, 1),
         "peak_rss_mb": round(peak_rss_mb()),
+        **_peak_gpu(device),
         "eval_tokens": int(windows.numel()),
         "retries": sum(b["retries"] for b in blocks),
         "last_block_cosine": blocks[-1]["cosine"] if blocks else None,
     }
+
+
+def _peak_gpu(device) -> dict:
+    import torch
+
+    return {"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20)} if device.type == "cuda" else {}
 
 
 def _autoround(loaded, setting: dict, calibration, seed: int, overrides: list[str]) -> None:
@@ -193,6 +203,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="table")
+    parser.add_argument("--device", default="cpu", help="where blocks learn and the model is evaluated")
     parser.add_argument(
         "--autoround",
         action="append",
@@ -223,6 +234,8 @@ def main() -> None:
             seqlen=args.seqlen,
             windows=args.windows,
             seed=args.seed,
+            # rows of CPU runs carry no device (older rows keep matching)
+            **({"device": args.device} if args.device != "cpu" else {}),
         )
         row = find_row(done, job)
         if row is None:
@@ -251,6 +264,8 @@ def main() -> None:
         f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
         f"transformers {transformers.__version__}"
     )
+    if args.device != "cpu":
+        machine = f"{torch.cuda.get_device_name()} ({args.device}), " + machine
     extra = f"; overrides {' '.join(args.overrides)}" if args.overrides else ""
     if args.autoround and "autoround" in args.methods:
         extra += f"; auto-round {' '.join(args.autoround)} over its defaults"

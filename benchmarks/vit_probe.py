@@ -23,6 +23,7 @@ from llm_ppl import RESULTS, code_version, load_rows
 
 from lrquant.api import DataSettings, apply_method, calibration_data, peak_rss_mb
 from lrquant.config import build_scheme
+from lrquant.device import placed, resolve_device
 from lrquant.eval import images as image_eval
 from lrquant.models.loading import load_model
 from lrquant.recipes import build_recipe, parse_overrides
@@ -47,6 +48,7 @@ def _key(row: dict) -> tuple:
         tuple(row["overrides"]),
         row["seed"],
         row.get("eval", EVAL),
+        row.get("device", "cpu"),
     )
 
 
@@ -87,6 +89,7 @@ def main() -> None:
         help="run every method once per variant (overrides on top of --set), e.g. rotation=false epochs=0",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where blocks learn and the model is evaluated")
     parser.add_argument("--name", default="vit_fast")
     parser.add_argument("--eval", default=EVAL, help=f"evaluation sets (default: {EVAL})")
     args = parser.parse_args()
@@ -96,9 +99,11 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     done = {_key(r) for r in load_rows(args.name)}
     data = DataSettings(eval=args.eval, seed=args.seed)
+    device = resolve_device(args.device)
     loaded = load_model(args.model)
     sets = image_eval.load_eval_sets(args.eval, loaded.preprocess, args.seed)
-    reference = image_eval.reference_outputs(loaded.model, loaded.arch, sets)
+    with placed(loaded.model, device):
+        reference = image_eval.reference_outputs(loaded.model, loaded.arch, sets)
     calibration = calibration_data(loaded, data.for_model(loaded), 32)
     variants = [v.split(",") for v in args.variants] if args.variants else [[]]
     jobs = [("fp", "FP", [])] + [(m, s, v) for s in args.settings for v in variants for m in args.methods]
@@ -112,6 +117,7 @@ def main() -> None:
             "overrides": overrides,
             "seed": args.seed,
             "eval": args.eval,
+            **({"device": args.device} if args.device != "cpu" else {}),
         }
         if _key(job) in done:
             continue
@@ -122,12 +128,15 @@ def main() -> None:
         if method != "fp":
             recipe = build_recipe(method, args.preset, {**parse_overrides(overrides), "nsamples": 32})
             scheme = build_scheme(**SETTINGS[setting])
-            blocks = apply_method(loaded, scheme, method, recipe, None if method == "rtn" else calibration)
+            calib = None if method == "rtn" else calibration
+            blocks = apply_method(loaded, scheme, method, recipe, calib, device=device)
         quantize_s = time.perf_counter() - start
+        with placed(loaded.model, device):
+            scores = image_eval.score(loaded.model, loaded.arch, sets, reference)
         row = {
             **job,
             "commit": code_version(),
-            "images": image_eval.score(loaded.model, loaded.arch, sets, reference),
+            "images": scores,
             "quantize_s": round(quantize_s, 1),
             "calibration_images": calibration.shape[0],
             "image_size": calibration.shape[-1],
@@ -144,6 +153,9 @@ def main() -> None:
         f"{calibration.shape[-1]} px, preset `{args.preset}`; evaluation {args.eval}; seed {args.seed}; "
         f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}."
     )
+    if device.type == "cuda":
+        info += f" Blocks learned and evaluated on {torch.cuda.get_device_name()}."
+
     (RESULTS / f"{args.name}.md").write_text("\n".join([info, "", *_table(rows)]) + "\n")
     print(info)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TEST_DEVICE
 from safetensors.torch import load_file
 
 from lrquant import api, cli
@@ -50,6 +51,7 @@ def _run(model: Path, out: Path, data: api.DataSettings, overrides: dict | None 
         overrides=overrides or OVERRIDES,
         data=data,
         run_eval=False,
+        device=TEST_DEVICE,
     )
 
 

@@ -32,6 +32,7 @@ from lrquant.data.text import (
     prepended_bos,
     tokenize_documents,
 )
+from lrquant.device import placed, resolve_device
 from lrquant.errors import LrquantError
 from lrquant.eval import images as image_eval
 from lrquant.eval.images import DEFAULT_IMAGE_EVAL
@@ -77,6 +78,12 @@ class DataSettings:
             calib=self.calib or (IMAGE_CALIB if image else TEXT_CALIB),
             eval=self.eval or (DEFAULT_IMAGE_EVAL if image else TEXT_EVAL),
         )
+
+
+def _peak_device_memory(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
 
 
 def peak_rss_mb() -> float:
@@ -128,6 +135,7 @@ def _environment() -> dict:
         "processor": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
+        **({"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}),
     }
 
 
@@ -136,15 +144,18 @@ def evaluate(
     data: DataSettings | None = None,
     trust_remote_code: bool = False,
     reference: str | None = None,
+    device: str = "auto",
 ) -> dict:
     """Evaluate ``model`` (a name, a folder, a .gguf, or a quantized output folder).
 
     A language model gets its perplexity. A vision model gets, on each evaluation set, the cosine
     similarity of its features to ``reference``'s and top-1 or linear-probe accuracy (probes are
     trained on the reference's features). The reference defaults to the model a quantized folder
-    was made from, when that is still there, else the model itself.
+    was made from, when that is still there, else the model itself. ``device``: see
+    :func:`lrquant.device.resolve_device`.
     """
     start = time.perf_counter()
+    target = resolve_device(device)
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     data = (data or DataSettings()).for_model(loaded)
     result = {
@@ -156,16 +167,18 @@ def evaluate(
     if loaded.arch.modality == "image":
         reference = reference or _source_model(loaded)
         result.update(
-            reference=reference, images=_evaluate_images(loaded, data, reference, trust_remote_code)
+            reference=reference, images=_evaluate_images(loaded, data, reference, trust_remote_code, target)
         )
     else:
         windows = evaluation_data(loaded, data)
-        ppl = perplexity(loaded.model, windows, data.batch_size)
+        with placed(loaded.model, target):
+            ppl = perplexity(loaded.model, windows, data.batch_size)
         result.update(seqlen=data.seqlen, windows=windows.shape[0], perplexity=ppl)
     return {
         **result,
         "seconds": round(time.perf_counter() - start, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "device": str(target),
     }
 
 
@@ -183,14 +196,21 @@ def _source_model(loaded: LoadedModel) -> str | None:
 
 
 def _evaluate_images(
-    loaded: LoadedModel, data: DataSettings, reference: str | None, trust_remote_code: bool
+    loaded: LoadedModel,
+    data: DataSettings,
+    reference: str | None,
+    trust_remote_code: bool,
+    device: torch.device,
 ) -> dict[str, dict]:
     sets = image_eval.load_eval_sets(data.eval, _preprocess(loaded, data), data.seed)
     if reference is None:  # the model scored against itself
-        return image_eval.reference_metrics(loaded.model, loaded.arch, sets, data.batch_size)[1]
+        with placed(loaded.model, device):
+            return image_eval.reference_metrics(loaded.model, loaded.arch, sets, data.batch_size)[1]
     ref_model = load_model(reference, trust_remote_code=trust_remote_code)
-    ref = image_eval.reference_outputs(ref_model.model, ref_model.arch, sets, data.batch_size)
-    return image_eval.score(loaded.model, loaded.arch, sets, ref, data.batch_size)
+    with placed(ref_model.model, device):
+        ref = image_eval.reference_outputs(ref_model.model, ref_model.arch, sets, data.batch_size)
+    with placed(loaded.model, device):
+        return image_eval.score(loaded.model, loaded.arch, sets, ref, data.batch_size)
 
 
 def apply_method(
@@ -201,6 +221,7 @@ def apply_method(
     calibration: torch.Tensor | None,
     seed: int = 0,
     store: ResumeStore | None = None,
+    device: torch.device | None = None,
 ) -> list[dict]:
     """Quantize ``loaded.model`` in place; returns the per-block reports of a learned method.
 
@@ -225,6 +246,7 @@ def apply_method(
         seed,
         start,
         store.save_block if store is not None else None,
+        device,
     )
     return store.reports if store is not None else [report_dict(r) for r in reports]
 
@@ -251,6 +273,7 @@ def quantize(
     run_eval: bool = True,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    device: str = "auto",
 ) -> dict:
     """Quantize ``model`` with ``method`` and ``scheme``; write the checkpoint and report to ``output``.
 
@@ -261,7 +284,10 @@ def quantize(
     ``run_eval``: perplexity for a language model, feature cosine and top-1 or probe accuracy
     for a vision model), per-block losses, seconds per stage, peak RSS. The output folder
     appears only when everything succeeded; an interrupted learned run resumes when rerun.
+    ``device`` is where blocks are learned and the model evaluated (``auto``: a CUDA GPU when
+    there is one); the model itself stays in host memory.
     """
+    target = resolve_device(device)
     torch.manual_seed((data or DataSettings()).seed)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -285,14 +311,14 @@ def quantize(
         calibration = None if method == "rtn" else calibration_data(loaded, data, recipe.nsamples)
         evaluation: dict[str, object] = {}
         if run_eval:
-            run_fp_eval, run_quant_eval, eval_details = _evaluation_stages(loaded, data)
+            run_fp_eval, run_quant_eval, eval_details = _evaluation_stages(loaded, data, target)
             evaluation["fp"] = run_fp_eval()
             lap("eval_fp")
         log(f"quantizing with {method} at {scheme.name}")
         store = None
         if calibration is not None:
             store = ResumeStore(out.final, _fingerprint(loaded, scheme, recipe, method, data, calibration))
-        blocks = apply_method(loaded, scheme, method, recipe, calibration, data.seed, store)
+        blocks = apply_method(loaded, scheme, method, recipe, calibration, data.seed, store, target)
         lap("quantize")
         if run_eval:
             evaluation["quantized"] = run_quant_eval()
@@ -329,6 +355,8 @@ def quantize(
             "blocks": blocks,
             "seconds": {**seconds, "total": round(sum(seconds.values()), 2)},
             "peak_rss_mb": round(peak_rss_mb(), 1),
+            **_peak_device_memory(target),
+            "device": str(target),
             "environment": _environment(),
         }
         write_json(out.tmp / REPORT_FILE, report)
@@ -341,7 +369,7 @@ def quantize(
     return report
 
 
-def _evaluation_stages(loaded: LoadedModel, data: DataSettings):
+def _evaluation_stages(loaded: LoadedModel, data: DataSettings, device: torch.device):
     """Two functions: score the model now (full precision, also the reference) and after quantizing."""
     if loaded.arch.modality == "image":
         sets = image_eval.load_eval_sets(data.eval, _preprocess(loaded, data), data.seed)
@@ -349,12 +377,16 @@ def _evaluation_stages(loaded: LoadedModel, data: DataSettings):
 
         def fp() -> dict:
             log(f"full-precision outputs on {', '.join(s.name for s in sets)}")
-            reference, own = image_eval.reference_metrics(loaded.model, loaded.arch, sets, data.batch_size)
+            with placed(loaded.model, device):
+                reference, own = image_eval.reference_metrics(
+                    loaded.model, loaded.arch, sets, data.batch_size
+                )
             ref.append(reference)
             return own
 
         def quantized() -> dict:
-            return image_eval.score(loaded.model, loaded.arch, sets, ref[0], data.batch_size)
+            with placed(loaded.model, device):
+                return image_eval.score(loaded.model, loaded.arch, sets, ref[0], data.batch_size)
 
         return fp, quantized, {"eval_images": {s.name: s.pixels.shape[0] for s in sets}}
 
@@ -362,9 +394,11 @@ def _evaluation_stages(loaded: LoadedModel, data: DataSettings):
 
     def fp_ppl() -> float:
         log(f"full-precision perplexity on {windows.shape[0]} windows of {data.seqlen} tokens")
-        return perplexity(loaded.model, windows, data.batch_size, "fp perplexity")
+        with placed(loaded.model, device):
+            return perplexity(loaded.model, windows, data.batch_size, "fp perplexity")
 
     def quant_ppl() -> float:
-        return perplexity(loaded.model, windows, data.batch_size, "quantized perplexity")
+        with placed(loaded.model, device):
+            return perplexity(loaded.model, windows, data.batch_size, "quantized perplexity")
 
     return fp_ppl, quant_ppl, {"eval_windows": windows.shape[0]}

@@ -31,6 +31,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help=f"built-in name, local HF folder (safetensors) or .gguf file (default: {DEFAULT_MODEL})",
     )
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the folder")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where blocks are learned and the model evaluated: auto (a CUDA GPU when there is one), "
+        "cpu, cuda or cuda:N; the model itself stays in host memory (default: auto)",
+    )
 
 
 def _add_data_args(parser: argparse.ArgumentParser, eval_flag: str) -> None:
@@ -186,6 +192,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         run_eval=not args.no_eval,
         overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code,
+        device=args.device,
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -208,7 +215,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lrquant import api
 
     result = api.evaluate(
-        args.model, _data_settings(args), trust_remote_code=args.trust_remote_code, reference=args.reference
+        args.model,
+        _data_settings(args),
+        trust_remote_code=args.trust_remote_code,
+        reference=args.reference,
+        device=args.device,
     )
     if args.json:
         print(json.dumps(result, indent=2))

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from lrquant.arch import ArchSpec
 from lrquant.data.images import DEFAULT_PHOTO_CROPS, ImagePreprocess, resolve_image_source, split_labelled
+from lrquant.device import module_device
 from lrquant.errors import LrquantError
 from lrquant.eval.vision import feature_cosine, probe_accuracy, top1
 
@@ -90,14 +91,15 @@ def model_outputs(
     """Logits of a classifier, else final features ``[n, d]``: the class token joined with the mean
     of the other tokens where the model has one, the mean of all tokens otherwise."""
     model.eval()
+    device = module_device(model)
     outs = []
     with tqdm(total=pixels.shape[0], desc=desc, unit="img", disable=None, leave=False) as bar:
         for start in range(0, pixels.shape[0], batch_size):
-            result = model(pixel_values=pixels[start : start + batch_size])
+            result = model(pixel_values=pixels[start : start + batch_size].to(device))
             if is_classifier(model):
-                outs.append(result.logits.float())
+                outs.append(result.logits.float().cpu())
             else:
-                hidden = result.last_hidden_state.float()
+                hidden = result.last_hidden_state.float().cpu()
                 if arch.cls_token:
                     outs.append(torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=-1))
                 else:

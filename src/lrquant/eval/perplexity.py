@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lrquant.device import module_device
+
 
 @torch.no_grad()
 def perplexity(
@@ -19,10 +21,11 @@ def perplexity(
     windows), and position 0 (the BOS token when present) is context only.
     """
     model.eval()
+    device = module_device(model)
     total, count = 0.0, 0
     with tqdm(total=windows.shape[0], desc=desc, unit="win", disable=None, leave=False) as bar:
         for start in range(0, windows.shape[0], batch_size):
-            batch = windows[start : start + batch_size]
+            batch = windows[start : start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits
             total += F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from lrquant.arch import ArchSpec
 from lrquant.config import QuantScheme
 from lrquant.console import log
+from lrquant.device import placed, to_device
 from lrquant.errors import LrquantError
 from lrquant.methods import losses
 from lrquant.methods.capture import capture_block_inputs, capture_block_kwargs, run_block
@@ -245,22 +246,26 @@ def quantize_blockwise(
     seed: int = 0,
     start: tuple[int, ChainState] | None = None,
     on_block_done: BlockDone | None = None,
+    device: torch.device | None = None,
 ) -> list[BlockReport]:
     """Quantize every block of ``model`` in place with ``recipe``; returns per-block reports.
 
     ``start`` resumes at a block with the chain inputs saved when the previous one finished
     (blocks before it must already hold their finished weights). ``on_block_done`` is called
-    after each block, e.g. to checkpoint it.
+    after each block (back in host memory), e.g. to checkpoint it. The model stays on the CPU;
+    each block is learned on ``device`` (default: the CPU) with both chains kept there.
     """
+    device = device or torch.device("cpu")
     blocks = arch.block_list(model)
     transitions = arch.transitions(model)
-    kwargs_per_block, transition_kwargs = capture_block_kwargs(model, arch, calibration[0])
+    kwargs_per_block, transition_kwargs = to_device(capture_block_kwargs(model, arch, calibration[0]), device)
     if start is None:
         first = 0
         inputs = capture_block_inputs(model, arch, calibration)
         state = ChainState(fp=inputs, quant=inputs.clone())
     else:
         first, state = start
+    state = ChainState(fp=state.fp.to(device), quant=state.quant.to(device))
     options = transform_options(recipe, arch)
     # The head (when asked for) runs after every block, so rounding it first changes no target;
     # first, so that a head that cannot be quantized stops the run before any training.
@@ -271,7 +276,7 @@ def quantize_blockwise(
     bar = tqdm(total=len(blocks), initial=first, desc="blocks", unit="block", disable=None)
     for index in range(first, len(blocks)):
         began = time.perf_counter()
-        block, kwargs = blocks[index], kwargs_per_block[index]
+        block, kwargs = blocks[index].to(device), kwargs_per_block[index]
         report = BlockReport(index)
         for p in block.parameters():
             p.requires_grad_(False)
@@ -293,9 +298,11 @@ def quantize_blockwise(
                 quant_out = run_block(block, state.quant, kwargs, recipe.batch_size)
         report.cosine = float(losses.token_cosine(quant_out, fp_out))
         report.mse = float(losses.mse(quant_out, fp_out))
+        block.to("cpu")
         state = ChainState(fp=fp_out, quant=quant_out)
         if index in transitions:  # e.g. Swin's patch merging, kept in full precision
-            state = _through(transitions[index], state, transition_kwargs[index], recipe.batch_size)
+            with placed(transitions[index], device):
+                state = _through(transitions[index], state, transition_kwargs[index], recipe.batch_size)
         report.seconds = round(time.perf_counter() - began, 2)
         reports.append(report)
         if on_block_done is not None:

@@ -66,7 +66,7 @@ class ResumeStore:
         _atomic_save(
             {k: v.detach() for k, v in block.state_dict().items()}, self.folder / f"block-{index}.safetensors"
         )
-        _atomic_save({"fp": state.fp, "quant": state.quant}, self.folder / "chain.safetensors")
+        _atomic_save({"fp": state.fp.cpu(), "quant": state.quant.cpu()}, self.folder / "chain.safetensors")
         self.reports.append(report_dict(report))
         meta = {"fingerprint": self.fingerprint, "done": index + 1, "reports": self.reports}
         tmp = self.folder / (META + ".tmp")

@@ -160,7 +160,7 @@ def attach_block_transforms(
         for pair in arch.smooth_pairs:
             _wire_pair(block, pair, arch, layout, stats[pair.targets[0]], options, linears, transforms, bt)
         if options.qk_smoothing and not arch.qk_norm and (arch.q_proj or arch.fused_qkv):
-            _wire_qk(arch, layout, transforms, bt)
+            _wire_qk(arch, layout, transforms, bt, next(iter(linears.values())).weight.device)
     if weight_spec.enabled:
         for name, linear in linears.items():
             if options.clipping:
@@ -168,7 +168,8 @@ def attach_block_transforms(
                     linear.weight, weight_spec
                 )
             if options.rotation:
-                bt.rotation[_key(name)] = nn.Parameter(torch.ones(linear.out_features, 1))
+                ones = torch.ones(linear.out_features, 1, device=linear.weight.device)
+                bt.rotation[_key(name)] = nn.Parameter(ones)
                 transforms[name].rotation = bt.rotation[_key(name)]
     return bt
 
@@ -206,12 +207,14 @@ def _wire_pair(block, pair: SmoothPair, arch, layout, stat, options, linears, tr
         source.row_shift = lambda f=factor: torch.cat([f.shift.new_zeros(qk_rows), f.shift])
 
 
-def _wire_qk(arch: ArchSpec, layout: AttentionLayout, transforms, bt: BlockTransforms) -> None:
+def _wire_qk(
+    arch: ArchSpec, layout: AttentionLayout, transforms, bt: BlockTransforms, device: torch.device
+) -> None:
     # q·k is unchanged when q's channel is divided and k's multiplied by the same s. Rotary
     # embeddings mix channel i with i + head_dim/2, so those share one entry; a key head is read
     # by every query head of its group, so they share one too.
     width = layout.head_dim // 2 if arch.rope else layout.head_dim
-    factor = SmoothingFactor(torch.ones(layout.kv_heads, width))
+    factor = SmoothingFactor(torch.ones(layout.kv_heads, width, device=device))
     bt.factors["qk"] = factor
 
     def k_rows(f: SmoothingFactor = factor) -> torch.Tensor:

@@ -25,8 +25,8 @@ class LearnableClipping(nn.Module):
     def __init__(self, weight: torch.Tensor, spec: QuantSpec) -> None:
         super().__init__()
         stats_shape = group_for_stats(weight.detach(), spec)[0].shape[:-1] + (1,)
-        self.upper = nn.Parameter(torch.full(stats_shape, CLIP_INIT))
-        self.lower = nn.Parameter(torch.full(stats_shape, CLIP_INIT))
+        self.upper = nn.Parameter(torch.full(stats_shape, CLIP_INIT, device=weight.device))
+        self.lower = nn.Parameter(torch.full(stats_shape, CLIP_INIT, device=weight.device))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.sigmoid(self.upper), torch.sigmoid(self.lower)
