@@ -126,7 +126,8 @@ def main() -> None:
         start = time.perf_counter()
         blocks: list[dict] = []
         if method != "fp":
-            recipe = build_recipe(method, args.preset, {**parse_overrides(overrides), "nsamples": 32})
+            overrides_now = {**parse_overrides(overrides), "nsamples": 32}
+            recipe = build_recipe(method, args.preset, overrides_now, loaded.arch.modality)
             scheme = build_scheme(**SETTINGS[setting])
             calib = None if method == "rtn" else calibration
             blocks = apply_method(loaded, scheme, method, recipe, calib, device=device)

@@ -282,6 +282,17 @@ def test_recipe_contents() -> None:
     assert build_recipe("lrquant", "fast", {"smoothing": "none"}).smoothing is None
 
 
+def test_image_models_choose_the_smoothing_init_per_block_unless_told() -> None:
+    assert build_recipe("lrquant_plus", "fast").smoothing == "lae"
+    assert build_recipe("lrquant_plus", "fast", modality="image").smoothing == "best"
+    assert build_recipe("lrquant", "fast", modality="image").smoothing == "best"
+    assert build_recipe("lrquant_plus", "fast", {"smoothing": "lae"}, "image").smoothing == "lae"
+    # Recipes with their own initialisation, and one-shot ones, keep it.
+    assert build_recipe("omniquant", "fast", modality="image").smoothing == "smoothquant"
+    assert build_recipe("smoothquant", "fast", modality="image").smoothing == "smoothquant"
+    assert build_recipe("rtn", "fast", modality="image").smoothing is None
+
+
 @pytest.mark.parametrize(
     "args, named",
     [

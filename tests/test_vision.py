@@ -279,17 +279,18 @@ def test_quantize_head_refuses_a_head_tied_to_the_embeddings(tmp_path, capsys) -
 
 
 def test_best_initialisation_keeps_the_lower_calibration_loss() -> None:
-    """smoothing=best tries LAE and SmoothQuant scales per block and keeps the lower loss: with MSE
-    alone and untrained, block 0 ends exactly as good as the better of the two."""
+    """smoothing=best tries LAE, SmoothQuant and identity scales per block and keeps the lowest loss:
+    with MSE alone and untrained, block 0 ends exactly as good as the best of the three."""
     calib = pixels(8, 7)  # all 8 samples are the search samples
     arch = get_arch_spec("vit")
     reports = {}
-    for how in ("lae", "smoothquant", "best"):
+    for how in ("lae", "smoothquant", "ones", "best"):
         model = outlier_vision_model("vit")
         recipe = build_recipe("lrquant_plus", "fast", {"smoothing": how, "epochs": 0, "nlc": False})
         reports[how] = quantize_blockwise(model, arch, build_scheme(4, 4), recipe, calib)[0]
     chosen = reports["best"].init
-    assert chosen in ("lae", "smoothquant") and reports["lae"].init is None
+    assert chosen in ("lae", "smoothquant", "ones") and reports["lae"].init is None
     assert reports["best"].mse == pytest.approx(reports[chosen].mse, rel=1e-5)
-    assert reports["best"].mse == pytest.approx(min(reports["lae"].mse, reports["smoothquant"].mse), rel=1e-5)
+    lowest = min(reports[how].mse for how in ("lae", "smoothquant", "ones"))
+    assert reports["best"].mse == pytest.approx(lowest, rel=1e-5)
     assert reports["lae"].mse != pytest.approx(reports["smoothquant"].mse, rel=1e-3)  # a real choice

@@ -306,7 +306,7 @@ def quantize(
         nsamples = data.nsamples or (IMAGE_CALIBRATION_SAMPLES if image else None)
         if nsamples is not None:
             overrides = {**(overrides or {}), "nsamples": nsamples}
-        recipe = build_recipe(method, preset, overrides)
+        recipe = build_recipe(method, preset, overrides, loaded.arch.modality)
         lap("load")
         calibration = None if method == "rtn" else calibration_data(loaded, data, recipe.nsamples)
         evaluation: dict[str, object] = {}

@@ -28,7 +28,7 @@ from lrquant.transforms.smoothing import (
 from lrquant.transforms.weight import LearnableClipping, WeightTransform
 
 ScaleInit = Literal["lae", "smoothquant", "ones", "best"]
-SEARCHED_INITS: tuple[str, ...] = ("lae", "smoothquant")
+SEARCHED_INITS: tuple[str, ...] = ("lae", "smoothquant", "ones")
 
 
 @dataclass(frozen=True)
