@@ -217,3 +217,16 @@ def test_quantize_on_the_device_reports_it(tiny_llama: Path, text_file: Path, tm
     again = api.evaluate(str(tmp_path / "out"), data, device=TEST_DEVICE)
     assert again["device"] == str(DEVICE)
     assert again["perplexity"] == pytest.approx(ppl["quantized"], rel=1e-4)
+
+
+def test_out_of_gpu_memory_is_one_error_line(
+    capsys: pytest.CaptureFixture[str], tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def out_of_memory(*_args, **_kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    monkeypatch.setattr(api, "quantize", out_of_memory)
+    argv = ["quantize", "--model", tiny_llama, "--output", tmp_path / "out", "--device", "cpu"]
+    line = error_line(*run(capsys, *argv))
+    assert "out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in line
+    assert "--device cpu" in line

@@ -278,6 +278,53 @@ def test_quantize_head_refuses_a_head_tied_to_the_embeddings(tmp_path, capsys) -
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("model_type", ["dinov2", "swin", "clip_vision_model"])
+def test_quantize_patch_embed_rounds_its_weight_for_both_chains(model_type: str, tmp_path) -> None:
+    """--quantize-patch-embed: the patch embedding's weight ends on the 4-bit grid (per output
+    channel) in RTN and learned runs; in a learned run the quantized chain starts from it (block
+    0 sees other inputs than without it), and the saved checkpoint carries it."""
+    from lrquant.quant.apply import patch_embedding
+
+    calib = pixels(4, 8)
+    recipe = build_recipe("lrquant_plus", "fast", {"epochs": 0}, "image")
+    arch = get_arch_spec(model_type)
+    base = tiny_vision_model(model_type)
+    fp_weight = patch_embedding(base).weight.detach().clone()
+    reports = {}
+    for flag in (False, True):
+        model = copy.deepcopy(base)
+        scheme = build_scheme(4, 16, patch_embed=flag)
+        reports[flag] = quantize_blockwise(model, arch, scheme, recipe, calib)
+        weight = patch_embedding(model).weight.detach()
+        rows = weight.reshape(weight.shape[0], -1)
+        if flag:
+            assert max(row.unique().numel() for row in rows) <= 16
+            assert rel_err(weight, fp_weight) > 1e-3
+        else:
+            assert torch.equal(weight, fp_weight)
+    assert reports[True][0].cosine != pytest.approx(reports[False][0].cosine, abs=1e-7)
+
+    rtn = copy.deepcopy(base)
+    quantize_rtn(rtn, arch, build_scheme(4, 16, patch_embed=True))
+    assert max(r.unique().numel() for r in patch_embedding(rtn).weight.reshape(fp_weight.shape[0], -1)) <= 16
+
+    folder = save_tiny_vision_model(model_type, tmp_path / "model")
+    out = tmp_path / "out"
+    api.quantize(str(folder), out, build_scheme(4, 16, patch_embed=True), "rtn", run_eval=False)
+    saved = patch_embedding(api.load_model(str(out)).model).weight
+    assert torch.equal(saved, patch_embedding(rtn).weight)
+
+
+def test_quantize_patch_embed_on_a_language_model_is_one_clear_error(tiny_llama, tmp_path, capsys) -> None:
+    code = main(
+        ["quantize", "--model", str(tiny_llama), "--output", str(tmp_path / "out"), "--method", "rtn",
+         "--quantize-patch-embed", "--no-eval"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "has no patch embedding" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_best_initialisation_keeps_the_lower_calibration_loss() -> None:
     """smoothing=best tries LAE, SmoothQuant and identity scales per block and keeps the lowest loss:
     with MSE alone and untrained, block 0 ends exactly as good as the best of the three."""

@@ -42,6 +42,7 @@ from lrquant.methods.resume import ResumeStore
 from lrquant.methods.rtn import quantize_rtn
 from lrquant.models.builtin import is_builtin
 from lrquant.models.loading import LoadedModel, load_model, resolve_model_dir
+from lrquant.quant.apply import patch_embedding
 from lrquant.recipes import DEFAULT_METHOD, Recipe, build_recipe
 from lrquant.report import PLOT_FILE, plot_blocks
 
@@ -307,6 +308,8 @@ def quantize(
         if nsamples is not None:
             overrides = {**(overrides or {}), "nsamples": nsamples}
         recipe = build_recipe(method, preset, overrides, loaded.arch.modality)
+        if scheme.patch_embed:
+            patch_embedding(loaded.model)  # a model without one stops here, before any work
         lap("load")
         calibration = None if method == "rtn" else calibration_data(loaded, data, recipe.nsamples)
         evaluation: dict[str, object] = {}

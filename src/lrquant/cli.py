@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also quantize the LM head or classifier, round-to-nearest (default: full precision)",
     )
     q.add_argument(
+        "--quantize-patch-embed",
+        action="store_true",
+        help="also quantize a vision model's patch embedding weight, round-to-nearest at --wbits "
+        "(default: full precision)",
+    )
+    q.add_argument(
         "--calib-data",
         default=None,
         help="calibration data: text as for --eval-data (default: wikipedia:train), or images: a "
@@ -180,6 +186,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         softmax_bits=args.softmax_bits,
         post_act_bits=args.post_act_bits,
         head=args.quantize_head,
+        patch_embed=args.quantize_patch_embed,
     )
     report = api.quantize(
         args.model,
@@ -253,6 +260,16 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except LrquantError as err:
         print(f"lrquant: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        if type(err).__name__ != "OutOfMemoryError":  # torch.cuda's, named so torch loads lazily
+            raise
+        print(
+            f"lrquant: error: out of GPU memory ({str(err).splitlines()[0]}); "
+            "use --device cpu, fewer --nsamples or a shorter --seqlen (a learned run keeps its "
+            "finished blocks: rerun to resume)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(

@@ -68,7 +68,9 @@ class QuantScheme(BaseModel):
 
     ``post_act``, when set, replaces ``activation`` for the input of the MLP's second linear
     (the GELU/SiLU output: the hardest activation of vision transformers). ``head`` also
-    quantizes the output head (LM head or classifier; round-to-nearest, it is not learned).
+    quantizes the output head (LM head or classifier; round-to-nearest, it is not learned);
+    ``patch_embed`` the weight of a vision model's patch embedding (round-to-nearest; its input,
+    the normalised pixels, stays in full precision).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -79,6 +81,7 @@ class QuantScheme(BaseModel):
     softmax: QuantSpec = QuantSpec(bits=FULL_PRECISION_BITS, granularity="token")
     post_act: QuantSpec | None = None
     head: bool = False
+    patch_embed: bool = False
 
     @property
     def mlp_out_activation(self) -> QuantSpec:
@@ -113,6 +116,7 @@ def build_scheme(
     softmax_bits: int = FULL_PRECISION_BITS,
     post_act_bits: int | None = None,
     head: bool = False,
+    patch_embed: bool = False,
 ) -> QuantScheme:
     """Build a scheme from flat settings, as the command line gives them.
 
@@ -138,6 +142,7 @@ def build_scheme(
         if post_act_bits is None
         else _spec("post_act", bits=post_act_bits, symmetric=a_symmetric, granularity="token"),
         head=head,
+        patch_embed=patch_embed,
     )
 
 

@@ -32,7 +32,12 @@ from lrquant.device import placed, to_device
 from lrquant.errors import LrquantError
 from lrquant.methods import losses
 from lrquant.methods.capture import capture_block_inputs, capture_block_kwargs, run_block
-from lrquant.quant.apply import attach_block_quantizers, attach_head_quantizers, use_quantized_attention
+from lrquant.quant.apply import (
+    attach_block_quantizers,
+    attach_head_quantizers,
+    quantize_patch_embedding,
+    use_quantized_attention,
+)
 from lrquant.quant.quantizer import compiled_quantizer
 from lrquant.recipes import Recipe, use_bf16
 from lrquant.transforms.block import (
@@ -262,9 +267,14 @@ def quantize_blockwise(
     if start is None:
         first = 0
         inputs = capture_block_inputs(model, arch, calibration)
-        state = ChainState(fp=inputs, quant=inputs.clone())
+        if scheme.patch_embed:  # the quantized chain starts from the quantized patch embedding
+            quantize_patch_embedding(model, scheme)
+            state = ChainState(fp=inputs, quant=capture_block_inputs(model, arch, calibration))
+        else:
+            state = ChainState(fp=inputs, quant=inputs.clone())
     else:
         first, state = start
+        quantize_patch_embedding(model, scheme)  # a resumed run starts from the loaded model
     state = ChainState(fp=state.fp.to(device), quant=state.quant.to(device))
     options = transform_options(recipe, arch)
     # The head (when asked for) runs after every block, so rounding it first changes no target;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 import torch.nn as nn
 
 from lrquant.arch import ArchSpec
@@ -11,6 +12,7 @@ from lrquant.config import QuantScheme
 from lrquant.errors import LrquantError
 from lrquant.quant.attention import ATTR, AttentionQuant, base_implementation, quantized_implementation
 from lrquant.quant.linear import QuantLinear
+from lrquant.quant.quantizer import fake_quantize
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -71,6 +73,31 @@ def attach_head_quantizers(
         else:
             qlinear.freeze_weight()
         replace_module(model, name, qlinear)
+
+
+def patch_embedding(model: nn.Module) -> nn.Conv2d:
+    """A vision model's patch embedding: its first ``Conv2d`` named ``*patch_embed*`` (ViT, DeiT,
+    DINOv2 and Swin ``embeddings.patch_embeddings.projection``, CLIP and SigLIP
+    ``embeddings.patch_embedding``)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and "patch_embed" in name:
+            return module
+    raise LrquantError(
+        f"{type(model).__name__} has no patch embedding (a Conv2d): --quantize-patch-embed is for "
+        "vision models"
+    )
+
+
+@torch.no_grad()
+def quantize_patch_embedding(model: nn.Module, scheme: QuantScheme) -> None:
+    """With ``scheme.patch_embed``, round the patch embedding's weight to nearest on the weight
+    grid, in place: one row per output channel (``in_channels x kernel`` values, grouped as the
+    block weights are)."""
+    if not scheme.patch_embed or not scheme.weight.enabled:
+        return
+    weight = patch_embedding(model).weight
+    rows = weight.reshape(weight.shape[0], -1)
+    weight.copy_(fake_quantize(rows, scheme.weight).reshape(weight.shape))
 
 
 def attach_block_quantizers(
