@@ -23,7 +23,7 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     learn: bool = True
-    # "best": per block, whichever of LAE and SmoothQuant (alpha) gives the lower calibration loss
+    # "best": per block, whichever of LAE, SmoothQuant (alpha) and none gives the lowest calibration loss
     smoothing: Literal["lae", "smoothquant", "ones", "best"] | None = "lae"
     alpha: float = Field(0.5, ge=0.0, le=1.0)
     shifts: Literal["auto", "on", "off"] = "auto"
