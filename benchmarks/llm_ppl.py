@@ -48,7 +48,14 @@ def run_one(job: dict) -> dict:
     """Load, quantize (unless FP) and evaluate one setting in this process."""
     import torch
 
-    from lrquant.api import DataSettings, apply_method, calibration_data, evaluation_data, peak_rss_mb
+    from lrquant.api import (
+        DataSettings,
+        apply_method,
+        calibration_data,
+        evaluation_data,
+        peak_device_memory,
+        peak_rss_mb,
+    )
     from lrquant.config import build_scheme
     from lrquant.device import placed, resolve_device
     from lrquant.eval.perplexity import perplexity
@@ -81,17 +88,11 @@ def run_one(job: dict) -> dict:
         "quantize_s": round(quantize_s, 1),
         "eval_s": round(time.perf_counter() - start, 1),
         "peak_rss_mb": round(peak_rss_mb()),
-        **_peak_gpu(device),
+        **peak_device_memory(device),
         "eval_tokens": int(windows.numel()),
         "retries": sum(b["retries"] for b in blocks),
         "last_block_cosine": blocks[-1]["cosine"] if blocks else None,
     }
-
-
-def _peak_gpu(device) -> dict:
-    import torch
-
-    return {"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20)} if device.type == "cuda" else {}
 
 
 def _autoround(loaded, setting: dict, calibration, seed: int, overrides: list[str]) -> None:

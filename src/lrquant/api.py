@@ -81,7 +81,8 @@ class DataSettings:
         )
 
 
-def _peak_device_memory(device: torch.device) -> dict:
+def peak_device_memory(device: torch.device) -> dict:
+    """``{"peak_gpu_mb": ...}`` for a CUDA device (peak allocated by this process), else ``{}``."""
     if device.type != "cuda":
         return {}
     return {"peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
@@ -358,7 +359,7 @@ def quantize(
             "blocks": blocks,
             "seconds": {**seconds, "total": round(sum(seconds.values()), 2)},
             "peak_rss_mb": round(peak_rss_mb(), 1),
-            **_peak_device_memory(target),
+            **peak_device_memory(target),
             "device": str(target),
             "environment": _environment(),
         }
