@@ -286,29 +286,29 @@ def quantize_blockwise(
     bar = tqdm(total=len(blocks), initial=first, desc="blocks", unit="block", disable=None)
     for index in range(first, len(blocks)):
         began = time.perf_counter()
-        block, kwargs = blocks[index].to(device), kwargs_per_block[index]
-        report = BlockReport(index)
-        for p in block.parameters():
-            p.requires_grad_(False)
-        fp_out, hom_out, stats = _targets_and_stats(block, arch, state, kwargs, recipe)
-        attach_block_quantizers(block, arch, scheme)
-        layout = AttentionLayout.of_block(block, arch, model.config)
-        bt = attach_block_transforms(block, arch, layout, stats, options, scheme.weight)
-        targets = [t for t, on in ((fp_out, recipe.error_propagation), (hom_out, recipe.homologous)) if on]
-        learn = recipe.learn and targets and (bt.smoothing_parameters() or bt.clipping_parameters())
-        # Folding and the quantized chain use the same (compiled or eager) quantizer as training,
-        # so the finished block computes what the last training step computed.
-        with compiled_quantizer(bool(learn) and recipe.compile):
-            if bt.inits and targets:
-                report.init = _choose_init(block, bt, state.quant, targets, kwargs, recipe)
-            if learn:
-                _train_block(block, bt, state, targets, kwargs, recipe, seed * 1000 + index, report, bar)
-            with torch.no_grad():
-                fold_block_transforms(block, arch)  # also freezes every linear's quantized weight
-                quant_out = run_block(block, state.quant, kwargs, recipe.batch_size)
-        report.cosine = float(losses.token_cosine(quant_out, fp_out))
-        report.mse = float(losses.mse(quant_out, fp_out))
-        block.to("cpu")
+        kwargs, report = kwargs_per_block[index], BlockReport(index)
+        with placed(blocks[index], device) as block:  # back in host memory afterwards, also on errors
+            for p in block.parameters():
+                p.requires_grad_(False)
+            fp_out, hom_out, stats = _targets_and_stats(block, arch, state, kwargs, recipe)
+            attach_block_quantizers(block, arch, scheme)
+            layout = AttentionLayout.of_block(block, arch, model.config)
+            bt = attach_block_transforms(block, arch, layout, stats, options, scheme.weight)
+            branches = ((fp_out, recipe.error_propagation), (hom_out, recipe.homologous))
+            targets = [target for target, on in branches if on]
+            learn = recipe.learn and targets and (bt.smoothing_parameters() or bt.clipping_parameters())
+            # Folding and the quantized chain use the same (compiled or eager) quantizer as training,
+            # so the finished block computes what the last training step computed.
+            with compiled_quantizer(bool(learn) and recipe.compile):
+                if bt.inits and targets:
+                    report.init = _choose_init(block, bt, state.quant, targets, kwargs, recipe)
+                if learn:
+                    _train_block(block, bt, state, targets, kwargs, recipe, seed * 1000 + index, report, bar)
+                with torch.no_grad():
+                    fold_block_transforms(block, arch)  # also freezes every linear's quantized weight
+                    quant_out = run_block(block, state.quant, kwargs, recipe.batch_size)
+            report.cosine = float(losses.token_cosine(quant_out, fp_out))
+            report.mse = float(losses.mse(quant_out, fp_out))
         state = ChainState(fp=fp_out, quant=quant_out)
         if index in transitions:  # e.g. Swin's patch merging, kept in full precision
             with placed(transitions[index], device):
