@@ -155,7 +155,11 @@ def main() -> None:
             fh.write(json.dumps(row) + "\n")
         print(" | ".join(_table([row])[-1:]), flush=True)
 
-    rows = [r for r in load_rows(args.name) if r["model"] == args.model and r["preset"] == args.preset]
+    rows = [
+        r
+        for r in load_rows(args.name)
+        if r["model"] == args.model and r["preset"] == args.preset and r["seed"] == args.seed
+    ]
     info = (
         f"Model `{args.model}`; calibration: 32 seeded crops of the built-in photos at "
         f"{calibration.shape[-1]} px, preset `{args.preset}`; evaluation {args.eval}; seed {args.seed}; "
