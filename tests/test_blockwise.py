@@ -69,8 +69,11 @@ def test_folded_model_equals_last_training_forward(
     ids = random_ids(model, 2, 48, seed=1)
     generator = torch.Generator().manual_seed(2)
     layout = AttentionLayout.from_config(model.config)
-    # Shifts where the norm has a bias to fold them into (OPT's LayerNorm).
-    options = TransformOptions(shifts=arch.norm_kind == "layer", clipping=True, rotation=True)
+    # Shifts where the norm has a bias to fold them into (OPT's LayerNorm); every pair, including
+    # llama's optional up -> down, whose scale meets up_proj's clipping and rotation.
+    options = TransformOptions(
+        shifts=arch.norm_kind == "layer", clipping=True, rotation=True, down_smoothing=True
+    )
     use_quantized_attention(model)
     transforms = []
     for block in arch.block_list(model):
@@ -84,6 +87,7 @@ def test_folded_model_equals_last_training_forward(
             )
             stats[pair.targets[0]] = ChannelStats(lo, hi)
         bt = attach_block_transforms(block, arch, layout, stats, options, scheme.weight)
+        assert ("down" in bt.factors) == (model_type == "llama")
         linears = [m for m in block.modules() if isinstance(m, QuantLinear)]
         assert len(bt.clipping) == len(bt.rotation) == len(linears) >= 6
         transforms.append(bt)

@@ -28,6 +28,8 @@ class Recipe(BaseModel):
     alpha: float = Field(0.5, ge=0.0, le=1.0)
     shifts: Literal["auto", "on", "off"] = "auto"
     qk_smoothing: bool = True
+    # up_proj -> down_proj in gated MLPs (SwiGLU, GeGLU): not one of the paper's pairs
+    down_smoothing: bool = False
     clipping: bool = True
     rotation: bool = True
     mse: bool = True

@@ -46,6 +46,7 @@ from lrquant.transforms.block import (
     BlockTransforms,
     ChannelStats,
     TransformOptions,
+    active_pairs,
     attach_block_transforms,
     fold_block_transforms,
 )
@@ -90,6 +91,7 @@ def transform_options(recipe: Recipe, arch: ArchSpec) -> TransformOptions:
         alpha=recipe.alpha,
         shifts=shifts,
         qk_smoothing=recipe.qk_smoothing,
+        down_smoothing=recipe.down_smoothing,
         clipping=recipe.clipping,
         rotation=recipe.rotation,
     )
@@ -111,7 +113,7 @@ def _targets_and_stats(
 
         return hook
 
-    names = {pair.targets[0] for pair in arch.smooth_pairs}
+    names = {pair.targets[0] for pair in active_pairs(arch, transform_options(recipe, arch))}
     handles = [block.get_submodule(n).register_forward_pre_hook(observe(n)) for n in names]
     try:
         fp_out = run_block(block, state.fp, kwargs, recipe.batch_size)

@@ -92,6 +92,7 @@ class TransformOptions:
     alpha: float = 0.5
     shifts: bool = False
     qk_smoothing: bool = True
+    down_smoothing: bool = False
     clipping: bool = True
     rotation: bool = True
 
@@ -157,7 +158,7 @@ def attach_block_transforms(
     for name, linear in linears.items():
         linear.transform = transforms[name]
     if options.smoothing is not None:
-        for pair in arch.smooth_pairs:
+        for pair in active_pairs(arch, options):
             _wire_pair(block, pair, arch, layout, stats[pair.targets[0]], options, linears, transforms, bt)
         if options.qk_smoothing and not arch.qk_norm and (arch.q_proj or arch.fused_qkv):
             _wire_qk(arch, layout, transforms, bt, next(iter(linears.values())).weight.device)
@@ -174,13 +175,20 @@ def attach_block_transforms(
     return bt
 
 
+def active_pairs(arch: ArchSpec, options: TransformOptions) -> tuple[SmoothPair, ...]:
+    """The smoothing pairs that ``options`` wires (the gated MLP's only with ``down_smoothing``)."""
+    if options.smoothing is None:
+        return ()
+    return tuple(p for p in arch.smooth_pairs if p.kind != "gated" or options.down_smoothing)
+
+
 def _wire_pair(block, pair: SmoothPair, arch, layout, stat, options, linears, transforms, bt) -> None:
     act_absmax, mid = stat.absmax, stat.mid
     weight_absmax = torch.cat([linears[t].weight.detach().abs() for t in pair.targets]).amax(dim=0)
     if pair.kind == "linear":  # v -> o: one scale per kv channel, shared by the query heads reading it
         act_absmax, mid = layout.query_to_kv_max(act_absmax), layout.query_to_kv_max(mid)
         weight_absmax = layout.query_to_kv_max(weight_absmax)
-    shift = mid if options.shifts else None
+    shift = mid if options.shifts and pair.kind != "gated" else None  # a shift cannot pass a product
     factor = SmoothingFactor(_init_scale(options.smoothing, act_absmax, weight_absmax, options.alpha), shift)
     bt.factors[pair.name] = factor
     if options.smoothing == "best":
@@ -200,6 +208,9 @@ def _wire_pair(block, pair: SmoothPair, arch, layout, stat, options, linears, tr
         source.row_scale.append(factor.value)
         if factor.shift is not None:
             source.row_shift = lambda f=factor: f.shift
+        return
+    if pair.source_rows == "up_of_fused_gate_up":  # fused [gate; up] rows, up second
+        source.row_scale.append(lambda f=factor: torch.cat([f.value().new_ones(f.scale.numel()), f.value()]))
         return
     qk_rows = (layout.heads + layout.kv_heads) * layout.head_dim  # fused [q; k; v] rows, v last
     source.row_scale.append(lambda f=factor: torch.cat([f.value().new_ones(qk_rows), f.value()]))
