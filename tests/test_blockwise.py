@@ -336,6 +336,15 @@ def test_shifts_on_needs_a_layernorm_model() -> None:
         quantize_blockwise(model, LLAMA, W4A4, recipe, random_ids(model, 2, 32, seed=0))
 
 
+def test_down_smoothing_needs_a_gated_mlp() -> None:
+    recipe = build_recipe("lrquant_plus", "fast", {"down_smoothing": True})
+    assert transform_options(recipe, LLAMA).down_smoothing
+    assert transform_options(recipe, get_arch_spec("phi3")).down_smoothing
+    for model_type in ("opt", "dinov2"):  # ReLU / GELU MLPs: refused, not silently ignored
+        with pytest.raises(LrquantError, match="down_smoothing needs a gated MLP"):
+            transform_options(recipe, get_arch_spec(model_type))
+
+
 # ------------------------------------------------------------------------------------ dynamic weighting
 
 

@@ -86,6 +86,12 @@ def transform_options(recipe: Recipe, arch: ArchSpec) -> TransformOptions:
             f"shifts=on needs LayerNorm models (e.g. opt); '{arch.model_types[0]}' uses RMSNorm: "
             "use shifts=auto or shifts=off"
         )
+    if recipe.down_smoothing and recipe.smoothing is not None:
+        if not any(pair.kind == "gated" for pair in arch.smooth_pairs):
+            raise LrquantError(
+                f"down_smoothing needs a gated MLP (LLaMA, Qwen, Mistral, Gemma, Phi-3); "
+                f"'{arch.model_types[0]}' has none: leave down_smoothing off"
+            )
     return TransformOptions(
         smoothing=recipe.smoothing,
         alpha=recipe.alpha,
@@ -263,6 +269,7 @@ def quantize_blockwise(
     each block is learned on ``device`` (default: the CPU) with both chains kept there.
     """
     device = device or torch.device("cpu")
+    options = transform_options(recipe, arch)  # refuses impossible settings before any work
     blocks = arch.block_list(model)
     transitions = arch.transitions(model)
     kwargs_per_block, transition_kwargs = to_device(capture_block_kwargs(model, arch, calibration[0]), device)
@@ -278,7 +285,6 @@ def quantize_blockwise(
         first, state = start
         quantize_patch_embedding(model, scheme)  # a resumed run starts from the loaded model
     state = ChainState(fp=state.fp.to(device), quant=state.quant.to(device))
-    options = transform_options(recipe, arch)
     # The head (when asked for) runs after every block, so rounding it first changes no target;
     # first, so that a head that cannot be quantized stops the run before any training.
     attach_head_quantizers(model, arch, scheme)
