@@ -105,7 +105,12 @@ def transform_options(recipe: Recipe, arch: ArchSpec) -> TransformOptions:
 
 @torch.no_grad()
 def _targets_and_stats(
-    block: nn.Module, arch: ArchSpec, state: ChainState, kwargs: dict, recipe: Recipe
+    block: nn.Module,
+    arch: ArchSpec,
+    state: ChainState,
+    kwargs: dict,
+    recipe: Recipe,
+    options: TransformOptions,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, ChannelStats]]:
     stats: dict[str, ChannelStats] = {}
 
@@ -119,7 +124,7 @@ def _targets_and_stats(
 
         return hook
 
-    names = {pair.targets[0] for pair in active_pairs(arch, transform_options(recipe, arch))}
+    names = {pair.targets[0] for pair in active_pairs(arch, options)}
     handles = [block.get_submodule(n).register_forward_pre_hook(observe(n)) for n in names]
     try:
         fp_out = run_block(block, state.fp, kwargs, recipe.batch_size)
@@ -298,7 +303,7 @@ def quantize_blockwise(
         with placed(blocks[index], device) as block:  # back in host memory afterwards, also on errors
             for p in block.parameters():
                 p.requires_grad_(False)
-            fp_out, hom_out, stats = _targets_and_stats(block, arch, state, kwargs, recipe)
+            fp_out, hom_out, stats = _targets_and_stats(block, arch, state, kwargs, recipe, options)
             attach_block_quantizers(block, arch, scheme)
             layout = AttentionLayout.of_block(block, arch, model.config)
             bt = attach_block_transforms(block, arch, layout, stats, options, scheme.weight)

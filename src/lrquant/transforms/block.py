@@ -209,13 +209,14 @@ def _wire_pair(block, pair: SmoothPair, arch, layout, stat, options, linears, tr
         if factor.shift is not None:
             source.row_shift = lambda f=factor: f.shift
         return
-    if pair.source_rows == "up_of_fused_gate_up":  # fused [gate; up] rows, up second
-        source.row_scale.append(lambda f=factor: torch.cat([f.value().new_ones(f.scale.numel()), f.value()]))
-        return
-    qk_rows = (layout.heads + layout.kv_heads) * layout.head_dim  # fused [q; k; v] rows, v last
-    source.row_scale.append(lambda f=factor: torch.cat([f.value().new_ones(qk_rows), f.value()]))
+    # A fused source: the rows before the ones that feed the targets keep scale 1 and shift 0.
+    if pair.source_rows == "up_of_fused_gate_up":  # [gate; up], up second
+        lead = factor.scale.numel()
+    else:  # [q; k; v], v last
+        lead = (layout.heads + layout.kv_heads) * layout.head_dim
+    source.row_scale.append(lambda f=factor: torch.cat([f.value().new_ones(lead), f.value()]))
     if factor.shift is not None:
-        source.row_shift = lambda f=factor: torch.cat([f.shift.new_zeros(qk_rows), f.shift])
+        source.row_shift = lambda f=factor: torch.cat([f.shift.new_zeros(lead), f.shift])
 
 
 def _wire_qk(
