@@ -77,10 +77,11 @@ def main() -> None:
                 assert row is not None
             table[label, setting] = row
 
+    matmuls = sorted({str(row.get("matmuls", "not recorded")) for row in table.values()})
     lines = [
         f"LRQuant+ on `{args.model}`, preset `{args.preset}`, seed {args.seed}; perplexity on "
         f"`wikipedia:test`, {args.windows} windows x {args.seqlen} tokens (lower is better); "
-        "quantization seconds in brackets.",
+        f"quantization seconds in brackets; block training matmuls: {', '.join(matmuls)}.",
         "",
         "| variant | " + " | ".join(args.settings) + " |",
         "|---|" + "---:|" * len(args.settings),

@@ -60,7 +60,7 @@ def run_one(job: dict) -> dict:
     from lrquant.device import placed, resolve_device
     from lrquant.eval.perplexity import perplexity
     from lrquant.models.loading import load_model
-    from lrquant.recipes import PRESETS, build_recipe, parse_overrides
+    from lrquant.recipes import PRESETS, build_recipe, parse_overrides, use_bf16
 
     torch.manual_seed(job["seed"])
     device = resolve_device(job.get("device", "cpu"))
@@ -69,6 +69,7 @@ def run_one(job: dict) -> dict:
     windows = evaluation_data(loaded, data)
     start = time.perf_counter()
     blocks = []
+    learned_in = None  # what block training's matmuls ran in ("matmuls"; older rows lack it)
     if job["method"] == "autoround":
         calibration = calibration_data(loaded, data, PRESETS[job["preset"]]["nsamples"])
         _autoround(loaded, SETTINGS[job["setting"]], calibration, job["seed"], job["overrides"])
@@ -77,6 +78,8 @@ def run_one(job: dict) -> dict:
         calibration = None if job["method"] == "rtn" else calibration_data(loaded, data, recipe.nsamples)
         scheme = build_scheme(**SETTINGS[job["setting"]])
         blocks = apply_method(loaded, scheme, job["method"], recipe, calibration, job["seed"], device=device)
+        if recipe.learn:
+            learned_in = "bf16" if use_bf16(recipe, "cpu" if device.type == "cpu" else "cuda") else "fp32"
     quantize_s = time.perf_counter() - start
     start = time.perf_counter()
     with placed(loaded.model, device):
@@ -92,6 +95,7 @@ def run_one(job: dict) -> dict:
         "eval_tokens": int(windows.numel()),
         "retries": sum(b["retries"] for b in blocks),
         "last_block_cosine": blocks[-1]["cosine"] if blocks else None,
+        "matmuls": learned_in,
     }
 
 
