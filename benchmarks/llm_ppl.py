@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -41,7 +42,8 @@ SETTINGS: dict[str, dict] = {
     "W4A8": dict(wbits=4, abits=8),
     "W4A4": dict(wbits=4, abits=4),
 }
-RESULTS = Path(__file__).parent / "results"
+# LRQUANT_BENCH_RESULTS puts the result files elsewhere (the smoke tests do).
+RESULTS = Path(os.environ.get("LRQUANT_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def run_one(job: dict) -> dict:

@@ -26,7 +26,7 @@ from lrquant.config import build_scheme
 from lrquant.device import placed, resolve_device
 from lrquant.eval import images as image_eval
 from lrquant.models.loading import load_model
-from lrquant.recipes import build_recipe, parse_overrides
+from lrquant.recipes import build_recipe, parse_overrides, use_bf16
 
 SETTINGS: dict[str, dict] = {
     "W8A8": {"wbits": 8, "abits": 8},
@@ -132,12 +132,15 @@ def main() -> None:
         loaded = load_model(args.model)
         start = time.perf_counter()
         blocks: list[dict] = []
+        learned_in = None  # what block training's matmuls ran in ("matmuls"; older rows lack it)
         if method != "fp":
             overrides_now = {**parse_overrides(overrides), "nsamples": 32}
             recipe = build_recipe(method, args.preset, overrides_now, loaded.arch.modality)
             scheme = build_scheme(**SETTINGS[setting])
             calib = None if method == "rtn" else calibration
             blocks = apply_method(loaded, scheme, method, recipe, calib, device=device)
+            if recipe.learn:
+                learned_in = "bf16" if use_bf16(recipe, "cpu" if device.type == "cpu" else "cuda") else "fp32"
         quantize_s = time.perf_counter() - start
         with placed(loaded.model, device):
             scores = image_eval.score(loaded.model, loaded.arch, sets, reference)
@@ -150,6 +153,7 @@ def main() -> None:
             "image_size": calibration.shape[-1],
             "retries": sum(b["retries"] for b in blocks),
             "peak_rss_mb_process": round(peak_rss_mb()),
+            "matmuls": learned_in,
         }
         with path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")

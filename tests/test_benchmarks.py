@@ -1,0 +1,82 @@
+"""Smoke runs of the benchmark scripts on tiny random models (their real runs are not in CI).
+
+Each script runs as a user runs it, in a fresh process, with its result files redirected to a
+temporary folder (``LRQUANT_BENCH_RESULTS``), at the smallest budget that still learns.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from lrquant.models.tiny_vision import save_tiny_vision_model
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+TINY_BUDGET = ["compile=false", "epochs=1"]  # compiling costs more than tiny models ever win back
+
+
+def run_script(script: str, args: list[str], results: Path) -> str:
+    env = {**os.environ, "LRQUANT_BENCH_RESULTS": str(results), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(BENCHMARKS / script), *args]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def rows(results: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (results / f"{name}.jsonl").read_text().splitlines()]
+
+
+def test_llm_table_runs_records_and_resumes(tiny_llama, tmp_path) -> None:
+    sets = [arg for item in ["nsamples=2", *TINY_BUDGET] for arg in ("--set", item)]
+    command = ["--model", str(tiny_llama), "--methods", "rtn", "lrquant_plus", "--settings", "W4A4", "FP"]
+    command += ["--preset", "fast", "--seqlen", "32", "--windows", "2", "--name", "smoke", *sets]
+    run_script("llm_ppl.py", command, tmp_path)
+    found = {(r["method"], r["setting"]): r for r in rows(tmp_path, "smoke")}
+    assert set(found) == {("rtn", "W4A4"), ("lrquant_plus", "W4A4"), ("-", "FP")}
+    assert all(math.isfinite(r["perplexity"]) and r["eval_tokens"] == 64 for r in found.values())
+    assert found["lrquant_plus", "W4A4"]["matmuls"] in ("bf16", "fp32")
+    assert found["rtn", "W4A4"]["matmuls"] is None  # nothing learned
+    assert found["rtn", "W4A4"]["perplexity"] != found["-", "FP"]["perplexity"]  # the weights did change
+    table = (tmp_path / "smoke.md").read_text()
+    assert "| W4A4 |" in table and "lrquant_plus" in table
+
+    # The same command again runs nothing: every row is already there.
+    again = run_script("llm_ppl.py", command, tmp_path)
+    assert len(rows(tmp_path, "smoke")) == 3
+    assert "lrquant_plus W4A4" in " ".join(again.split())
+
+
+def test_vision_benchmarks_run_on_a_tiny_backbone(tmp_path) -> None:
+    model = str(save_tiny_vision_model("dinov2", tmp_path / "dinov2"))
+    results = tmp_path / "results"
+    sets = [arg for item in TINY_BUDGET for arg in ("--set", item)]
+    run_script(
+        "vit_probe.py",
+        ["--model", model, "--methods", "rtn", "lrquant_plus", "--settings", "W4A4", "--eval",
+         "photos:heldout,digits@32", "--name", "vsmoke", *sets],
+        results,
+    )  # fmt: skip
+    found = {r["method"]: r for r in rows(results, "vsmoke")}
+    assert set(found) == {"fp", "rtn", "lrquant_plus"}
+    assert found["fp"]["images"]["photos:heldout"]["cosine"] == 1.0
+    for method in ("rtn", "lrquant_plus"):
+        scores = found[method]["images"]
+        assert 0 < scores["photos:heldout"]["cosine"] < 1
+        assert 0 <= scores["digits@32"]["probe_accuracy"] <= 100
+    assert found["lrquant_plus"]["matmuls"] in ("bf16", "fp32")
+
+    run_script(
+        "vit_overfit.py",
+        ["--model", model, "--setting", "W4A4", "--jobs", "rtn", "lrquant_plus," + ",".join(TINY_BUDGET),
+         "--name", "osmoke"],
+        results,
+    )  # fmt: skip
+    (rtn, plus) = rows(results, "osmoke")
+    assert (rtn["method"], plus["method"]) == ("rtn", "lrquant_plus")
+    for row in (rtn, plus):
+        assert set(row["cosine"]) == {"calibration crops", "fresh crops, same photos", "held-out photos"}
+        assert all(0 < c["feature"] < 1 for c in row["cosine"].values())
+    assert "held-out photos" in (results / "osmoke.md").read_text()
