@@ -226,7 +226,7 @@ def main() -> None:
 
     # Finished jobs are appended to <name>.jsonl as they end, so an interrupted table resumes
     # where it stopped when the same command is run again.
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     done_path = RESULTS / f"{args.name}.jsonl"
     done = load_rows(args.name)
     rows = []

@@ -71,6 +71,7 @@ def main() -> None:
     reference = {name: model_outputs(loaded.model, loaded.arch, x) for name, x in images.items()}
 
     path = RESULTS / f"{args.name}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
     for job in args.jobs:
         method, *overrides = job.split(",")
         loaded = load_model(args.model)
