@@ -62,7 +62,7 @@ def run_one(job: dict) -> dict:
     from lrquant.device import placed, resolve_device
     from lrquant.eval.perplexity import perplexity
     from lrquant.models.loading import load_model
-    from lrquant.recipes import PRESETS, build_recipe, parse_overrides, use_bf16
+    from lrquant.recipes import PRESETS, build_recipe, parse_overrides
 
     torch.manual_seed(job["seed"])
     device = resolve_device(job.get("device", "cpu"))
@@ -71,7 +71,7 @@ def run_one(job: dict) -> dict:
     windows = evaluation_data(loaded, data)
     start = time.perf_counter()
     blocks = []
-    learned_in = None  # what block training's matmuls ran in ("matmuls"; older rows lack it)
+    learned_in = None  # "matmuls" of the row; older rows lack it
     if job["method"] == "autoround":
         calibration = calibration_data(loaded, data, PRESETS[job["preset"]]["nsamples"])
         _autoround(loaded, SETTINGS[job["setting"]], calibration, job["seed"], job["overrides"])
@@ -80,8 +80,7 @@ def run_one(job: dict) -> dict:
         calibration = None if job["method"] == "rtn" else calibration_data(loaded, data, recipe.nsamples)
         scheme = build_scheme(**SETTINGS[job["setting"]])
         blocks = apply_method(loaded, scheme, job["method"], recipe, calibration, job["seed"], device=device)
-        if recipe.learn:
-            learned_in = "bf16" if use_bf16(recipe, "cpu" if device.type == "cpu" else "cuda") else "fp32"
+        learned_in = training_matmuls(recipe, device)
     quantize_s = time.perf_counter() - start
     start = time.perf_counter()
     with placed(loaded.model, device):
@@ -99,6 +98,16 @@ def run_one(job: dict) -> dict:
         "last_block_cosine": blocks[-1]["cosine"] if blocks else None,
         "matmuls": learned_in,
     }
+
+
+def training_matmuls(recipe, device) -> str | None:
+    """What a recipe's block training runs its matmuls in on ``device``: "bf16", "fp32", or None
+    for a one-shot recipe (nothing trained)."""
+    from lrquant.recipes import use_bf16
+
+    if not recipe.learn:
+        return None
+    return "bf16" if use_bf16(recipe, "cpu" if device.type == "cpu" else "cuda") else "fp32"
 
 
 def _autoround(loaded, setting: dict, calibration, seed: int, overrides: list[str]) -> None:

@@ -19,14 +19,14 @@ import platform
 import time
 
 import torch
-from llm_ppl import RESULTS, code_version, load_rows
+from llm_ppl import RESULTS, code_version, load_rows, training_matmuls
 
 from lrquant.api import DataSettings, apply_method, calibration_data, peak_rss_mb
 from lrquant.config import build_scheme
 from lrquant.device import placed, resolve_device
 from lrquant.eval import images as image_eval
 from lrquant.models.loading import load_model
-from lrquant.recipes import build_recipe, parse_overrides, use_bf16
+from lrquant.recipes import build_recipe, parse_overrides
 
 SETTINGS: dict[str, dict] = {
     "W8A8": {"wbits": 8, "abits": 8},
@@ -132,15 +132,14 @@ def main() -> None:
         loaded = load_model(args.model)
         start = time.perf_counter()
         blocks: list[dict] = []
-        learned_in = None  # what block training's matmuls ran in ("matmuls"; older rows lack it)
+        learned_in = None  # "matmuls" of the row; older rows lack it
         if method != "fp":
             overrides_now = {**parse_overrides(overrides), "nsamples": 32}
             recipe = build_recipe(method, args.preset, overrides_now, loaded.arch.modality)
             scheme = build_scheme(**SETTINGS[setting])
             calib = None if method == "rtn" else calibration
             blocks = apply_method(loaded, scheme, method, recipe, calib, device=device)
-            if recipe.learn:
-                learned_in = "bf16" if use_bf16(recipe, "cpu" if device.type == "cpu" else "cuda") else "fp32"
+            learned_in = training_matmuls(recipe, device)
         quantize_s = time.perf_counter() - start
         with placed(loaded.model, device):
             scores = image_eval.score(loaded.model, loaded.arch, sets, reference)
