@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--wbits", type=int, default=4)
     parser.add_argument("--abits", type=int, default=4)
     parser.add_argument("--group-size", type=int)
+    parser.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
@@ -48,7 +49,7 @@ def main() -> None:
     model, arch = loaded.model, loaded.arch
     recipe = build_recipe("lrquant_plus", "fast")
     n = args.steps + args.warmup
-    calibration = calibration_data(loaded, DataSettings(), n)
+    calibration = calibration_data(loaded, DataSettings(seqlen=args.seqlen), n)
     scheme = build_scheme(wbits=args.wbits, abits=args.abits, group_size=args.group_size)
     kwargs = capture_block_kwargs(model, arch, calibration[0])[0][0]
     inputs = capture_block_inputs(model, arch, calibration)
@@ -56,11 +57,12 @@ def main() -> None:
     block = arch.block_list(model)[0]
     for p in block.parameters():
         p.requires_grad_(False)
-    fp_out, hom_out, stats = _targets_and_stats(block, arch, state, kwargs, recipe)
+    options = transform_options(recipe, arch)
+    fp_out, hom_out, stats = _targets_and_stats(block, arch, state, kwargs, recipe, options)
     use_quantized_attention(model)
     attach_block_quantizers(block, arch, scheme)
-    layout = AttentionLayout.from_config(model.config)
-    bt = attach_block_transforms(block, arch, layout, stats, transform_options(recipe, arch), scheme.weight)
+    layout = AttentionLayout.of_block(block, arch, model.config)
+    bt = attach_block_transforms(block, arch, layout, stats, options, scheme.weight)
     initial = {k: v.clone() for k, v in bt.state_dict().items()}
 
     def run(bf16: bool, compiled: bool) -> tuple[float, float]:

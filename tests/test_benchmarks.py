@@ -80,3 +80,13 @@ def test_vision_benchmarks_run_on_a_tiny_backbone(tmp_path) -> None:
         assert set(row["cosine"]) == {"calibration crops", "fresh crops, same photos", "held-out photos"}
         assert all(0 < c["feature"] < 1 for c in row["cosine"].values())
     assert "held-out photos" in (results / "osmoke.md").read_text()
+
+
+def test_step_time_runs_on_a_tiny_llm(tiny_llama, tmp_path) -> None:
+    args = ["--model", str(tiny_llama), "--seqlen", "32", "--steps", "2", "--warmup", "1"]
+    out = run_script("step_time.py", args, tmp_path)
+    table = [line for line in out.splitlines() if line.startswith("| bf16") or line.startswith("| fp32")]
+    assert len(table) == 4  # bf16/fp32 x eager/compiled
+    for line in table:
+        per_step = float(line.split("|")[3])
+        assert per_step > 0

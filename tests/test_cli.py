@@ -390,3 +390,23 @@ def test_failed_run_removes_the_parent_folders_it_created(work: Path, capsys) ->
     assert status == 2
     assert "not found" in capsys.readouterr().err
     assert not (work / "new").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--set", "epochs=-1"], "epochs Input should be greater than or equal to 0"),
+        (["--method", "gptq"], "unknown method 'gptq'"),
+        (["--preset", "huge"], "unknown preset 'huge'"),
+    ],
+    ids=["field", "method", "preset"],
+)
+def test_recipe_errors_come_before_loading_the_model(
+    extra: list[str], expected: str, work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad recipe is refused at once, not after minutes of loading a large model (here the
+    model does not even exist: its error would come first if the model were loaded first)."""
+    argv = ["quantize", "--model", str(work / "missing-model"), "--output", str(work / "out"), *extra]
+    line = error_line(*run(capsys, *argv))
+    assert expected in line
+    assert listing(work) == []

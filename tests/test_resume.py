@@ -4,6 +4,11 @@ and rerunning the same command resumes to bit-for-bit the result of an uninterru
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -175,3 +180,40 @@ def test_swin_resumes_across_the_patch_merging_between_stages(
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(got[key], value), key
+
+
+def test_sigterm_stops_like_ctrl_c_and_the_rerun_resumes(
+    llama3: Path, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``kill``/``timeout``/a scheduler's SIGTERM mid-run: exit 143, one line, no temporary output
+    folder left, the finished blocks kept; the same command then resumes after them."""
+    out = tmp_path / "out_term"
+    argv = ["quantize", "--model", str(llama3), "--output", str(out), "--wbits", "4", "--abits", "4"]
+    argv += ["--group-size", "16", "--preset", "fast", "--seqlen", "32", "--nsamples", "4"]
+    argv += ["--calib-data", str(text_file), "--no-eval", "--set", "compile=false"]
+    # Enough steps per block that the run is still learning block 1 when the signal comes.
+    argv += ["--set", "epochs=40"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lrquant", *argv], stderr=subprocess.PIPE, text=True, env=env
+    )
+    progress = _resume_folder(out) / META
+    deadline = time.monotonic() + 240
+    while not progress.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before its first block was saved:\n{proc.stderr.read()}"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith("lrquant: stopped by SIGTERM; no output was written")
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [_resume_folder(out).name]  # no temporary folder
+    done = json.loads(progress.read_text())["done"]
+    assert 1 <= done < NUM_LAYERS
+
+    with monkeypatch.context() as patch:
+        saved = _interrupt_after_block(patch, -1)  # only records
+        assert cli.main(argv) == 0
+    assert saved == list(range(done, NUM_LAYERS))  # resumed after the blocks already saved
+    assert out.is_dir() and not _resume_folder(out).exists()

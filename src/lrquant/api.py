@@ -290,6 +290,7 @@ def quantize(
     there is one); the model itself stays in host memory.
     """
     target = resolve_device(device)
+    build_recipe(method, preset, overrides)  # bad recipe settings fail before a model is loaded
     torch.manual_seed((data or DataSettings()).seed)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()

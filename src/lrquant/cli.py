@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import NoReturn
 
 from lrquant.errors import LrquantError
@@ -253,11 +257,43 @@ def _image_summary(sets: dict[str, dict]) -> str:
     return ", ".join(parts)
 
 
+class Stopped(KeyboardInterrupt):
+    """A termination signal, raised where the program is, so it unwinds as Ctrl-C does."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP (``kill``, ``timeout``, a batch scheduler's preemption, a closed
+    terminal) into :class:`Stopped`, so the temporary output folder is removed and the finished
+    blocks are kept, as after Ctrl-C. Later signals are ignored while that cleanup runs."""
+    wanted = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    if threading.current_thread() is not threading.main_thread():  # handlers belong to the main thread
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        for sig in wanted:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in wanted}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a subcommand; user errors print one line and exit with status 2."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with stop_on_signals():
+            return args.func(args)
     except LrquantError as err:
         print(f"lrquant: error: {err}", file=sys.stderr)
         return 2
@@ -271,13 +307,15 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+        how = f"stopped by {signal.Signals(signum).name}" if isinstance(stop, Stopped) else "interrupted"
         print(
-            "lrquant: interrupted; no output was written (a learned run keeps its finished blocks: "
+            f"lrquant: {how}; no output was written (a learned run keeps its finished blocks: "
             "rerun the same command to resume)",
             file=sys.stderr,
         )
-        return 130
+        return 128 + signum
 
 
 if __name__ == "__main__":
