@@ -308,8 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     except KeyboardInterrupt as stop:
-        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
-        how = f"stopped by {signal.Signals(signum).name}" if isinstance(stop, Stopped) else "interrupted"
+        if isinstance(stop, Stopped):
+            signum, how = stop.signum, f"stopped by {signal.Signals(stop.signum).name}"
+        else:
+            signum, how = signal.SIGINT, "interrupted"
         print(
             f"lrquant: {how}; no output was written (a learned run keeps its finished blocks: "
             "rerun the same command to resume)",
