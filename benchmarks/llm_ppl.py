@@ -107,7 +107,7 @@ def training_matmuls(recipe, device) -> str | None:
 
     if not recipe.learn:
         return None
-    return "bf16" if use_bf16(recipe, "cpu" if device.type == "cpu" else "cuda") else "fp32"
+    return "bf16" if use_bf16(recipe, device) else "fp32"
 
 
 def _autoround(loaded, setting: dict, calibration, seed: int, overrides: list[str]) -> None:

@@ -378,3 +378,15 @@ def test_bf16_auto_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None
         assert recipes.use_bf16(auto, "cpu") is native
         assert recipes.use_bf16(build_recipe("lrquant_plus", "fast", {"bf16": "true"}), "cpu") is True
         assert recipes.use_bf16(build_recipe("lrquant_plus", "fast", {"bf16": "false"}), "cpu") is False
+
+
+def test_bf16_auto_asks_about_the_kind_of_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lrquant import recipes
+
+    asked = []
+    monkeypatch.setattr(recipes, "fast_bf16", lambda device: asked.append(device) or device == "cuda")
+    auto = build_recipe("lrquant_plus", "fast")
+    assert recipes.use_bf16(auto, torch.device("cpu")) is False
+    assert recipes.use_bf16(auto, torch.device("cuda", 1)) is True
+    assert recipes.use_bf16(auto, "cuda:0") is True
+    assert asked == ["cpu", "cuda", "cuda"]

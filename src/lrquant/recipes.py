@@ -83,9 +83,13 @@ def fast_bf16(device: str) -> bool:
     )
 
 
-def use_bf16(recipe: Recipe, device: str) -> bool:
-    """The recipe's bf16 switch, with ``auto`` decided by :func:`fast_bf16`."""
-    return fast_bf16(device) if recipe.bf16 == "auto" else bool(recipe.bf16)
+def use_bf16(recipe: Recipe, device: str | torch.device) -> bool:
+    """The recipe's bf16 switch, with ``auto`` decided by :func:`fast_bf16` for ``device``'s kind
+    (any CUDA device counts as "cuda")."""
+    if recipe.bf16 != "auto":
+        return bool(recipe.bf16)
+    kind = device if isinstance(device, str) else device.type
+    return fast_bf16("cuda" if kind.startswith("cuda") else "cpu")
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:

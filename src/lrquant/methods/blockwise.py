@@ -171,8 +171,7 @@ def training_step(
 ) -> float | None:
     """One optimizer step on one batch; returns the unweighted loss, or None (and no update) if
     the loss is not finite."""
-    device = "cpu" if inputs.device.type == "cpu" else "cuda"
-    with torch.autocast(device, torch.bfloat16, use_bf16(recipe, device)):
+    with torch.autocast(inputs.device.type, torch.bfloat16, use_bf16(recipe, inputs.device)):
         out = block(inputs, **kwargs)
     out = (out[0] if isinstance(out, tuple) else out).float()
     loss, raw = _loss(out, targets, recipe, weighting)
