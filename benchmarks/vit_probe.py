@@ -42,6 +42,7 @@ SETTINGS: dict[str, dict] = {
     "W6A6-pe": {"wbits": 6, "abits": 6, "patch_embed": True},
     "W4A4-pe": {"wbits": 4, "abits": 4, "patch_embed": True},
 }
+IMAGES = 32  # calibration crops, whatever the preset says (`--set nsamples=N` changes it)
 EVAL = "photos:heldout,digits@112,lfw@112"
 METRICS = (("photos:heldout", "cosine"), ("digits@112", "probe_accuracy"), ("lfw@112", "probe_accuracy"))
 
@@ -111,7 +112,7 @@ def main() -> None:
     sets = image_eval.load_eval_sets(args.eval, loaded.preprocess, args.seed)
     with placed(loaded.model, device):
         reference = image_eval.reference_outputs(loaded.model, loaded.arch, sets)
-    calibration = calibration_data(loaded, data.for_model(loaded), 32)
+    calibrations: dict[int, torch.Tensor] = {}  # crops per count (--set nsamples=N; 32 by default)
     variants = [v.split(",") for v in args.variants] if args.variants else [[]]
     jobs = [("fp", "FP", [])] + [(m, s, v) for s in args.settings for v in variants for m in args.methods]
     for method, setting, variant in jobs:
@@ -134,10 +135,13 @@ def main() -> None:
         blocks: list[dict] = []
         learned_in = None  # "matmuls" of the row; older rows lack it
         if method != "fp":
-            overrides_now = {**parse_overrides(overrides), "nsamples": 32}
+            overrides_now = {"nsamples": IMAGES, **parse_overrides(overrides)}
             recipe = build_recipe(method, args.preset, overrides_now, loaded.arch.modality)
             scheme = build_scheme(**SETTINGS[setting])
-            calib = None if method == "rtn" else calibration
+            n = recipe.nsamples
+            if n not in calibrations:
+                calibrations[n] = calibration_data(loaded, data.for_model(loaded), n)
+            calib = None if method == "rtn" else calibrations[n]
             blocks = apply_method(loaded, scheme, method, recipe, calib, device=device)
             learned_in = training_matmuls(recipe, device)
         quantize_s = time.perf_counter() - start
@@ -148,8 +152,8 @@ def main() -> None:
             "commit": code_version(),
             "images": scores,
             "quantize_s": round(quantize_s, 1),
-            "calibration_images": calibration.shape[0],
-            "image_size": calibration.shape[-1],
+            "calibration_images": recipe.nsamples if method != "fp" else 0,
+            "image_size": loaded.preprocess.size,
             "retries": sum(b["retries"] for b in blocks),
             "peak_rss_mb_process": round(peak_rss_mb()),
             "matmuls": learned_in,
@@ -164,8 +168,9 @@ def main() -> None:
         if r["model"] == args.model and r["preset"] == args.preset and r["seed"] == args.seed
     ]
     info = (
-        f"Model `{args.model}`; calibration: 32 seeded crops of the built-in photos at "
-        f"{calibration.shape[-1]} px, preset `{args.preset}`; evaluation {args.eval}; seed {args.seed}; "
+        f"Model `{args.model}`; calibration: {IMAGES} seeded crops of the built-in photos (unless "
+        f"`nsamples` says otherwise) at {loaded.preprocess.size} px, preset `{args.preset}`; "
+        f"evaluation {args.eval}; seed {args.seed}; "
         f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}."
     )
     if device.type == "cuda":

@@ -67,6 +67,18 @@ def test_vision_benchmarks_run_on_a_tiny_backbone(tmp_path) -> None:
         assert 0 < scores["photos:heldout"]["cosine"] < 1
         assert 0 <= scores["digits@32"]["probe_accuracy"] <= 100
     assert found["lrquant_plus"]["matmuls"] in ("bf16", "fp32")
+    assert found["lrquant_plus"]["calibration_images"] == 32
+
+    # nsamples picks the number of calibration crops (it was once overridden silently)
+    run_script(
+        "vit_probe.py",
+        ["--model", model, "--methods", "lrquant_plus", "--settings", "W4A4", "--eval",
+         "photos:heldout,digits@32", "--name", "vsmoke", "--set", "nsamples=4", *sets],
+        results,
+    )  # fmt: skip
+    fewer = [r for r in rows(results, "vsmoke") if "nsamples=4" in r["overrides"]]
+    assert [r["calibration_images"] for r in fewer] == [4]
+    assert fewer[0]["images"] != found["lrquant_plus"]["images"]
 
     run_script(
         "vit_overfit.py",
