@@ -60,6 +60,9 @@ def main() -> None:
     parser.add_argument("--name", default="vit_overfit")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    for job in args.jobs:
+        if "nsamples" in parse_overrides(job.split(",")[1:]):
+            raise SystemExit(f"job '{job}': the three sets have {N} images each; nsamples cannot change")
 
     loaded = load_model(args.model)
     both = calibration_data(loaded, DataSettings(seed=args.seed), 2 * N)  # crops N+1..2N: fresh
