@@ -177,6 +177,12 @@ def test_learning_lowers_the_loss_and_beats_rtn(outlier_llama) -> None:
         assert report.losses[-1] < report.losses[0], report
     for report in plus_reports:  # observed: -10% and -6% over 3 epochs
         assert report.losses[-1] < 0.97 * report.losses[0], report
+        # the epoch loss is the sum of its reported terms, each an epoch mean over both branches
+        assert set(report.terms) == {"mse", "nlc"}
+        summed = [m + c for m, c in zip(report.terms["mse"], report.terms["nlc"], strict=True)]
+        assert summed == pytest.approx(report.losses, rel=1e-9)
+        assert all(c > 0 for c in report.terms["nlc"])
+    assert all(set(r.terms) == {"mse"} for r in omni_reports)  # OmniQuant: MSE only
     assert plus_err < 0.9 * rtn_err
     assert omni_err < 0.93 * rtn_err
     assert plus_err < 0.97 * init_err  # training itself helped, not only the smoothing initialisation

@@ -58,6 +58,8 @@ class BlockReport:
 
     index: int
     losses: list[float] = field(default_factory=list)
+    # the same per epoch, split into its unweighted terms ("mse", "nlc"), each summed over branches
+    terms: dict[str, list[float]] = field(default_factory=dict)
     cosine: float = float("nan")
     mse: float = float("nan")
     seconds: float = 0.0
@@ -138,15 +140,21 @@ def _targets_and_stats(
 
 def _loss(
     out: torch.Tensor, targets: list[torch.Tensor], recipe: Recipe, weighting: losses.DynamicWeighting | None
-) -> tuple[torch.Tensor, float]:
-    """The loss to minimise, and its unweighted value (comparable across blocks, for the report)."""
-    mse = sum(losses.mse(out, t) for t in targets) if recipe.mse else None
-    nlc = sum(losses.nlc(out, t) for t in targets) if recipe.nlc else None
-    terms = [t for t in (mse, nlc) if t is not None]
-    raw = sum(terms)
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss to minimise, and its unweighted terms (comparable across blocks, for the report).
+
+    With dynamic weighting the optimizer sees each term over its own running size, so the plain
+    sum of the terms can rise while the weighted loss falls (one term traded for the other).
+    """
+    terms = {}
+    if recipe.mse:
+        terms["mse"] = sum(losses.mse(out, t) for t in targets)
+    if recipe.nlc:
+        terms["nlc"] = sum(losses.nlc(out, t) for t in targets)
+    values = {name: float(term.detach()) for name, term in terms.items()}
     if weighting is not None and len(terms) == 2:
-        return weighting(*terms), float(raw.detach())
-    return raw, float(raw.detach())
+        return weighting(*terms.values()), values
+    return sum(terms.values()), values
 
 
 def optimizer_for(bt: BlockTransforms, recipe: Recipe, lr_scale: float = 1.0) -> torch.optim.Optimizer:
@@ -169,18 +177,18 @@ def training_step(
     optimizer: torch.optim.Optimizer,
     weighting: losses.DynamicWeighting | None,
 ) -> float | None:
-    """One optimizer step on one batch; returns the unweighted loss, or None (and no update) if
-    the loss is not finite."""
+    """One optimizer step on one batch; returns the unweighted loss terms, or None (and no update)
+    if the loss is not finite."""
     with torch.autocast(inputs.device.type, torch.bfloat16, use_bf16(recipe, inputs.device)):
         out = block(inputs, **kwargs)
     out = (out[0] if isinstance(out, tuple) else out).float()
-    loss, raw = _loss(out, targets, recipe, weighting)
+    loss, terms = _loss(out, targets, recipe, weighting)
     if not torch.isfinite(loss):
         return None
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return raw
+    return terms
 
 
 def _train_block(
@@ -202,23 +210,27 @@ def _train_block(
         optimizer = optimizer_for(bt, recipe, lr_scale)
         weighting = losses.DynamicWeighting(2) if recipe.dynamic_weighting else None
         generator = torch.Generator().manual_seed(seed)
-        report.losses = []
+        report.losses, report.terms = [], {}
         finite = True
+        steps = math.ceil(n / recipe.batch_size)
         for epoch in range(recipe.epochs):
-            total = 0.0
+            totals: dict[str, float] = {}
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, recipe.batch_size):
                 idx = order[start : start + recipe.batch_size]
-                raw = training_step(
+                terms = training_step(
                     block, state.quant[idx], [t[idx] for t in targets], kwargs, recipe, optimizer, weighting
                 )
-                if raw is None:
+                if terms is None:
                     finite = False
                     break
-                total += raw
+                for name, value in terms.items():
+                    totals[name] = totals.get(name, 0.0) + value
             if not finite:
                 break
-            report.losses.append(total / math.ceil(n / recipe.batch_size))
+            report.losses.append(sum(totals.values()) / steps)
+            for name, value in totals.items():
+                report.terms.setdefault(name, []).append(value / steps)
             if bar is not None:
                 bar.set_postfix(block=report.index, epoch=epoch + 1, loss=f"{report.losses[-1]:.4g}")
         if finite:
@@ -248,7 +260,7 @@ def _choose_init(
     for how in SEARCHED_INITS:
         bt.use_init(how)
         out = run_block(block, inputs[:n], kwargs, recipe.batch_size)
-        scores[how] = _loss(out, [t[:n] for t in targets], recipe, None)[1]
+        scores[how] = sum(_loss(out, [t[:n] for t in targets], recipe, None)[1].values())
     best = min(scores, key=scores.__getitem__)
     bt.use_init(best)
     return best
@@ -348,6 +360,8 @@ def _through(module: nn.Module, state: ChainState, kwargs: dict, batch_size: int
 def _log_block(report: BlockReport, total: int, elapsed: float, done_now: int) -> None:
     left = elapsed / done_now * (total - report.index - 1)
     loss = f", loss {report.losses[0]:.4g} -> {report.losses[-1]:.4g}" if report.losses else ""
+    if len(report.terms) > 1:  # which term moved which way
+        loss += " (" + ", ".join(f"{k} {v[0]:.4g} -> {v[-1]:.4g}" for k, v in report.terms.items()) + ")"
     retry = f", {report.retries} retries (lr x{report.lr_scale:g})" if report.retries else ""
     retry += f", init {report.init}" if report.init else ""
     log(
