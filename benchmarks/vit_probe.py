@@ -139,7 +139,7 @@ def main() -> None:
             recipe = build_recipe(method, args.preset, overrides_now, loaded.arch.modality)
             scheme = build_scheme(**SETTINGS[setting])
             n = recipe.nsamples
-            if n not in calibrations:
+            if method != "rtn" and n not in calibrations:  # RTN needs no calibration images
                 calibrations[n] = calibration_data(loaded, data.for_model(loaded), n)
             calib = None if method == "rtn" else calibrations[n]
             blocks = apply_method(loaded, scheme, method, recipe, calib, device=device)

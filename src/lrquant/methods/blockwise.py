@@ -151,7 +151,8 @@ def _loss(
         terms["mse"] = sum(losses.mse(out, t) for t in targets)
     if recipe.nlc:
         terms["nlc"] = sum(losses.nlc(out, t) for t in targets)
-    values = {name: float(term.detach()) for name, term in terms.items()}
+    # one device-to-host copy for all terms (this runs on every training step)
+    values = dict(zip(terms, torch.stack(list(terms.values())).detach().tolist(), strict=True))
     if weighting is not None and len(terms) == 2:
         return weighting(*terms.values()), values
     return sum(terms.values()), values
@@ -176,7 +177,7 @@ def training_step(
     recipe: Recipe,
     optimizer: torch.optim.Optimizer,
     weighting: losses.DynamicWeighting | None,
-) -> float | None:
+) -> dict[str, float] | None:
     """One optimizer step on one batch; returns the unweighted loss terms, or None (and no update)
     if the loss is not finite."""
     with torch.autocast(inputs.device.type, torch.bfloat16, use_bf16(recipe, inputs.device)):
