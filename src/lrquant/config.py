@@ -157,6 +157,7 @@ def describe_validation_error(err: ValidationError, what: str = "invalid setting
     """One line naming each bad field and why, from a pydantic error."""
     parts = []
     for item in err.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "value"
-        parts.append(f"{where} {item['msg'].removeprefix('Value error, ')}")
+        where = ".".join(str(p) for p in item["loc"])  # empty for a check across fields
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{where} {message}" if where else message)
     return f"{what}: " + "; ".join(parts)
