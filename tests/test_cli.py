@@ -398,8 +398,16 @@ def test_failed_run_removes_the_parent_folders_it_created(work: Path, capsys) ->
         (["--set", "epochs=-1"], "epochs Input should be greater than or equal to 0"),
         (["--method", "gptq"], "unknown method 'gptq'"),
         (["--preset", "huge"], "unknown preset 'huge'"),
+        (
+            ["--set", "mse=false", "--set", "nlc=false"],
+            "'lrquant_plus': mse and nlc are both off, so there is no loss",
+        ),
+        (
+            ["--set", "error_propagation=false", "--set", "homologous=false"],
+            "error_propagation and homologous are both off, so there is no target",
+        ),
     ],
-    ids=["field", "method", "preset"],
+    ids=["field", "method", "preset", "no-loss", "no-target"],
 )
 def test_recipe_errors_come_before_loading_the_model(
     extra: list[str], expected: str, work: Path, capsys: pytest.CaptureFixture[str]

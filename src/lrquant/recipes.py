@@ -11,7 +11,7 @@ import functools
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lrquant.config import describe_validation_error
 from lrquant.errors import LrquantError
@@ -45,6 +45,17 @@ class Recipe(BaseModel):
     bf16: bool | Literal["auto"] = "auto"  # bf16 autocast while learning; auto: where matmuls are native
     compile: bool = True  # fuse fake quantization with torch.compile while learning (eager if unavailable)
     max_retries: int = Field(3, ge=0)
+
+    @model_validator(mode="after")
+    def _something_to_learn(self) -> Recipe:
+        if self.learn and not (self.mse or self.nlc):
+            raise ValueError("mse and nlc are both off, so there is no loss to learn from: keep one of them")
+        if self.learn and not (self.error_propagation or self.homologous):
+            raise ValueError(
+                "error_propagation and homologous are both off, so there is no target to learn: "
+                "keep one of them"
+            )
+        return self
 
 
 RECIPES: dict[str, dict] = {
