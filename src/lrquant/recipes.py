@@ -31,6 +31,9 @@ class Recipe(BaseModel):
     # up_proj -> down_proj in gated MLPs (SwiGLU, GeGLU): not one of the paper's pairs
     down_smoothing: bool = False
     clipping: bool = True
+    # where the clipping bounds start: just inside min/max (the paper's sigmoid(4)), or per group at
+    # the shrink factor with the lowest input-weighted rounding error ("search")
+    clip_init: Literal["minmax", "search"] = "minmax"
     rotation: bool = True
     mse: bool = True
     nlc: bool = True
@@ -54,6 +57,10 @@ class Recipe(BaseModel):
             raise ValueError(
                 "error_propagation and homologous are both off, so there is no target to learn: "
                 "keep one of them"
+            )
+        if self.clip_init == "search" and not (self.learn and self.clipping):
+            raise ValueError(
+                "clip_init=search sets where the learned clipping bounds start: needs learn and clipping on"
             )
         return self
 

@@ -38,6 +38,7 @@ from lrquant.quant.apply import (
     quantize_patch_embedding,
     use_quantized_attention,
 )
+from lrquant.quant.linear import QuantLinear
 from lrquant.quant.quantizer import compiled_quantizer
 from lrquant.recipes import Recipe, use_bf16
 from lrquant.transforms.block import (
@@ -267,6 +268,35 @@ def _choose_init(
     return best
 
 
+@torch.no_grad()
+def _search_clipping(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch_size: int) -> None:
+    """``clip_init="search"``: start every linear's clipping bounds at the shrink factors that
+    :meth:`LearnableClipping.search` picks, weighting each input channel by its mean square over the
+    calibration inputs as that linear sees them (after the chosen smoothing)."""
+    clipped = [
+        m
+        for m in block.modules()
+        if isinstance(m, QuantLinear) and m.transform is not None and m.transform.clipping is not None
+    ]
+    square_sums: dict[QuantLinear, list] = {}
+
+    def observe(module, args):
+        x = args[0].detach().flatten(0, -2).float()
+        total, count = square_sums.get(module, (0.0, 0))
+        square_sums[module] = [total + x.square().sum(dim=0), count + x.shape[0]]
+
+    handles = [m.register_forward_pre_hook(observe) for m in clipped]
+    try:
+        run_block(block, inputs, kwargs, batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for module in clipped:
+        total, count = square_sums[module]
+        weight = module.transform.transformed(module.weight, module.bias)[0]
+        module.transform.clipping.search(weight, module.weight_spec, total / count)
+
+
 def quantize_blockwise(
     model: nn.Module,
     arch: ArchSpec,
@@ -327,6 +357,8 @@ def quantize_blockwise(
             with compiled_quantizer(bool(learn) and recipe.compile):
                 if bt.inits and targets:
                     report.init = _choose_init(block, bt, state.quant, targets, kwargs, recipe)
+                if learn and recipe.clip_init == "search" and bt.clipping:
+                    _search_clipping(block, state.quant, kwargs, recipe.batch_size)
                 if learn:
                     _train_block(block, bt, state, targets, kwargs, recipe, seed * 1000 + index, report, bar)
                 with torch.no_grad():

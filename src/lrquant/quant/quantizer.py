@@ -49,6 +49,18 @@ def group_for_stats(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int
     return x.unflatten(-1, (x.shape[-1] // size, size)), pad
 
 
+def group_sums(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The sum of ``x`` over each statistics group of ``spec``, shaped like the per-group statistics
+    (``[..., groups, 1]`` for group granularity, ``[..., 1]`` otherwise). A ragged last group sums
+    its own columns only."""
+    if spec.granularity == "group":
+        size = spec.group_size
+        assert size is not None
+        x = torch.nn.functional.pad(x, (0, -x.shape[-1] % size))
+        return x.unflatten(-1, (x.shape[-1] // size, size)).sum(dim=-1, keepdim=True)
+    return group_for_stats(x, spec)[0].sum(dim=-1, keepdim=True)
+
+
 def ungroup(xg: torch.Tensor, like: torch.Tensor, pad: int) -> torch.Tensor:
     """Undo :func:`group_for_stats`: back to the shape of ``like``."""
     if xg.shape == like.shape:

@@ -13,10 +13,12 @@ import torch
 import torch.nn as nn
 
 from lrquant.config import QuantSpec
-from lrquant.quant.quantizer import fake_quantize, group_for_stats
+from lrquant.quant.quantizer import fake_quantize, group_for_stats, group_sums
 
 Vector = Callable[[], torch.Tensor]
 CLIP_INIT = 4.0  # sigmoid(4) ≈ 0.982: start just inside the min/max range
+CLIP_SEARCH_LOWEST = 0.5  # the search tries shrink factors from here up to sigmoid(CLIP_INIT)
+CLIP_SEARCH_STEPS = 20
 
 
 class LearnableClipping(nn.Module):
@@ -30,6 +32,31 @@ class LearnableClipping(nn.Module):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.sigmoid(self.upper), torch.sigmoid(self.lower)
+
+    @torch.no_grad()
+    def search(self, weight: torch.Tensor, spec: QuantSpec, importance: torch.Tensor) -> torch.Tensor:
+        """Start each group's bounds at the shrink factor (one for both bounds) with the lowest
+        rounding error ``Σ_j h_j (Q(W)_ij - W_ij)²`` over the group, where ``h_j`` is the mean
+        square of input channel ``j``: the expected squared output error of the group's row, up to
+        the correlations between channels. ``weight`` is the (smoothed) weight being quantized.
+        The factors tried run from σ(4), the fixed start, down to 1/2 (a tie keeps the larger), so
+        the error never grows. Returns the chosen factors.
+        """
+        w = weight.detach().float()
+        top = torch.sigmoid(torch.tensor(CLIP_INIT)).item()
+        best_err = best = None
+        for factor in torch.linspace(top, CLIP_SEARCH_LOWEST, CLIP_SEARCH_STEPS).tolist():
+            shrink = torch.full_like(self.upper, factor)
+            err = group_sums((fake_quantize(w, spec, shrink, shrink) - w).square() * importance, spec)
+            if best_err is None:
+                best_err, best = err, shrink
+            else:
+                better = err < best_err
+                best_err, best = torch.where(better, err, best_err), torch.where(better, shrink, best)
+        assert best is not None
+        self.upper.copy_(torch.logit(best))
+        self.lower.copy_(torch.logit(best))
+        return best
 
 
 class WeightTransform:
