@@ -406,8 +406,13 @@ def test_failed_run_removes_the_parent_folders_it_created(work: Path, capsys) ->
             ["--set", "error_propagation=false", "--set", "homologous=false"],
             "error_propagation and homologous are both off, so there is no target",
         ),
+        (
+            ["--set", "clip_init=search", "--set", "clipping=false"],
+            "clip_init=search sets where the learned clipping bounds start: needs learn and clipping on",
+        ),
+        (["--method", "rtn", "--set", "clip_init=search"], "'rtn': clip_init=search sets where"),
     ],
-    ids=["field", "method", "preset", "no-loss", "no-target"],
+    ids=["field", "method", "preset", "no-loss", "no-target", "search-no-clipping", "search-rtn"],
 )
 def test_recipe_errors_come_before_loading_the_model(
     extra: list[str], expected: str, work: Path, capsys: pytest.CaptureFixture[str]

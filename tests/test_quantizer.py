@@ -8,7 +8,8 @@ from pydantic import ValidationError
 
 from lrquant.config import QuantScheme, QuantSpec, build_scheme
 from lrquant.errors import LrquantError
-from lrquant.quant.quantizer import fake_quantize
+from lrquant.quant.quantizer import fake_quantize, group_sums
+from lrquant.transforms.weight import CLIP_INIT, CLIP_SEARCH_LOWEST, CLIP_SEARCH_STEPS, LearnableClipping
 
 BITS = range(2, 9)
 MIN_STEP = 1e-5
@@ -319,6 +320,67 @@ def test_clip_factors_shrink_the_range(symmetric: bool, factor: float) -> None:
     assert torch.all(out.abs().amax(-1) < x.abs().amax(-1) - 0.05)
     unclipped = fake_quantize(x, QuantSpec(bits=4, symmetric=symmetric))
     assert torch.all(out.abs().amax(-1) < unclipped.abs().amax(-1))
+
+
+@pytest.mark.parametrize(
+    "granularity,group_size,shape",
+    [("channel", None, (5, 1)), ("tensor", None, (1, 1)), ("group", 16, (5, 3, 1))],
+)
+def test_group_sums_add_each_group_once(granularity: str, group_size: int | None, shape: tuple) -> None:
+    x = torch.rand(5, 40, generator=torch.Generator().manual_seed(3))  # groups of 16: the last of 8
+    spec = spec_for(4, False, granularity, group_size)
+    sums = group_sums(x, spec)
+    assert sums.shape == shape  # the shape of the clipping factors, so they line up
+    expected = torch.stack([g.sum() for g in groups(x, spec)])
+    assert torch.allclose(sums.flatten(), expected, rtol=1e-6)
+
+
+def weighted_errors(w: torch.Tensor, spec: QuantSpec, factor: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Per group: Σ_j h_j (Q(W)_ij - W_ij)², written out with :func:`groups`."""
+    err = (fake_quantize(w, spec, factor, factor) - w).square() * h
+    return torch.stack([g.sum() for g in groups(err, spec)])
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_clipping_search_never_loses_to_the_fixed_start(bits: int) -> None:
+    generator = torch.Generator().manual_seed(4)
+    w = torch.randn(24, 40, generator=generator) * torch.rand(24, 1, generator=generator)
+    w[:, 5] *= 6  # a heavy column: clipping trades its error against every other column's
+    h = torch.rand(40, generator=generator) ** 4  # input channels of very different importance
+    spec = spec_for(bits, False, "group", 16)
+    clipping = LearnableClipping(w, spec)
+    fixed = weighted_errors(w, spec, torch.sigmoid(clipping.upper.detach()), h)
+    chosen = clipping.search(w, spec, h)
+    assert torch.equal(clipping.upper, clipping.lower)
+    assert torch.allclose(torch.sigmoid(clipping.upper), chosen, atol=1e-6)  # the bounds start there
+    assert chosen.min() >= 0.5 - 1e-6 and chosen.max() <= torch.sigmoid(torch.tensor(CLIP_INIT)) + 1e-6
+    searched = weighted_errors(w, spec, chosen, h)
+    assert torch.all(searched <= fixed * (1 + 1e-6))
+    # Observed (seed 4): the total error falls by 28 %, 24 % and 13 % at 2, 3 and 4 bits.
+    assert searched.sum() < 0.9 * fixed.sum()
+    # Each group's choice is the best factor of the grid, not just better than the start.
+    top = torch.sigmoid(torch.tensor(CLIP_INIT)).item()
+    for factor in torch.linspace(CLIP_SEARCH_LOWEST, top, CLIP_SEARCH_STEPS):
+        other = weighted_errors(w, spec, torch.full_like(chosen, factor.item()), h)
+        assert torch.all(searched <= other * (1 + 1e-6) + 1e-9)
+
+
+def test_clipping_search_follows_the_important_channels() -> None:
+    """Weighting by the inputs' mean squares changes the choice: the rounding error lands where the
+    inputs are small."""
+    generator = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 64, generator=generator)
+    spec = spec_for(3, False, "channel")
+    h = torch.full((64,), 1e-3)
+    h[:8] = 1.0
+    uniform = LearnableClipping(w, spec).search(w, spec, torch.ones(64))
+    weighted = LearnableClipping(w, spec).search(w, spec, h)
+    assert not torch.equal(uniform, weighted)
+
+    def error_on_first_eight(factor: torch.Tensor) -> float:
+        return (fake_quantize(w, spec, factor, factor) - w)[:, :8].square().sum().item()
+
+    assert error_on_first_eight(weighted) < error_on_first_eight(uniform)
 
 
 # -------------------------------------------------------------------------------------------- settings
