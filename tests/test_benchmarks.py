@@ -102,3 +102,13 @@ def test_step_time_runs_on_a_tiny_llm(tiny_llama, tmp_path) -> None:
     for line in table:
         per_step = float(line.split("|")[3])
         assert per_step > 0
+
+
+def test_clip_search_cost_runs_on_a_tiny_llm(tiny_llama, tmp_path) -> None:
+    args = ["--model", str(tiny_llama), "--wbits", "2", "--group-size", "16", "--seqlen", "32"]
+    out = run_script("clip_search_cost.py", [*args, "--nsamples", "2", "--set", "compile=false"], tmp_path)
+    cells = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
+    table = {row[0].strip(): row[1:] for row in cells}
+    minmax, search = table["minmax"], table["search"]
+    assert int(minmax[2]) == 0 and int(search[2]) == 2  # the searched start searches in both blocks
+    assert all(0 < float(c) <= 1 for c in minmax[3:] + search[3:])
