@@ -278,12 +278,13 @@ def _search_clipping(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch
         for m in block.modules()
         if isinstance(m, QuantLinear) and m.transform is not None and m.transform.clipping is not None
     ]
-    square_sums: dict[QuantLinear, list] = {}
+    square_sums: dict[QuantLinear, torch.Tensor] = {}
+    tokens: dict[QuantLinear, int] = {}
 
     def observe(module, args):
         x = args[0].detach().flatten(0, -2).float()
-        total, count = square_sums.get(module, (0.0, 0))
-        square_sums[module] = [total + x.square().sum(dim=0), count + x.shape[0]]
+        square_sums[module] = square_sums.get(module, 0.0) + x.square().sum(dim=0)
+        tokens[module] = tokens.get(module, 0) + x.shape[0]
 
     handles = [m.register_forward_pre_hook(observe) for m in clipped]
     try:
@@ -292,9 +293,8 @@ def _search_clipping(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch
         for handle in handles:
             handle.remove()
     for module in clipped:
-        total, count = square_sums[module]
         weight = module.transform.transformed(module.weight, module.bias)[0]
-        module.transform.clipping.search(weight, module.weight_spec, total / count)
+        module.transform.clipping.search(weight, module.weight_spec, square_sums[module] / tokens[module])
 
 
 def quantize_blockwise(

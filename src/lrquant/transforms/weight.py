@@ -44,16 +44,13 @@ class LearnableClipping(nn.Module):
         """
         w = weight.detach().float()
         top = torch.sigmoid(torch.tensor(CLIP_INIT)).item()
-        best_err = best = None
+        best = torch.full_like(self.upper, top)
+        best_err = torch.full_like(self.upper, float("inf"))
         for factor in torch.linspace(top, CLIP_SEARCH_LOWEST, CLIP_SEARCH_STEPS).tolist():
             shrink = torch.full_like(self.upper, factor)
             err = group_sums((fake_quantize(w, spec, shrink, shrink) - w).square() * importance, spec)
-            if best_err is None:
-                best_err, best = err, shrink
-            else:
-                better = err < best_err
-                best_err, best = torch.where(better, err, best_err), torch.where(better, shrink, best)
-        assert best is not None
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, shrink, best)
         self.upper.copy_(torch.logit(best))
         self.lower.copy_(torch.logit(best))
         return best
