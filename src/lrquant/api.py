@@ -45,6 +45,7 @@ from lrquant.models.loading import LoadedModel, load_model, resolve_model_dir
 from lrquant.quant.apply import patch_embedding
 from lrquant.recipes import DEFAULT_METHOD, Recipe, build_recipe
 from lrquant.report import PLOT_FILE, plot_blocks
+from lrquant.transforms.rotation import rotate_model
 
 TEXT_CALIB, TEXT_EVAL = "wikipedia:train", "wikipedia:test"
 IMAGE_CALIB = "photos"
@@ -231,6 +232,7 @@ def apply_method(
     transforms block by block on ``calibration`` windows, resuming from ``store`` when it holds
     finished blocks of the same run.
     """
+    rotate_model(loaded.model, loaded.arch, recipe.hadamard, seed)  # before resuming: same seed, same Q
     if method == "rtn":
         quantize_rtn(loaded.model, loaded.arch, scheme)
         return []

@@ -2,7 +2,9 @@
 
 A quantized output folder is a plain Hugging Face checkpoint (``from_pretrained`` loads it; the
 weights are the dequantized, fake-quantized values) plus ``lrquant_quant.json``, which holds the
-settings needed to rebuild run-time activation quantization, and ``report.json``.
+settings needed to rebuild run-time activation quantization, and ``report.json``. A model with
+online rotations (``hadamard=online``) also has ``input_rotations.safetensors``: plain
+``from_pretrained`` then misses them, lrquant's loader applies them.
 """
 
 from __future__ import annotations
@@ -13,17 +15,21 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from lrquant import __version__
 from lrquant.arch import ArchSpec
 from lrquant.config import QuantScheme, describe_validation_error
 from lrquant.errors import LrquantError
-from lrquant.quant.apply import detach_quantizers
+from lrquant.quant.apply import detach_quantizers, quant_linears
 
 QUANT_FILE = "lrquant_quant.json"
 REPORT_FILE = "report.json"
+ROTATIONS_FILE = "input_rotations.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -106,6 +112,7 @@ def save_quantized(
     the quantized weights. A vision model keeps the image preprocessing of its ``source`` folder;
     ``source_name`` (how the user named the full-precision model) is recorded for evaluation.
     """
+    rotations = _save_input_rotations(folder, model, arch)
     detach_quantizers(model, arch)
     model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
@@ -121,8 +128,46 @@ def save_quantized(
             "model_type": model.config.model_type,
             "source_model": source_name,
             "scheme": scheme.model_dump(),
+            **({"input_rotations": rotations} if rotations else {}),
         },
     )
+
+
+def _save_input_rotations(folder: Path, model: nn.Module, arch: ArchSpec) -> dict[str, str]:
+    """Write each distinct run-time input rotation once (every block shares one, but moving
+    blocks between devices copies it); returns {linear name: tensor key}."""
+    tensors: dict[str, torch.Tensor] = {}
+    names: dict[str, str] = {}
+    for name, linear in quant_linears(model, arch):
+        if linear.input_rotation is None:
+            continue
+        rotation = linear.input_rotation.detach().cpu().contiguous()
+        key = next(
+            (k for k, t in tensors.items() if t.shape == rotation.shape and torch.equal(t, rotation)), None
+        )
+        if key is None:
+            key = f"rotation_{len(tensors)}"
+            tensors[key] = rotation
+        names[name] = key
+    if tensors:
+        save_file(tensors, str(Path(folder) / ROTATIONS_FILE))
+    return names
+
+
+def read_input_rotations(folder: Path) -> dict[str, torch.Tensor]:
+    """{linear name: run-time input rotation} of a quantized output folder (empty for most)."""
+    path = Path(folder) / QUANT_FILE
+    if not path.is_file():
+        return {}
+    try:
+        names = json.loads(path.read_text()).get("input_rotations") or {}
+        tensors = load_file(str(Path(folder) / ROTATIONS_FILE)) if names else {}
+        return {name: tensors[key] for name, key in names.items()}
+    except (json.JSONDecodeError, AttributeError, KeyError, OSError, SafetensorError) as err:
+        raise LrquantError(
+            f"the input rotations of '{folder}' are missing or damaged ({type(err).__name__}): "
+            "re-run the quantization"
+        ) from None
 
 
 def read_source(folder: Path) -> str | None:

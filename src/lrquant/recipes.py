@@ -35,6 +35,10 @@ class Recipe(BaseModel):
     # the shrink factor with the lowest input-weighted rounding error ("search")
     clip_init: Literal["minmax", "search"] = "minmax"
     rotation: bool = True
+    # orthogonal rotations before learning (transforms/rotation.py): "folded" rotates the residual
+    # stream and each value head, folded into the weights; "online" also rotates the down
+    # projection's input at run time
+    hadamard: Literal["off", "folded", "online"] = "off"
     mse: bool = True
     nlc: bool = True
     dynamic_weighting: bool = True
@@ -61,6 +65,11 @@ class Recipe(BaseModel):
         if self.clip_init == "search" and not (self.learn and self.clipping):
             raise ValueError(
                 "clip_init=search sets where the learned clipping bounds start: needs learn and clipping on"
+            )
+        if self.hadamard == "online" and self.down_smoothing:
+            raise ValueError(
+                "down_smoothing scales the down projection's input channels, which hadamard=online "
+                "mixes: keep one of them"
             )
         return self
 

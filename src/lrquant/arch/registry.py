@@ -50,6 +50,8 @@ class ArchSpec:
     (Swin's patch merging), kept in full precision. ``mlp_out`` names the linear that reads the
     MLP's activation function output (GELU/SiLU), whose input can get its own activation bits.
     ``heads`` names the output heads (relative to the model) that ``--quantize-head`` quantizes.
+    ``embedding``, ``final_norm`` and ``residual_writers`` (the block's linears that add into the
+    residual stream) say how to rotate it (``--set hadamard=...``); left empty, it is refused.
     """
 
     model_types: tuple[str, ...]
@@ -67,6 +69,9 @@ class ArchSpec:
     cls_token: bool = False
     transition: str | None = None
     heads: tuple[str, ...] = ("lm_head",)
+    embedding: str | None = None
+    final_norm: str | None = None
+    residual_writers: tuple[str, ...] = ()
 
     def named_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """Every transformer block in execution order, with its name relative to the model."""
@@ -128,6 +133,9 @@ def _llama_like(*model_types: str, qk_norm: bool = False) -> ArchSpec:
         q_proj="self_attn.q_proj",
         k_proj="self_attn.k_proj",
         qk_norm=qk_norm,
+        embedding="model.embed_tokens",
+        final_norm="model.norm",
+        residual_writers=("self_attn.o_proj", "mlp.down_proj"),
         smooth_pairs=(
             SmoothPair(
                 "qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")

@@ -283,6 +283,8 @@ def _search_clipping(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch
 
     def observe(module, args):
         x = args[0].detach().flatten(0, -2).float()
+        if module.input_rotation is not None:  # the weight sees the rotated input
+            x = x @ module.input_rotation.float()
         square_sums[module] = square_sums.get(module, 0.0) + x.square().sum(dim=0)
         tokens[module] = tokens.get(module, 0) + x.shape[0]
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from lrquant.arch import ArchSpec, get_arch_spec
-from lrquant.checkpoint import read_scheme
+from lrquant.checkpoint import read_input_rotations, read_scheme
 from lrquant.config import QuantScheme
 from lrquant.data.images import ImagePreprocess
 from lrquant.errors import LrquantError
@@ -101,6 +101,8 @@ def load_model(
     preprocess = ImagePreprocess.from_model_dir(path, model.config) if arch.modality == "image" else None
     scheme = read_scheme(path)
     if scheme is not None:
+        for name, rotation in read_input_rotations(path).items():
+            model.get_submodule(name).lrquant_input_rotation = rotation.to(dtype)
         attach_quantizers(model, arch, scheme, weights_on_grid=True)
     return LoadedModel(
         model=model,

@@ -18,7 +18,9 @@ class QuantLinear(nn.Linear):
     and the weight with ``weight_spec``. After :meth:`freeze_weight` the stored weight already lies
     on the grid and is used as it is. While a block is being learned, ``transform`` (smoothing,
     clipping, rotation) decides the weight; :meth:`fold_transform` writes its result in place.
-    State-dict keys are those of the wrapped linear.
+    State-dict keys are those of the wrapped linear. ``input_rotation`` (from the wrapped linear's
+    ``lrquant_input_rotation``, set by an online Hadamard rotation) multiplies the input before it
+    is quantized; it is not in the state dict (saved beside it, see :mod:`lrquant.checkpoint`).
     """
 
     def __init__(self, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec) -> None:
@@ -31,6 +33,9 @@ class QuantLinear(nn.Linear):
         self.act_spec = act_spec
         self.weight_frozen = not weight_spec.enabled
         self.transform: WeightTransform | None = None
+        self.register_buffer(
+            "input_rotation", getattr(linear, "lrquant_input_rotation", None), persistent=False
+        )
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the forward uses (dequantized values on the quantization grid)."""
@@ -71,14 +76,19 @@ class QuantLinear(nn.Linear):
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = self.weight
         linear.bias = self.bias
+        if self.input_rotation is not None:
+            linear.lrquant_input_rotation = self.input_rotation
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight_and_bias()
+        if self.input_rotation is not None:
+            x = x @ self.input_rotation.to(x.dtype)
         return F.linear(fake_quantize(x, self.act_spec), weight, bias)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"w{self.weight_spec.bits}, a{self.act_spec.bits}"
+            + (", input rotated" if self.input_rotation is not None else "")
         )

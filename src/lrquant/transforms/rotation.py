@@ -1,0 +1,165 @@
+"""Orthogonal rotations of a decoder's residual stream (QuaRot, SpinQuant's R1/R2/R4), before learning.
+
+An orthogonal ``Q`` spreads an outlier channel over all channels, so per-token activation grids get
+much finer, and without quantization the rotated model computes exactly what the original did:
+
+* **residual** (``folded``): every RMSNorm weight is folded into the linears that read the norm
+  (the norm keeps weight 1, and ``rms(xQ) = rms(x)``); the embedding rows become ``E Q``, every
+  linear that reads the residual ``W Q``, every linear that writes it ``Qᵀ W`` (bias ``b Q``), and
+  the head reads ``W diag(g) Q`` with the final norm's ``g``. A tied head is untied first.
+* **per head** (``folded``): each value head's rows and the matching input columns of the attention
+  output projection are rotated by a ``head_dim`` matrix (v -> o is linear, softmax mixes tokens).
+* **down projection input** (``online``): the MLP's activation output is rotated at run time before
+  it is quantized (``QuantLinear.input_rotation``), the down projection's weight holding ``W R``.
+  The first two leave an ordinary checkpoint of the same architecture; the third needs lrquant's
+  loader (the rotation is saved beside the weights).
+
+The rotations are randomised Hadamard matrices: ``diag(±1) (H_k ⊗ O_m)`` for a dimension ``k m`` with
+``k`` its largest power-of-two factor, ``O_m`` a random orthogonal matrix (576 = 64 x 9 in SmolLM2).
+All seeded, built in float64 and applied in float64 before casting back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from lrquant.arch import ArchSpec
+from lrquant.errors import LrquantError
+
+HADAMARD_MODES = ("off", "folded", "online")
+
+
+def hadamard(k: int) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix of order ``k`` (a power of two), float64."""
+    if k < 1 or k & (k - 1):
+        raise ValueError(f"Sylvester-Hadamard matrices have a power-of-two order, not {k}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < k:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(k)
+
+
+def random_orthogonal(dim: int, generator: torch.Generator) -> torch.Tensor:
+    """A Haar-random orthogonal matrix (QR of a Gaussian, signs fixed by R's diagonal), float64."""
+    q, r = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def randomized_hadamard(dim: int, generator: torch.Generator) -> torch.Tensor:
+    """``diag(±1) (H_k ⊗ O_m)`` with ``dim = k m``, ``k`` the largest power of two dividing ``dim``."""
+    k = dim & -dim
+    m = dim // k
+    h = hadamard(k)
+    o = random_orthogonal(m, generator) if m > 1 else torch.ones(1, 1, dtype=torch.float64)
+    signs = torch.randint(0, 2, (dim,), generator=generator).double() * 2 - 1
+    return signs[:, None] * (h[:, None, :, None] * o[None, :, None, :]).reshape(dim, dim)
+
+
+def check_rotatable(model: nn.Module, arch: ArchSpec) -> None:
+    """Refuse, with what to do, a model whose layout the rotations do not cover."""
+    if arch.embedding is None or arch.final_norm is None or not arch.residual_writers:
+        raise LrquantError(
+            f"hadamard rotations cover decoders with plain RMSNorm (Llama, Mistral, Qwen, ...), "
+            f"not model type '{arch.model_types[0]}': use --set hadamard=off"
+        )
+
+
+def _set(linear: nn.Linear, weight: torch.Tensor) -> None:
+    linear.weight.data = weight.to(linear.weight.dtype)
+
+
+def _norm_pairs(arch: ArchSpec):
+    return [pair for pair in arch.smooth_pairs if pair.kind == "norm"]
+
+
+@torch.no_grad()
+def rotate_model(model: nn.Module, arch: ArchSpec, mode: str, seed: int = 0) -> None:
+    """Rotate ``model`` in place (``mode`` ``folded`` or ``online``, see the module docstring).
+
+    Deterministic in ``seed``, so a resumed run rebuilds the same rotations before it loads its
+    finished blocks.
+    """
+    if mode == "off":
+        return
+    if mode not in HADAMARD_MODES:
+        raise LrquantError(f"hadamard must be one of {', '.join(HADAMARD_MODES)}, not '{mode}'")
+    check_rotatable(model, arch)
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    dim = config.hidden_size
+    q = randomized_hadamard(dim, generator)
+    head_dim = getattr(config, "head_dim", None) or dim // config.num_attention_heads
+    per_head = randomized_hadamard(head_dim, generator)
+    inner = {}  # the online rotation per input width, shared by every block
+    embedding = model.get_submodule(arch.embedding)
+    heads = [model.get_submodule(name) for name in arch.heads if _has(model, name)]
+    for head in heads:
+        if head.weight is embedding.weight:  # tied: the head needs its own (scaled, rotated) copy
+            head.weight = nn.Parameter(embedding.weight.detach().clone())
+            config.tie_word_embeddings = False
+            if hasattr(config, "get_text_config"):
+                config.get_text_config().tie_word_embeddings = False
+    for block in arch.block_list(model):
+        for pair in _norm_pairs(arch):
+            readers = [block.get_submodule(t) for t in pair.targets]
+            _fold_norm(block.get_submodule(pair.source), readers)
+            for linear in readers:
+                _set(linear, linear.weight.double() @ q)
+        for name in arch.residual_writers:
+            _rotate_output(block.get_submodule(name), q)
+        for pair in arch.smooth_pairs:
+            if pair.kind == "linear":  # v -> o: the value heads and the output projection's columns
+                _rotate_heads(
+                    block.get_submodule(pair.source), block.get_submodule(pair.targets[0]), per_head
+                )
+        if mode == "online":
+            for name in arch.mlp_out:
+                linear = block.get_submodule(name)
+                if linear.in_features not in inner:
+                    inner[linear.in_features] = randomized_hadamard(linear.in_features, generator)
+                _set(linear, linear.weight.double() @ inner[linear.in_features])
+                linear.lrquant_input_rotation = inner[linear.in_features].to(linear.weight.dtype)
+    final_norm = model.get_submodule(arch.final_norm)
+    _fold_norm(final_norm, heads)
+    for head in heads:
+        _set(head, head.weight.double() @ q)
+    embedding.weight.data = (embedding.weight.double() @ q).to(embedding.weight.dtype)
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(model.get_submodule(name), nn.Linear)
+    except AttributeError:
+        return False
+
+
+def _fold_norm(norm: nn.Module, readers: list[nn.Linear]) -> None:
+    """Move an RMSNorm's weight into the columns of the linears that read it; the norm keeps 1."""
+    gain = norm.weight.detach().double()
+    if getattr(norm, "bias", None) is not None:
+        raise LrquantError("hadamard rotations need RMSNorm without a bias")
+    for linear in readers:
+        _set(linear, linear.weight.double() * gain)
+    norm.weight.data.fill_(1.0)
+
+
+def _rotate_output(linear: nn.Linear, q: torch.Tensor) -> None:
+    """A linear that writes the residual: ``Qᵀ W`` and ``b Q``."""
+    _set(linear, q.T @ linear.weight.double())
+    if linear.bias is not None:
+        linear.bias.data = (linear.bias.double() @ q).to(linear.bias.dtype)
+
+
+def _rotate_heads(v_proj: nn.Linear, o_proj: nn.Linear, r: torch.Tensor) -> None:
+    """Each value head's output by ``r`` (rows ``rᵀ W_v``, bias ``b r``); o_proj's columns per head
+    by ``r``."""
+    hd = r.shape[0]
+    wv = v_proj.weight.double().reshape(-1, hd, v_proj.in_features)
+    _set(v_proj, torch.einsum("ji,hjd->hid", r, wv).reshape(v_proj.out_features, -1))
+    if v_proj.bias is not None:
+        v_proj.bias.data = (v_proj.bias.double().reshape(-1, hd) @ r).reshape(-1).to(v_proj.bias.dtype)
+    wo = o_proj.weight.double().reshape(o_proj.out_features, -1, hd)
+    _set(o_proj, torch.einsum("ohj,ji->ohi", wo, r).reshape(o_proj.out_features, -1))
