@@ -19,7 +19,8 @@ from lrquant.config import QuantScheme
 from lrquant.data.images import ImagePreprocess
 from lrquant.errors import LrquantError
 from lrquant.models.builtin import BUILTIN_MODELS, is_builtin, resolve_builtin, resolve_gguf
-from lrquant.quant.apply import attach_quantizers
+from lrquant.quant.apply import attach_quantizers, replace_module
+from lrquant.quant.linear import RotatedInputLinear
 
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
@@ -102,7 +103,7 @@ def load_model(
     scheme = read_scheme(path)
     if scheme is not None:
         for name, rotation in read_input_rotations(path).items():
-            model.get_submodule(name).lrquant_input_rotation = rotation.to(dtype)
+            replace_module(model, name, RotatedInputLinear(model.get_submodule(name), rotation.to(dtype)))
         attach_quantizers(model, arch, scheme, weights_on_grid=True)
     return LoadedModel(
         model=model,

@@ -11,6 +11,23 @@ from lrquant.quant.quantizer import fake_quantize
 from lrquant.transforms.weight import WeightTransform
 
 
+class RotatedInputLinear(nn.Linear):
+    """``nn.Linear`` that first multiplies its input by a fixed orthogonal ``input_rotation``
+    (``hadamard=online``: the down projection's input). State-dict keys are those of a plain linear;
+    the rotation is saved beside the checkpoint (see :mod:`lrquant.checkpoint`)."""
+
+    def __init__(self, linear: nn.Linear, rotation: torch.Tensor) -> None:
+        nn.Module.__init__(self)
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.register_buffer("input_rotation", rotation, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x @ self.input_rotation.to(x.dtype), self.weight, self.bias)
+
+
 class QuantLinear(nn.Linear):
     """Drop-in ``nn.Linear`` that shares the original ``weight``/``bias`` parameters.
 
@@ -18,9 +35,8 @@ class QuantLinear(nn.Linear):
     and the weight with ``weight_spec``. After :meth:`freeze_weight` the stored weight already lies
     on the grid and is used as it is. While a block is being learned, ``transform`` (smoothing,
     clipping, rotation) decides the weight; :meth:`fold_transform` writes its result in place.
-    State-dict keys are those of the wrapped linear. ``input_rotation`` (from the wrapped linear's
-    ``lrquant_input_rotation``, set by an online Hadamard rotation) multiplies the input before it
-    is quantized; it is not in the state dict (saved beside it, see :mod:`lrquant.checkpoint`).
+    State-dict keys are those of the wrapped linear. A wrapped :class:`RotatedInputLinear` keeps its
+    ``input_rotation``, applied before the input is quantized.
     """
 
     def __init__(self, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec) -> None:
@@ -34,7 +50,7 @@ class QuantLinear(nn.Linear):
         self.weight_frozen = not weight_spec.enabled
         self.transform: WeightTransform | None = None
         self.register_buffer(
-            "input_rotation", getattr(linear, "lrquant_input_rotation", None), persistent=False
+            "input_rotation", getattr(linear, "input_rotation", None), persistent=False
         )
 
     def quantized_weight(self) -> torch.Tensor:
@@ -72,13 +88,11 @@ class QuantLinear(nn.Linear):
             self.weight_frozen = True
 
     def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with the current (frozen) weight, for saving."""
+        """A plain ``nn.Linear`` (or :class:`RotatedInputLinear`) with the current weight, for saving."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = self.weight
         linear.bias = self.bias
-        if self.input_rotation is not None:
-            linear.lrquant_input_rotation = self.input_rotation
-        return linear
+        return linear if self.input_rotation is None else RotatedInputLinear(linear, self.input_rotation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight_and_bias()

@@ -10,7 +10,7 @@ much finer, and without quantization the rotated model computes exactly what the
 * **per head** (``folded``): each value head's rows and the matching input columns of the attention
   output projection are rotated by a ``head_dim`` matrix (v -> o is linear, softmax mixes tokens).
 * **down projection input** (``online``): the MLP's activation output is rotated at run time before
-  it is quantized (``QuantLinear.input_rotation``), the down projection's weight holding ``W R``.
+  it is quantized (a ``RotatedInputLinear``), the down projection's weight holding ``W R``.
   The first two leave an ordinary checkpoint of the same architecture; the third needs lrquant's
   loader (the rotation is saved beside the weights).
 
@@ -28,6 +28,8 @@ import torch.nn as nn
 
 from lrquant.arch import ArchSpec
 from lrquant.errors import LrquantError
+from lrquant.quant.apply import replace_module
+from lrquant.quant.linear import RotatedInputLinear
 
 HADAMARD_MODES = ("off", "folded", "online")
 
@@ -121,7 +123,8 @@ def rotate_model(model: nn.Module, arch: ArchSpec, mode: str, seed: int = 0) -> 
                 if linear.in_features not in inner:
                     inner[linear.in_features] = randomized_hadamard(linear.in_features, generator)
                 _set(linear, linear.weight.double() @ inner[linear.in_features])
-                linear.lrquant_input_rotation = inner[linear.in_features].to(linear.weight.dtype)
+                rotation = inner[linear.in_features].to(linear.weight.dtype)
+                replace_module(block, name, RotatedInputLinear(linear, rotation))
     final_norm = model.get_submodule(arch.final_norm)
     _fold_norm(final_norm, heads)
     for head in heads:
