@@ -179,3 +179,22 @@ def test_rotated_run_resumes_to_the_same_checkpoint(
         load_file(tmp_path / "a" / ROTATIONS_FILE)["rotation_0"],
         load_file(tmp_path / "b" / ROTATIONS_FILE)["rotation_0"],
     )
+
+
+@pytest.mark.parametrize("mode", ["folded", "online"])
+def test_learned_rotated_run_targets_the_original_model(
+    tiny_llama: Path, data: api.DataSettings, tmp_path: Path, mode: str
+) -> None:
+    """At 8 bits the rotated, learned model stays next to the unrotated full-precision one, block by
+    block (the learning targets come from the rotated full-precision blocks) and in perplexity."""
+    report = api.quantize(
+        str(tiny_llama),
+        tmp_path / "w8a8",
+        scheme=build_scheme(wbits=8, abits=8),
+        method="lrquant_plus",
+        preset="fast",
+        overrides={"epochs": 1, "hadamard": mode},
+        data=data,
+    )
+    assert min(block["cosine"] for block in report["blocks"]) > 0.99
+    assert report["perplexity"]["quantized"] == pytest.approx(report["perplexity"]["fp"], rel=0.02)
