@@ -20,6 +20,7 @@ from lrquant.errors import LrquantError
 from lrquant.methods.resume import ResumeStore
 from lrquant.models.loading import load_model
 from lrquant.models.tiny import save_tiny_model, tiny_model
+from lrquant.models.tiny_vision import IMAGE_SIZE, tiny_vision_model
 from lrquant.quant.apply import attach_quantizers, quant_linears
 from lrquant.recipes import build_recipe
 from lrquant.transforms.rotation import hadamard, randomized_hadamard, rotate_model
@@ -62,6 +63,28 @@ def test_rotation_without_quantization_is_exact(model_type: str, mode: str) -> N
     assert all(torch.equal(layer.input_layernorm.weight, torch.ones(64)) for layer in model.model.layers)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "opt", "phi3"])
+def test_down_rotation_alone_is_exact_for_any_mlp(model_type: str) -> None:
+    model = tiny_model(model_type, num_layers=2)
+    arch = get_arch_spec(model_type)
+    ref = logits(model, IDS)
+    rotate_model(model, arch, "down", seed=0)
+    assert rel_err(logits(model, IDS), ref) < 1e-5
+    attach_quantizers(model, arch, build_scheme(wbits=16, abits=16))
+    assert rel_err(logits(model, IDS), ref) < 1e-5
+    assert sum(linear.input_rotation is not None for _, linear in quant_linears(model, arch)) == 2
+
+
+@pytest.mark.parametrize("model_type", ["dinov2", "vit", "swin"])
+def test_down_rotation_of_vision_mlps_is_exact(model_type: str) -> None:
+    model = tiny_vision_model(model_type)
+    pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(pixel_values=pixels).last_hidden_state
+        rotate_model(model, get_arch_spec(model_type), "down")
+        assert rel_err(model(pixel_values=pixels).last_hidden_state, ref) < 1e-5
+
+
 def test_tied_head_is_untied() -> None:
     model = tiny_model("llama")
     model.lm_head.weight = model.model.embed_tokens.weight
@@ -73,12 +96,13 @@ def test_tied_head_is_untied() -> None:
     assert rel_err(logits(model, IDS), ref) < 1e-5
 
 
-@pytest.mark.parametrize("model_type", ["gemma2", "opt", "phi3"])
+@pytest.mark.parametrize("model_type", ["gemma2", "opt", "phi3", "dinov2"])
 def test_other_layouts_are_refused(model_type: str) -> None:
     with pytest.raises(
         LrquantError, match="hadamard rotations cover decoders with plain RMSNorm.*hadamard=off"
     ):
-        rotate_model(tiny_model(model_type), get_arch_spec(model_type), "folded")
+        model = tiny_vision_model(model_type) if model_type == "dinov2" else tiny_model(model_type)
+        rotate_model(model, get_arch_spec(model_type), "folded")
 
 
 def test_online_rotation_and_down_smoothing_exclude_each_other() -> None:

@@ -37,8 +37,8 @@ class Recipe(BaseModel):
     rotation: bool = True
     # orthogonal rotations before learning (transforms/rotation.py): "folded" rotates the residual
     # stream and each value head, folded into the weights; "online" also rotates the down
-    # projection's input at run time
-    hadamard: Literal["off", "folded", "online"] = "off"
+    # projection's input at run time; "down" rotates only that
+    hadamard: Literal["off", "folded", "online", "down"] = "off"
     mse: bool = True
     nlc: bool = True
     dynamic_weighting: bool = True
@@ -66,9 +66,9 @@ class Recipe(BaseModel):
             raise ValueError(
                 "clip_init=search sets where the learned clipping bounds start: needs learn and clipping on"
             )
-        if self.hadamard == "online" and self.down_smoothing:
+        if self.hadamard in ("online", "down") and self.down_smoothing:
             raise ValueError(
-                "down_smoothing scales the down projection's input channels, which hadamard=online "
+                f"down_smoothing scales the down projection's input channels, which hadamard={self.hadamard} "
                 "mixes: keep one of them"
             )
         return self

@@ -49,9 +49,7 @@ class QuantLinear(nn.Linear):
         self.act_spec = act_spec
         self.weight_frozen = not weight_spec.enabled
         self.transform: WeightTransform | None = None
-        self.register_buffer(
-            "input_rotation", getattr(linear, "input_rotation", None), persistent=False
-        )
+        self.register_buffer("input_rotation", getattr(linear, "input_rotation", None), persistent=False)
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the forward uses (dequantized values on the quantization grid)."""

@@ -11,8 +11,8 @@ much finer, and without quantization the rotated model computes exactly what the
   output projection are rotated by a ``head_dim`` matrix (v -> o is linear, softmax mixes tokens).
 * **down projection input** (``online``): the MLP's activation output is rotated at run time before
   it is quantized (a ``RotatedInputLinear``), the down projection's weight holding ``W R``.
-  The first two leave an ordinary checkpoint of the same architecture; the third needs lrquant's
-  loader (the rotation is saved beside the weights).
+  ``down`` does this one alone, for any model with an MLP (vision transformers too). The first two leave an ordinary checkpoint of the same
+  architecture; the run-time rotation needs lrquant's loader (it is saved beside the weights).
 
 The rotations are randomised Hadamard matrices: ``diag(±1) (H_k ⊗ O_m)`` for a dimension ``k m`` with
 ``k`` its largest power-of-two factor, ``O_m`` a random orthogonal matrix (576 = 64 x 9 in SmolLM2).
@@ -31,7 +31,7 @@ from lrquant.errors import LrquantError
 from lrquant.quant.apply import replace_module
 from lrquant.quant.linear import RotatedInputLinear
 
-HADAMARD_MODES = ("off", "folded", "online")
+HADAMARD_MODES = ("off", "folded", "online", "down")
 
 
 def hadamard(k: int) -> torch.Tensor:
@@ -79,23 +79,30 @@ def _norm_pairs(arch: ArchSpec):
 
 @torch.no_grad()
 def rotate_model(model: nn.Module, arch: ArchSpec, mode: str, seed: int = 0) -> None:
-    """Rotate ``model`` in place (``mode`` ``folded`` or ``online``, see the module docstring).
-
-    Deterministic in ``seed``, so a resumed run rebuilds the same rotations before it loads its
-    finished blocks.
+    """Rotate ``model`` in place: ``folded`` (residual stream and value heads), ``online`` (those
+    and the down projection's input) or ``down`` (the down projection's input only); see the
+    module docstring. Deterministic in ``seed``, so a resumed run rebuilds the same rotations
+    before it loads its finished blocks.
     """
     if mode == "off":
         return
     if mode not in HADAMARD_MODES:
         raise LrquantError(f"hadamard must be one of {', '.join(HADAMARD_MODES)}, not '{mode}'")
-    check_rotatable(model, arch)
+    if mode in ("folded", "online"):
+        check_rotatable(model, arch)
     config = model.config
     generator = torch.Generator().manual_seed(seed)
-    dim = config.hidden_size
-    q = randomized_hadamard(dim, generator)
-    head_dim = getattr(config, "head_dim", None) or dim // config.num_attention_heads
-    per_head = randomized_hadamard(head_dim, generator)
-    inner = {}  # the online rotation per input width, shared by every block
+    if mode in ("folded", "online"):
+        dim = config.hidden_size
+        q = randomized_hadamard(dim, generator)
+        head_dim = getattr(config, "head_dim", None) or dim // config.num_attention_heads
+        _rotate_residual(model, arch, q, randomized_hadamard(head_dim, generator))
+    if mode in ("online", "down"):
+        _rotate_down_inputs(model, arch, generator)
+
+
+def _rotate_residual(model: nn.Module, arch: ArchSpec, q: torch.Tensor, per_head: torch.Tensor) -> None:
+    config = model.config
     embedding = model.get_submodule(arch.embedding)
     heads = [model.get_submodule(name) for name in arch.heads if _has(model, name)]
     for head in heads:
@@ -117,19 +124,24 @@ def rotate_model(model: nn.Module, arch: ArchSpec, mode: str, seed: int = 0) -> 
                 _rotate_heads(
                     block.get_submodule(pair.source), block.get_submodule(pair.targets[0]), per_head
                 )
-        if mode == "online":
-            for name in arch.mlp_out:
-                linear = block.get_submodule(name)
-                if linear.in_features not in inner:
-                    inner[linear.in_features] = randomized_hadamard(linear.in_features, generator)
-                _set(linear, linear.weight.double() @ inner[linear.in_features])
-                rotation = inner[linear.in_features].to(linear.weight.dtype)
-                replace_module(block, name, RotatedInputLinear(linear, rotation))
     final_norm = model.get_submodule(arch.final_norm)
     _fold_norm(final_norm, heads)
     for head in heads:
         _set(head, head.weight.double() @ q)
     embedding.weight.data = (embedding.weight.double() @ q).to(embedding.weight.dtype)
+
+
+def _rotate_down_inputs(model: nn.Module, arch: ArchSpec, generator: torch.Generator) -> None:
+    """Each block's MLP output linear reads its input rotated at run time (one matrix per width)."""
+    inner: dict[int, torch.Tensor] = {}
+    for block in arch.block_list(model):
+        for name in arch.mlp_out:
+            linear = block.get_submodule(name)
+            if linear.in_features not in inner:
+                inner[linear.in_features] = randomized_hadamard(linear.in_features, generator)
+            _set(linear, linear.weight.double() @ inner[linear.in_features])
+            rotation = inner[linear.in_features].to(linear.weight.dtype)
+            replace_module(block, name, RotatedInputLinear(linear, rotation))
 
 
 def _has(model: nn.Module, name: str) -> bool:
