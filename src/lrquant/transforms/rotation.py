@@ -11,8 +11,10 @@ much finer, and without quantization the rotated model computes exactly what the
   output projection are rotated by a ``head_dim`` matrix (v -> o is linear, softmax mixes tokens).
 * **down projection input** (``online``): the MLP's activation output is rotated at run time before
   it is quantized (a ``RotatedInputLinear``), the down projection's weight holding ``W R``.
-  ``down`` does this one alone, for any model with an MLP (vision transformers too). The first two leave an ordinary checkpoint of the same
-  architecture; the run-time rotation needs lrquant's loader (it is saved beside the weights).
+  ``down`` does this one alone, for any model with an MLP (vision transformers too).
+
+``folded`` leaves an ordinary checkpoint of the same architecture; the run-time rotation needs
+lrquant's loader (it is saved beside the weights).
 
 The rotations are randomised Hadamard matrices: ``diag(±1) (H_k ⊗ O_m)`` for a dimension ``k m`` with
 ``k`` its largest power-of-two factor, ``O_m`` a random orthogonal matrix (576 = 64 x 9 in SmolLM2).
