@@ -62,7 +62,7 @@ def randomized_hadamard(dim: int, generator: torch.Generator) -> torch.Tensor:
     return signs[:, None] * (h[:, None, :, None] * o[None, :, None, :]).reshape(dim, dim)
 
 
-def check_rotatable(model: nn.Module, arch: ArchSpec) -> None:
+def check_rotatable(arch: ArchSpec) -> None:
     """Refuse, with what to do, a model whose layout the rotations do not cover."""
     if arch.embedding is None or arch.final_norm is None or not arch.residual_writers:
         raise LrquantError(
@@ -90,11 +90,10 @@ def rotate_model(model: nn.Module, arch: ArchSpec, mode: str, seed: int = 0) -> 
         return
     if mode not in HADAMARD_MODES:
         raise LrquantError(f"hadamard must be one of {', '.join(HADAMARD_MODES)}, not '{mode}'")
-    if mode in ("folded", "online"):
-        check_rotatable(model, arch)
-    config = model.config
     generator = torch.Generator().manual_seed(seed)
     if mode in ("folded", "online"):
+        check_rotatable(arch)
+        config = model.config
         dim = config.hidden_size
         q = randomized_hadamard(dim, generator)
         head_dim = getattr(config, "head_dim", None) or dim // config.num_attention_heads
