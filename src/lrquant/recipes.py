@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from lrquant.config import describe_validation_error
 from lrquant.errors import LrquantError
+from lrquant.transforms.rotation import HadamardMode
 
 
 class Recipe(BaseModel):
@@ -38,7 +39,7 @@ class Recipe(BaseModel):
     # orthogonal rotations before learning (transforms/rotation.py): "folded" rotates the residual
     # stream and each value head, folded into the weights; "online" also rotates the down
     # projection's input at run time; "down" rotates only that
-    hadamard: Literal["off", "folded", "online", "down"] = "off"
+    hadamard: HadamardMode = "off"
     mse: bool = True
     nlc: bool = True
     dynamic_weighting: bool = True

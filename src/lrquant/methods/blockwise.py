@@ -38,7 +38,7 @@ from lrquant.quant.apply import (
     quantize_patch_embedding,
     use_quantized_attention,
 )
-from lrquant.quant.linear import QuantLinear
+from lrquant.quant.linear import QuantLinear, rotate_input
 from lrquant.quant.quantizer import compiled_quantizer
 from lrquant.recipes import Recipe, use_bf16
 from lrquant.transforms.block import (
@@ -282,9 +282,8 @@ def _search_clipping(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch
     tokens: dict[QuantLinear, int] = {}
 
     def observe(module, args):
-        x = args[0].detach().flatten(0, -2).float()
-        if module.input_rotation is not None:  # the weight sees the rotated input
-            x = x @ module.input_rotation.float()
+        # the weight sees the rotated input
+        x = rotate_input(args[0].detach().flatten(0, -2).float(), module.input_rotation)
         square_sums[module] = square_sums.get(module, 0.0) + x.square().sum(dim=0)
         tokens[module] = tokens.get(module, 0) + x.shape[0]
 

@@ -11,6 +11,11 @@ from lrquant.quant.quantizer import fake_quantize
 from lrquant.transforms.weight import WeightTransform
 
 
+def rotate_input(x: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+    """``x`` times the fixed orthogonal ``rotation`` (``None``: ``x`` unchanged)."""
+    return x if rotation is None else x @ rotation.to(x.dtype)
+
+
 class RotatedInputLinear(nn.Linear):
     """``nn.Linear`` that first multiplies its input by a fixed orthogonal ``input_rotation``
     (``hadamard=online``: the down projection's input). State-dict keys are those of a plain linear;
@@ -25,7 +30,7 @@ class RotatedInputLinear(nn.Linear):
         self.register_buffer("input_rotation", rotation, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x @ self.input_rotation.to(x.dtype), self.weight, self.bias)
+        return F.linear(rotate_input(x, self.input_rotation), self.weight, self.bias)
 
 
 class QuantLinear(nn.Linear):
@@ -94,9 +99,7 @@ class QuantLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight_and_bias()
-        if self.input_rotation is not None:
-            x = x @ self.input_rotation.to(x.dtype)
-        return F.linear(fake_quantize(x, self.act_spec), weight, bias)
+        return F.linear(fake_quantize(rotate_input(x, self.input_rotation), self.act_spec), weight, bias)
 
     def extra_repr(self) -> str:
         return (

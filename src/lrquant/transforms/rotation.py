@@ -24,6 +24,7 @@ All seeded, built in float64 and applied in float64 before casting back.
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -33,7 +34,8 @@ from lrquant.errors import LrquantError
 from lrquant.quant.apply import replace_module
 from lrquant.quant.linear import RotatedInputLinear
 
-HADAMARD_MODES = ("off", "folded", "online", "down")
+HadamardMode = Literal["off", "folded", "online", "down"]
+HADAMARD_MODES: tuple[str, ...] = get_args(HadamardMode)
 
 
 def hadamard(k: int) -> torch.Tensor:
