@@ -4,6 +4,7 @@ normalises terms of any scale."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -14,7 +15,7 @@ from helpers import logits, rel_err
 from lrquant.arch import get_arch_spec
 from lrquant.config import QuantScheme, build_scheme
 from lrquant.errors import LrquantError
-from lrquant.methods import losses
+from lrquant.methods import blockwise, losses
 from lrquant.methods.blockwise import quantize_blockwise, transform_options
 from lrquant.methods.rtn import quantize_rtn
 from lrquant.models.tiny import tiny_model
@@ -72,7 +73,7 @@ def test_folded_model_equals_last_training_forward(
     # Shifts where the norm has a bias to fold them into (OPT's LayerNorm); every pair, including
     # llama's optional up -> down, whose scale meets up_proj's clipping and rotation.
     options = TransformOptions(
-        shifts=arch.norm_kind == "layer", clipping=True, rotation=True, down_smoothing=True
+        shifts=arch.norm_kind == "layer", clipping=True, rotation=True, down_smoothing=True, rounding=True
     )
     use_quantized_attention(model)
     transforms = []
@@ -89,7 +90,7 @@ def test_folded_model_equals_last_training_forward(
         bt = attach_block_transforms(block, arch, layout, stats, options, scheme.weight)
         assert ("down" in bt.factors) == (model_type == "llama")
         linears = [m for m in block.modules() if isinstance(m, QuantLinear)]
-        assert len(bt.clipping) == len(bt.rotation) == len(linears) >= 6
+        assert len(bt.clipping) == len(bt.rotation) == len(bt.rounding) == len(linears) >= 6
         transforms.append(bt)
     untrained = logits(model, ids)
     with torch.no_grad():  # what training would have done
@@ -102,6 +103,8 @@ def test_folded_model_equals_last_training_forward(
                 p.copy_(4 + 1.5 * torch.randn(p.shape, generator=generator))
             for p in bt.rotation.values():
                 p.mul_(torch.exp(0.2 * torch.randn(p.shape, generator=generator)))
+            for p in bt.rounding_parameters():
+                p.copy_(torch.rand(p.shape, generator=generator) - 0.5)
 
     with compiled_quantizer(compiled):  # the learner folds with the quantizer it trained with
         trained = logits(model, ids)
@@ -201,6 +204,50 @@ def test_searched_clipping_start_beats_the_fixed_one(outlier_llama, epochs: int)
         errors[clip_init] = rel_err(logits(model, held_out), ref)
     # Observed (seed 0, CPU): 0.858 -> 0.749 untrained, 0.782 -> 0.681 after 2 epochs.
     assert errors["search"] < 0.93 * errors["minmax"], errors
+
+
+def test_learned_rounding_beats_round_to_nearest(outlier_llama) -> None:
+    """rounding=true at 2-bit weights: offsets stay within half a step, most weights keep their
+    nearest grid point, and the model is closer to full precision than with the same recipe
+    without learned rounding."""
+    base, calibration, held_out, ref = outlier_llama
+    errors, offsets = {}, []
+    for rounding in (False, True):
+        model = copy.deepcopy(base)
+        recipe = build_recipe("lrquant_plus", "fast", {"epochs": 4, "bf16": True, "rounding": rounding})
+        scheme = build_scheme(2, 16, group_size=16)
+        with capture_rounding(offsets):
+            quantize_blockwise(model, LLAMA, scheme, recipe, calibration, seed=0)
+        errors[rounding] = rel_err(logits(model, held_out), ref)
+    # Observed (seed 0, CPU): nearest 0.724, learned rounding 0.598.
+    print(f"relative logits error: nearest {errors[False]:.4f}, learned rounding {errors[True]:.4f}")
+    assert len(offsets) == 2 * 7  # two blocks, seven linears each
+    moved = torch.cat([o.flatten() for o in offsets])
+    assert moved.abs().max() <= 0.5
+    # at 5e-3 per step over 32 steps an offset moves at most 0.16: only weights near a rounding
+    # boundary change grid point. Observed: 29 % of the offsets beyond 0.05, largest 0.152.
+    print(f"offsets beyond 0.05: {(moved.abs() > 0.05).float().mean():.3f}, largest {moved.abs().max():.3f}")
+    assert moved.abs().max() <= 32 * 5e-3 + 1e-6
+    assert (moved.abs() > 0.05).float().mean() > 0.1
+    assert errors[True] < 0.9 * errors[False], errors
+
+
+@contextlib.contextmanager
+def capture_rounding(into: list):
+    """Record each block's rounding offsets just before it is folded."""
+    real = blockwise.fold_block_transforms
+
+    def fold(block, arch):
+        for module in block.modules():
+            if isinstance(module, QuantLinear) and module.transform.rounding is not None:
+                into.append(module.transform.rounding.detach().clone())
+        return real(block, arch)
+
+    blockwise.fold_block_transforms = fold
+    try:
+        yield
+    finally:
+        blockwise.fold_block_transforms = real
 
 
 def test_compiled_quantizer_learns_what_eager_learns(outlier_llama, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -327,6 +374,9 @@ def test_image_models_choose_the_smoothing_init_per_block_unless_told() -> None:
         (("lrquant", "fast", {"epochs": -1}), "epochs"),
         (("lrquant", "fast", {"nsamples": 0}), "nsamples"),
         (("lrquant", "fast", {"rotation": "maybe"}), "rotation"),
+        (("rtn", "fast", {"rounding": True}), "rounding"),
+        (("lrquant", "fast", {"lr_rounding": 0}), "lr_rounding"),
+        (("lrquant", "fast", {"lr_rounding": "auto"}), "lr_rounding"),
     ],
 )
 def test_bad_recipe_settings_raise_naming_them(args: tuple, named: str) -> None:

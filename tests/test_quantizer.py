@@ -302,6 +302,45 @@ def test_clip_factors_reach_group_statistics() -> None:
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("granularity,group_size", [("channel", None), ("group", 16)])
+def test_rounding_offset_moves_each_value_to_a_neighbouring_grid_point(
+    symmetric: bool, granularity: str, group_size: int | None
+) -> None:
+    x = torch.randn(4, 40, generator=torch.Generator().manual_seed(5))  # groups of 16: the last of 8
+    spec = QuantSpec(bits=3, symmetric=symmetric, granularity=granularity, group_size=group_size)
+    nearest = fake_quantize(x, spec)
+    assert torch.equal(fake_quantize(x, spec, offset=torch.zeros_like(x)), nearest)
+    up = fake_quantize(x, spec, offset=torch.full_like(x, 0.4999))
+    down = fake_quantize(x, spec, offset=torch.full_like(x, -0.4999))
+    for xg, ng, ug, dg in zip(*(groups(t, spec) for t in (x, nearest, up, down)), strict=True):
+        grid = ng.unique()
+        step = (grid[1:] - grid[:-1]).min()  # the group's step size, from values on its grid
+        # every result stays on the group's grid (same step, same zero point) ...
+        for g in (ug, dg):
+            k = (g - ng) / step
+            assert torch.allclose(k, k.round(), atol=1e-4)
+        # ... and a shift of almost half a step rounds up (down) instead of to the nearest point:
+        # at most one step from it, never below (above) the value itself inside the grid's span
+        # (the rounded zero point can leave an end of the range just outside it, clamped)
+        inside = (xg >= grid.min()) & (xg <= grid.max())
+        assert inside.float().mean() >= 0.5
+        assert torch.all(ug[inside] >= xg[inside] - 1e-5) and torch.all(dg[inside] <= xg[inside] + 1e-5)
+        assert torch.all(ug >= ng - 1e-6) and torch.all(ug - ng <= step + 1e-5)
+        assert torch.all(dg <= ng + 1e-6) and torch.all(ng - dg <= step + 1e-5)
+    assert not torch.equal(up, nearest) and not torch.equal(down, nearest)
+
+
+def test_rounding_offset_gets_the_straight_through_gradient() -> None:
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(6))
+    spec = QuantSpec(bits=4, granularity="group", group_size=16)
+    offset = torch.zeros_like(x, requires_grad=True)
+    out = fake_quantize(x, spec, offset=offset)
+    (out * torch.arange(96.0).reshape(3, 32)).sum().backward()
+    # d out / d offset = Δ of the group for values inside the grid (the two ends are clamped away)
+    assert offset.grad is not None and (offset.grad != 0).float().mean() > 0.8
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize("factor", [0.5, 0.8])
 def test_clip_factors_shrink_the_range(symmetric: bool, factor: float) -> None:
     x = torch.randn(6, 128, generator=torch.Generator().manual_seed(9)) * 2

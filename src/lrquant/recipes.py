@@ -36,6 +36,9 @@ class Recipe(BaseModel):
     # the shrink factor with the lowest input-weighted rounding error ("search")
     clip_init: Literal["minmax", "search"] = "minmax"
     rotation: bool = True
+    # learnable rounding (not part of LRQuant+; SignRound's idea): an offset per weight, within half a
+    # grid step, added before rounding, so each weight may round the other way
+    rounding: bool = False
     # orthogonal rotations before learning (transforms/rotation.py): "folded" rotates the residual
     # stream and each value head, folded into the weights; "online" also rotates the down
     # projection's input at run time; "down" rotates only that
@@ -50,6 +53,7 @@ class Recipe(BaseModel):
     batch_size: int = Field(1, ge=1)
     lr_transform: float = Field(5e-3, gt=0)
     lr_clipping: float = Field(1e-2, gt=0)
+    lr_rounding: float = Field(5e-3, gt=0)
     bf16: bool | Literal["auto"] = "auto"  # bf16 autocast while learning; auto: where matmuls are native
     compile: bool = True  # fuse fake quantization with torch.compile while learning (eager if unavailable)
     max_retries: int = Field(3, ge=0)
@@ -67,6 +71,8 @@ class Recipe(BaseModel):
             raise ValueError(
                 "clip_init=search sets where the learned clipping bounds start: needs learn and clipping on"
             )
+        if self.rounding and not self.learn:
+            raise ValueError("rounding offsets are learned: rounding needs learn on")
         if self.hadamard in ("online", "down") and self.down_smoothing:
             raise ValueError(
                 f"down_smoothing scales the down projection's input channels, which hadamard={self.hadamard} "

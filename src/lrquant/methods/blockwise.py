@@ -103,6 +103,7 @@ def transform_options(recipe: Recipe, arch: ArchSpec) -> TransformOptions:
         down_smoothing=recipe.down_smoothing,
         clipping=recipe.clipping,
         rotation=recipe.rotation,
+        rounding=recipe.rounding,
     )
 
 
@@ -160,11 +161,12 @@ def _loss(
 
 
 def optimizer_for(bt: BlockTransforms, recipe: Recipe, lr_scale: float = 1.0) -> torch.optim.Optimizer:
-    """AdamW over a block's transforms: smoothing and clipping at their own learning rates."""
+    """AdamW over a block's transforms: smoothing, clipping and rounding at their own learning rates."""
     return torch.optim.AdamW(
         [
             {"params": bt.smoothing_parameters(), "lr": recipe.lr_transform * lr_scale},
             {"params": bt.clipping_parameters(), "lr": recipe.lr_clipping * lr_scale},
+            {"params": bt.rounding_parameters(), "lr": recipe.lr_rounding * lr_scale},
         ],
         weight_decay=0.0,
     )
@@ -226,6 +228,7 @@ def _train_block(
                 if terms is None:
                     finite = False
                     break
+                bt.project_()
                 for name, value in terms.items():
                     totals[name] = totals.get(name, 0.0) + value
             if not finite:
@@ -352,7 +355,8 @@ def quantize_blockwise(
             bt = attach_block_transforms(block, arch, layout, stats, options, scheme.weight)
             branches = ((fp_out, recipe.error_propagation), (hom_out, recipe.homologous))
             targets = [target for target, on in branches if on]
-            learn = recipe.learn and targets and (bt.smoothing_parameters() or bt.clipping_parameters())
+            learnable = bt.smoothing_parameters() or bt.clipping_parameters() or bt.rounding_parameters()
+            learn = recipe.learn and targets and learnable
             # Folding and the quantized chain use the same (compiled or eager) quantizer as training,
             # so the finished block computes what the last training step computed.
             with compiled_quantizer(bool(learn) and recipe.compile):

@@ -91,24 +91,30 @@ def fake_quantize(
     spec: QuantSpec,
     upper: torch.Tensor | None = None,
     lower: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize and dequantize ``x`` on the grid ``spec`` describes; identity at 16 bits.
 
     ``upper`` and ``lower`` optionally shrink each group's range (``xmax·upper``, ``xmin·lower``,
     learnable weight clipping); they broadcast against the per-group statistics, shape
-    ``[..., groups, 1]`` for group granularity or ``[..., 1]`` otherwise.
+    ``[..., groups, 1]`` for group granularity or ``[..., 1]`` otherwise. ``offset`` (shaped like
+    ``x``, in grid steps) is added before rounding: ``round(x / Δ + offset)``, learnable rounding.
 
     Inside :func:`compiled_quantizer` the same computation runs as one fused kernel.
     """
     if not spec.enabled:
         return x
     if _compiled_depth and not _compile_failed:
-        return _run_compiled(x, spec, upper, lower)
-    return _fake_quantize(x, spec, upper, lower)
+        return _run_compiled(x, spec, upper, lower, offset)
+    return _fake_quantize(x, spec, upper, lower, offset)
 
 
 def _fake_quantize(
-    x: torch.Tensor, spec: QuantSpec, upper: torch.Tensor | None, lower: torch.Tensor | None
+    x: torch.Tensor,
+    spec: QuantSpec,
+    upper: torch.Tensor | None,
+    lower: torch.Tensor | None,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     xg, pad = group_for_stats(x, spec)
     xmax = xg.amax(dim=-1, keepdim=True)
@@ -119,7 +125,8 @@ def _fake_quantize(
         xmin = xmin * lower
     scale, zero = quant_params(xmin, xmax, spec.bits, spec.symmetric)
     qmin, qmax = integer_range(spec.bits, spec.symmetric)
-    q = torch.clamp(round_ste(xg / scale) + zero, qmin, qmax)
+    steps = xg / scale if offset is None else xg / scale + group_for_stats(offset, spec)[0]
+    q = torch.clamp(round_ste(steps) + zero, qmin, qmax)
     return ungroup((q - zero) * scale, x, pad)
 
 
@@ -133,15 +140,15 @@ _compile_failed = False
 _COMPILE_VARIANTS = 64  # tensor shapes x specs x clipping on/off seen in one model
 
 
-def _run_compiled(x, spec, upper, lower) -> torch.Tensor:
+def _run_compiled(x, spec, upper, lower, offset) -> torch.Tensor:
     global _compile_failed
     assert _compiled_fn is not None
     try:
-        return _compiled_fn(x, spec, upper, lower)
+        return _compiled_fn(x, spec, upper, lower, offset)
     except Exception as error:  # no C++ compiler, unsupported platform, ...
         log(f"torch.compile is unavailable here ({type(error).__name__}); quantizing without it")
         _compile_failed = True
-        return _fake_quantize(x, spec, upper, lower)
+        return _fake_quantize(x, spec, upper, lower, offset)
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from lrquant.transforms.smoothing import (
     log_activation_equivalent,
     smoothquant_scale,
 )
-from lrquant.transforms.weight import LearnableClipping, WeightTransform
+from lrquant.transforms.weight import ROUNDING_LIMIT, LearnableClipping, WeightTransform
 
 ScaleInit = Literal["lae", "smoothquant", "ones", "best"]
 SEARCHED_INITS: tuple[str, ...] = ("lae", "smoothquant", "ones")
@@ -95,6 +95,7 @@ class TransformOptions:
     down_smoothing: bool = False
     clipping: bool = True
     rotation: bool = True
+    rounding: bool = False
 
 
 class BlockTransforms(nn.Module):
@@ -105,6 +106,7 @@ class BlockTransforms(nn.Module):
         self.factors = nn.ModuleDict()
         self.clipping = nn.ModuleDict()
         self.rotation = nn.ParameterDict()
+        self.rounding = nn.ParameterDict()
         # smoothing="best": each pair's candidate initial scales, by initialisation name
         self.inits: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -122,6 +124,16 @@ class BlockTransforms(nn.Module):
     def clipping_parameters(self) -> list[nn.Parameter]:
         """Clipping bounds (trained at the clipping learning rate)."""
         return list(self.clipping.parameters())
+
+    def rounding_parameters(self) -> list[nn.Parameter]:
+        """Rounding offsets (trained at the rounding learning rate)."""
+        return list(self.rounding.values())
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Keep every rounding offset within ±ROUNDING_LIMIT (called after each optimizer step)."""
+        for offset in self.rounding.values():
+            offset.clamp_(-ROUNDING_LIMIT, ROUNDING_LIMIT)
 
 
 def _key(name: str) -> str:
@@ -172,6 +184,9 @@ def attach_block_transforms(
                 ones = torch.ones(linear.out_features, 1, device=linear.weight.device)
                 bt.rotation[_key(name)] = nn.Parameter(ones)
                 transforms[name].rotation = bt.rotation[_key(name)]
+            if options.rounding:
+                zeros = torch.zeros_like(linear.weight, dtype=torch.float32)
+                transforms[name].rounding = bt.rounding[_key(name)] = nn.Parameter(zeros)
     return bt
 
 

@@ -2,7 +2,8 @@
 
 ``W' = diag(1/r) · W · diag(c)``, ``b' = (b + W·δc - δr) / r`` for the smoothing factors acting
 on its input columns (``c``, ``δc``) and output rows (``r``, ``δr``); then the learnable clipping
-bounds pick the quantization range and the rotation vector multiplies each dequantized row.
+bounds pick the quantization range, the learnable rounding offsets (optional, ``rounding``) move
+each weight's rounding point, and the rotation vector multiplies each dequantized row.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ Vector = Callable[[], torch.Tensor]
 CLIP_INIT = 4.0  # sigmoid(4) ≈ 0.982: start just inside the min/max range
 CLIP_SEARCH_LOWEST = 0.5  # the search tries shrink factors from here up to sigmoid(CLIP_INIT)
 CLIP_SEARCH_STEPS = 20
+ROUNDING_LIMIT = 0.5  # a rounding offset moves a weight at most one grid step from round-to-nearest
 
 
 class LearnableClipping(nn.Module):
@@ -66,6 +68,7 @@ class WeightTransform:
         self.row_shift: Vector | None = None
         self.clipping: LearnableClipping | None = None
         self.rotation: nn.Parameter | None = None
+        self.rounding: nn.Parameter | None = None  # per weight, in grid steps, within ±ROUNDING_LIMIT
 
     def transformed(
         self, weight: torch.Tensor, bias: torch.Tensor | None
@@ -87,11 +90,12 @@ class WeightTransform:
         return w, b
 
     def quantize(self, weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-        """Fake-quantize with the learned clipping range, then apply the rotation vector."""
+        """Fake-quantize with the learned clipping range and rounding offsets, then apply the
+        rotation vector."""
         upper = lower = None
         if self.clipping is not None:
             upper, lower = self.clipping.factors()
-        w = fake_quantize(weight, spec, upper, lower)
+        w = fake_quantize(weight, spec, upper, lower, self.rounding)
         if self.rotation is not None:
             w = w * self.rotation
         return w
