@@ -91,8 +91,17 @@ def _on_cpu(model: nn.Module) -> bool:
     return all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
 
 
-@pytest.mark.parametrize("model_type", ["llama", "opt", "vit", "swin"])
-def test_blocks_learned_on_the_device_match_the_cpu(model_type: str) -> None:
+# the optional learners too: rounding offsets, an online Hadamard on the down projection's input,
+# and clipping bounds that start at the searched shrink factor
+OPTIONS = {"rounding": True, "hadamard": "down", "clip_init": "search", "lr_clipping": 0.1}
+
+
+@pytest.mark.parametrize(
+    "model_type, options",
+    [("llama", {}), ("opt", {}), ("vit", {}), ("swin", {}), ("llama", OPTIONS)],
+    ids=["llama", "opt", "vit", "swin", "llama-options"],
+)
+def test_blocks_learned_on_the_device_match_the_cpu(model_type: str, options: dict) -> None:
     """lrquant_plus W4A4 (fp32, no autocast) on the test device against the same run on the CPU.
 
     Without training (capture, statistics, smoothing init, folding, quantization) the models agree
@@ -124,7 +133,8 @@ def test_blocks_learned_on_the_device_match_the_cpu(model_type: str) -> None:
     out: dict[tuple[int, str], torch.Tensor] = {}
     losses: dict[str, list] = {}
     for epochs in (0, 2):
-        recipe = build_recipe("lrquant_plus", "fast", {"epochs": epochs, "nsamples": 4, "bf16": False})
+        overrides = {"epochs": epochs, "nsamples": 4, "bf16": False, **options}
+        recipe = build_recipe("lrquant_plus", "fast", overrides)
         for where in ("cpu", str(DEVICE)):
             model = copy.deepcopy(base)
             reports = quantize_blockwise(
