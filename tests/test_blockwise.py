@@ -340,7 +340,7 @@ def test_recipe_contents() -> None:
     assert (plus.nsamples, plus.epochs) == (64, 4)
     omni = build_recipe("omniquant", "paper")
     assert omni.smoothing == "smoothquant" and not (omni.nlc or omni.rotation or omni.homologous)
-    assert (omni.nsamples, omni.epochs, omni.bf16) == (128, 20, False)
+    assert (omni.nsamples, omni.epochs, omni.bf16) == (128, 20, "auto")
     assert not build_recipe("rtn", "fast").learn
     assert build_recipe("lrquant", "fast", {"smoothing": "none"}).smoothing is None
 
