@@ -324,7 +324,7 @@ def test_always_nan_falls_back_to_the_initial_transforms(monkeypatch: pytest.Mon
 
 
 @pytest.mark.parametrize("preset", ["fast", "default", "paper"])
-@pytest.mark.parametrize("method", ["rtn", "smoothquant", "omniquant", "lrquant", "lrquant_plus"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "smoothquant", "omniquant", "lrquant", "lrquant_plus"])
 def test_build_recipe_combines_method_and_preset(method: str, preset: str) -> None:
     recipe = build_recipe(method, preset)
     assert isinstance(recipe, Recipe)
@@ -368,6 +368,8 @@ def test_image_models_choose_the_smoothing_init_per_block_unless_told() -> None:
         (("rtn", "fast", {"rounding": True}), "rounding"),
         (("lrquant", "fast", {"lr_rounding": 0}), "lr_rounding"),
         (("lrquant", "fast", {"lr_rounding": "auto"}), "lr_rounding"),
+        (("lrquant_plus", "fast", {"rounding": True, "gptq": True}), "gptq"),
+        (("gptq", "fast", {"gptq_damp": 0}), "gptq_damp"),
     ],
 )
 def test_bad_recipe_settings_raise_naming_them(args: tuple, named: str) -> None:

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--method",
         default="lrquant_plus",
-        help="rtn, smoothquant, omniquant, lrquant or lrquant_plus (default: lrquant_plus)",
+        help="rtn, gptq, smoothquant, omniquant, lrquant or lrquant_plus (default: lrquant_plus)",
     )
     q.add_argument("--preset", default="default", help="budget: fast, default or paper (default: default)")
     q.add_argument(

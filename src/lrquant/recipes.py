@@ -39,6 +39,10 @@ class Recipe(BaseModel):
     # learnable rounding (not part of LRQuant+; SignRound's idea): an offset per weight, within half a
     # grid step, added before rounding, so each weight may round the other way
     rounding: bool = False
+    # round the final weights with GPTQ (error feedback through the inputs' Hessian) on the grid
+    # the learned clipping and rotation chose, instead of to nearest; not part of LRQuant+
+    gptq: bool = False
+    gptq_damp: float = Field(0.01, gt=0)
     # orthogonal rotations before learning (transforms/rotation.py): "folded" rotates the residual
     # stream and each value head, folded into the weights; "online" also rotates the down
     # projection's input at run time; "down" rotates only that
@@ -73,6 +77,8 @@ class Recipe(BaseModel):
             )
         if self.rounding and not self.learn:
             raise ValueError("rounding offsets are learned: rounding needs learn on")
+        if self.rounding and self.gptq:
+            raise ValueError("rounding and gptq both decide which way each weight rounds: keep one of them")
         if self.hadamard in ("online", "down") and self.down_smoothing:
             raise ValueError(
                 f"down_smoothing scales the down projection's input channels, which hadamard={self.hadamard} "
@@ -86,6 +92,7 @@ RECIPES: dict[str, dict] = {
     "smoothquant": dict(
         learn=False, smoothing="smoothquant", qk_smoothing=False, clipping=False, rotation=False
     ),
+    "gptq": dict(learn=False, smoothing=None, clipping=False, rotation=False, gptq=True),
     "omniquant": dict(
         smoothing="smoothquant", rotation=False, nlc=False, dynamic_weighting=False, homologous=False
     ),

@@ -38,8 +38,9 @@ from lrquant.quant.apply import (
     quantize_patch_embedding,
     use_quantized_attention,
 )
+from lrquant.quant.gptq import HessianAccumulator
 from lrquant.quant.linear import QuantLinear, rotate_input
-from lrquant.quant.quantizer import compiled_quantizer
+from lrquant.quant.quantizer import compiled_quantizer, fake_quantize
 from lrquant.recipes import Recipe, use_bf16
 from lrquant.transforms.block import (
     SEARCHED_INITS,
@@ -301,6 +302,28 @@ def _search_clipping(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch
         module.transform.clipping.search(weight, module.weight_spec, square_sums[module] / tokens[module])
 
 
+@torch.no_grad()
+def _record_hessians(block: nn.Module, inputs: torch.Tensor, kwargs: dict, recipe: Recipe) -> None:
+    """``gptq``: give every quantized linear's transform the mean ``x xᵀ`` of its inputs as the
+    learned block (weights still rounded to nearest) sees them on the quantized chain, rotated
+    and quantized as its forward does, for :mod:`lrquant.quant.gptq` to round against when folding."""
+    linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.transform is not None]
+    acc = {m: HessianAccumulator() for m in linears}
+
+    def observe(module, args):
+        acc[module].add(fake_quantize(rotate_input(args[0].float(), module.input_rotation), module.act_spec))
+
+    handles = [m.register_forward_pre_hook(observe) for m in linears]
+    try:
+        run_block(block, inputs, kwargs, recipe.batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for module in linears:
+        module.transform.hessian = acc[module].hessian()
+        module.transform.gptq_damp = recipe.gptq_damp
+
+
 def quantize_blockwise(
     model: nn.Module,
     arch: ArchSpec,
@@ -366,6 +389,8 @@ def quantize_blockwise(
                     _search_clipping(block, state.quant, kwargs, recipe.batch_size)
                 if learn:
                     _train_block(block, bt, state, targets, kwargs, recipe, seed * 1000 + index, report, bar)
+                if recipe.gptq and scheme.weight.enabled:
+                    _record_hessians(block, state.quant, kwargs, recipe)
                 with torch.no_grad():
                     fold_block_transforms(block, arch)  # also freezes every linear's quantized weight
                     quant_out = run_block(block, state.quant, kwargs, recipe.batch_size)

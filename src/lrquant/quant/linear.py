@@ -73,7 +73,7 @@ class QuantLinear(nn.Linear):
         """Write what the transform computes into ``weight``/``bias`` and drop the transform."""
         if self.transform is None:
             return
-        weight, bias = self.weight_and_bias()
+        weight, bias = self.transform.final_weight_and_bias(self.weight, self.bias, self.weight_spec)
         self.weight.copy_(weight)
         if bias is not None:
             if self.bias is None:

@@ -86,6 +86,20 @@ def quant_params(
     return scale, zero
 
 
+def group_grid(
+    xg: torch.Tensor, spec: QuantSpec, upper: torch.Tensor | None, lower: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step size and zero point of each statistics group of ``xg`` (grouped by
+    :func:`group_for_stats`), its range shrunk by ``upper`` and ``lower`` when given."""
+    xmax = xg.amax(dim=-1, keepdim=True)
+    xmin = xg.amin(dim=-1, keepdim=True)
+    if upper is not None:
+        xmax = xmax * upper
+    if lower is not None:
+        xmin = xmin * lower
+    return quant_params(xmin, xmax, spec.bits, spec.symmetric)
+
+
 def fake_quantize(
     x: torch.Tensor,
     spec: QuantSpec,
@@ -117,13 +131,7 @@ def _fake_quantize(
     offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     xg, pad = group_for_stats(x, spec)
-    xmax = xg.amax(dim=-1, keepdim=True)
-    xmin = xg.amin(dim=-1, keepdim=True)
-    if upper is not None:
-        xmax = xmax * upper
-    if lower is not None:
-        xmin = xmin * lower
-    scale, zero = quant_params(xmin, xmax, spec.bits, spec.symmetric)
+    scale, zero = group_grid(xg, spec, upper, lower)
     qmin, qmax = integer_range(spec.bits, spec.symmetric)
     steps = xg / scale if offset is None else xg / scale + group_for_stats(offset, spec)[0]
     q = torch.clamp(round_ste(steps) + zero, qmin, qmax)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from lrquant.config import QuantSpec
+from lrquant.quant.gptq import gptq_quantize, weight_grid
 from lrquant.quant.quantizer import fake_quantize, group_for_stats, group_sums
 
 Vector = Callable[[], torch.Tensor]
@@ -69,6 +70,9 @@ class WeightTransform:
         self.clipping: LearnableClipping | None = None
         self.rotation: nn.Parameter | None = None
         self.rounding: nn.Parameter | None = None  # per weight, in grid steps, within ±ROUNDING_LIMIT
+        # set before folding to round the final weight with GPTQ against these input statistics
+        self.hessian: torch.Tensor | None = None
+        self.gptq_damp = 0.01
 
     def transformed(
         self, weight: torch.Tensor, bias: torch.Tensor | None
@@ -106,3 +110,21 @@ class WeightTransform:
         """What the linear computes with: quantized transformed weight, transformed bias."""
         w, b = self.transformed(weight, bias)
         return self.quantize(w, spec), b
+
+    @torch.no_grad()
+    def final_weight_and_bias(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What folding writes: :meth:`weight_and_bias`, or, with a :attr:`hessian`, the
+        transformed weight rounded by GPTQ on the same grid (learned clipping bounds, step times
+        the rotation vector) instead of to nearest."""
+        if self.hessian is None or not spec.enabled:
+            return self.weight_and_bias(weight, bias, spec)
+        w, b = self.transformed(weight, bias)
+        upper = lower = None
+        if self.clipping is not None:
+            upper, lower = self.clipping.factors()
+        scale, zero = weight_grid(w, spec, upper, lower)
+        if self.rotation is not None:
+            scale = scale * self.rotation
+        return gptq_quantize(w, self.hessian, spec, scale, zero, self.gptq_damp), b

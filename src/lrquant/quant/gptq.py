@@ -1,0 +1,116 @@
+"""GPTQ: round a weight column by column, pushing each column's rounding error onto the columns
+not yet rounded, weighted by the inverse Hessian of the layer's inputs (Frantar et al., 2023,
+"GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers").
+
+Here it rounds on a grid fixed beforehand (each group's step and zero point from its clipped
+min/max, "static groups"), so it composes with learned clipping bounds and rotation vectors: they
+choose the grid, GPTQ chooses which grid point each weight takes. Columns are visited in order of
+falling input energy (``diag(H)``, "act order"), which the fixed grid makes free for group-wise
+quantization.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lrquant.config import QuantSpec
+from lrquant.console import log
+from lrquant.quant.quantizer import group_for_stats, group_grid, integer_range, ungroup
+
+BLOCK_COLUMNS = 128  # columns updated together (the lazy batch update of the paper)
+
+
+class HessianAccumulator:
+    """``H = mean over tokens of x xᵀ`` for one linear's inputs, summed in float32."""
+
+    def __init__(self) -> None:
+        self.sum: torch.Tensor | None = None
+        self.tokens = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().flatten(0, -2).float()
+        gram = x.T @ x
+        self.sum = gram if self.sum is None else self.sum + gram
+        self.tokens += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self.sum is None:
+            raise ValueError("no inputs were recorded for this linear")
+        return self.sum / self.tokens
+
+
+def weight_grid(
+    weight: torch.Tensor,
+    spec: QuantSpec,
+    upper: torch.Tensor | None = None,
+    lower: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step size and zero point of every weight, shaped like ``weight``: what
+    :func:`~lrquant.quant.quantizer.fake_quantize` would use for it with the same bounds."""
+    wg, pad = group_for_stats(weight, spec)
+    scale, zero = group_grid(wg, spec, upper, lower)
+    return (
+        ungroup(scale.expand_as(wg).contiguous(), weight, pad),
+        ungroup(zero.expand_as(wg).contiguous(), weight, pad),
+    )
+
+
+def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor of ``H⁻¹`` after damping, raising the damping until it exists."""
+    mean_diag = hessian.diagonal().mean().clamp(min=1e-12)
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    for attempt in range(6):
+        factor, info = torch.linalg.cholesky_ex(hessian + eye * (damp * 10**attempt) * mean_diag)
+        if info == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                if attempt:
+                    log(f"GPTQ: the input Hessian needed damping {damp * 10**attempt:g} (asked {damp:g})")
+                return upper
+    raise torch.linalg.LinAlgError("the input Hessian is not positive definite even after damping")
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    damp: float = 0.01,
+) -> torch.Tensor:
+    """``weight`` rounded onto the grid ``scale``/``zero`` (both shaped like it) so as to minimise
+    ``tr((Q - W) H (Q - W)ᵀ)`` greedily, column by column; returns the dequantized weight.
+
+    ``hessian`` is the mean ``x xᵀ`` of the layer's inputs. Input channels that never fire (zero
+    diagonal) are rounded to nearest and pass no error on.
+    """
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().clone()
+    scale, zero = scale.float(), zero.float()
+    qmin, qmax = integer_range(spec.bits, spec.symmetric)
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    order = torch.argsort(h.diagonal(), descending=True)
+    w, h, scale, zero = w[:, order], h[order][:, order], scale[:, order], zero[:, order]
+    hinv = _inverse_hessian_factor(h, damp)
+    out = torch.empty_like(w)
+    columns = w.shape[1]
+    for start in range(0, columns, BLOCK_COLUMNS):
+        end = min(start + BLOCK_COLUMNS, columns)
+        block = w[:, start:end].clone()
+        errors = torch.empty_like(block)
+        hinv_block = hinv[start:end, start:end]
+        for i in range(end - start):
+            col = block[:, i]
+            s, z = scale[:, start + i], zero[:, start + i]
+            q = (torch.clamp(torch.round(col / s) + z, qmin, qmax) - z) * s
+            out[:, start + i] = q
+            err = (col - q) / hinv_block[i, i]
+            block[:, i:] -= err[:, None] * hinv_block[i, i:][None, :]
+            errors[:, i] = err
+        w[:, end:] -= errors @ hinv[start:end, end:]
+    restore = torch.argsort(order)
+    return out[:, restore].to(weight.dtype)
