@@ -46,12 +46,18 @@ def uninterrupted(llama3: Path, data: api.DataSettings, tmp_path_factory: pytest
     return out
 
 
-def _run(model: Path, out: Path, data: api.DataSettings, overrides: dict | None = None) -> dict:
+def _run(
+    model: Path,
+    out: Path,
+    data: api.DataSettings,
+    overrides: dict | None = None,
+    method: str = "lrquant_plus",
+) -> dict:
     return api.quantize(
         str(model),
         out,
         scheme=SCHEME,
-        method="lrquant_plus",
+        method=method,
         preset="fast",
         overrides=overrides or OVERRIDES,
         data=data,
@@ -115,6 +121,25 @@ def test_interrupted_run_resumes_to_the_same_checkpoint(
     # The block reports of the resumed run match the uninterrupted ones too.
     reference = json.loads((uninterrupted / REPORT_FILE).read_text())["blocks"]
     assert [b["losses"] for b in on_disk["blocks"]] == [b["losses"] for b in reference]
+
+
+def test_gptq_rounding_resumes_to_the_same_checkpoint(
+    llama3: Path, data: api.DataSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one-shot ``gptq`` method and LRQuant+ with ``gptq=true``: interrupted after block 0 and
+    rerun, bit for bit the uninterrupted result (the Hessians are rebuilt from the saved chain)."""
+    for method, overrides in (("gptq", {}), ("lrquant_plus", {"epochs": 1, "gptq": True})):
+        whole, parts = tmp_path / f"{method}_a", tmp_path / f"{method}_b"
+        _run(llama3, whole, data, overrides, method)
+        with monkeypatch.context() as patch:
+            _interrupt_after_block(patch, 0)
+            with pytest.raises(KeyboardInterrupt):
+                _run(llama3, parts, data, overrides, method)
+        _run(llama3, parts, data, overrides, method)
+        expected, got = load_file(whole / "model.safetensors"), load_file(parts / "model.safetensors")
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(got[key], value), (method, key)
 
 
 def test_rerun_with_other_settings_refuses_the_resume_folder(

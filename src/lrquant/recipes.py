@@ -39,8 +39,9 @@ class Recipe(BaseModel):
     # learnable rounding (not part of LRQuant+; SignRound's idea): an offset per weight, within half a
     # grid step, added before rounding, so each weight may round the other way
     rounding: bool = False
-    # round the final weights with GPTQ (error feedback through the inputs' Hessian) on the grid
-    # the learned clipping and rotation chose, instead of to nearest; not part of LRQuant+
+    # GPTQ (error feedback through the inputs' Hessian; not part of LRQuant+): rounds the final
+    # weights on the grid the learned clipping and rotation chose, instead of to nearest; with
+    # rounding=true it instead picks where the learned rounding offsets start
     gptq: bool = False
     gptq_damp: float = Field(0.01, gt=0)
     # orthogonal rotations before learning (transforms/rotation.py): "folded" rotates the residual
@@ -77,8 +78,6 @@ class Recipe(BaseModel):
             )
         if self.rounding and not self.learn:
             raise ValueError("rounding offsets are learned: rounding needs learn on")
-        if self.rounding and self.gptq:
-            raise ValueError("rounding and gptq both decide which way each weight rounds: keep one of them")
         if self.hadamard in ("online", "down") and self.down_smoothing:
             raise ValueError(
                 f"down_smoothing scales the down projection's input channels, which hadamard={self.hadamard} "

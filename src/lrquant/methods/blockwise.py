@@ -303,10 +303,12 @@ def _search_clipping(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch
 
 
 @torch.no_grad()
-def _record_hessians(block: nn.Module, inputs: torch.Tensor, kwargs: dict, recipe: Recipe) -> None:
-    """``gptq``: give every quantized linear's transform the mean ``x xᵀ`` of its inputs as the
-    learned block (weights still rounded to nearest) sees them on the quantized chain, rotated
-    and quantized as its forward does, for :mod:`lrquant.quant.gptq` to round against when folding."""
+def _hessians(
+    block: nn.Module, inputs: torch.Tensor, kwargs: dict, recipe: Recipe
+) -> dict[QuantLinear, torch.Tensor]:
+    """``gptq``: the mean ``x xᵀ`` of every quantized linear's inputs as the block, in its current
+    state, sees them on the quantized chain (rotated and quantized as its forward does), for
+    :mod:`lrquant.quant.gptq` to round against. Each transform takes ``recipe.gptq_damp``."""
     linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.transform is not None]
     acc = {m: HessianAccumulator() for m in linears}
 
@@ -320,8 +322,8 @@ def _record_hessians(block: nn.Module, inputs: torch.Tensor, kwargs: dict, recip
         for handle in handles:
             handle.remove()
     for module in linears:
-        module.transform.hessian = acc[module].hessian()
         module.transform.gptq_damp = recipe.gptq_damp
+    return {module: acc[module].hessian() for module in linears}
 
 
 def quantize_blockwise(
@@ -387,10 +389,18 @@ def quantize_blockwise(
                     report.init = _choose_init(block, bt, state.quant, targets, kwargs, recipe)
                 if learn and recipe.clip_init == "search" and bt.clipping:
                     _search_clipping(block, state.quant, kwargs, recipe.batch_size)
+                gptq = recipe.gptq and scheme.weight.enabled
+                gptq_start = gptq and learn and recipe.rounding
+                if gptq_start:  # GPTQ picks where the learned rounding starts
+                    for module, hessian in _hessians(block, state.quant, kwargs, recipe).items():
+                        module.transform.start_rounding_at_gptq(
+                            module.weight, module.bias, scheme.weight, hessian
+                        )
                 if learn:
                     _train_block(block, bt, state, targets, kwargs, recipe, seed * 1000 + index, report, bar)
-                if recipe.gptq and scheme.weight.enabled:
-                    _record_hessians(block, state.quant, kwargs, recipe)
+                if gptq and not gptq_start:  # GPTQ rounds the folded weights
+                    for module, hessian in _hessians(block, state.quant, kwargs, recipe).items():
+                        module.transform.hessian = hessian
                 with torch.no_grad():
                     fold_block_transforms(block, arch)  # also freezes every linear's quantized weight
                     quant_out = run_block(block, state.quant, kwargs, recipe.batch_size)
