@@ -368,6 +368,7 @@ def test_image_models_choose_the_smoothing_init_per_block_unless_told() -> None:
         (("rtn", "fast", {"rounding": True}), "rounding"),
         (("lrquant", "fast", {"lr_rounding": 0}), "lr_rounding"),
         (("lrquant", "fast", {"lr_rounding": "auto"}), "lr_rounding"),
+        (("lrquant_plus", "fast", {"rounding": True, "gptq": True}), "gptq"),
         (("gptq", "fast", {"gptq_damp": 0}), "gptq_damp"),
     ],
 )

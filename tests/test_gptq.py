@@ -97,9 +97,8 @@ def test_a_singular_hessian_is_damped_until_it_factors() -> None:
 
 
 def test_gptq_recipes_beat_their_round_to_nearest_twins() -> None:
-    """At 3-bit group-wise weights on a tiny llama: the one-shot ``gptq`` method beats RTN,
-    LRQuant+ with ``gptq=true`` beats LRQuant+ rounding to nearest, and, with learned rounding,
-    offsets starting at GPTQ's choice beat offsets starting at round-to-nearest.
+    """At 3-bit group-wise weights on a tiny llama: the one-shot ``gptq`` method beats RTN, and
+    LRQuant+ with ``gptq=true`` beats LRQuant+ rounding to nearest.
 
     The embedding is made nearly low-rank (rank 8 plus a little noise), so that channels are
     correlated as in a real LLM; with the tiny model's isotropic random embedding every Hessian is
@@ -129,19 +128,11 @@ def test_gptq_recipes_beat_their_round_to_nearest_twins() -> None:
         ("gptq", "gptq", {}),
         ("plus", "lrquant_plus", {"epochs": 2, "bf16": False}),
         ("plus+gptq", "lrquant_plus", {"epochs": 2, "bf16": False, "gptq": True}),
-        ("rounding", "lrquant_plus", {"epochs": 2, "bf16": False, "rounding": True}),
-        ("rounding+gptq", "lrquant_plus", {"epochs": 2, "bf16": False, "rounding": True, "gptq": True}),
-        ("gptq start", "lrquant_plus", {"epochs": 0, "bf16": False, "rounding": True, "gptq": True}),
     ]:
         model = copy.deepcopy(base)
         quantize_blockwise(model, arch, scheme, build_recipe(method, "fast", overrides), calibration, seed=0)
         errors[name] = rel_err(logits(model, held_out), ref)
-    # Observed (seed 0, CPU): rtn 0.077, gptq 0.031, plus 0.065, plus+gptq 0.031; with learned
-    # rounding 0.051, from GPTQ's start 0.039 untrained and 0.040 after the same 2 epochs.
+    # Observed (seed 0, CPU): rtn 0.077, gptq 0.031, plus 0.065, plus+gptq 0.031.
     print({k: round(v, 4) for k, v in errors.items()})
     assert errors["gptq"] < 0.6 * errors["rtn"], errors
     assert errors["plus+gptq"] < 0.7 * errors["plus"], errors
-    # with learned rounding, GPTQ sets where the offsets start: a better start, and better after
-    # the same training than offsets starting at round-to-nearest
-    assert errors["gptq start"] < 0.85 * errors["rounding"], errors
-    assert errors["rounding+gptq"] < 0.85 * errors["rounding"], errors

@@ -389,16 +389,9 @@ def quantize_blockwise(
                     report.init = _choose_init(block, bt, state.quant, targets, kwargs, recipe)
                 if learn and recipe.clip_init == "search" and bt.clipping:
                     _search_clipping(block, state.quant, kwargs, recipe.batch_size)
-                gptq = recipe.gptq and scheme.weight.enabled
-                gptq_start = gptq and learn and recipe.rounding
-                if gptq_start:  # GPTQ picks where the learned rounding starts
-                    for module, hessian in _hessians(block, state.quant, kwargs, recipe).items():
-                        module.transform.start_rounding_at_gptq(
-                            module.weight, module.bias, scheme.weight, hessian
-                        )
                 if learn:
                     _train_block(block, bt, state, targets, kwargs, recipe, seed * 1000 + index, report, bar)
-                if gptq and not gptq_start:  # GPTQ rounds the folded weights
+                if recipe.gptq and scheme.weight.enabled:  # GPTQ rounds the folded weights
                     for module, hessian in _hessians(block, state.quant, kwargs, recipe).items():
                         module.transform.hessian = hessian
                 with torch.no_grad():

@@ -22,7 +22,6 @@ CLIP_INIT = 4.0  # sigmoid(4) ≈ 0.982: start just inside the min/max range
 CLIP_SEARCH_LOWEST = 0.5  # the search tries shrink factors from here up to sigmoid(CLIP_INIT)
 CLIP_SEARCH_STEPS = 20
 ROUNDING_LIMIT = 0.5  # a rounding offset moves a weight at most one grid step from round-to-nearest
-GPTQ_START_LIMIT = 0.499  # just inside: round(x + 0.5) may round half to even, the wrong way
 
 
 class LearnableClipping(nn.Module):
@@ -120,19 +119,6 @@ class WeightTransform:
         if self.clipping is not None:
             upper, lower = self.clipping.factors()
         return weight_grid(weight, spec, upper, lower)
-
-    @torch.no_grad()
-    def start_rounding_at_gptq(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec, hessian: torch.Tensor
-    ) -> None:
-        """Set the rounding offsets so that rounding picks GPTQ's grid point for each weight (on
-        the current grid, rotation vector 1) wherever that point is one of the two neighbours;
-        a weight GPTQ moved further goes to the neighbour on that side."""
-        assert self.rounding is not None
-        w, _ = self.transformed(weight, bias)
-        scale, zero = self._grid(w, spec)
-        q = gptq_quantize(w, hessian, spec, scale, zero, self.gptq_damp)
-        self.rounding.copy_(((q - w) / scale).clamp(-GPTQ_START_LIMIT, GPTQ_START_LIMIT))
 
     @torch.no_grad()
     def final_weight_and_bias(
