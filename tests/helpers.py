@@ -20,3 +20,33 @@ def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 # Where the device tests learn and evaluate: the CPU in CI; LRQUANT_TEST_DEVICE=cuda runs the same
 # tests on a GPU (tests/test_device.py, test_resume.py and the learning tests of test_blockwise.py).
 TEST_DEVICE = os.environ.get("LRQUANT_TEST_DEVICE", "cpu")
+
+
+def correlated_llama(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A tiny 2-block llama whose channels are correlated as in a real LLM, and seeded calibration
+    (8 x 32) and held-out (4 x 64) token ids.
+
+    The block weights are scaled x5 (so the blocks matter next to the embedding) and the embedding
+    is made nearly low-rank (rank 8 plus a little noise): with the tiny model's isotropic random
+    embedding every input Hessian is close to diagonal, which hides what GPTQ and end-to-end
+    tuning do with real models.
+    """
+    from lrquant.arch import get_arch_spec
+    from lrquant.models.tiny import tiny_model
+
+    arch = get_arch_spec("llama")
+    model = tiny_model("llama", seed=seed, num_layers=2)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in arch.block_list(model):
+            for module in block.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight.mul_(5)
+        emb = model.get_input_embeddings().weight
+        rank8 = torch.randn(emb.shape[0], 8, generator=generator) @ torch.randn(
+            8, emb.shape[1], generator=generator
+        )
+        emb.copy_(rank8 + 0.2 * emb.std() * torch.randn(emb.shape, generator=generator))
+    calibration = torch.randint(3, model.config.vocab_size, (8, 32), generator=generator)
+    held_out = torch.randint(3, model.config.vocab_size, (4, 64), generator=generator)
+    return model, calibration, held_out

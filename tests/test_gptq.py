@@ -8,13 +8,12 @@ import copy
 
 import pytest
 import torch
-from helpers import logits, rel_err
+from helpers import correlated_llama, logits, rel_err
 
 from lrquant.arch import get_arch_spec
 from lrquant.config import QuantSpec, build_scheme
 from lrquant.methods.blockwise import quantize_blockwise
 from lrquant.methods.rtn import quantize_rtn
-from lrquant.models.tiny import tiny_model
 from lrquant.quant.gptq import HessianAccumulator, gptq_quantize, weight_grid
 from lrquant.quant.quantizer import fake_quantize, integer_range
 from lrquant.recipes import build_recipe
@@ -97,27 +96,11 @@ def test_a_singular_hessian_is_damped_until_it_factors() -> None:
 
 
 def test_gptq_recipes_beat_their_round_to_nearest_twins() -> None:
-    """At 3-bit group-wise weights on a tiny llama: the one-shot ``gptq`` method beats RTN, and
-    LRQuant+ with ``gptq=true`` beats LRQuant+ rounding to nearest.
-
-    The embedding is made nearly low-rank (rank 8 plus a little noise), so that channels are
-    correlated as in a real LLM; with the tiny model's isotropic random embedding every Hessian is
-    close to diagonal and GPTQ has nothing to work with (observed: no better than RTN there)."""
+    """At 3-bit group-wise weights on a tiny llama with correlated channels: the one-shot
+    ``gptq`` method beats RTN, and LRQuant+ with ``gptq=true`` beats LRQuant+ rounding to nearest
+    (with the tiny model's isotropic embedding GPTQ is no better than RTN: nothing to correct)."""
     arch = get_arch_spec("llama")
-    base = tiny_model("llama", seed=0, num_layers=2)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for block in arch.block_list(base):
-            for module in block.modules():
-                if isinstance(module, torch.nn.Linear):
-                    module.weight.mul_(5)  # blocks that matter next to the embedding
-        emb = base.get_input_embeddings().weight
-        low_rank = torch.randn(emb.shape[0], 8, generator=generator) @ torch.randn(
-            8, emb.shape[1], generator=generator
-        )
-        emb.copy_(low_rank + 0.2 * emb.std() * torch.randn(emb.shape, generator=generator))
-    calibration = torch.randint(3, base.config.vocab_size, (8, 32), generator=generator)
-    held_out = torch.randint(3, base.config.vocab_size, (4, 64), generator=generator)
+    base, calibration, held_out = correlated_llama()
     ref = logits(base, held_out)
     scheme = build_scheme(3, 16, group_size=16)
     errors = {}

@@ -123,23 +123,39 @@ def test_interrupted_run_resumes_to_the_same_checkpoint(
     assert [b["losses"] for b in on_disk["blocks"]] == [b["losses"] for b in reference]
 
 
-def test_gptq_rounding_resumes_to_the_same_checkpoint(
-    llama3: Path, data: api.DataSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "method, overrides, stop_after",
+    [
+        ("gptq", {}, 0),
+        ("lrquant_plus", {"epochs": 1, "gptq": True}, 0),
+        # after the last block, before the end-to-end step: the rerun does that step alone
+        ("lrquant_plus", {"epochs": 1, "e2e_epochs": 1}, NUM_LAYERS - 1),
+    ],
+    ids=["gptq", "lrquant_plus-gptq", "lrquant_plus-e2e"],
+)
+def test_optional_finishing_steps_resume_to_the_same_checkpoint(
+    method: str,
+    overrides: dict,
+    stop_after: int,
+    llama3: Path,
+    data: api.DataSettings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The one-shot ``gptq`` method and LRQuant+ with ``gptq=true``: interrupted after block 0 and
-    rerun, bit for bit the uninterrupted result (the Hessians are rebuilt from the saved chain)."""
-    for method, overrides in (("gptq", {}), ("lrquant_plus", {"epochs": 1, "gptq": True})):
-        whole, parts = tmp_path / f"{method}_a", tmp_path / f"{method}_b"
-        _run(llama3, whole, data, overrides, method)
-        with monkeypatch.context() as patch:
-            _interrupt_after_block(patch, 0)
-            with pytest.raises(KeyboardInterrupt):
-                _run(llama3, parts, data, overrides, method)
-        _run(llama3, parts, data, overrides, method)
-        expected, got = load_file(whole / "model.safetensors"), load_file(parts / "model.safetensors")
-        assert got.keys() == expected.keys()
-        for key, value in expected.items():
-            assert torch.equal(got[key], value), (method, key)
+    """GPTQ rounding (its Hessians rebuilt from the saved chain) and end-to-end step sizes:
+    interrupted and rerun, bit for bit the uninterrupted result."""
+    whole, parts = tmp_path / "a", tmp_path / "b"
+    _run(llama3, whole, data, overrides, method)
+    with monkeypatch.context() as patch:
+        saved = _interrupt_after_block(patch, stop_after)
+        with pytest.raises(KeyboardInterrupt):
+            _run(llama3, parts, data, overrides, method)
+    assert saved[-1] == stop_after
+    _run(llama3, parts, data, overrides, method)
+    expected, got = load_file(whole / "model.safetensors"), load_file(parts / "model.safetensors")
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
 
 
 def test_rerun_with_other_settings_refuses_the_resume_folder(

@@ -234,6 +234,11 @@ def apply_method(
     """
     rotate_model(loaded.model, loaded.arch, recipe.hadamard, seed)  # before resuming: same seed, same Q
     if method == "rtn":
+        if recipe.e2e_epochs:
+            raise LrquantError(
+                "e2e_epochs tunes step sizes on calibration data, which rtn does not use: "
+                "choose another method or leave e2e_epochs at 0"
+            )
         quantize_rtn(loaded.model, loaded.arch, scheme)
         return []
     if calibration is None:

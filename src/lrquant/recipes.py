@@ -47,6 +47,11 @@ class Recipe(BaseModel):
     # stream and each value head, folded into the weights; "online" also rotates the down
     # projection's input at run time; "down" rotates only that
     hadamard: HadamardMode = "off"
+    # epochs of end-to-end tuning of each weight group's step size after the block-wise pass,
+    # on the KL divergence from the full-precision next-token distribution (methods/e2e.py;
+    # EfficientQAT's E2E-QP, not part of LRQuant+); 0: off
+    e2e_epochs: int = Field(0, ge=0)
+    lr_e2e: float = Field(1e-3, gt=0)
     mse: bool = True
     nlc: bool = True
     dynamic_weighting: bool = True

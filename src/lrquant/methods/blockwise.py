@@ -32,6 +32,7 @@ from lrquant.device import placed, to_device
 from lrquant.errors import LrquantError
 from lrquant.methods import losses
 from lrquant.methods.capture import capture_block_inputs, capture_block_kwargs, run_block
+from lrquant.methods.e2e import check_supported, tune_step_sizes
 from lrquant.quant.apply import (
     attach_block_quantizers,
     attach_head_quantizers,
@@ -346,6 +347,8 @@ def quantize_blockwise(
     """
     device = device or torch.device("cpu")
     options = transform_options(recipe, arch)  # refuses impossible settings before any work
+    if recipe.e2e_epochs and scheme.weight.enabled:
+        check_supported(model, arch)
     blocks = arch.block_list(model)
     transitions = arch.transitions(model)
     kwargs_per_block, transition_kwargs = to_device(capture_block_kwargs(model, arch, calibration[0]), device)
@@ -411,6 +414,11 @@ def quantize_blockwise(
         bar.set_postfix(block=index, cos=f"{report.cosine:.4f}")
         _log_block(report, len(blocks), time.perf_counter() - run_start, index - first + 1)
     bar.close()
+    if recipe.e2e_epochs and scheme.weight.enabled:
+        # after every block (also on a resumed run that had finished them all): rerun in full
+        # when interrupted, from the saved blocks and chain
+        with placed(model, device):
+            tune_step_sizes(model, arch, calibration, state.fp, recipe, seed, device)
     return reports
 
 

@@ -1,0 +1,119 @@
+"""End-to-end tuning of the weight step sizes after the block-wise pass (optional).
+
+Block-wise learning matches each block to its full-precision twin; errors that only show in
+the model's output are never seen. Here every quantized weight keeps its integer codes and its
+zero point, and only each group's step size is multiplied by a learned factor ``α`` (starting
+at 1), trained for ``e2e_epochs`` over the calibration samples on the KL divergence from the
+full-precision model's next-token distribution to the quantized model's. ``(q - z)·Δ·α`` is again
+a point of an affine grid, so the saved weights stay on a per-group grid any packed format
+takes. This is the E2E-QP step of EfficientQAT (Chen et al., 2024, "EfficientQAT: Efficient
+Quantization-Aware Training for Large Language Models"), here with a distillation target instead
+of the labels, as calibration sets are small.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lrquant.arch import ArchSpec
+from lrquant.config import QuantSpec
+from lrquant.console import log
+from lrquant.errors import LrquantError
+from lrquant.methods.capture import model_inputs
+from lrquant.quant.linear import QuantLinear
+from lrquant.quant.quantizer import group_for_stats, ungroup
+from lrquant.recipes import Recipe, use_bf16
+
+
+class StepScale(nn.Module):
+    """Multiplies each statistics group of a frozen quantized weight by a learnable factor.
+
+    Takes the place of a :class:`~lrquant.transforms.weight.WeightTransform` on a
+    :class:`QuantLinear` (same ``weight_and_bias`` / ``final_weight_and_bias`` interface), so
+    folding it writes the rescaled weight.
+    """
+
+    def __init__(self, weight: torch.Tensor, spec: QuantSpec) -> None:
+        super().__init__()
+        grouped = group_for_stats(weight.detach(), spec)[0]
+        self.spec = spec
+        self.alpha = nn.Parameter(torch.ones(grouped.shape[:-1] + (1,), device=weight.device))
+
+    def weight_and_bias(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        grouped, pad = group_for_stats(weight.float(), spec)
+        return ungroup(grouped * self.alpha, weight, pad), bias
+
+    final_weight_and_bias = weight_and_bias
+
+
+def _logits_target(model: nn.Module, arch: ArchSpec, hidden: torch.Tensor) -> torch.Tensor:
+    """Full-precision log-probabilities from the full-precision chain's last hidden states."""
+    norm = model.get_submodule(arch.final_norm)
+    return F.log_softmax(model.get_output_embeddings()(norm(hidden)).float(), dim=-1)
+
+
+def check_supported(model: nn.Module, arch: ArchSpec) -> None:
+    """Refuse, before any work, a model whose next-token distribution cannot be computed here."""
+    if arch.modality != "text" or arch.final_norm is None or model.get_output_embeddings() is None:
+        raise LrquantError(
+            f"e2e_epochs needs a causal language model with a known final norm; "
+            f"'{arch.model_types[0]}' is not one: leave e2e_epochs at 0"
+        )
+
+
+def tune_step_sizes(
+    model: nn.Module,
+    arch: ArchSpec,
+    calibration: torch.Tensor,
+    fp_hidden: torch.Tensor,
+    recipe: Recipe,
+    seed: int,
+    device: torch.device,
+) -> list[float]:
+    """Train every quantized block linear's step factors end to end, then fold them; returns the
+    mean KL per epoch. ``fp_hidden`` are the full-precision chain's outputs of the last block for
+    the ``calibration`` samples. The model must already sit on ``device``."""
+    check_supported(model, arch)
+    linears = [
+        m
+        for block in arch.block_list(model)
+        for m in block.modules()
+        if isinstance(m, QuantLinear) and m.weight_spec.enabled
+    ]
+    for module in linears:
+        module.transform = StepScale(module.weight, module.weight_spec)
+    params = [module.transform.alpha for module in linears]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr_e2e, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    bf16 = use_bf16(recipe, device)
+    losses: list[float] = []
+    try:
+        for epoch in range(recipe.e2e_epochs):
+            total, steps = 0.0, 0
+            for i in torch.randperm(calibration.shape[0], generator=generator).tolist():
+                with torch.no_grad():
+                    target = _logits_target(model, arch, fp_hidden[i : i + 1])
+                with torch.autocast(device.type, torch.bfloat16, bf16):
+                    logits = model(**model_inputs(arch, calibration[i].to(device))).logits
+                log_q = F.log_softmax(logits.float(), dim=-1)
+                loss = F.kl_div(log_q, target, log_target=True, reduction="none").sum(-1).mean()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total, steps = total + loss.item(), steps + 1
+            losses.append(total / steps)
+            log(f"end-to-end step sizes, epoch {epoch + 1}/{recipe.e2e_epochs}: KL {losses[-1]:.4g}")
+    except FloatingPointError:
+        log("end-to-end step sizes: non-finite loss, keeping the block-wise step sizes")
+        for p in params:
+            p.data.fill_(1.0)
+    with torch.no_grad():
+        for module in linears:
+            module.fold_transform()
+    return losses
