@@ -151,7 +151,11 @@ def test_optional_finishing_steps_resume_to_the_same_checkpoint(
         with pytest.raises(KeyboardInterrupt):
             _run(llama3, parts, data, overrides, method)
     assert saved[-1] == stop_after
-    _run(llama3, parts, data, overrides, method)
+    report = _run(llama3, parts, data, overrides, method)
+    if overrides.get("e2e_epochs"):
+        assert len(report["blocks"][-1]["e2e_kl"]) == overrides["e2e_epochs"]
+        on_disk = json.loads((parts / REPORT_FILE).read_text())
+        assert on_disk["blocks"][-1]["e2e_kl"] == report["blocks"][-1]["e2e_kl"]
     expected, got = load_file(whole / "model.safetensors"), load_file(parts / "model.safetensors")
     assert got.keys() == expected.keys()
     for key, value in expected.items():

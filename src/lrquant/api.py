@@ -226,7 +226,8 @@ def apply_method(
     store: ResumeStore | None = None,
     device: torch.device | None = None,
 ) -> list[dict]:
-    """Quantize ``loaded.model`` in place; returns the per-block reports of a learned method.
+    """Quantize ``loaded.model`` in place; returns the per-block reports of a learned method
+    (with ``e2e_epochs``, the last one also holds ``e2e_kl``, the KL per end-to-end epoch).
 
     ``rtn`` needs no calibration; every other method learns (or, for ``smoothquant``, sets) its
     transforms block by block on ``calibration`` windows, resuming from ``store`` when it holds
@@ -246,6 +247,7 @@ def apply_method(
     start = store.load(loaded.model, loaded.arch, scheme) if store is not None else None
     if start is not None:
         log(f"resuming at block {start[0] + 1} from {store.folder}")
+    e2e: list[list[float]] = []
     reports = quantize_blockwise(
         loaded.model,
         loaded.arch,
@@ -256,8 +258,12 @@ def apply_method(
         start,
         store.save_block if store is not None else None,
         device,
+        e2e.append,
     )
-    return store.reports if store is not None else [report_dict(r) for r in reports]
+    blocks = store.reports if store is not None else [report_dict(r) for r in reports]
+    if e2e and blocks:
+        blocks[-1] = {**blocks[-1], "e2e_kl": e2e[0]}
+    return blocks
 
 
 def _fingerprint(loaded, scheme, recipe, method, data, calibration) -> dict:

@@ -337,13 +337,16 @@ def quantize_blockwise(
     start: tuple[int, ChainState] | None = None,
     on_block_done: BlockDone | None = None,
     device: torch.device | None = None,
+    on_e2e_done: Callable[[list[float]], None] | None = None,
 ) -> list[BlockReport]:
     """Quantize every block of ``model`` in place with ``recipe``; returns per-block reports.
 
     ``start`` resumes at a block with the chain inputs saved when the previous one finished
     (blocks before it must already hold their finished weights). ``on_block_done`` is called
     after each block (back in host memory), e.g. to checkpoint it. The model stays on the CPU;
-    each block is learned on ``device`` (default: the CPU) with both chains kept there.
+    each block is learned on ``device`` (default: the CPU) with both chains kept there. With
+    ``e2e_epochs``, the step sizes are then tuned end to end and ``on_e2e_done`` gets the KL per
+    epoch.
     """
     device = device or torch.device("cpu")
     options = transform_options(recipe, arch)  # refuses impossible settings before any work
@@ -418,7 +421,9 @@ def quantize_blockwise(
         # after every block (also on a resumed run that had finished them all): rerun in full
         # when interrupted, from the saved blocks and chain
         with placed(model, device):
-            tune_step_sizes(model, arch, calibration, state.fp, recipe, seed, device)
+            kl = tune_step_sizes(model, arch, calibration, state.fp, recipe, seed, device)
+        if on_e2e_done is not None:
+            on_e2e_done(kl)
     return reports
 
 
