@@ -396,7 +396,7 @@ def test_failed_run_removes_the_parent_folders_it_created(work: Path, capsys) ->
     "extra, expected",
     [
         (["--set", "epochs=-1"], "epochs Input should be greater than or equal to 0"),
-        (["--method", "gptq"], "unknown method 'gptq'"),
+        (["--method", "awq"], "unknown method 'awq'"),
         (["--preset", "huge"], "unknown preset 'huge'"),
         (
             ["--set", "mse=false", "--set", "nlc=false"],
