@@ -41,7 +41,7 @@ from lrquant.quant.apply import (
 )
 from lrquant.quant.gptq import HessianAccumulator
 from lrquant.quant.linear import QuantLinear, rotate_input
-from lrquant.quant.quantizer import compiled_quantizer, fake_quantize
+from lrquant.quant.quantizer import compiled_quantizer
 from lrquant.recipes import Recipe, use_bf16
 from lrquant.transforms.block import (
     SEARCHED_INITS,
@@ -309,12 +309,12 @@ def _hessians(
 ) -> dict[QuantLinear, torch.Tensor]:
     """``gptq``: the mean ``x xᵀ`` of every quantized linear's inputs as the block, in its current
     state, sees them on the quantized chain (rotated and quantized as its forward does), for
-    :mod:`lrquant.quant.gptq` to round against. Each transform takes ``recipe.gptq_damp``."""
+    :mod:`lrquant.quant.gptq` to round against."""
     linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.transform is not None]
     acc = {m: HessianAccumulator() for m in linears}
 
     def observe(module, args):
-        acc[module].add(fake_quantize(rotate_input(args[0].float(), module.input_rotation), module.act_spec))
+        acc[module].add(module.quantized_input(args[0].float()))
 
     handles = [m.register_forward_pre_hook(observe) for m in linears]
     try:
@@ -322,8 +322,6 @@ def _hessians(
     finally:
         for handle in handles:
             handle.remove()
-    for module in linears:
-        module.transform.gptq_damp = recipe.gptq_damp
     return {module: acc[module].hessian() for module in linears}
 
 
@@ -399,7 +397,7 @@ def quantize_blockwise(
                     _train_block(block, bt, state, targets, kwargs, recipe, seed * 1000 + index, report, bar)
                 if recipe.gptq and scheme.weight.enabled:  # GPTQ rounds the folded weights
                     for module, hessian in _hessians(block, state.quant, kwargs, recipe).items():
-                        module.transform.hessian = hessian
+                        module.transform.hessian, module.transform.gptq_damp = hessian, recipe.gptq_damp
                 with torch.no_grad():
                     fold_block_transforms(block, arch)  # also freezes every linear's quantized weight
                     quant_out = run_block(block, state.quant, kwargs, recipe.batch_size)

@@ -38,7 +38,6 @@ class StepScale(nn.Module):
     def __init__(self, weight: torch.Tensor, spec: QuantSpec) -> None:
         super().__init__()
         grouped = group_for_stats(weight.detach(), spec)[0]
-        self.spec = spec
         self.alpha = nn.Parameter(torch.ones(grouped.shape[:-1] + (1,), device=weight.device))
 
     def weight_and_bias(

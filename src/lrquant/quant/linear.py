@@ -97,9 +97,14 @@ class QuantLinear(nn.Linear):
         linear.bias = self.bias
         return linear if self.input_rotation is None else RotatedInputLinear(linear, self.input_rotation)
 
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the weight multiplies: ``x`` rotated (where the linear has an input rotation) and
+        fake-quantized per token."""
+        return fake_quantize(rotate_input(x, self.input_rotation), self.act_spec)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight_and_bias()
-        return F.linear(fake_quantize(rotate_input(x, self.input_rotation), self.act_spec), weight, bias)
+        return F.linear(self.quantized_input(x), weight, bias)
 
     def extra_repr(self) -> str:
         return (

@@ -94,12 +94,14 @@ class WeightTransform:
             b = None if b is None else b / r
         return w, b
 
+    def _clip_factors(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The learned clipping factors (upper, lower), or ``None`` for both without clipping."""
+        return self.clipping.factors() if self.clipping is not None else (None, None)
+
     def quantize(self, weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         """Fake-quantize with the learned clipping range and rounding offsets, then apply the
         rotation vector."""
-        upper = lower = None
-        if self.clipping is not None:
-            upper, lower = self.clipping.factors()
+        upper, lower = self._clip_factors()
         w = fake_quantize(weight, spec, upper, lower, self.rounding)
         if self.rotation is not None:
             w = w * self.rotation
@@ -112,14 +114,6 @@ class WeightTransform:
         w, b = self.transformed(weight, bias)
         return self.quantize(w, spec), b
 
-    def _grid(self, weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step and zero point of every weight under the current clipping bounds (before the
-        rotation vector)."""
-        upper = lower = None
-        if self.clipping is not None:
-            upper, lower = self.clipping.factors()
-        return weight_grid(weight, spec, upper, lower)
-
     @torch.no_grad()
     def final_weight_and_bias(
         self, weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec
@@ -130,7 +124,7 @@ class WeightTransform:
         if self.hessian is None or not spec.enabled:
             return self.weight_and_bias(weight, bias, spec)
         w, b = self.transformed(weight, bias)
-        scale, zero = self._grid(w, spec)
+        scale, zero = weight_grid(w, spec, *self._clip_factors())
         if self.rotation is not None:
             scale = scale * self.rotation
         return gptq_quantize(w, self.hessian, spec, scale, zero, self.gptq_damp), b
