@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lrquant.models.tiny_vision import save_tiny_vision_model
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
@@ -112,3 +114,27 @@ def test_clip_search_cost_runs_on_a_tiny_llm(tiny_llama, tmp_path) -> None:
     minmax, search = table["minmax"], table["search"]
     assert int(minmax[2]) == 0 and int(search[2]) == 2  # the searched start searches in both blocks
     assert all(0 < float(c) <= 1 for c in minmax[3:] + search[3:])
+
+
+def test_e2e_sweep_matches_a_full_run(tiny_llama, tmp_path) -> None:
+    # The sweep shares one block-wise pass between its variants; each variant must still give what
+    # a full llm_ppl.py run of the same settings gives.
+    base = ["--model", str(tiny_llama), "--preset", "fast", "--seqlen", "32", "--windows", "2"]
+    sets = [arg for item in ["nsamples=2", "bf16=false", *TINY_BUDGET] for arg in ("--set", item)]
+    sweep = ["--setting", "W4A16", "--name", "sweep", "--store", str(tmp_path / "store"), *base, *sets]
+    run_script("e2e_sweep.py", [*sweep, "--variants", "e2e_epochs=1", "e2e_epochs=2,lr_e2e=3e-3"], tmp_path)
+    found = {r["variant"]: r for r in rows(tmp_path, "sweep")}
+    assert set(found) == {"e2e_epochs=1", "e2e_epochs=2,lr_e2e=3e-3"}
+    assert len(found["e2e_epochs=1"]["e2e_kl"]) == 1 and len(found["e2e_epochs=2,lr_e2e=3e-3"]["e2e_kl"]) == 2
+    full = ["--methods", "lrquant_plus", "--settings", "W4A16", "--name", "full", *base, *sets]
+    run_script("llm_ppl.py", [*full, "--set", "e2e_epochs=2", "--set", "lr_e2e=3e-3"], tmp_path)
+    expected = rows(tmp_path, "full")[0]["perplexity"]
+    assert found["e2e_epochs=2,lr_e2e=3e-3"]["perplexity"] == pytest.approx(expected, rel=1e-6)
+    assert found["e2e_epochs=1"]["perplexity"] != found["e2e_epochs=2,lr_e2e=3e-3"]["perplexity"]
+
+    # A variant that would change the shared block-wise pass is refused with a message.
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "e2e_sweep.py"), *sweep, "--variants", "epochs=3"],
+        env={**os.environ, "LRQUANT_BENCH_RESULTS": str(tmp_path)}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode != 0 and "changes more than e2e_epochs and lr_e2e" in out.stderr
