@@ -105,7 +105,8 @@ def main() -> None:
         )  # fmt: skip
         with (RESULTS / f"{args.name}.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")
-        print(f"{args.setting} {variant}: perplexity {row['perplexity']:.3f}, end-to-end {e2e_s:.0f} s", flush=True)
+        ppl = row["perplexity"]
+        print(f"{args.setting} {variant}: perplexity {ppl:.3f}, end-to-end {e2e_s:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
