@@ -58,14 +58,15 @@ def main() -> None:
         base = parse_overrides(args.overrides)
         if set(base) & set(E2E_FIELDS):
             raise LrquantError(f"set {', '.join(E2E_FIELDS)} in --variants, not in --set")
-        variants = {v: {**base, **parse_overrides(v.split(","))} for v in args.variants}
-        for variant, fields in variants.items():
-            if set(fields) - set(base) - set(E2E_FIELDS) or any(fields[k] != base[k] for k in base):
+        recipes = {}
+        for variant in args.variants:
+            fields = parse_overrides(variant.split(","))
+            if set(fields) - set(E2E_FIELDS):
                 raise LrquantError(
                     f"variant '{variant}' changes more than {' and '.join(E2E_FIELDS)}: "
                     "the block-wise pass is shared, so put other settings in --set"
                 )
-        recipes = {v: build_recipe(args.method, args.preset, fields) for v, fields in variants.items()}
+            recipes[variant] = build_recipe(args.method, args.preset, {**base, **fields})
         first = build_recipe(args.method, args.preset, base)
     except LrquantError as err:
         sys.exit(f"error: {err}")
@@ -74,8 +75,15 @@ def main() -> None:
     commit = code_version()
     key = dict(
         model=args.model, setting=args.setting, method=args.method, preset=args.preset,
-        overrides=args.overrides, seqlen=args.seqlen, seed=args.seed, commit=commit,
+        overrides=args.overrides, seqlen=args.seqlen, windows=args.windows, seed=args.seed, commit=commit,
     )  # fmt: skip
+    # a row is done when one with the same settings and variant exists (from any commit)
+    same = {k: v for k, v in key.items() if k != "commit"}
+    done = {r["variant"] for r in load_rows(args.name) if {k: r.get(k) for k in same} == same}
+    recipes = {v: r for v, r in recipes.items() if v not in done}
+    if not recipes:
+        print(f"every variant of {args.setting} is in {args.name}.jsonl already")
+        return
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     store = ResumeStore(args.store / digest / "out", key)
 
@@ -91,10 +99,7 @@ def main() -> None:
     blockwise_s = round(time.perf_counter() - began, 1)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    done = {(r["setting"], r["variant"], tuple(r["overrides"])) for r in load_rows(args.name)}
     for variant, recipe in recipes.items():
-        if (args.setting, variant, tuple(args.overrides)) in done:
-            continue
         loaded, windows, calibration = fresh()
         began = time.perf_counter()
         blocks = apply_method(loaded, scheme, args.method, recipe, calibration, args.seed, store)

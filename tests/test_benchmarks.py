@@ -122,7 +122,8 @@ def test_e2e_sweep_matches_a_full_run(tiny_llama, tmp_path) -> None:
     base = ["--model", str(tiny_llama), "--preset", "fast", "--seqlen", "32", "--windows", "2"]
     sets = [arg for item in ["nsamples=2", "bf16=false", *TINY_BUDGET] for arg in ("--set", item)]
     sweep = ["--setting", "W4A16", "--name", "sweep", "--store", str(tmp_path / "store"), *base, *sets]
-    run_script("e2e_sweep.py", [*sweep, "--variants", "e2e_epochs=1", "e2e_epochs=2,lr_e2e=3e-3"], tmp_path)
+    variants = ["--variants", "e2e_epochs=1", "e2e_epochs=2,lr_e2e=3e-3"]
+    run_script("e2e_sweep.py", [*sweep, *variants], tmp_path)
     found = {r["variant"]: r for r in rows(tmp_path, "sweep")}
     assert set(found) == {"e2e_epochs=1", "e2e_epochs=2,lr_e2e=3e-3"}
     assert len(found["e2e_epochs=1"]["e2e_kl"]) == 1 and len(found["e2e_epochs=2,lr_e2e=3e-3"]["e2e_kl"]) == 2
@@ -131,6 +132,9 @@ def test_e2e_sweep_matches_a_full_run(tiny_llama, tmp_path) -> None:
     expected = rows(tmp_path, "full")[0]["perplexity"]
     assert found["e2e_epochs=2,lr_e2e=3e-3"]["perplexity"] == pytest.approx(expected, rel=1e-6)
     assert found["e2e_epochs=1"]["perplexity"] != found["e2e_epochs=2,lr_e2e=3e-3"]["perplexity"]
+    # the same command again finds both rows and runs nothing
+    assert "already" in run_script("e2e_sweep.py", [*sweep, *variants], tmp_path)
+    assert len(rows(tmp_path, "sweep")) == 2
 
     # A variant that would change the shared block-wise pass is refused with a message.
     out = subprocess.run(
