@@ -16,6 +16,7 @@ from lrquant.config import QuantScheme, build_scheme
 from lrquant.errors import LrquantError
 from lrquant.methods import blockwise, losses
 from lrquant.methods.blockwise import quantize_blockwise, transform_options
+from lrquant.methods.capture import capture_block_inputs, capture_block_kwargs, run_block
 from lrquant.methods.rtn import quantize_rtn
 from lrquant.models.tiny import tiny_model
 from lrquant.quant import quantizer
@@ -188,6 +189,49 @@ def test_learning_lowers_the_loss_and_beats_rtn(outlier_llama) -> None:
     assert plus_err < 0.9 * rtn_err
     assert omni_err < 0.93 * rtn_err
     assert plus_err < 0.97 * init_err  # training itself helped, not only the smoothing initialisation
+
+
+def test_holdout_keeps_the_best_scored_state_and_never_trains_on_it(outlier_llama) -> None:
+    """holdout=3: the last 3 calibration samples score the transforms at the start and after each
+    epoch, the best-scoring state is what gets folded, and the held-out samples do not move
+    training (changing them leaves the training losses as they were)."""
+    base, calibration, held_out, ref = outlier_llama
+    recipe = build_recipe(
+        "lrquant_plus", "fast", {"epochs": 3, "bf16": True, "holdout": 3, "lr_transform": 0.05}
+    )
+    runs = []
+    for swap in (False, True):
+        ids = calibration.clone()
+        if swap:
+            ids[-3:] = random_ids(base, 3, 32, seed=7)
+        model = copy.deepcopy(base)
+        runs.append((model, quantize_blockwise(model, LLAMA, W4A4, recipe, ids, seed=0)))
+    (model, reports), (_, swapped) = runs
+    for report in reports + swapped:
+        assert len(report.losses) == 3 and len(report.holdout_losses) == 4
+        assert report.kept_epoch == min(range(4), key=report.holdout_losses.__getitem__)
+    # The first block trained on the first 5 samples alone (statistics included); later blocks
+    # may differ, as the held-out samples chose which state of the block before them was kept.
+    assert reports[0].losses == swapped[0].losses
+    assert reports[0].holdout_losses != swapped[0].holdout_losses
+    # The folded first block computes the kept state: its held-out loss, rescored on the finished
+    # model, is the one recorded for the kept epoch (block 0's quantized and full-precision chains
+    # start from the same embeddings, so both branches target the full-precision block's output).
+    inputs = capture_block_inputs(base, LLAMA, calibration[-3:])
+    kwargs = capture_block_kwargs(base, LLAMA, calibration[0])[0][0]
+    with torch.no_grad():
+        target = run_block(LLAMA.block_list(base)[0], inputs, kwargs)
+        out = run_block(LLAMA.block_list(model)[0], inputs, kwargs)
+    rescored = sum(blockwise._loss(out, [target, target], recipe, None)[1].values())
+    assert rescored == pytest.approx(reports[0].holdout_losses[reports[0].kept_epoch], rel=1e-4)
+    assert rel_err(logits(model, held_out), ref) < 1.0
+
+
+def test_holdout_must_leave_samples_to_train_on(outlier_llama) -> None:
+    base, calibration, _, _ = outlier_llama
+    recipe = build_recipe("lrquant_plus", "fast", {"epochs": 1, "holdout": 8, "nsamples": 64})
+    with pytest.raises(LrquantError, match="holdout=8 keeps all 8 calibration samples"):
+        quantize_blockwise(copy.deepcopy(base), LLAMA, W4A4, recipe, calibration, seed=0)
 
 
 @pytest.mark.parametrize("epochs", [0, 2])
@@ -370,6 +414,8 @@ def test_image_models_choose_the_smoothing_init_per_block_unless_told() -> None:
         (("lrquant", "fast", {"lr_rounding": "auto"}), "lr_rounding"),
         (("lrquant_plus", "fast", {"rounding": True, "gptq": True}), "gptq"),
         (("gptq", "fast", {"gptq_damp": 0}), "gptq_damp"),
+        (("lrquant_plus", "fast", {"holdout": 32}), "holdout"),
+        (("lrquant_plus", "fast", {"holdout": -1}), "holdout"),
     ],
 )
 def test_bad_recipe_settings_raise_naming_them(args: tuple, named: str) -> None:

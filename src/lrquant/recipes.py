@@ -54,6 +54,10 @@ class Recipe(BaseModel):
     # 3e-3 against 1e-3 on SmolLM2 at fast (README): W2A16 g64 47.24 vs 50.41, W4A16 18.54 vs 18.65;
     # 1e-2 was worse (54.66)
     lr_e2e: float = Field(3e-3, gt=0)
+    # calibration samples (the last ones) kept out of block training: per block, the transforms are
+    # scored on them at the start and after every epoch, and the best-scoring state is kept
+    # (early stopping against fitting the calibration set); 0: train on every sample, keep the last
+    holdout: int = Field(0, ge=0)
     mse: bool = True
     nlc: bool = True
     dynamic_weighting: bool = True
@@ -81,6 +85,11 @@ class Recipe(BaseModel):
         if self.clip_init == "search" and not (self.learn and self.clipping):
             raise ValueError(
                 "clip_init=search sets where the learned clipping bounds start: needs learn and clipping on"
+            )
+        if self.learn and self.holdout >= self.nsamples:
+            raise ValueError(
+                f"holdout={self.holdout} keeps every one of the {self.nsamples} calibration samples out of "
+                "training: hold out fewer than nsamples"
             )
         if self.rounding and not self.learn:
             raise ValueError("rounding offsets are learned: rounding needs learn on")

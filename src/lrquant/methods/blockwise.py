@@ -69,6 +69,9 @@ class BlockReport:
     retries: int = 0
     lr_scale: float = 1.0
     init: str | None = None  # the initialisation chosen by smoothing="best"
+    # with a holdout: the held-out loss at the start and after each epoch, and the epoch kept (0: start)
+    holdout_losses: list[float] = field(default_factory=list)
+    kept_epoch: int | None = None
 
 
 @dataclass
@@ -132,11 +135,14 @@ def _targets_and_stats(
 
     names = {pair.targets[0] for pair in active_pairs(arch, options)}
     handles = [block.get_submodule(n).register_forward_pre_hook(observe(n)) for n in names]
+    trained = state.fp.shape[0] - (recipe.holdout if recipe.learn else 0)  # held-out samples set nothing
     try:
-        fp_out = run_block(block, state.fp, kwargs, recipe.batch_size)
+        fp_out = run_block(block, state.fp[:trained], kwargs, recipe.batch_size)
     finally:
         for handle in handles:
             handle.remove()
+    if trained < state.fp.shape[0]:
+        fp_out = torch.cat([fp_out, run_block(block, state.fp[trained:], kwargs, recipe.batch_size)])
     homologous = recipe.homologous and recipe.learn  # a one-shot recipe needs no training targets
     hom_out = run_block(block, state.quant, kwargs, recipe.batch_size) if homologous else None
     return fp_out, hom_out, stats
@@ -209,7 +215,7 @@ def _train_block(
     bar: tqdm | None,
 ) -> None:
     initial = copy.deepcopy(bt.state_dict())
-    n = state.quant.shape[0]
+    n = state.quant.shape[0] - recipe.holdout  # the last ``holdout`` samples only score
     for attempt in range(recipe.max_retries + 1):
         lr_scale = 0.5**attempt
         bt.load_state_dict(initial)
@@ -217,6 +223,7 @@ def _train_block(
         weighting = losses.DynamicWeighting(2) if recipe.dynamic_weighting else None
         generator = torch.Generator().manual_seed(seed)
         report.losses, report.terms = [], {}
+        best = _HeldOutBest(block, bt, state, targets, kwargs, recipe, report)
         finite = True
         steps = math.ceil(n / recipe.batch_size)
         for epoch in range(recipe.epochs):
@@ -238,14 +245,44 @@ def _train_block(
             report.losses.append(sum(totals.values()) / steps)
             for name, value in totals.items():
                 report.terms.setdefault(name, []).append(value / steps)
+            best.score(epoch + 1)
             if bar is not None:
                 bar.set_postfix(block=report.index, epoch=epoch + 1, loss=f"{report.losses[-1]:.4g}")
         if finite:
+            best.restore()
             report.retries, report.lr_scale = attempt, lr_scale
             return
     # Every retry diverged: keep the initial transforms (smoothing init, no clipping learned).
     bt.load_state_dict(initial)
     report.retries, report.lr_scale = recipe.max_retries + 1, 0.0
+
+
+class _HeldOutBest:
+    """``holdout``: scores the transforms on the held-out calibration samples (unweighted loss
+    terms, summed) and remembers the best-scoring state; without a holdout it does nothing, so
+    the last state is kept."""
+
+    def __init__(self, block, bt, state, targets, kwargs, recipe: Recipe, report: BlockReport) -> None:
+        self.block, self.bt, self.kwargs, self.recipe, self.report = block, bt, kwargs, recipe, report
+        held = slice(state.quant.shape[0] - recipe.holdout, None)
+        self.inputs, self.targets = state.quant[held], [t[held] for t in targets]
+        self.state: dict | None = None
+        report.holdout_losses, report.kept_epoch = [], None
+        self.score(0)
+
+    @torch.no_grad()
+    def score(self, epoch: int) -> None:
+        if not self.recipe.holdout:
+            return
+        out = run_block(self.block, self.inputs, self.kwargs, self.recipe.batch_size)
+        loss = sum(_loss(out, self.targets, self.recipe, None)[1].values())
+        self.report.holdout_losses.append(loss)
+        if self.state is None or loss < min(self.report.holdout_losses[:-1]):
+            self.state, self.report.kept_epoch = copy.deepcopy(self.bt.state_dict()), epoch
+
+    def restore(self) -> None:
+        if self.state is not None:
+            self.bt.load_state_dict(self.state)
 
 
 INIT_SEARCH_SAMPLES = 8
@@ -348,6 +385,11 @@ def quantize_blockwise(
     """
     device = device or torch.device("cpu")
     options = transform_options(recipe, arch)  # refuses impossible settings before any work
+    if recipe.learn and recipe.holdout >= calibration.shape[0]:
+        raise LrquantError(
+            f"holdout={recipe.holdout} keeps all {calibration.shape[0]} calibration samples out of "
+            "training: hold out fewer, or calibrate on more samples"
+        )
     if recipe.e2e_epochs and scheme.weight.enabled:
         check_supported(model, arch)
     blocks = arch.block_list(model)
@@ -388,11 +430,12 @@ def quantize_blockwise(
             learn = recipe.learn and targets and learnable
             # Folding and the quantized chain use the same (compiled or eager) quantizer as training,
             # so the finished block computes what the last training step computed.
+            trained = state.quant[: state.quant.shape[0] - recipe.holdout]  # never the held-out ones
             with compiled_quantizer(bool(learn) and recipe.compile):
                 if bt.inits and targets:
-                    report.init = _choose_init(block, bt, state.quant, targets, kwargs, recipe)
+                    report.init = _choose_init(block, bt, trained, targets, kwargs, recipe)
                 if learn and recipe.clip_init == "search" and bt.clipping:
-                    _search_clipping(block, state.quant, kwargs, recipe.batch_size)
+                    _search_clipping(block, trained, kwargs, recipe.batch_size)
                 if learn:
                     _train_block(block, bt, state, targets, kwargs, recipe, seed * 1000 + index, report, bar)
                 if recipe.gptq and scheme.weight.enabled:  # GPTQ rounds the folded weights
@@ -441,6 +484,7 @@ def _log_block(report: BlockReport, total: int, elapsed: float, done_now: int) -
         loss += " (" + ", ".join(f"{k} {v[0]:.4g} -> {v[-1]:.4g}" for k, v in report.terms.items()) + ")"
     retry = f", {report.retries} retries (lr x{report.lr_scale:g})" if report.retries else ""
     retry += f", init {report.init}" if report.init else ""
+    retry += f", kept epoch {report.kept_epoch} (held-out loss)" if report.kept_epoch is not None else ""
     log(
         f"block {report.index + 1}/{total}: cosine {report.cosine:.5f}{loss}{retry}, "
         f"{report.seconds:.1f} s, about {left / 60:.1f} min left"
