@@ -27,6 +27,8 @@ class Recipe(BaseModel):
     # "best": per block, whichever of LAE, SmoothQuant (alpha) and none gives the lowest calibration loss
     smoothing: Literal["lae", "smoothquant", "ones", "best"] | None = "lae"
     alpha: float = Field(0.5, ge=0.0, le=1.0)
+    # smoothing="best" scores each candidate on this many of the first calibration samples
+    init_samples: int = Field(8, ge=1)
     shifts: Literal["auto", "on", "off"] = "auto"
     qk_smoothing: bool = True
     # up_proj -> down_proj in gated MLPs (SwiGLU, GeGLU): not one of the paper's pairs

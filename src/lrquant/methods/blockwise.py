@@ -285,9 +285,6 @@ class _HeldOutBest:
             self.bt.load_state_dict(self.state)
 
 
-INIT_SEARCH_SAMPLES = 8
-
-
 @torch.no_grad()
 def _choose_init(
     block: nn.Module,
@@ -299,7 +296,7 @@ def _choose_init(
 ) -> str:
     """Try each candidate initialisation of the smoothing scales; keep the one whose quantized
     block has the lowest unweighted loss on the first calibration samples."""
-    n = min(INIT_SEARCH_SAMPLES, inputs.shape[0])
+    n = min(recipe.init_samples, inputs.shape[0])
     scores = {}
     for how in SEARCHED_INITS:
         bt.use_init(how)
