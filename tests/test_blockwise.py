@@ -416,6 +416,7 @@ def test_image_models_choose_the_smoothing_init_per_block_unless_told() -> None:
         (("gptq", "fast", {"gptq_damp": 0}), "gptq_damp"),
         (("lrquant_plus", "fast", {"holdout": 32}), "holdout"),
         (("lrquant_plus", "fast", {"holdout": -1}), "holdout"),
+        (("rtn", "fast", {"holdout": 4}), "holdout"),
     ],
 )
 def test_bad_recipe_settings_raise_naming_them(args: tuple, named: str) -> None:

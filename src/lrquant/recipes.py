@@ -88,7 +88,9 @@ class Recipe(BaseModel):
             raise ValueError(
                 "clip_init=search sets where the learned clipping bounds start: needs learn and clipping on"
             )
-        if self.learn and self.holdout >= self.nsamples:
+        if self.holdout and not self.learn:
+            raise ValueError("holdout scores learned transforms: it needs learn on (leave holdout at 0)")
+        if self.holdout >= self.nsamples:
             raise ValueError(
                 f"holdout={self.holdout} keeps every one of the {self.nsamples} calibration samples out of "
                 "training: hold out fewer than nsamples"

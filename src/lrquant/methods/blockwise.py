@@ -135,7 +135,7 @@ def _targets_and_stats(
 
     names = {pair.targets[0] for pair in active_pairs(arch, options)}
     handles = [block.get_submodule(n).register_forward_pre_hook(observe(n)) for n in names]
-    trained = state.fp.shape[0] - (recipe.holdout if recipe.learn else 0)  # held-out samples set nothing
+    trained = state.fp.shape[0] - recipe.holdout  # held-out samples set nothing
     try:
         fp_out = run_block(block, state.fp[:trained], kwargs, recipe.batch_size)
     finally:
@@ -262,7 +262,16 @@ class _HeldOutBest:
     terms, summed) and remembers the best-scoring state; without a holdout it does nothing, so
     the last state is kept."""
 
-    def __init__(self, block, bt, state, targets, kwargs, recipe: Recipe, report: BlockReport) -> None:
+    def __init__(
+        self,
+        block: nn.Module,
+        bt: BlockTransforms,
+        state: ChainState,
+        targets: list[torch.Tensor],
+        kwargs: dict,
+        recipe: Recipe,
+        report: BlockReport,
+    ) -> None:
         self.block, self.bt, self.kwargs, self.recipe, self.report = block, bt, kwargs, recipe, report
         held = slice(state.quant.shape[0] - recipe.holdout, None)
         self.inputs, self.targets = state.quant[held], [t[held] for t in targets]
@@ -382,7 +391,7 @@ def quantize_blockwise(
     """
     device = device or torch.device("cpu")
     options = transform_options(recipe, arch)  # refuses impossible settings before any work
-    if recipe.learn and recipe.holdout >= calibration.shape[0]:
+    if recipe.holdout >= calibration.shape[0]:
         raise LrquantError(
             f"holdout={recipe.holdout} keeps all {calibration.shape[0]} calibration samples out of "
             "training: hold out fewer, or calibrate on more samples"
@@ -436,7 +445,7 @@ def quantize_blockwise(
                 if learn:
                     _train_block(block, bt, state, targets, kwargs, recipe, seed * 1000 + index, report, bar)
                 if recipe.gptq and scheme.weight.enabled:  # GPTQ rounds the folded weights
-                    for module, hessian in _hessians(block, state.quant, kwargs, recipe).items():
+                    for module, hessian in _hessians(block, trained, kwargs, recipe).items():
                         module.transform.hessian, module.transform.gptq_damp = hessian, recipe.gptq_damp
                 with torch.no_grad():
                     fold_block_transforms(block, arch)  # also freezes every linear's quantized weight
