@@ -216,6 +216,7 @@ def _train_block(
 ) -> None:
     initial = copy.deepcopy(bt.state_dict())
     n = state.quant.shape[0] - recipe.holdout  # the last ``holdout`` samples only score
+    held_inputs, held_targets = state.quant[n:], [t[n:] for t in targets]
     for attempt in range(recipe.max_retries + 1):
         lr_scale = 0.5**attempt
         bt.load_state_dict(initial)
@@ -223,7 +224,7 @@ def _train_block(
         weighting = losses.DynamicWeighting(2) if recipe.dynamic_weighting else None
         generator = torch.Generator().manual_seed(seed)
         report.losses, report.terms = [], {}
-        best = _HeldOutBest(block, bt, state, targets, kwargs, recipe, report)
+        best = _HeldOutBest(block, bt, held_inputs, held_targets, kwargs, recipe, report)
         finite = True
         steps = math.ceil(n / recipe.batch_size)
         for epoch in range(recipe.epochs):
@@ -257,6 +258,16 @@ def _train_block(
     report.retries, report.lr_scale = recipe.max_retries + 1, 0.0
 
 
+@torch.no_grad()
+def _plain_loss(
+    block: nn.Module, inputs: torch.Tensor, targets: list[torch.Tensor], kwargs: dict, recipe: Recipe
+) -> float:
+    """The block's loss terms on ``inputs``, summed without dynamic weighting: a score that
+    compares states of one block (candidate inits, epochs)."""
+    out = run_block(block, inputs, kwargs, recipe.batch_size)
+    return sum(_loss(out, targets, recipe, None)[1].values())
+
+
 class _HeldOutBest:
     """``holdout``: scores the transforms on the held-out calibration samples (unweighted loss
     terms, summed) and remembers the best-scoring state; without a holdout it does nothing, so
@@ -266,25 +277,22 @@ class _HeldOutBest:
         self,
         block: nn.Module,
         bt: BlockTransforms,
-        state: ChainState,
+        inputs: torch.Tensor,
         targets: list[torch.Tensor],
         kwargs: dict,
         recipe: Recipe,
         report: BlockReport,
     ) -> None:
-        self.block, self.bt, self.kwargs, self.recipe, self.report = block, bt, kwargs, recipe, report
-        held = slice(state.quant.shape[0] - recipe.holdout, None)
-        self.inputs, self.targets = state.quant[held], [t[held] for t in targets]
+        self.block, self.bt, self.inputs, self.targets = block, bt, inputs, targets
+        self.kwargs, self.recipe, self.report = kwargs, recipe, report
         self.state: dict | None = None
         report.holdout_losses, report.kept_epoch = [], None
         self.score(0)
 
-    @torch.no_grad()
     def score(self, epoch: int) -> None:
         if not self.recipe.holdout:
             return
-        out = run_block(self.block, self.inputs, self.kwargs, self.recipe.batch_size)
-        loss = sum(_loss(out, self.targets, self.recipe, None)[1].values())
+        loss = _plain_loss(self.block, self.inputs, self.targets, self.kwargs, self.recipe)
         self.report.holdout_losses.append(loss)
         if self.state is None or loss < min(self.report.holdout_losses[:-1]):
             self.state, self.report.kept_epoch = copy.deepcopy(self.bt.state_dict()), epoch
@@ -309,8 +317,7 @@ def _choose_init(
     scores = {}
     for how in SEARCHED_INITS:
         bt.use_init(how)
-        out = run_block(block, inputs[:n], kwargs, recipe.batch_size)
-        scores[how] = sum(_loss(out, [t[:n] for t in targets], recipe, None)[1].values())
+        scores[how] = _plain_loss(block, inputs[:n], [t[:n] for t in targets], kwargs, recipe)
     best = min(scores, key=scores.__getitem__)
     bt.use_init(best)
     return best
