@@ -12,7 +12,9 @@ settings (the smoke test checks it), at a fraction of the time.
         --variants e2e_epochs=2 e2e_epochs=2,lr_e2e=3e-3
 
 Rows go to ``benchmarks/results/<name>.jsonl`` as they finish (a rerun skips them); the store
-lives under ``~/.cache/lrquant/e2e_sweep`` (delete it when done: about 0.6 GB for SmolLM2).
+lives under ``~/.cache/lrquant/e2e_sweep`` (delete it when done: about 0.6 GB for SmolLM2). It is
+keyed by the settings, not the commit, so a later commit's end-to-end options reuse a finished
+block-wise pass (rows name both commits): delete it whenever the block-wise pass itself changes.
 """
 
 from __future__ import annotations
@@ -84,8 +86,11 @@ def main() -> None:
     if not recipes:
         print(f"every variant of {args.setting} is in {args.name}.jsonl already")
         return
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    store = ResumeStore(args.store / digest / "out", key)
+    # The store is keyed by the settings, not the commit, so that variants added by a later commit
+    # (new end-to-end options) reuse the block-wise pass; each row names the commit of that pass.
+    digest = hashlib.sha1(json.dumps(same, sort_keys=True).encode()).hexdigest()[:12]
+    store = ResumeStore(args.store / digest / "out", same)
+    made_by = args.store / digest / "blockwise_commit"
 
     def fresh():  # as llm_ppl.py's run_one: seed, load, evaluation windows, calibration windows
         torch.manual_seed(args.seed)
@@ -95,8 +100,12 @@ def main() -> None:
     # the shared block-wise pass (nothing to do when the store holds every block)
     loaded, _, calibration = fresh()
     began = time.perf_counter()
+    if not made_by.is_file():
+        made_by.parent.mkdir(parents=True, exist_ok=True)
+        made_by.write_text(commit)
     apply_method(loaded, scheme, args.method, first, calibration, args.seed, store)
     blockwise_s = round(time.perf_counter() - began, 1)
+    blockwise_commit = made_by.read_text()
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     for variant, recipe in recipes.items():
@@ -106,7 +115,7 @@ def main() -> None:
         e2e_s = round(time.perf_counter() - began, 1)
         row = dict(
             key, variant=variant, perplexity=perplexity(loaded.model, windows), e2e_s=e2e_s,
-            blockwise_s=blockwise_s, e2e_kl=blocks[-1].get("e2e_kl", []), threads=torch.get_num_threads(),
+            blockwise_s=blockwise_s, blockwise_commit=blockwise_commit, e2e_kl=blocks[-1].get("e2e_kl", []), threads=torch.get_num_threads(),
         )  # fmt: skip
         with (RESULTS / f"{args.name}.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")
