@@ -28,7 +28,7 @@ from pathlib import Path
 
 from llm_ppl import RESULTS, SETTINGS, code_version, load_rows
 
-E2E_FIELDS = ("e2e_epochs", "lr_e2e")
+E2E_FIELDS = ("e2e_epochs", "lr_e2e", "e2e_samples", "e2e_schedule", "e2e_norms")
 
 
 def main() -> None:
@@ -65,7 +65,7 @@ def main() -> None:
             fields = parse_overrides(variant.split(","))
             if set(fields) - set(E2E_FIELDS):
                 raise LrquantError(
-                    f"variant '{variant}' changes more than {' and '.join(E2E_FIELDS)}: "
+                    f"variant '{variant}' changes more than the end-to-end fields ({', '.join(E2E_FIELDS)}): "
                     "the block-wise pass is shared, so put other settings in --set"
                 )
             recipes[variant] = build_recipe(args.method, args.preset, {**base, **fields})
@@ -92,13 +92,14 @@ def main() -> None:
     store = ResumeStore(args.store / digest / "out", same)
     made_by = args.store / digest / "blockwise_commit"
 
-    def fresh():  # as llm_ppl.py's run_one: seed, load, evaluation windows, calibration windows
+    def fresh(recipe):  # as llm_ppl.py's run_one: seed, load, evaluation windows, calibration windows
         torch.manual_seed(args.seed)
         loaded = load_model(args.model)
-        return loaded, evaluation_data(loaded, data), calibration_data(loaded, data, first.nsamples)
+        calibration = calibration_data(loaded, data, recipe.calibration_samples)
+        return loaded, evaluation_data(loaded, data), calibration
 
     # the shared block-wise pass (nothing to do when the store holds every block)
-    loaded, _, calibration = fresh()
+    loaded, _, calibration = fresh(first)
     began = time.perf_counter()
     if not made_by.is_file():
         made_by.parent.mkdir(parents=True, exist_ok=True)
@@ -109,13 +110,14 @@ def main() -> None:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     for variant, recipe in recipes.items():
-        loaded, windows, calibration = fresh()
+        loaded, windows, calibration = fresh(recipe)
         began = time.perf_counter()
         blocks = apply_method(loaded, scheme, args.method, recipe, calibration, args.seed, store)
         e2e_s = round(time.perf_counter() - began, 1)
         row = dict(
             key, variant=variant, perplexity=perplexity(loaded.model, windows), e2e_s=e2e_s,
-            blockwise_s=blockwise_s, blockwise_commit=blockwise_commit, e2e_kl=blocks[-1].get("e2e_kl", []), threads=torch.get_num_threads(),
+            blockwise_s=blockwise_s, blockwise_commit=blockwise_commit, e2e_kl=blocks[-1].get("e2e_kl", []),
+            threads=torch.get_num_threads(),
         )  # fmt: skip
         with (RESULTS / f"{args.name}.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")

@@ -77,7 +77,9 @@ def run_one(job: dict) -> dict:
         _autoround(loaded, SETTINGS[job["setting"]], calibration, job["seed"], job["overrides"])
     elif job["setting"] != "FP":
         recipe = build_recipe(job["method"], job["preset"], parse_overrides(job["overrides"]))
-        calibration = None if job["method"] == "rtn" else calibration_data(loaded, data, recipe.nsamples)
+        calibration = (
+            None if job["method"] == "rtn" else calibration_data(loaded, data, recipe.calibration_samples)
+        )
         scheme = build_scheme(**SETTINGS[job["setting"]])
         blocks = apply_method(loaded, scheme, job["method"], recipe, calibration, job["seed"], device=device)
         learned_in = training_matmuls(recipe, device)

@@ -122,16 +122,19 @@ def test_e2e_sweep_matches_a_full_run(tiny_llama, tmp_path) -> None:
     base = ["--model", str(tiny_llama), "--preset", "fast", "--seqlen", "32", "--windows", "2"]
     sets = [arg for item in ["nsamples=2", "bf16=false", *TINY_BUDGET] for arg in ("--set", item)]
     sweep = ["--setting", "W4A16", "--name", "sweep", "--store", str(tmp_path / "store"), *base, *sets]
-    variants = ["--variants", "e2e_epochs=1", "e2e_epochs=2,lr_e2e=3e-3"]
+    # the second variant trains its end-to-end step on one window more than the block-wise pass
+    more = "e2e_epochs=2,lr_e2e=3e-3,e2e_samples=3"
+    variants = ["--variants", "e2e_epochs=1", more]
     run_script("e2e_sweep.py", [*sweep, *variants], tmp_path)
     found = {r["variant"]: r for r in rows(tmp_path, "sweep")}
-    assert set(found) == {"e2e_epochs=1", "e2e_epochs=2,lr_e2e=3e-3"}
-    assert len(found["e2e_epochs=1"]["e2e_kl"]) == 1 and len(found["e2e_epochs=2,lr_e2e=3e-3"]["e2e_kl"]) == 2
+    assert set(found) == {"e2e_epochs=1", more}
+    assert len(found["e2e_epochs=1"]["e2e_kl"]) == 1 and len(found[more]["e2e_kl"]) == 2
     full = ["--methods", "lrquant_plus", "--settings", "W4A16", "--name", "full", *base, *sets]
-    run_script("llm_ppl.py", [*full, "--set", "e2e_epochs=2", "--set", "lr_e2e=3e-3"], tmp_path)
+    more_sets = ["--set", "e2e_epochs=2", "--set", "lr_e2e=3e-3", "--set", "e2e_samples=3"]
+    run_script("llm_ppl.py", [*full, *more_sets], tmp_path)
     expected = rows(tmp_path, "full")[0]["perplexity"]
-    assert found["e2e_epochs=2,lr_e2e=3e-3"]["perplexity"] == pytest.approx(expected, rel=1e-6)
-    assert found["e2e_epochs=1"]["perplexity"] != found["e2e_epochs=2,lr_e2e=3e-3"]["perplexity"]
+    assert found[more]["perplexity"] == pytest.approx(expected, rel=1e-6)
+    assert found["e2e_epochs=1"]["perplexity"] != found[more]["perplexity"]
     # the same command again finds both rows and runs nothing
     assert "already" in run_script("e2e_sweep.py", [*sweep, *variants], tmp_path)
     assert len(rows(tmp_path, "sweep")) == 2
@@ -141,4 +144,4 @@ def test_e2e_sweep_matches_a_full_run(tiny_llama, tmp_path) -> None:
         [sys.executable, str(BENCHMARKS / "e2e_sweep.py"), *sweep, "--variants", "epochs=3"],
         env={**os.environ, "LRQUANT_BENCH_RESULTS": str(tmp_path)}, capture_output=True, text=True,
     )  # fmt: skip
-    assert out.returncode != 0 and "changes more than e2e_epochs and lr_e2e" in out.stderr
+    assert out.returncode != 0 and "changes more than the end-to-end fields" in out.stderr

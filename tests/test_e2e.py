@@ -5,16 +5,19 @@ serve are refused with a message."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import correlated_llama, logits, rel_err
 
+from lrquant.api import apply_method
 from lrquant.arch import get_arch_spec
 from lrquant.config import build_scheme
 from lrquant.errors import LrquantError
-from lrquant.methods import e2e
+from lrquant.methods import blockwise, e2e
 from lrquant.methods.blockwise import quantize_blockwise
+from lrquant.models.loading import LoadedModel
 from lrquant.models.tiny_vision import tiny_vision_model
 from lrquant.quant.quantizer import group_for_stats
 from lrquant.recipes import build_recipe
@@ -69,3 +72,100 @@ def test_models_without_a_language_head_are_refused_before_any_work(monkeypatch:
     with pytest.raises(LrquantError, match="e2e_epochs"):
         quantize_blockwise(model, arch, build_scheme(4, 16), recipe, images, seed=0)
     assert learned == []
+
+
+def _recorded_tuning(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Records what ``tune_step_sizes`` was given and returned, and the learning rate of each step."""
+    calls: list[dict] = []
+    tune = e2e.tune_step_sizes
+
+    def recording(model, arch, calibration, fp_hidden, recipe, seed, device):
+        call = dict(windows=calibration.clone(), hidden=fp_hidden.clone(), lrs=[])
+        step = torch.optim.AdamW.step
+
+        def stepping(self, *a, **k):
+            call["lrs"].append(self.param_groups[0]["lr"])
+            return step(self, *a, **k)
+
+        monkeypatch.setattr(torch.optim.AdamW, "step", stepping)
+        call["kl"] = tune(model, arch, calibration, fp_hidden, recipe, seed, device)
+        monkeypatch.setattr(torch.optim.AdamW, "step", step)
+        calls.append(call)
+        return call["kl"]
+
+    monkeypatch.setattr("lrquant.methods.blockwise.tune_step_sizes", recording)
+    return calls
+
+
+def _loaded(model: torch.nn.Module) -> LoadedModel:
+    return LoadedModel(model=model, tokenizer=None, arch=LLAMA, name="tiny", path=Path("tiny"))
+
+
+def test_more_end_to_end_windows_get_full_precision_targets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``e2e_samples`` above ``nsamples`` the block-wise pass sees only the first windows and
+    the end-to-end step all of them; the extra windows' targets (one full-precision forward each)
+    match what the full-precision chain of the block-wise pass gives for the same windows."""
+    base, calibration, _ = correlated_llama()
+    windows = torch.cat([calibration, calibration[:3]])  # windows 8-10 repeat windows 0-2
+    calls = _recorded_tuning(monkeypatch)
+    learned_on = []
+    capture = blockwise.capture_block_inputs
+    monkeypatch.setattr(
+        "lrquant.methods.blockwise.capture_block_inputs",
+        lambda model, arch, calib: learned_on.append(calib.shape[0]) or capture(model, arch, calib),
+    )
+    overrides = {"bf16": False, "epochs": 1, "nsamples": 8, "e2e_epochs": 1, "e2e_samples": 11}
+    recipe = build_recipe("lrquant_plus", "fast", overrides)
+    assert recipe.calibration_samples == 11
+    apply_method(_loaded(copy.deepcopy(base)), W2G16, "lrquant_plus", recipe, windows, seed=0)
+    assert learned_on == [8]
+    assert torch.equal(calls[0]["windows"], windows)
+    hidden = calls[0]["hidden"]
+    assert rel_err(hidden[8:], hidden[:3]) < 1e-5
+    assert len(calls[0]["lrs"]) == 11
+
+    # fewer end-to-end windows than block-wise ones: the first of them
+    calls.clear()
+    recipe = build_recipe("lrquant_plus", "fast", {**overrides, "e2e_samples": 5})
+    assert recipe.calibration_samples == 8
+    apply_method(_loaded(copy.deepcopy(base)), W2G16, "lrquant_plus", recipe, calibration, seed=0)
+    assert torch.equal(calls[0]["windows"], calibration[:5])
+
+    with pytest.raises(LrquantError, match="e2e_samples=11 needs that many calibration windows"):
+        recipe = build_recipe("lrquant_plus", "fast", overrides)
+        apply_method(_loaded(copy.deepcopy(base)), W2G16, "lrquant_plus", recipe, calibration, seed=0)
+
+
+def test_cosine_schedule_and_norm_tuning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``e2e_schedule=cosine`` decays the rate from ``lr_e2e`` towards 0; ``e2e_norms`` moves the
+    normalisation weights too, and with them the KL on the calibration windows falls further."""
+    base, calibration, _ = correlated_llama()
+    calls = _recorded_tuning(monkeypatch)
+    models = {}
+    for name, extra in {
+        "plain": {},
+        "cosine": {"e2e_schedule": "cosine"},
+        "norms": {"e2e_norms": True},
+    }.items():
+        models[name] = copy.deepcopy(base)
+        overrides = {"bf16": False, "e2e_epochs": 3, "lr_e2e": 3e-3, **extra}
+        recipe = build_recipe("lrquant_plus", "fast", overrides)
+        quantize_blockwise(models[name], LLAMA, W2G16, recipe, calibration)
+    plain, cosine, norms = calls
+    assert plain["lrs"] == [3e-3] * 24
+    assert cosine["lrs"][0] == pytest.approx(3e-3)
+    assert all(b < a for a, b in zip(cosine["lrs"], cosine["lrs"][1:], strict=False))
+    assert cosine["lrs"][-1] < 3e-3 * 0.01
+    print({k: c["kl"] for k, c in zip(("plain", "cosine", "norms"), calls, strict=True)})
+    assert norms["kl"][-1] < plain["kl"][-1]
+    params = {k: dict(m.named_parameters()) for k, m in models.items()}
+    norm_names = [n for n in params["plain"] if "norm" in n]
+    assert norm_names and all(torch.equal(params["plain"][n], params["cosine"][n]) for n in norm_names)
+    assert all(not torch.equal(params["plain"][n], params["norms"][n]) for n in norm_names)
+    assert not any(params["norms"][n].requires_grad for n in norm_names if "layers" in n)
+
+
+def test_end_to_end_options_need_end_to_end_epochs() -> None:
+    for field, value in (("e2e_samples", 128), ("e2e_schedule", "cosine"), ("e2e_norms", True)):
+        with pytest.raises(LrquantError, match=f"{field} shape the end-to-end step: set e2e_epochs"):
+            build_recipe("lrquant_plus", "fast", {field: value})

@@ -38,6 +38,7 @@ from lrquant.eval import images as image_eval
 from lrquant.eval.images import DEFAULT_IMAGE_EVAL
 from lrquant.eval.perplexity import perplexity
 from lrquant.methods.blockwise import quantize_blockwise, report_dict
+from lrquant.methods.e2e import fp_final_hidden
 from lrquant.methods.resume import ResumeStore
 from lrquant.methods.rtn import quantize_rtn
 from lrquant.models.builtin import is_builtin
@@ -230,8 +231,9 @@ def apply_method(
     (with ``e2e_epochs``, the last one also holds ``e2e_kl``, the KL per end-to-end epoch).
 
     ``rtn`` needs no calibration; every other method learns (or, for ``smoothquant``, sets) its
-    transforms block by block on ``calibration`` windows, resuming from ``store`` when it holds
-    finished blocks of the same run.
+    transforms block by block on the first ``recipe.nsamples`` ``calibration`` windows, resuming
+    from ``store`` when it holds finished blocks of the same run. An end-to-end step with more
+    windows (``e2e_samples``) takes them from the rest: pass ``recipe.calibration_samples``.
     """
     rotate_model(loaded.model, loaded.arch, recipe.hadamard, seed)  # before resuming: same seed, same Q
     if method == "rtn":
@@ -244,6 +246,7 @@ def apply_method(
         return []
     if calibration is None:
         raise LrquantError(f"method '{method}' needs calibration data")
+    calibration, e2e_extra = _e2e_extra(loaded, scheme, recipe, calibration, device)
     start = store.load(loaded.model, loaded.arch, scheme) if store is not None else None
     if start is not None:
         log(f"resuming at block {start[0] + 1} from {store.folder}")
@@ -259,11 +262,37 @@ def apply_method(
         store.save_block if store is not None else None,
         device,
         e2e.append,
+        e2e_extra,
     )
     blocks = store.reports if store is not None else [report_dict(r) for r in reports]
     if e2e and blocks:
         blocks[-1] = {**blocks[-1], "e2e_kl": e2e[0]}
     return blocks
+
+
+def _e2e_extra(
+    loaded: LoadedModel,
+    scheme: QuantScheme,
+    recipe: Recipe,
+    calibration: torch.Tensor,
+    device: torch.device | None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Split off the windows only the end-to-end step trains on, with their full-precision last
+    hidden states (computed now, while the model is still in full precision; also on a resumed
+    run, which restores its finished blocks afterwards)."""
+    blockwise, extra = calibration[: recipe.nsamples], calibration[recipe.nsamples :]
+    if not (recipe.e2e_epochs and scheme.weight.enabled) or recipe.e2e_samples <= recipe.nsamples:
+        return blockwise, None
+    if calibration.shape[0] < recipe.e2e_samples:
+        raise LrquantError(
+            f"e2e_samples={recipe.e2e_samples} needs that many calibration windows, got "
+            f"{calibration.shape[0]}: pass recipe.calibration_samples windows"
+        )
+    extra = extra[: recipe.e2e_samples - recipe.nsamples]
+    device = device or torch.device("cpu")
+    log(f"full-precision targets for {extra.shape[0]} more end-to-end windows")
+    with placed(loaded.model, device):
+        return blockwise, (extra, fp_final_hidden(loaded.model, loaded.arch, extra, device))
 
 
 def _fingerprint(loaded, scheme, recipe, method, data, calibration) -> dict:
@@ -326,7 +355,7 @@ def quantize(
         if scheme.patch_embed:
             patch_embedding(loaded.model)  # a model without one stops here, before any work
         lap("load")
-        calibration = None if method == "rtn" else calibration_data(loaded, data, recipe.nsamples)
+        calibration = None if method == "rtn" else calibration_data(loaded, data, recipe.calibration_samples)
         evaluation: dict[str, object] = {}
         if run_eval:
             run_fp_eval, run_quant_eval, eval_details = _evaluation_stages(loaded, data, target)
@@ -364,7 +393,7 @@ def quantize(
                 "evaluation": data.eval if run_eval else None,
                 "seqlen": None if image else data.seqlen,
                 "image_size": None if not image or calibration is None else calibration.shape[-1],
-                "nsamples": None if calibration is None else calibration.shape[0],
+                "nsamples": None if calibration is None else min(calibration.shape[0], recipe.nsamples),
                 "eval_windows": None,
                 **(eval_details if run_eval else {}),
             },

@@ -56,6 +56,15 @@ class Recipe(BaseModel):
     # 3e-3 against 1e-3 on SmolLM2 at fast (README): W2A16 g64 47.24 vs 50.41, W4A16 18.54 vs 18.65;
     # 1e-2 was worse (54.66)
     lr_e2e: float = Field(3e-3, gt=0)
+    # windows the end-to-end step trains on: the first e2e_samples of the same seeded sequence as
+    # the block-wise pass's (more windows than the block-wise pass costs one full-precision
+    # forward each, before quantizing); 0: the block-wise pass's windows
+    e2e_samples: int = Field(0, ge=0)
+    # the end-to-end learning rate: constant, or cosine-decayed to 0 over all its steps
+    e2e_schedule: Literal["constant", "cosine"] = "constant"
+    # also train the weights (and biases) of every normalisation layer end to end: they stay in
+    # full precision, so the saved model's format does not change
+    e2e_norms: bool = False
     # calibration samples (the last ones) kept out of block training: per block, the transforms are
     # scored on them at the start and after every epoch, and the best-scoring state is kept
     # (early stopping against fitting the calibration set); 0: train on every sample, keep the last
@@ -104,12 +113,25 @@ class Recipe(BaseModel):
                 "rounding and gptq both decide which way each weight rounds: keep one of them "
                 "(rounding=true measured better on SmolLM2 at 2, 3 and 4 bits)"
             )
+        tuned = [
+            name
+            for name, off in (("e2e_samples", 0), ("e2e_schedule", "constant"), ("e2e_norms", False))
+            if getattr(self, name) != off
+        ]
+        if tuned and not self.e2e_epochs:
+            raise ValueError(f"{', '.join(tuned)} shape the end-to-end step: set e2e_epochs as well")
         if self.hadamard in ("online", "down") and self.down_smoothing:
             raise ValueError(
                 f"down_smoothing scales the down projection's input channels, which hadamard={self.hadamard} "
                 "mixes: keep one of them"
             )
         return self
+
+    @property
+    def calibration_samples(self) -> int:
+        """How many calibration samples a run needs: the block-wise pass's, or the end-to-end
+        step's when it trains on more."""
+        return max(self.nsamples, self.e2e_samples if self.e2e_epochs else 0)
 
 
 RECIPES: dict[str, dict] = {

@@ -386,6 +386,7 @@ def quantize_blockwise(
     on_block_done: BlockDone | None = None,
     device: torch.device | None = None,
     on_e2e_done: Callable[[list[float]], None] | None = None,
+    e2e_extra: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[BlockReport]:
     """Quantize every block of ``model`` in place with ``recipe``; returns per-block reports.
 
@@ -394,7 +395,8 @@ def quantize_blockwise(
     after each block (back in host memory), e.g. to checkpoint it. The model stays on the CPU;
     each block is learned on ``device`` (default: the CPU) with both chains kept there. With
     ``e2e_epochs``, the step sizes are then tuned end to end and ``on_e2e_done`` gets the KL per
-    epoch.
+    epoch; ``e2e_extra`` holds the windows after ``calibration`` that step also trains on
+    (``e2e_samples``) and the full-precision model's last hidden states for them.
     """
     device = device or torch.device("cpu")
     options = transform_options(recipe, arch)  # refuses impossible settings before any work
@@ -474,8 +476,12 @@ def quantize_blockwise(
     if recipe.e2e_epochs and scheme.weight.enabled:
         # after every block (also on a resumed run that had finished them all): rerun in full
         # when interrupted, from the saved blocks and chain
+        windows, hidden = calibration, state.fp
+        if e2e_extra is not None:
+            windows, hidden = torch.cat([windows, e2e_extra[0]]), torch.cat([hidden, e2e_extra[1].to(device)])
+        n = recipe.e2e_samples or calibration.shape[0]
         with placed(model, device):
-            kl = tune_step_sizes(model, arch, calibration, state.fp, recipe, seed, device)
+            kl = tune_step_sizes(model, arch, windows[:n], hidden[:n], recipe, seed, device)
         if on_e2e_done is not None:
             on_e2e_done(kl)
     return reports

@@ -9,6 +9,11 @@ a point of an affine grid, so the saved weights stay on a per-group grid any pac
 takes. This is the E2E-QP step of EfficientQAT (Chen et al., 2024, "EfficientQAT: Efficient
 Quantization-Aware Training for Large Language Models"), here with a distillation target instead
 of the labels, as calibration sets are small.
+
+Options: ``e2e_samples`` trains on more windows than the block-wise pass (their full-precision
+targets come from one forward of the full-precision model each, before anything is quantized),
+``e2e_schedule="cosine"`` decays the learning rate to 0 over the steps, and ``e2e_norms`` also
+trains the full-precision normalisation weights.
 """
 
 from __future__ import annotations
@@ -55,6 +60,34 @@ def _logits_target(model: nn.Module, arch: ArchSpec, hidden: torch.Tensor) -> to
     return F.log_softmax(model.get_output_embeddings()(norm(hidden)).float(), dim=-1)
 
 
+@torch.no_grad()
+def fp_final_hidden(
+    model: nn.Module, arch: ArchSpec, windows: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """The full-precision model's last hidden states (the final norm's inputs) for ``windows``,
+    one window at a time; call before anything is quantized. Returned in host memory."""
+    check_supported(model, arch)
+    captured: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, args: tuple) -> None:
+        captured.append(args[0].detach().cpu())
+
+    hook = model.get_submodule(arch.final_norm).register_forward_pre_hook(keep)
+    try:
+        for window in windows:
+            model(**model_inputs(arch, window.to(device)))
+    finally:
+        hook.remove()
+    return torch.cat(captured)
+
+
+def _norm_parameters(model: nn.Module, arch: ArchSpec) -> list[nn.Parameter]:
+    """The weights and biases of every normalisation layer of the blocks and the final norm."""
+    modules = [m for block in arch.block_list(model) for m in block.modules()]
+    modules.append(model.get_submodule(arch.final_norm))
+    return [p for m in modules if type(m).__name__.endswith("Norm") for p in m.parameters(recurse=False)]
+
+
 def check_supported(model: nn.Module, arch: ArchSpec) -> None:
     """Refuse, before any work, a model whose next-token distribution cannot be computed here."""
     if arch.modality != "text" or arch.final_norm is None or model.get_output_embeddings() is None:
@@ -73,9 +106,10 @@ def tune_step_sizes(
     seed: int,
     device: torch.device,
 ) -> list[float]:
-    """Train every quantized block linear's step factors end to end, then fold them; returns the
-    mean KL per epoch. ``fp_hidden`` are the full-precision chain's outputs of the last block for
-    the ``calibration`` samples. The model must already sit on ``device``."""
+    """Train every quantized block linear's step factors end to end (and with ``e2e_norms`` the
+    normalisation weights), then fold them; returns the mean KL per epoch. ``fp_hidden`` are the
+    full-precision model's last hidden states for the ``calibration`` samples. The model must
+    already sit on ``device``."""
     check_supported(model, arch)
     linears = [
         m
@@ -86,7 +120,17 @@ def tune_step_sizes(
     for module in linears:
         module.transform = StepScale(module.weight, module.weight_spec)
     params = [module.transform.alpha for module in linears]
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr_e2e, weight_decay=0.0)
+    norms = _norm_parameters(model, arch) if recipe.e2e_norms else []
+    norms_before = [(p.detach().clone(), p.requires_grad) for p in norms]
+    for p in norms:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params + norms, lr=recipe.lr_e2e, weight_decay=0.0)
+    steps_in_all = recipe.e2e_epochs * calibration.shape[0]
+    schedule = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_in_all)
+        if recipe.e2e_schedule == "cosine"
+        else None
+    )
     generator = torch.Generator().manual_seed(seed)
     bf16 = use_bf16(recipe, device)
     losses: list[float] = []
@@ -105,6 +149,8 @@ def tune_step_sizes(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if schedule is not None:
+                    schedule.step()
                 total, steps = total + loss.item(), steps + 1
             losses.append(total / steps)
             log(f"end-to-end step sizes, epoch {epoch + 1}/{recipe.e2e_epochs}: KL {losses[-1]:.4g}")
@@ -112,6 +158,10 @@ def tune_step_sizes(
         log("end-to-end step sizes: non-finite loss, keeping the block-wise step sizes")
         for p in params:
             p.data.fill_(1.0)
+        for p, (before, _) in zip(norms, norms_before, strict=True):
+            p.data.copy_(before)
+    for p, (_, flag) in zip(norms, norms_before, strict=True):
+        p.requires_grad_(flag)
     with torch.no_grad():
         for module in linears:
             module.fold_transform()
