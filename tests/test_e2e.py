@@ -169,3 +169,16 @@ def test_end_to_end_options_need_end_to_end_epochs() -> None:
     for field, value in (("e2e_samples", 128), ("e2e_schedule", "cosine"), ("e2e_norms", True)):
         with pytest.raises(LrquantError, match=f"{field} shape the end-to-end step: set e2e_epochs"):
             build_recipe("lrquant_plus", "fast", {field: value})
+
+
+def test_norm_learning_rates_follow_the_norm_weights() -> None:
+    """Each normalisation layer learns at ``lr_e2e`` times its weight's mean magnitude."""
+    model, _, _ = correlated_llama()
+    with torch.no_grad():
+        model.model.norm.weight.mul_(0.1)
+    groups = e2e._norm_groups(model, LLAMA, 3e-3)
+    assert len(groups) == 2 * 2 + 1  # two per block, and the final norm
+    assert groups[-1]["params"] == [model.model.norm.weight]
+    for group in groups:
+        assert group["lr"] == pytest.approx(3e-3 * float(group["params"][0].abs().mean()))
+    assert groups[-1]["lr"] < 0.11 * groups[0]["lr"]

@@ -81,11 +81,18 @@ def fp_final_hidden(
     return torch.cat(captured)
 
 
-def _norm_parameters(model: nn.Module, arch: ArchSpec) -> list[nn.Parameter]:
-    """The weights and biases of every normalisation layer of the blocks and the final norm."""
+def _norm_groups(model: nn.Module, arch: ArchSpec, lr: float) -> list[dict]:
+    """One optimizer group per normalisation layer (the blocks' and the final norm): its weight and
+    bias, at ``lr`` times the weight's mean magnitude, so that a step moves it about as far,
+    relatively, as a step moves a step-size factor (which starts at 1)."""
     modules = [m for block in arch.block_list(model) for m in block.modules()]
     modules.append(model.get_submodule(arch.final_norm))
-    return [p for m in modules if type(m).__name__.endswith("Norm") for p in m.parameters(recurse=False)]
+    groups = []
+    for module in modules:
+        if type(module).__name__.endswith("Norm") and getattr(module, "weight", None) is not None:
+            scale = float(module.weight.detach().abs().mean()) or 1.0
+            groups.append({"params": list(module.parameters(recurse=False)), "lr": lr * scale})
+    return groups
 
 
 def check_supported(model: nn.Module, arch: ArchSpec) -> None:
@@ -120,11 +127,12 @@ def tune_step_sizes(
     for module in linears:
         module.transform = StepScale(module.weight, module.weight_spec)
     params = [module.transform.alpha for module in linears]
-    norms = _norm_parameters(model, arch) if recipe.e2e_norms else []
+    norm_groups = _norm_groups(model, arch, recipe.lr_e2e) if recipe.e2e_norms else []
+    norms = [p for group in norm_groups for p in group["params"]]
     norms_before = [(p.detach().clone(), p.requires_grad) for p in norms]
     for p in norms:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params + norms, lr=recipe.lr_e2e, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([{"params": params}, *norm_groups], lr=recipe.lr_e2e, weight_decay=0.0)
     steps_in_all = recipe.e2e_epochs * calibration.shape[0]
     schedule = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_in_all)
