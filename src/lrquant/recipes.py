@@ -62,10 +62,6 @@ class Recipe(BaseModel):
     e2e_samples: int = Field(0, ge=0)
     # the end-to-end learning rate: constant, or cosine-decayed to 0 over all its steps
     e2e_schedule: Literal["constant", "cosine"] = "constant"
-    # also train the weights (and biases) of every normalisation layer end to end, at lr_e2e times
-    # each weight's mean magnitude: they stay in full precision, so the saved model's format does
-    # not change
-    e2e_norms: bool = False
     # calibration samples (the last ones) kept out of block training: per block, the transforms are
     # scored on them at the start and after every epoch, and the best-scoring state is kept
     # (early stopping against fitting the calibration set); 0: train on every sample, keep the last
@@ -116,7 +112,7 @@ class Recipe(BaseModel):
             )
         tuned = [
             name
-            for name, off in (("e2e_samples", 0), ("e2e_schedule", "constant"), ("e2e_norms", False))
+            for name, off in (("e2e_samples", 0), ("e2e_schedule", "constant"))
             if getattr(self, name) != off
         ]
         if tuned and not self.e2e_epochs:

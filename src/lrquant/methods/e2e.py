@@ -12,8 +12,7 @@ of the labels, as calibration sets are small.
 
 Options: ``e2e_samples`` trains on more windows than the block-wise pass (their full-precision
 targets come from one forward of the full-precision model each, before anything is quantized),
-``e2e_schedule="cosine"`` decays the learning rate to 0 over the steps, and ``e2e_norms`` also
-trains the full-precision normalisation weights.
+and ``e2e_schedule="cosine"`` decays the learning rate to 0 over the steps.
 """
 
 from __future__ import annotations
@@ -81,20 +80,6 @@ def fp_final_hidden(
     return torch.cat(captured)
 
 
-def _norm_groups(model: nn.Module, arch: ArchSpec, lr: float) -> list[dict]:
-    """One optimizer group per normalisation layer (the blocks' and the final norm): its weight and
-    bias, at ``lr`` times the weight's mean magnitude, so that a step moves it about as far,
-    relatively, as a step moves a step-size factor (which starts at 1)."""
-    modules = [m for block in arch.block_list(model) for m in block.modules()]
-    modules.append(model.get_submodule(arch.final_norm))
-    groups = []
-    for module in modules:
-        if type(module).__name__.endswith("Norm") and getattr(module, "weight", None) is not None:
-            scale = float(module.weight.detach().abs().mean()) or 1.0
-            groups.append({"params": list(module.parameters(recurse=False)), "lr": lr * scale})
-    return groups
-
-
 def check_supported(model: nn.Module, arch: ArchSpec) -> None:
     """Refuse, before any work, a model whose next-token distribution cannot be computed here."""
     if arch.modality != "text" or arch.final_norm is None or model.get_output_embeddings() is None:
@@ -113,8 +98,8 @@ def tune_step_sizes(
     seed: int,
     device: torch.device,
 ) -> list[float]:
-    """Train every quantized block linear's step factors end to end (and with ``e2e_norms`` the
-    normalisation weights), then fold them; returns the mean KL per epoch. ``fp_hidden`` are the
+    """Train every quantized block linear's step factors end to end, then fold them; returns the
+    mean KL per epoch. ``fp_hidden`` are the
     full-precision model's last hidden states for the ``calibration`` samples. The model must
     already sit on ``device``."""
     check_supported(model, arch)
@@ -127,12 +112,7 @@ def tune_step_sizes(
     for module in linears:
         module.transform = StepScale(module.weight, module.weight_spec)
     params = [module.transform.alpha for module in linears]
-    norm_groups = _norm_groups(model, arch, recipe.lr_e2e) if recipe.e2e_norms else []
-    norms = [p for group in norm_groups for p in group["params"]]
-    norms_before = [(p.detach().clone(), p.requires_grad) for p in norms]
-    for p in norms:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW([{"params": params}, *norm_groups], lr=recipe.lr_e2e, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr_e2e, weight_decay=0.0)
     steps_in_all = recipe.e2e_epochs * calibration.shape[0]
     schedule = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_in_all)
@@ -166,10 +146,6 @@ def tune_step_sizes(
         log("end-to-end step sizes: non-finite loss, keeping the block-wise step sizes")
         for p in params:
             p.data.fill_(1.0)
-        for p, (before, _) in zip(norms, norms_before, strict=True):
-            p.data.copy_(before)
-    for p, (_, flag) in zip(norms, norms_before, strict=True):
-        p.requires_grad_(flag)
     with torch.no_grad():
         for module in linears:
             module.fold_transform()
