@@ -99,9 +99,8 @@ def tune_step_sizes(
     device: torch.device,
 ) -> list[float]:
     """Train every quantized block linear's step factors end to end, then fold them; returns the
-    mean KL per epoch. ``fp_hidden`` are the
-    full-precision model's last hidden states for the ``calibration`` samples. The model must
-    already sit on ``device``."""
+    mean KL per epoch. ``fp_hidden`` are the full-precision model's last hidden states for the
+    ``calibration`` samples. The model must already sit on ``device``."""
     check_supported(model, arch)
     linears = [
         m
