@@ -116,11 +116,17 @@ def _preprocess(loaded: LoadedModel, data: DataSettings):
     return prep if data.image_size is None else prep.with_size(data.image_size)
 
 
-def calibration_data(loaded: LoadedModel, data: DataSettings, nsamples: int) -> torch.Tensor:
-    """``nsamples`` seeded calibration windows ``[nsamples, seqlen]``, or images ``[n, 3, H, W]``."""
+def calibration_data(
+    loaded: LoadedModel, data: DataSettings, nsamples: int, holdout: int = 0
+) -> torch.Tensor:
+    """``nsamples`` seeded calibration windows ``[nsamples, seqlen]``, or images ``[n, 3, H, W]``.
+
+    ``holdout`` (the recipe's): the last ``holdout`` images show pictures the others do not
+    (text windows are distinct text already).
+    """
     data = data.for_model(loaded)
     if loaded.arch.modality == "image":
-        images = resolve_image_source(data.calib, nsamples, data.seed)
+        images = resolve_image_source(data.calib, nsamples, data.seed, holdout)
         return _preprocess(loaded, data)(images.images)
     _check_seqlen(loaded, data.seqlen)
     ids = tokenize_documents(load_documents(data.calib, "train", data.text_field), loaded.tokenizer)
@@ -355,7 +361,9 @@ def quantize(
         if scheme.patch_embed:
             patch_embedding(loaded.model)  # a model without one stops here, before any work
         lap("load")
-        calibration = None if method == "rtn" else calibration_data(loaded, data, recipe.calibration_samples)
+        calibration = None
+        if method != "rtn":
+            calibration = calibration_data(loaded, data, recipe.calibration_samples, recipe.holdout)
         evaluation: dict[str, object] = {}
         if run_eval:
             run_fp_eval, run_quant_eval, eval_details = _evaluation_stages(loaded, data, target)
