@@ -234,6 +234,38 @@ def test_holdout_must_leave_samples_to_train_on(outlier_llama) -> None:
         quantize_blockwise(copy.deepcopy(base), LLAMA, W4A4, recipe, calibration, seed=0)
 
 
+@pytest.mark.parametrize(
+    ("wbits", "abits", "factor"),
+    [(4, 4, 1.0), (6, 6, 0.25), (8, 8, 1 / 16), (6, 8, 0.25), (2, 16, 1.0), (6, 16, 0.25), (16, 8, 1 / 16)],
+)
+def test_bits_lr_factor(wbits: int, abits: int, factor: float) -> None:
+    on = build_recipe("lrquant_plus", "fast", {"lr_by_bits": True})
+    assert blockwise.bits_lr_factor(on, build_scheme(wbits, abits)) == factor
+    assert blockwise.bits_lr_factor(build_recipe("lrquant_plus", "fast"), build_scheme(wbits, abits)) == 1.0
+    image = build_recipe("lrquant_plus", "fast", modality="image")
+    assert image.lr_by_bits and not build_recipe("omniquant", "fast", modality="image").lr_by_bits
+
+
+def test_lr_by_bits_trains_as_the_scaled_rates_do(outlier_llama) -> None:
+    """At W6A6, lr_by_bits learns exactly what a quarter of the transform rate learns."""
+    base, calibration, _, _ = outlier_llama
+    w6a6 = build_scheme(6, 6)
+    common = {"epochs": 2, "bf16": False, "compile": False}
+    by_bits = build_recipe("lrquant_plus", "fast", {**common, "lr_by_bits": True})
+    scaled = build_recipe("lrquant_plus", "fast", {**common, "lr_transform": 5e-3 / 4})
+    plain = build_recipe("lrquant_plus", "fast", common)
+    assert (plain.lr_transform, plain.lr_clipping) == (5e-3, 1e-2)
+    models = [copy.deepcopy(base) for _ in range(3)]
+    reports = [
+        quantize_blockwise(m, LLAMA, w6a6, r, calibration, seed=0)
+        for m, r in zip(models, (by_bits, scaled, plain), strict=True)
+    ]
+    assert [r.losses for r in reports[0]] == [r.losses for r in reports[1]]
+    assert [r.losses for r in reports[0]] != [r.losses for r in reports[2]]
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("epochs", [0, 2])
 def test_searched_clipping_start_beats_the_fixed_one(outlier_llama, epochs: int) -> None:
     """clip_init=search at 2-bit weights: a better start, and still better after training."""
@@ -417,6 +449,7 @@ def test_image_models_choose_the_smoothing_init_per_block_unless_told() -> None:
         (("lrquant_plus", "fast", {"holdout": 32}), "holdout"),
         (("lrquant_plus", "fast", {"holdout": -1}), "holdout"),
         (("rtn", "fast", {"holdout": 4}), "holdout"),
+        (("lrquant_plus", "fast", {"holdout_init": True}), "holdout_init"),
     ],
 )
 def test_bad_recipe_settings_raise_naming_them(args: tuple, named: str) -> None:

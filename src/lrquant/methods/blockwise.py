@@ -168,11 +168,23 @@ def _loss(
     return sum(terms.values()), values
 
 
-def optimizer_for(bt: BlockTransforms, recipe: Recipe, lr_scale: float = 1.0) -> torch.optim.Optimizer:
-    """AdamW over a block's transforms: smoothing, clipping and rounding at their own learning rates."""
+def bits_lr_factor(recipe: Recipe, scheme: QuantScheme) -> float:
+    """``lr_by_bits``: ``2 ** -(b - 4)`` for the narrowest quantized width ``b`` above 4 bits (weights
+    and linear inputs), else 1; it scales the smoothing rate (``lr_transform``) alone."""
+    widths = [spec.bits for spec in (scheme.weight, scheme.activation) if spec.enabled]
+    if not recipe.lr_by_bits or not widths:
+        return 1.0
+    return 2.0 ** -max(0, min(widths) - 4)
+
+
+def optimizer_for(
+    bt: BlockTransforms, recipe: Recipe, lr_scale: float = 1.0, bits_factor: float = 1.0
+) -> torch.optim.Optimizer:
+    """AdamW over a block's transforms: smoothing, clipping and rounding at their own learning
+    rates; ``bits_factor`` (:func:`bits_lr_factor`) scales the smoothing one."""
     return torch.optim.AdamW(
         [
-            {"params": bt.smoothing_parameters(), "lr": recipe.lr_transform * lr_scale},
+            {"params": bt.smoothing_parameters(), "lr": recipe.lr_transform * lr_scale * bits_factor},
             {"params": bt.clipping_parameters(), "lr": recipe.lr_clipping * lr_scale},
             {"params": bt.rounding_parameters(), "lr": recipe.lr_rounding * lr_scale},
         ],
@@ -213,6 +225,7 @@ def _train_block(
     seed: int,
     report: BlockReport,
     bar: tqdm | None,
+    bits_factor: float = 1.0,
 ) -> None:
     initial = copy.deepcopy(bt.state_dict())
     n = state.quant.shape[0] - recipe.holdout  # the last ``holdout`` samples only score
@@ -220,7 +233,7 @@ def _train_block(
     for attempt in range(recipe.max_retries + 1):
         lr_scale = 0.5**attempt
         bt.load_state_dict(initial)
-        optimizer = optimizer_for(bt, recipe, lr_scale)
+        optimizer = optimizer_for(bt, recipe, lr_scale, bits_factor)
         weighting = losses.DynamicWeighting(2) if recipe.dynamic_weighting else None
         generator = torch.Generator().manual_seed(seed)
         report.losses, report.terms = [], {}
@@ -456,7 +469,8 @@ def quantize_blockwise(
                 if learn and recipe.clip_init == "search" and bt.clipping:
                     _search_clipping(block, trained, kwargs, recipe.batch_size)
                 if learn:
-                    _train_block(block, bt, state, targets, kwargs, recipe, seed * 1000 + index, report, bar)
+                    seed_here, factor = seed * 1000 + index, bits_lr_factor(recipe, scheme)
+                    _train_block(block, bt, state, targets, kwargs, recipe, seed_here, report, bar, factor)
                 if recipe.gptq and scheme.weight.enabled:  # GPTQ rounds the folded weights
                     for module, hessian in _hessians(block, trained, kwargs, recipe).items():
                         module.transform.hessian, module.transform.gptq_damp = hessian, recipe.gptq_damp
