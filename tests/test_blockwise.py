@@ -449,7 +449,6 @@ def test_image_models_choose_the_smoothing_init_per_block_unless_told() -> None:
         (("lrquant_plus", "fast", {"holdout": 32}), "holdout"),
         (("lrquant_plus", "fast", {"holdout": -1}), "holdout"),
         (("rtn", "fast", {"holdout": 4}), "holdout"),
-        (("lrquant_plus", "fast", {"holdout_init": True}), "holdout_init"),
     ],
 )
 def test_bad_recipe_settings_raise_naming_them(args: tuple, named: str) -> None:

@@ -341,21 +341,3 @@ def test_best_initialisation_keeps_the_lower_calibration_loss() -> None:
     lowest = min(reports[how].mse for how in ("lae", "smoothquant", "ones"))
     assert reports["best"].mse == pytest.approx(lowest, rel=1e-5)
     assert reports["lae"].mse != pytest.approx(reports["smoothquant"].mse, rel=1e-3)  # a real choice
-
-
-def test_holdout_init_keeps_the_lowest_held_out_loss() -> None:
-    """holdout_init: block 0's init is the one with the lowest loss on the held-out samples, which
-    each fixed init's own held-out score (before training) gives."""
-    calib = pixels(12, 7)
-    arch = get_arch_spec("vit")
-    scores, reports = {}, {}
-    for how in ("lae", "smoothquant", "ones", "best"):
-        model = outlier_vision_model("vit")
-        extra = {"holdout_init": True} if how == "best" else {}
-        recipe = build_recipe("lrquant_plus", "fast", {"smoothing": how, "epochs": 0, "holdout": 4, **extra})
-        reports[how] = quantize_blockwise(model, arch, build_scheme(4, 4), recipe, calib)[0]
-        scores[how] = reports[how].holdout_losses[0]
-    assert len({round(scores[h], 6) for h in ("lae", "smoothquant", "ones")}) == 3  # a real choice
-    chosen = reports["best"].init
-    assert chosen == min(("lae", "smoothquant", "ones"), key=scores.__getitem__)
-    assert scores["best"] == pytest.approx(scores[chosen], rel=1e-5)

@@ -66,8 +66,6 @@ class Recipe(BaseModel):
     # scored on them at the start and after every epoch, and the best-scoring state is kept
     # (early stopping against fitting the calibration set); 0: train on every sample, keep the last
     holdout: int = Field(0, ge=0)
-    # with a holdout: choose each block's smoothing init on the held-out samples as well
-    holdout_init: bool = False
     mse: bool = True
     nlc: bool = True
     dynamic_weighting: bool = True
@@ -104,8 +102,6 @@ class Recipe(BaseModel):
             )
         if self.holdout and not self.learn:
             raise ValueError("holdout scores learned transforms: it needs learn on (leave holdout at 0)")
-        if self.holdout_init and not self.holdout:
-            raise ValueError("holdout_init scores the inits on held-out samples: set holdout as well")
         if self.holdout >= self.nsamples:
             raise ValueError(
                 f"holdout={self.holdout} keeps every one of the {self.nsamples} calibration samples out of "

@@ -460,11 +460,7 @@ def quantize_blockwise(
             # so the finished block computes what the last training step computed.
             trained = state.quant[: state.quant.shape[0] - recipe.holdout]  # never the held-out ones
             with compiled_quantizer(bool(learn) and recipe.compile):
-                if bt.inits and targets and recipe.holdout_init:
-                    cut = trained.shape[0]
-                    held = [t[cut:] for t in targets]
-                    report.init = _choose_init(block, bt, state.quant[cut:], held, kwargs, recipe)
-                elif bt.inits and targets:
+                if bt.inits and targets:
                     report.init = _choose_init(block, bt, trained, targets, kwargs, recipe)
                 if learn and recipe.clip_init == "search" and bt.clipping:
                     _search_clipping(block, trained, kwargs, recipe.batch_size)
