@@ -341,3 +341,24 @@ def test_best_initialisation_keeps_the_lower_calibration_loss() -> None:
     lowest = min(reports[how].mse for how in ("lae", "smoothquant", "ones"))
     assert reports["best"].mse == pytest.approx(lowest, rel=1e-5)
     assert reports["lae"].mse != pytest.approx(reports["smoothquant"].mse, rel=1e-3)  # a real choice
+
+
+def test_quantize_holds_out_crops_of_other_photos(vit_folder, tmp_path, monkeypatch) -> None:
+    """With holdout, api.quantize asks the built-in photos for held-out crops of other photos,
+    scores each block on them, and image models train with lr_by_bits on (the report says so)."""
+    asked = []
+    real = api.resolve_image_source
+
+    def spy(spec, n, seed, holdout=0):
+        asked.append((spec, n, holdout))
+        return real(spec, n, seed, holdout)
+
+    monkeypatch.setattr(api, "resolve_image_source", spy)
+    settings = {"epochs": 1, "compile": False, "holdout": 2}
+    report = api.quantize(
+        str(vit_folder), tmp_path / "out", build_scheme(6, 6), "lrquant_plus", "fast", settings,
+        api.DataSettings(nsamples=6), run_eval=False,
+    )  # fmt: skip
+    assert asked == [("photos", 6, 2)]
+    assert report["recipe"]["lr_by_bits"] is True and report["recipe"]["holdout"] == 2
+    assert all(len(block["holdout_losses"]) == 2 for block in report["blocks"])
