@@ -413,6 +413,7 @@ def quantize_blockwise(
     """
     device = device or torch.device("cpu")
     options = transform_options(recipe, arch)  # refuses impossible settings before any work
+    bits_factor = bits_lr_factor(recipe, scheme)  # the same for every block
     if recipe.holdout >= calibration.shape[0]:
         raise LrquantError(
             f"holdout={recipe.holdout} keeps all {calibration.shape[0]} calibration samples out of "
@@ -465,8 +466,10 @@ def quantize_blockwise(
                 if learn and recipe.clip_init == "search" and bt.clipping:
                     _search_clipping(block, trained, kwargs, recipe.batch_size)
                 if learn:
-                    seed_here, factor = seed * 1000 + index, bits_lr_factor(recipe, scheme)
-                    _train_block(block, bt, state, targets, kwargs, recipe, seed_here, report, bar, factor)
+                    block_seed = seed * 1000 + index
+                    _train_block(
+                        block, bt, state, targets, kwargs, recipe, block_seed, report, bar, bits_factor
+                    )
                 if recipe.gptq and scheme.weight.enabled:  # GPTQ rounds the folded weights
                     for module, hessian in _hessians(block, trained, kwargs, recipe).items():
                         module.transform.hessian, module.transform.gptq_damp = hessian, recipe.gptq_damp
