@@ -42,6 +42,35 @@ SETTINGS: dict[str, dict] = {
     "W4A8": dict(wbits=4, abits=8),
     "W4A4": dict(wbits=4, abits=4),
 }
+
+
+def setting_kwargs(settings: dict[str, dict], name: str) -> dict:
+    """``build_scheme`` arguments of a setting name: one of ``settings``, optionally followed by
+    ``-c<ratio>`` for activation clipping (``W4A4-c0.9``: each token's range of every linear input
+    shrunk to 0.9 of its min and max)."""
+    if name in settings:
+        return dict(settings[name])
+    base, sep, clip = name.rpartition("-c")
+    if not sep or base not in settings or not 0.5 <= float(clip) <= 1:
+        raise KeyError(name)
+    return {**settings[base], "a_clip": float(clip)}
+
+
+def setting_arg(settings: dict[str, dict]):
+    """An argparse ``type`` that accepts a setting name as :func:`setting_kwargs` reads it."""
+
+    def check(name: str) -> str:
+        try:
+            setting_kwargs(settings, name)
+        except (KeyError, ValueError):
+            raise argparse.ArgumentTypeError(
+                f"unknown setting {name!r}: one of {', '.join(settings)}, optionally with -c<ratio>"
+            ) from None
+        return name
+
+    return check
+
+
 # LRQUANT_BENCH_RESULTS puts the result files elsewhere (the smoke tests do).
 RESULTS = Path(os.environ.get("LRQUANT_BENCH_RESULTS") or Path(__file__).parent / "results")
 
@@ -74,13 +103,15 @@ def run_one(job: dict) -> dict:
     learned_in = None  # "matmuls" of the row; older rows lack it
     if job["method"] == "autoround":
         calibration = calibration_data(loaded, data, PRESETS[job["preset"]]["nsamples"])
-        _autoround(loaded, SETTINGS[job["setting"]], calibration, job["seed"], job["overrides"])
+        _autoround(
+            loaded, setting_kwargs(SETTINGS, job["setting"]), calibration, job["seed"], job["overrides"]
+        )
     elif job["setting"] != "FP":
         recipe = build_recipe(job["method"], job["preset"], parse_overrides(job["overrides"]))
         calibration = (
             None if job["method"] == "rtn" else calibration_data(loaded, data, recipe.calibration_samples)
         )
-        scheme = build_scheme(**SETTINGS[job["setting"]])
+        scheme = build_scheme(**setting_kwargs(SETTINGS, job["setting"]))
         blocks = apply_method(loaded, scheme, job["method"], recipe, calibration, job["seed"], device=device)
         learned_in = training_matmuls(recipe, device)
     quantize_s = time.perf_counter() - start
@@ -214,7 +245,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--methods", nargs="+", default=["rtn"])
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), type=setting_arg(SETTINGS))
     parser.add_argument("--preset", default="default")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--seqlen", type=int, default=512)

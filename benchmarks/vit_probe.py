@@ -19,7 +19,7 @@ import platform
 import time
 
 import torch
-from llm_ppl import RESULTS, code_version, load_rows, training_matmuls
+from llm_ppl import RESULTS, code_version, load_rows, setting_arg, setting_kwargs, training_matmuls
 
 from lrquant.api import DataSettings, apply_method, calibration_data, peak_rss_mb
 from lrquant.config import build_scheme
@@ -86,7 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="dinov2-small")
     parser.add_argument("--methods", nargs="+", default=["rtn", "smoothquant", "omniquant", "lrquant_plus"])
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS)[:5], choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS)[:5], type=setting_arg(SETTINGS))
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
@@ -137,7 +137,7 @@ def main() -> None:
         if method != "fp":
             overrides_now = {"nsamples": IMAGES, **parse_overrides(overrides)}
             recipe = build_recipe(method, args.preset, overrides_now, loaded.arch.modality)
-            scheme = build_scheme(**SETTINGS[setting])
+            scheme = build_scheme(**setting_kwargs(SETTINGS, setting))
             n = (recipe.nsamples, recipe.holdout)
             if method != "rtn" and n not in calibrations:  # RTN needs no calibration images
                 calibrations[n] = calibration_data(loaded, data.for_model(loaded), *n)

@@ -163,6 +163,7 @@ BAD_SETTINGS = [
     (["--eval-windows", "0"], ["argument --eval-windows: must be at least 1 (got 0)"]),
     (["--eval-windows", "many"], ["argument --eval-windows: expected a number or 'all', got 'many'"]),
     (["--wbits", "four"], ["argument --wbits: invalid int value: 'four'"]),
+    (["--abits", "4", "--a-clip", "0.2"], ["activation quantization: clip_ratio must be between 0.5 and 1"]),
     (["--seqlen", "1"], ["seqlen 1 is too short: it must be at least 2"]),
     (["--seqlen", "513"], ["--seqlen 513 is longer than the model's context of 512 tokens"]),
     (["--eval-data", "missing.txt"], ["data source 'missing.txt' not found", "text file", "wikipedia"]),
@@ -341,6 +342,39 @@ def test_quantize_and_eval_json(
     )
     assert code == 0, err
     assert json.loads(stdout)["perplexity"] == pytest.approx(report["perplexity"]["quantized"], rel=1e-5)
+
+
+def test_activation_clipping_is_saved_and_evaluated(
+    work: Path, tiny_llama: Path, text_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ppl = {}
+    for clip in ("1", "0.8"):
+        out = work / f"w8a4-{clip}"
+        args = quantize_args(
+            tiny_llama, out, text_file, "--wbits", "8", "--abits", "4", "--a-clip", clip, "--json"
+        )
+        code, stdout, err = run(capsys, *args)
+        assert code == 0, err
+        report = json.loads(stdout)
+        ppl[clip] = report["perplexity"]["quantized"]
+        code, stdout, err = run(
+            capsys,
+            "eval",
+            "--model",
+            out,
+            "--data",
+            text_file,
+            "--seqlen",
+            "32",
+            "--eval-windows",
+            "2",
+            "--json",
+        )
+        assert code == 0, err
+        result = json.loads(stdout)
+        assert result["scheme"] == report["scheme"] == ("W8A4" if clip == "1" else "W8A4c0.8")
+        assert result["perplexity"] == pytest.approx(ppl[clip], rel=1e-5)  # the saved scheme clips too
+    assert ppl["0.8"] != pytest.approx(ppl["1"], rel=1e-4)
 
 
 def test_quantize_and_eval_text_output(

@@ -361,6 +361,23 @@ def test_clip_factors_shrink_the_range(symmetric: bool, factor: float) -> None:
     assert torch.all(out.abs().amax(-1) < unclipped.abs().amax(-1))
 
 
+@pytest.mark.parametrize("ratio", [0.6, 0.9])
+def test_activation_clip_ratio_shrinks_each_token_range(ratio: float) -> None:
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(4)) * 3
+    clipped = fake_quantize(x, QuantSpec(bits=4, granularity="token", clip_ratio=ratio))
+    f = torch.full((2, 7, 1), ratio)
+    # The same grid as clipping factors on the statistics: values beyond it clamp to its ends.
+    assert torch.equal(clipped, fake_quantize(x, QuantSpec(bits=4, granularity="token"), upper=f, lower=f))
+    hi, lo = ratio * x.amax(-1), ratio * x.amin(-1)
+    step = (hi - lo) / 15
+    assert torch.all(clipped.amax(-1) <= hi + step / 2 + 1e-5)
+    assert torch.all(clipped.amin(-1) >= lo - step / 2 - 1e-5)
+    # Inside the clipped range the error is at most half of the finer step.
+    inside = (x <= hi[..., None]) & (x >= lo[..., None])
+    assert torch.all(((clipped - x).abs() <= step[..., None] / 2 + 1e-5) | ~inside)
+    assert torch.equal(fake_quantize(x, QuantSpec(bits=16, granularity="token", clip_ratio=ratio)), x)
+
+
 @pytest.mark.parametrize(
     "granularity,group_size,shape",
     [("channel", None, (5, 1)), ("tensor", None, (1, 1)), ("group", 16, (5, 3, 1))],
@@ -478,6 +495,8 @@ def test_settings_are_frozen() -> None:
         ({"group_size": 0}, "group_size"),
         ({"group_size": -1}, "group_size"),
         ({"w_granularity": "group"}, "group_size"),
+        ({"a_clip": 0.3, "abits": 4}, "clip_ratio"),
+        ({"a_clip": 1.2, "abits": 4}, "clip_ratio"),
     ],
 )
 def test_build_scheme_errors_name_the_field(kwargs: dict, field: str) -> None:
@@ -513,3 +532,8 @@ def test_build_scheme_fields_and_names() -> None:
     assert only_qkv.quantizes_activations
     assert build_scheme(softmax_bits=8).softmax.bits == 8
     assert build_scheme(a_symmetric=True, abits=8).qkv.symmetric
+
+    clipped = build_scheme(wbits=4, abits=4, post_act_bits=8, a_clip=0.9)
+    assert clipped.name == "W4A4p8c0.9"
+    assert clipped.activation.clip_ratio == clipped.mlp_out_activation.clip_ratio == 0.9
+    assert clipped.qkv.clip_ratio == clipped.weight.clip_ratio == 1  # linear inputs only

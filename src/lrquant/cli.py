@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=None, help="weight group size (default: per channel)")
     q.add_argument("--w-symmetric", action="store_true", help="symmetric weight grid (default: asymmetric)")
     q.add_argument("--a-symmetric", action="store_true", help="symmetric activation grid")
+    q.add_argument(
+        "--a-clip",
+        type=float,
+        default=1.0,
+        help="activation clipping: each token's grid spans this fraction (0.5-1) of its min and max, "
+        "for every linear input (default: 1, no clipping)",
+    )
     q.add_argument("--qkv-bits", type=int, default=None, help="bits of Q, K, V after RoPE (default: --abits)")
     q.add_argument("--softmax-bits", type=int, default=16, help="bits of the softmax output (default: 16)")
     q.add_argument(
@@ -189,6 +196,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         qkv_bits=args.qkv_bits,
         softmax_bits=args.softmax_bits,
         post_act_bits=args.post_act_bits,
+        a_clip=args.a_clip,
         head=args.quantize_head,
         patch_embed=args.quantize_patch_embed,
     )

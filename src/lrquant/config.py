@@ -36,6 +36,9 @@ class QuantSpec(BaseModel):
     symmetric: bool = False
     granularity: Granularity = "channel"
     group_size: int | None = None
+    # the grid spans this fraction of each group's [min, max] (values beyond it are clamped):
+    # activation clipping, which trades a few large values for a finer grid everywhere else
+    clip_ratio: float = 1.0
 
     @field_validator("bits")
     @classmethod
@@ -47,6 +50,13 @@ class QuantSpec(BaseModel):
     def _positive_group(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
             raise ValueError(f"must be at least 1 (got {value})")
+        return value
+
+    @field_validator("clip_ratio")
+    @classmethod
+    def _valid_clip(cls, value: float) -> float:
+        if not 0.5 <= value <= 1.0:
+            raise ValueError(f"must be between 0.5 and 1 (got {value})")
         return value
 
     @model_validator(mode="after")
@@ -96,6 +106,8 @@ class QuantScheme(BaseModel):
             label += f"g{self.weight.group_size}"
         if self.post_act is not None and self.post_act != self.activation:
             label += f"p{self.post_act.bits}"
+        if self.activation.enabled and self.activation.clip_ratio < 1:
+            label += f"c{self.activation.clip_ratio:g}"
         return label
 
     @property
@@ -117,6 +129,7 @@ def build_scheme(
     post_act_bits: int | None = None,
     head: bool = False,
     patch_embed: bool = False,
+    a_clip: float = 1.0,
 ) -> QuantScheme:
     """Build a scheme from flat settings, as the command line gives them.
 
@@ -124,7 +137,8 @@ def build_scheme(
     quantized per token. Q, K and V (after rotary embedding) follow ``abits`` unless ``qkv_bits``
     says otherwise; the softmax output stays in full precision unless ``softmax_bits`` is set;
     the MLP activation output (input of its second linear) follows ``abits`` unless
-    ``post_act_bits`` is given.
+    ``post_act_bits`` is given. ``a_clip`` shrinks each token's range of every linear input
+    (not Q, K, V) to that fraction of its min and max.
     Raises :class:`LrquantError` naming the bad setting.
     """
     if w_granularity is None:
@@ -133,14 +147,18 @@ def build_scheme(
         weight=_spec(
             "weight", bits=wbits, symmetric=w_symmetric, granularity=w_granularity, group_size=group_size
         ),
-        activation=_spec("activation", bits=abits, symmetric=a_symmetric, granularity="token"),
+        activation=_spec(
+            "activation", bits=abits, symmetric=a_symmetric, granularity="token", clip_ratio=a_clip
+        ),
         qkv=_spec(
             "qkv", bits=abits if qkv_bits is None else qkv_bits, symmetric=a_symmetric, granularity="token"
         ),
         softmax=_spec("softmax", bits=softmax_bits, granularity="token"),
         post_act=None
         if post_act_bits is None
-        else _spec("post_act", bits=post_act_bits, symmetric=a_symmetric, granularity="token"),
+        else _spec(
+            "post_act", bits=post_act_bits, symmetric=a_symmetric, granularity="token", clip_ratio=a_clip
+        ),
         head=head,
         patch_embed=patch_embed,
     )

@@ -93,6 +93,8 @@ def group_grid(
     :func:`group_for_stats`), its range shrunk by ``upper`` and ``lower`` when given."""
     xmax = xg.amax(dim=-1, keepdim=True)
     xmin = xg.amin(dim=-1, keepdim=True)
+    if spec.clip_ratio != 1.0:
+        xmax, xmin = xmax * spec.clip_ratio, xmin * spec.clip_ratio
     if upper is not None:
         xmax = xmax * upper
     if lower is not None:
