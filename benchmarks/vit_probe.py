@@ -38,6 +38,10 @@ SETTINGS: dict[str, dict] = {
     "W6A16": {"wbits": 6, "abits": 16},
     "W16A6": {"wbits": 16, "abits": 6},
     "W6A6-postact16": {"wbits": 6, "abits": 6, "post_act_bits": 16},
+    # where the W4A4 error comes from
+    "W16A4": {"wbits": 16, "abits": 4},
+    "W4A4-qkv16": {"wbits": 4, "abits": 4, "qkv_bits": 16},
+    "W4A4-postact16": {"wbits": 4, "abits": 4, "post_act_bits": 16},
     # the patch embedding quantized too (--quantize-patch-embed)
     "W6A6-pe": {"wbits": 6, "abits": 6, "patch_embed": True},
     "W4A4-pe": {"wbits": 4, "abits": 4, "patch_embed": True},
