@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from llm_ppl import RESULTS, SETTINGS, code_version, load_rows
+from llm_ppl import RESULTS, SETTINGS, code_version, load_rows, setting_arg, setting_kwargs
 
 E2E_FIELDS = ("e2e_epochs", "lr_e2e", "e2e_samples", "e2e_schedule")
 
@@ -34,7 +34,8 @@ E2E_FIELDS = ("e2e_epochs", "lr_e2e", "e2e_samples", "e2e_schedule")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--setting", default="W2A16g64", choices=[s for s in SETTINGS if s != "FP"])
+    weighted = {name: kwargs for name, kwargs in SETTINGS.items() if name != "FP"}
+    parser.add_argument("--setting", default="W2A16g64", type=setting_arg(weighted))
     parser.add_argument("--method", default="lrquant_plus")
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -72,7 +73,7 @@ def main() -> None:
         first = build_recipe(args.method, args.preset, base)
     except LrquantError as err:
         sys.exit(f"error: {err}")
-    scheme = build_scheme(**SETTINGS[args.setting])
+    scheme = build_scheme(**setting_kwargs(SETTINGS, args.setting))
     data = DataSettings(seqlen=args.seqlen, eval_windows=args.windows, seed=args.seed)
     commit = code_version()
     key = dict(

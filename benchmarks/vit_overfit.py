@@ -21,7 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from llm_ppl import RESULTS, code_version, load_rows
+from llm_ppl import RESULTS, code_version, load_rows, setting_arg, setting_kwargs
 from vit_probe import SETTINGS
 
 from lrquant.api import DataSettings, apply_method, calibration_data
@@ -51,7 +51,7 @@ def _cosines(features: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="dinov2-small")
-    parser.add_argument("--setting", default="W6A6", choices=list(SETTINGS))
+    parser.add_argument("--setting", default="W6A6", type=setting_arg(SETTINGS))
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -80,7 +80,7 @@ def main() -> None:
         loaded = load_model(args.model)
         start = time.perf_counter()
         recipe = build_recipe(method, args.preset, {**parse_overrides(overrides), "nsamples": N}, "image")
-        scheme = build_scheme(**SETTINGS[args.setting])
+        scheme = build_scheme(**setting_kwargs(SETTINGS, args.setting))
         apply_method(loaded, scheme, method, recipe, None if method == "rtn" else calibration)
         seconds = time.perf_counter() - start
         outputs = {name: model_outputs(loaded.model, loaded.arch, x) for name, x in images.items()}
