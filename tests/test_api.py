@@ -14,7 +14,7 @@ import torch.nn as nn
 from lrquant import api
 from lrquant.arch import get_arch_spec
 from lrquant.checkpoint import QUANT_FILE, REPORT_FILE
-from lrquant.config import build_scheme
+from lrquant.config import QuantScheme, build_scheme
 from lrquant.errors import LrquantError
 from lrquant.models.loading import load_model
 from lrquant.models.tiny import TINY_ARCHS, tiny_model, tiny_tokenizer
@@ -74,7 +74,11 @@ def test_quantize_w4a16_g32(model_type: str, tiny_models, data: api.DataSettings
         "symmetric": False,
         "granularity": "group",
         "group_size": 32,
+        "clip_ratio": 1.0,
     }
+    # folders written before activation clipping existed have no clip_ratio: they read as 1
+    older = {**settings["scheme"], "activation": {"bits": 16, "symmetric": False, "granularity": "token"}}
+    assert QuantScheme.model_validate(older).activation.clip_ratio == 1.0
 
     # the report
     assert report["method"] == "rtn" and report["scheme"] == "W4A16g32"
