@@ -537,3 +537,6 @@ def test_build_scheme_fields_and_names() -> None:
     assert clipped.name == "W4A4p8c0.9"
     assert clipped.activation.clip_ratio == clipped.mlp_out_activation.clip_ratio == 0.9
     assert clipped.qkv.clip_ratio == clipped.weight.clip_ratio == 1  # linear inputs only
+    assert build_scheme(wbits=4, post_act_bits=4, a_clip=0.9).name == "W4A16p4c0.9"
+    with pytest.raises(LrquantError, match="only changes quantized linear inputs"):
+        build_scheme(wbits=4, a_clip=0.9)  # nothing to clip at 16-bit inputs

@@ -106,8 +106,9 @@ class QuantScheme(BaseModel):
             label += f"g{self.weight.group_size}"
         if self.post_act is not None and self.post_act != self.activation:
             label += f"p{self.post_act.bits}"
-        if self.activation.enabled and self.activation.clip_ratio < 1:
-            label += f"c{self.activation.clip_ratio:g}"
+        clipped = [s.clip_ratio for s in (self.activation, self.mlp_out_activation) if s.enabled]
+        if clipped and min(clipped) < 1:
+            label += f"c{min(clipped):g}"
         return label
 
     @property
@@ -143,6 +144,14 @@ def build_scheme(
     """
     if w_granularity is None:
         w_granularity = "group" if group_size is not None else "channel"
+    quantized_inputs = (
+        abits < FULL_PRECISION_BITS or (post_act_bits or FULL_PRECISION_BITS) < FULL_PRECISION_BITS
+    )
+    if a_clip != 1.0 and not quantized_inputs:
+        raise LrquantError(
+            f"activation clipping ({a_clip}) only changes quantized linear inputs: set --abits "
+            "(or --post-act-bits) below 16, or leave the clipping at 1"
+        )
     return QuantScheme(
         weight=_spec(
             "weight", bits=wbits, symmetric=w_symmetric, granularity=w_granularity, group_size=group_size
