@@ -51,21 +51,26 @@ def setting_kwargs(settings: dict[str, dict], name: str) -> dict:
     if name in settings:
         return dict(settings[name])
     base, sep, clip = name.rpartition("-c")
-    if not sep or base not in settings or not 0.5 <= float(clip) <= 1:
+    if not sep or base not in settings:
         raise KeyError(name)
     return {**settings[base], "a_clip": float(clip)}
 
 
 def setting_arg(settings: dict[str, dict]):
-    """An argparse ``type`` that accepts a setting name as :func:`setting_kwargs` reads it."""
+    """An argparse ``type`` that accepts a setting name as :func:`setting_kwargs` reads it and
+    :func:`build_scheme` takes it (so a clipping ratio out of range is refused here, not mid-run)."""
+    from lrquant.config import build_scheme
+    from lrquant.errors import LrquantError
 
     def check(name: str) -> str:
         try:
-            setting_kwargs(settings, name)
+            build_scheme(**setting_kwargs(settings, name))
         except (KeyError, ValueError):
             raise argparse.ArgumentTypeError(
                 f"unknown setting {name!r}: one of {', '.join(settings)}, optionally with -c<ratio>"
             ) from None
+        except LrquantError as err:
+            raise argparse.ArgumentTypeError(f"setting {name!r}: {err}") from None
         return name
 
     return check

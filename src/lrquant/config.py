@@ -144,15 +144,7 @@ def build_scheme(
     """
     if w_granularity is None:
         w_granularity = "group" if group_size is not None else "channel"
-    quantized_inputs = (
-        abits < FULL_PRECISION_BITS or (post_act_bits or FULL_PRECISION_BITS) < FULL_PRECISION_BITS
-    )
-    if a_clip != 1.0 and not quantized_inputs:
-        raise LrquantError(
-            f"activation clipping ({a_clip}) only changes quantized linear inputs: set --abits "
-            "(or --post-act-bits) below 16, or leave the clipping at 1"
-        )
-    return QuantScheme(
+    scheme = QuantScheme(
         weight=_spec(
             "weight", bits=wbits, symmetric=w_symmetric, granularity=w_granularity, group_size=group_size
         ),
@@ -171,6 +163,12 @@ def build_scheme(
         head=head,
         patch_embed=patch_embed,
     )
+    if a_clip != 1.0 and not (scheme.activation.enabled or scheme.mlp_out_activation.enabled):
+        raise LrquantError(
+            f"activation clipping ({a_clip}) only changes quantized linear inputs: set --abits "
+            "(or --post-act-bits) below 16, or leave the clipping at 1"
+        )
+    return scheme
 
 
 def _spec(label: str, **fields: object) -> QuantSpec:
