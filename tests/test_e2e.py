@@ -153,58 +153,6 @@ def test_cosine_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_end_to_end_options_need_end_to_end_epochs() -> None:
-    for field, value in (("e2e_samples", 128), ("e2e_schedule", "cosine"), ("e2e_rounding", True)):
+    for field, value in (("e2e_samples", 128), ("e2e_schedule", "cosine")):
         with pytest.raises(LrquantError, match=f"{field} shape the end-to-end step: set e2e_epochs"):
             build_recipe("lrquant_plus", "fast", {field: value})
-
-
-def test_end_to_end_offsets_move_weights_by_whole_grid_steps() -> None:
-    """An offset beyond half a step moves its weight one step along the grid; the bounds keep the
-    codes inside the grid (a weight on the top code cannot go up); the gradient reaches the offsets."""
-    spec = build_scheme(2, 16, group_size=4).weight
-    step, low = 0.5, -0.5  # codes 0..3 with zero point 1: values -0.5, 0, 0.5, 1
-    weight = torch.tensor([[low + step * q for q in (0, 1, 2, 3)], [low + step * q for q in (3, 2, 1, 0)]])
-    scale = e2e.StepScale(weight, spec, rounding=True)
-    scale.offset.data = torch.tensor([[[0.7, -0.7, 0.3, 0.9]], [[-0.6, 0.55, -0.4, -0.9]]]).reshape(
-        scale.offset.shape
-    )
-    scale.project()
-    offsets = scale.offset.detach().reshape(2, 4)
-    assert offsets[0, 3] == 0  # top code: no room up
-    assert offsets[1, 3] == 0  # bottom code: no room down
-    assert offsets[1, 0] == pytest.approx(-0.6)  # the top code may go down
-    moved, _ = scale.weight_and_bias(weight, None, spec)
-    expected = weight + step * torch.tensor([[1.0, -1.0, 0.0, 0.0], [-1.0, 1.0, 0.0, 0.0]])
-    assert torch.equal(moved, expected)
-    nudged = weight + 0.1 * torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0] * 4])  # first group off its grid
-    off_grid = e2e.StepScale(nudged, spec, rounding=True)
-    assert torch.all(off_grid.low[0] == 0) and torch.all(off_grid.high[0] == 0)  # the first group: no moves
-    assert torch.equal(off_grid.high[1], scale.high[1]) and torch.equal(off_grid.low[1], scale.low[1])
-    moved.sum().backward()
-    assert scale.offset.grad is not None and torch.all(scale.offset.grad == step)
-
-
-def test_end_to_end_rounding_keeps_weights_on_their_grid(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With ``e2e_rounding`` some weights change code and the rest only their step size: every
-    group still holds at most four evenly spaced values (2 bits); offsets use their own rate."""
-    base, calibration, held_out = correlated_llama()
-    calls = _recorded_tuning(monkeypatch)
-    models = {}
-    for rounding in (False, True):
-        model = copy.deepcopy(base)
-        overrides = {"bf16": False, "e2e_epochs": 4, "e2e_rounding": rounding, "lr_e2e_rounding": 0.05}
-        quantize_blockwise(model, LLAMA, W2G16, build_recipe("lrquant_plus", "fast", overrides), calibration)
-        models[rounding] = model
-    assert calls[0]["kl"] != calls[1]["kl"]
-    changed = 0
-    for plain, rounded in zip(LLAMA.block_list(models[False]), LLAMA.block_list(models[True]), strict=True):
-        a = group_for_stats(plain.mlp.down_proj.weight.detach(), W2G16.weight)[0].flatten(0, -2)
-        b = group_for_stats(rounded.mlp.down_proj.weight.detach(), W2G16.weight)[0].flatten(0, -2)
-        for group_a, group_b in zip(a, b, strict=True):
-            values = torch.unique(group_b)
-            assert len(values) <= 4
-            gaps = values.diff()
-            assert torch.allclose(gaps / gaps.min(), (gaps / gaps.min()).round(), atol=1e-3)
-            # the same weights ranked the same way within their group, unless a code moved
-            changed += int(not torch.equal(group_a.argsort(stable=True), group_b.argsort(stable=True)))
-    assert changed > 0

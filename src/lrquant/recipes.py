@@ -62,10 +62,6 @@ class Recipe(BaseModel):
     e2e_samples: int = Field(0, ge=0)
     # the end-to-end learning rate: constant, or cosine-decayed to 0 over all its steps
     e2e_schedule: Literal["constant", "cosine"] = "constant"
-    # the end-to-end step also moves single weights by at most one grid step (learned offsets, at
-    # lr_e2e_rounding; the end-to-end counterpart of rounding)
-    e2e_rounding: bool = False
-    lr_e2e_rounding: float = Field(5e-3, gt=0)
     # calibration samples (the last ones) kept out of block training: per block, the transforms are
     # scored on them at the start and after every epoch, and the best-scoring state is kept
     # (early stopping against fitting the calibration set); 0: train on every sample, keep the last
@@ -122,7 +118,7 @@ class Recipe(BaseModel):
             )
         tuned = [
             name
-            for name, off in (("e2e_samples", 0), ("e2e_schedule", "constant"), ("e2e_rounding", False))
+            for name, off in (("e2e_samples", 0), ("e2e_schedule", "constant"))
             if getattr(self, name) != off
         ]
         if tuned and not self.e2e_epochs:

@@ -12,11 +12,7 @@ of the labels, as calibration sets are small.
 
 Options: ``e2e_samples`` trains on more windows than the block-wise pass (their full-precision
 targets come from one forward of the full-precision model each, before anything is quantized),
-and ``e2e_schedule="cosine"`` decays the learning rate to 0 over the steps. ``e2e_rounding``
-also learns, per weight, a move of at most one grid step (an offset in ``[-1, 1]`` steps, rounded
-with a straight-through gradient, at ``lr_e2e_rounding``): the end-to-end counterpart of the
-block-wise ``rounding``. A moved weight lands on another point of the same grid, so the saved
-weights stay on it.
+and ``e2e_schedule="cosine"`` decays the learning rate to 0 over the steps.
 """
 
 from __future__ import annotations
@@ -31,7 +27,7 @@ from lrquant.console import log
 from lrquant.errors import LrquantError
 from lrquant.methods.capture import model_inputs
 from lrquant.quant.linear import QuantLinear
-from lrquant.quant.quantizer import group_for_stats, group_grid, integer_range, round_ste, ungroup
+from lrquant.quant.quantizer import group_for_stats, ungroup
 from lrquant.recipes import Recipe, use_bf16
 
 
@@ -43,45 +39,15 @@ class StepScale(nn.Module):
     folding it writes the rescaled weight.
     """
 
-    def __init__(self, weight: torch.Tensor, spec: QuantSpec, rounding: bool = False) -> None:
+    def __init__(self, weight: torch.Tensor, spec: QuantSpec) -> None:
         super().__init__()
-        grouped = group_for_stats(weight.detach().float(), spec)[0]
+        grouped = group_for_stats(weight.detach(), spec)[0]
         self.alpha = nn.Parameter(torch.ones(grouped.shape[:-1] + (1,), device=weight.device))
-        self.offset: nn.Parameter | None = None
-        if rounding:
-            self._init_offsets(grouped, spec)
-
-    def _init_offsets(self, grouped: torch.Tensor, spec: QuantSpec) -> None:
-        """Offsets at 0, with the bounds that keep each code on the grid. The grid is read back
-        from the weight's own range (the block-wise pass left it on one); a group whose values
-        are not on it (an unused end code, a constant group) keeps its weights and gets no room
-        to move."""
-        step, zero = group_grid(grouped, spec, None, None)
-        exact = grouped / step
-        levels = torch.round(exact)  # code minus zero point
-        on_grid = ((exact - levels).abs() < 1e-3).all(dim=-1, keepdim=True)
-        qmin, qmax = integer_range(spec.bits, spec.symmetric)
-        codes = levels + zero
-        self.register_buffer("step", step)
-        self.register_buffer("levels", levels)
-        self.register_buffer("on_grid", on_grid)
-        self.register_buffer("low", torch.where(on_grid, (qmin - codes).clamp(min=-1.0), 0.0))
-        self.register_buffer("high", torch.where(on_grid, (qmax - codes).clamp(max=1.0), 0.0))
-        self.offset = nn.Parameter(torch.zeros_like(grouped))
-
-    @torch.no_grad()
-    def project(self) -> None:
-        """Keep every offset inside its bounds (after each optimiser step)."""
-        if self.offset is not None:
-            self.offset.data = torch.maximum(torch.minimum(self.offset, self.high), self.low)
 
     def weight_and_bias(
         self, weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         grouped, pad = group_for_stats(weight.float(), spec)
-        if self.offset is not None:
-            # from the integer levels, so that weights on the same code stay bit-for-bit equal
-            grouped = torch.where(self.on_grid, (self.levels + round_ste(self.offset)) * self.step, grouped)
         return ungroup(grouped * self.alpha, weight, pad), bias
 
     final_weight_and_bias = weight_and_bias
@@ -143,13 +109,9 @@ def tune_step_sizes(
         if isinstance(m, QuantLinear) and m.weight_spec.enabled
     ]
     for module in linears:
-        module.transform = StepScale(module.weight, module.weight_spec, recipe.e2e_rounding)
-    scales = [module.transform.alpha for module in linears]
-    offsets = [module.transform.offset for module in linears if module.transform.offset is not None]
-    groups = [{"params": scales, "lr": recipe.lr_e2e}]
-    if offsets:
-        groups.append({"params": offsets, "lr": recipe.lr_e2e_rounding})
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        module.transform = StepScale(module.weight, module.weight_spec)
+    params = [module.transform.alpha for module in linears]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr_e2e, weight_decay=0.0)
     steps_in_all = recipe.e2e_epochs * calibration.shape[0]
     schedule = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_in_all)
@@ -174,8 +136,6 @@ def tune_step_sizes(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                for module in linears:
-                    module.transform.project()
                 if schedule is not None:
                     schedule.step()
                 total, steps = total + loss.item(), steps + 1
@@ -183,10 +143,8 @@ def tune_step_sizes(
             log(f"end-to-end step sizes, epoch {epoch + 1}/{recipe.e2e_epochs}: KL {losses[-1]:.4g}")
     except FloatingPointError:
         log("end-to-end step sizes: non-finite loss, keeping the block-wise step sizes")
-        for p in scales:
+        for p in params:
             p.data.fill_(1.0)
-        for p in offsets:
-            p.data.zero_()
     with torch.no_grad():
         for module in linears:
             module.fold_transform()
