@@ -99,6 +99,11 @@ class QuantScheme(BaseModel):
         return self.activation if self.post_act is None else self.post_act
 
     @property
+    def quantized_linear_inputs(self) -> list[QuantSpec]:
+        """The enabled input quantizers of linears (where activation clipping applies)."""
+        return [s for s in (self.activation, self.mlp_out_activation) if s.enabled]
+
+    @property
     def name(self) -> str:
         """Short label such as ``W4A16g128`` or ``W4A4``."""
         label = f"W{self.weight.bits}A{self.activation.bits}"
@@ -106,7 +111,7 @@ class QuantScheme(BaseModel):
             label += f"g{self.weight.group_size}"
         if self.post_act is not None and self.post_act != self.activation:
             label += f"p{self.post_act.bits}"
-        clipped = [s.clip_ratio for s in (self.activation, self.mlp_out_activation) if s.enabled]
+        clipped = [s.clip_ratio for s in self.quantized_linear_inputs]
         if clipped and min(clipped) < 1:
             label += f"c{min(clipped):g}"
         return label
@@ -163,7 +168,7 @@ def build_scheme(
         head=head,
         patch_embed=patch_embed,
     )
-    if a_clip != 1.0 and not (scheme.activation.enabled or scheme.mlp_out_activation.enabled):
+    if a_clip != 1.0 and not scheme.quantized_linear_inputs:
         raise LrquantError(
             f"activation clipping ({a_clip}) only changes quantized linear inputs: set --abits "
             "(or --post-act-bits) below 16, or leave the clipping at 1"
