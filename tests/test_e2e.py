@@ -156,3 +156,28 @@ def test_end_to_end_options_need_end_to_end_epochs() -> None:
     for field, value in (("e2e_samples", 128), ("e2e_schedule", "cosine")):
         with pytest.raises(LrquantError, match=f"{field} shape the end-to-end step: set e2e_epochs"):
             build_recipe("lrquant_plus", "fast", {field: value})
+
+
+def test_norms_can_train_end_to_end_beside_the_step_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``e2e_norms`` also moves the norm weights (blocks and final norm) and fits the calibration
+    windows closer than the step sizes alone, and leaves the embedding and the grids alone."""
+    base, calibration, held_out = correlated_llama()
+    calls = _recorded_tuning(monkeypatch)
+    models = {}
+    for norms in (False, True):
+        model = copy.deepcopy(base)
+        overrides = {"bf16": False, "e2e_epochs": 4, "lr_e2e": 3e-3, "e2e_norms": norms}
+        quantize_blockwise(model, LLAMA, W2G16, build_recipe("lrquant_plus", "fast", overrides), calibration)
+        models[norms] = model
+    alone, with_norms = calls[0]["kl"], calls[1]["kl"]
+    print(alone, with_norms)
+    assert with_norms[0] == pytest.approx(alone[0], rel=0.05)
+    assert with_norms[-1] < 0.95 * alone[-1]
+    before, after = dict(models[False].named_parameters()), dict(models[True].named_parameters())
+    moved = {n for n in after if not torch.equal(before[n], after[n])}
+    assert {"model.norm.weight", "model.layers.0.input_layernorm.weight"} <= moved
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    for block in LLAMA.block_list(models[True]):
+        groups = group_for_stats(block.mlp.down_proj.weight.detach(), W2G16.weight)[0].flatten(0, -2)
+        assert all(len(torch.unique(group)) <= 4 for group in groups[:64])
+    assert not any(p.requires_grad for p in models[True].parameters())

@@ -62,6 +62,11 @@ class Recipe(BaseModel):
     e2e_samples: int = Field(0, ge=0)
     # the end-to-end learning rate: constant, or cosine-decayed to 0 over all its steps
     e2e_schedule: Literal["constant", "cosine"] = "constant"
+    # the end-to-end step also trains the full-precision parameters between the quantized weights:
+    # the blocks' and the final norm's weights and biases and the quantized linears' biases
+    # (Norm Tweaking, Li et al., 2023, does this for the norms alone); they stay 16-bit, so any
+    # engine runs the result
+    e2e_norms: bool = False
     # calibration samples (the last ones) kept out of block training: per block, the transforms are
     # scored on them at the start and after every epoch, and the best-scoring state is kept
     # (early stopping against fitting the calibration set); 0: train on every sample, keep the last
@@ -118,7 +123,7 @@ class Recipe(BaseModel):
             )
         tuned = [
             name
-            for name, off in (("e2e_samples", 0), ("e2e_schedule", "constant"))
+            for name, off in (("e2e_samples", 0), ("e2e_schedule", "constant"), ("e2e_norms", False))
             if getattr(self, name) != off
         ]
         if tuned and not self.e2e_epochs:

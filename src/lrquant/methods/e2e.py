@@ -12,7 +12,9 @@ of the labels, as calibration sets are small.
 
 Options: ``e2e_samples`` trains on more windows than the block-wise pass (their full-precision
 targets come from one forward of the full-precision model each, before anything is quantized),
-and ``e2e_schedule="cosine"`` decays the learning rate to 0 over the steps.
+``e2e_schedule="cosine"`` decays the learning rate to 0 over the steps, and ``e2e_norms`` also
+trains the full-precision parameters around the quantized weights (norm weights and biases, the
+linears' biases), at the same rate.
 """
 
 from __future__ import annotations
@@ -89,6 +91,23 @@ def check_supported(model: nn.Module, arch: ArchSpec) -> None:
         )
 
 
+def _full_precision_around(model: nn.Module, arch: ArchSpec) -> list[nn.Parameter]:
+    """The 16-bit parameters that scale or shift what the quantized linears see and give: every
+    norm's weight and bias in the blocks and the final norm, and the quantized linears' biases."""
+    modules = [m for block in arch.block_list(model) for m in block.modules()]
+    modules.append(model.get_submodule(arch.final_norm))
+    found: dict[int, nn.Parameter] = {}
+    for module in modules:
+        if isinstance(module, QuantLinear):
+            owned = [module.bias]
+        elif "norm" in type(module).__name__.lower():
+            owned = list(module.parameters(recurse=False))
+        else:
+            continue
+        found.update((id(p), p) for p in owned if p is not None)
+    return list(found.values())
+
+
 def tune_step_sizes(
     model: nn.Module,
     arch: ArchSpec,
@@ -108,9 +127,15 @@ def tune_step_sizes(
         for m in block.modules()
         if isinstance(m, QuantLinear) and m.weight_spec.enabled
     ]
+    model.requires_grad_(False)  # no gradients for the embedding and head
     for module in linears:
         module.transform = StepScale(module.weight, module.weight_spec)
     params = [module.transform.alpha for module in linears]
+    around = _full_precision_around(model, arch) if recipe.e2e_norms else []
+    start = [p.detach().clone() for p in around]
+    for p in around:
+        p.requires_grad_(True)
+    params += around
     optimizer = torch.optim.AdamW(params, lr=recipe.lr_e2e, weight_decay=0.0)
     steps_in_all = recipe.e2e_epochs * calibration.shape[0]
     schedule = (
@@ -143,8 +168,12 @@ def tune_step_sizes(
             log(f"end-to-end step sizes, epoch {epoch + 1}/{recipe.e2e_epochs}: KL {losses[-1]:.4g}")
     except FloatingPointError:
         log("end-to-end step sizes: non-finite loss, keeping the block-wise step sizes")
-        for p in params:
-            p.data.fill_(1.0)
+        for module in linears:
+            module.transform.alpha.data.fill_(1.0)
+        for p, value in zip(around, start, strict=True):
+            p.data.copy_(value)
+    for p in around:
+        p.requires_grad_(False)
     with torch.no_grad():
         for module in linears:
             module.fold_transform()
