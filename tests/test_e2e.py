@@ -161,8 +161,17 @@ def test_end_to_end_options_need_end_to_end_epochs() -> None:
 def test_norms_can_train_end_to_end_beside_the_step_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
     """``e2e_norms`` also moves the norm weights (blocks and final norm) and fits the calibration
     windows closer than the step sizes alone, and leaves the embedding and the grids alone."""
-    base, calibration, held_out = correlated_llama()
+    base, calibration, _ = correlated_llama()
     calls = _recorded_tuning(monkeypatch)
+    targets: dict[float, list[torch.Tensor]] = {}  # per window, the target of each epoch
+    target = e2e._logits_target
+
+    def recording_target(model, norm, hidden):
+        out = target(model, norm, hidden)
+        targets.setdefault(float(hidden.sum()), []).append(out)
+        return out
+
+    monkeypatch.setattr(e2e, "_logits_target", recording_target)
     models = {}
     for norms in (False, True):
         model = copy.deepcopy(base)
@@ -181,3 +190,5 @@ def test_norms_can_train_end_to_end_beside_the_step_sizes(monkeypatch: pytest.Mo
         groups = group_for_stats(block.mlp.down_proj.weight.detach(), W2G16.weight)[0].flatten(0, -2)
         assert all(len(torch.unique(group)) <= 4 for group in groups[:64])
     assert not any(p.requires_grad for p in models[True].parameters())
+    # the targets stay those of the full-precision model while the final norm trains
+    assert all(torch.equal(t, per_epoch[0]) for per_epoch in targets.values() for t in per_epoch)

@@ -19,6 +19,8 @@ linears' biases), at the same rate.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -55,9 +57,9 @@ class StepScale(nn.Module):
     final_weight_and_bias = weight_and_bias
 
 
-def _logits_target(model: nn.Module, arch: ArchSpec, hidden: torch.Tensor) -> torch.Tensor:
-    """Full-precision log-probabilities from the full-precision chain's last hidden states."""
-    norm = model.get_submodule(arch.final_norm)
+def _logits_target(model: nn.Module, norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Full-precision log-probabilities from the full-precision chain's last hidden states, through
+    the final norm as it was before tuning (``norm``: a copy, as ``e2e_norms`` trains the model's)."""
     return F.log_softmax(model.get_output_embeddings()(norm(hidden)).float(), dim=-1)
 
 
@@ -131,6 +133,7 @@ def tune_step_sizes(
     for module in linears:
         module.transform = StepScale(module.weight, module.weight_spec)
     params = [module.transform.alpha for module in linears]
+    target_norm = copy.deepcopy(model.get_submodule(arch.final_norm))
     around = _full_precision_around(model, arch) if recipe.e2e_norms else []
     start = [p.detach().clone() for p in around]
     for p in around:
@@ -151,7 +154,7 @@ def tune_step_sizes(
             total, steps = 0.0, 0
             for i in torch.randperm(calibration.shape[0], generator=generator).tolist():
                 with torch.no_grad():
-                    target = _logits_target(model, arch, fp_hidden[i : i + 1])
+                    target = _logits_target(model, target_norm, fp_hidden[i : i + 1])
                 with torch.autocast(device.type, torch.bfloat16, bf16):
                     logits = model(**model_inputs(arch, calibration[i].to(device))).logits
                 log_q = F.log_softmax(logits.float(), dim=-1)
