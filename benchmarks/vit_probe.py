@@ -142,7 +142,7 @@ def main() -> None:
             overrides_now = {"nsamples": IMAGES, **parse_overrides(overrides)}
             recipe = build_recipe(method, args.preset, overrides_now, loaded.arch.modality)
             scheme = build_scheme(**setting_kwargs(SETTINGS, setting))
-            n = (recipe.nsamples, recipe.holdout)
+            n = (recipe.calibration_samples, recipe.holdout)
             if method != "rtn" and n not in calibrations:  # RTN needs no calibration images
                 calibrations[n] = calibration_data(loaded, data.for_model(loaded), *n)
             calib = None if method == "rtn" else calibrations[n]

@@ -18,6 +18,7 @@ from lrquant.errors import LrquantError
 from lrquant.methods import blockwise, e2e
 from lrquant.methods.blockwise import quantize_blockwise
 from lrquant.models.loading import LoadedModel
+from lrquant.models.tiny import tiny_model
 from lrquant.models.tiny_vision import tiny_vision_model
 from lrquant.quant.quantizer import group_for_stats
 from lrquant.recipes import build_recipe
@@ -62,16 +63,60 @@ def test_tuning_step_sizes_end_to_end_brings_the_model_closer(monkeypatch: pytes
         assert torch.equal(dict(models[4].named_parameters())[name], dict(models[0].named_parameters())[name])
 
 
-def test_models_without_a_language_head_are_refused_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = tiny_vision_model("vit", seed=0)
-    arch = get_arch_spec("vit")
-    images = torch.randn(2, 3, model.config.image_size, model.config.image_size)
+def test_language_models_without_a_known_final_norm_are_refused_before_any_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = tiny_model("opt", seed=0)
     recipe = build_recipe("lrquant_plus", "fast", {"epochs": 0, "e2e_epochs": 1})
     learned = []
     monkeypatch.setattr("lrquant.methods.blockwise._train_block", lambda *a, **k: learned.append(1))
-    with pytest.raises(LrquantError, match="e2e_epochs"):
-        quantize_blockwise(model, arch, build_scheme(4, 16), recipe, images, seed=0)
+    with pytest.raises(LrquantError, match="e2e_epochs needs an image model or a causal language model"):
+        quantize_blockwise(
+            model, get_arch_spec("opt"), build_scheme(4, 16), recipe, torch.randint(0, 100, (2, 16))
+        )
     assert learned == []
+
+
+@pytest.mark.parametrize("model_type", ["dinov2", "swin"])
+def test_image_models_tune_step_sizes_on_their_last_hidden_states(
+    model_type: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Image models train the step sizes on the standardized last hidden states: the error falls
+    over the epochs, the final features get closer to full precision than after the block-wise
+    pass alone, and the extra images of ``e2e_samples`` get their targets from the model before
+    it is quantized."""
+    base = tiny_vision_model(model_type, seed=0)
+    arch = get_arch_spec(model_type)
+    size = base.config.image_size
+    images = torch.randn(14, 3, size, size, generator=torch.Generator().manual_seed(1))
+    calibration, held_out = images[:10], images[10:]
+    with torch.no_grad():
+        ref = base(pixel_values=held_out).last_hidden_state
+    calls = _recorded_tuning(monkeypatch)
+    errors = {}
+    for epochs in (0, 4):
+        model = copy.deepcopy(base)
+        overrides = {"bf16": False, "epochs": 1, "nsamples": 8, "lr_e2e": 1e-2}
+        if epochs:
+            overrides |= {"e2e_epochs": epochs, "e2e_samples": 10}
+        loaded = LoadedModel(model=model, tokenizer=None, arch=arch, name="tiny", path=Path("tiny"))
+        apply_method(
+            loaded,
+            build_scheme(3, 16),
+            "lrquant_plus",
+            build_recipe("lrquant_plus", "fast", overrides),
+            calibration,
+            seed=0,
+        )
+        with torch.no_grad():
+            errors[epochs] = rel_err(model(pixel_values=held_out).last_hidden_state, ref)
+    print(errors, calls[0]["kl"])
+    assert len(calls) == 1 and len(calls[0]["windows"]) == 10
+    assert calls[0]["kl"][-1] < 0.9 * calls[0]["kl"][0]
+    assert errors[4] < errors[0]
+    # the targets: the full-precision last hidden states, from the chain and (last 2) one forward each
+    fp_hidden = e2e.fp_final_hidden(base, arch, calibration, torch.device("cpu"))
+    assert rel_err(calls[0]["hidden"], fp_hidden) < 1e-5
 
 
 def _recorded_tuning(monkeypatch: pytest.MonkeyPatch) -> list[dict]:

@@ -4,7 +4,9 @@ Block-wise learning matches each block to its full-precision twin; errors that o
 the model's output are never seen. Here every quantized weight keeps its integer codes and its
 zero point, and only each group's step size is multiplied by a learned factor ``α`` (starting
 at 1), trained for ``e2e_epochs`` over the calibration samples on the KL divergence from the
-full-precision model's next-token distribution to the quantized model's. ``(q - z)·Δ·α`` is again
+full-precision model's next-token distribution to the quantized model's (for an image model: on
+the mean squared difference of the per-token standardized last hidden states, which its final
+norm and any head read). ``(q - z)·Δ·α`` is again
 a point of an affine grid, so the saved weights stay on a per-group grid any packed format
 takes. This is the E2E-QP step of EfficientQAT (Chen et al., 2024, "EfficientQAT: Efficient
 Quantization-Aware Training for Large Language Models"), here with a distillation target instead
@@ -63,33 +65,62 @@ def _logits_target(model: nn.Module, norm: nn.Module, hidden: torch.Tensor) -> t
     return F.log_softmax(model.get_output_embeddings()(norm(hidden)).float(), dim=-1)
 
 
+def _feature_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the per-token standardized last hidden states (an image model's
+    final norm, without its affine part): every token counts alike, whatever its size."""
+    shape = target.shape[-1:]
+    return F.mse_loss(F.layer_norm(out.float(), shape), F.layer_norm(target.float(), shape))
+
+
+def _last_module(model: nn.Module, arch: ArchSpec) -> nn.Module:
+    """The module whose output the chains hold at the end: the last block, or what runs after it
+    (Swin's patch merging, where a model has one there)."""
+    blocks = arch.block_list(model)
+    return arch.transitions(model).get(len(blocks) - 1, blocks[-1])
+
+
+class _LastHidden:
+    """Within ``with``: ``.value`` holds the last hidden state of the latest forward."""
+
+    def __init__(self, model: nn.Module, arch: ArchSpec) -> None:
+        self.module, self.value = _last_module(model, arch), None
+
+    def _keep(self, _module: nn.Module, _args: tuple, output) -> None:
+        self.value = output[0] if isinstance(output, tuple) else output
+
+    def __enter__(self) -> _LastHidden:
+        self.handle = self.module.register_forward_hook(self._keep)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
 @torch.no_grad()
 def fp_final_hidden(
-    model: nn.Module, arch: ArchSpec, windows: torch.Tensor, device: torch.device
+    model: nn.Module, arch: ArchSpec, samples: torch.Tensor, device: torch.device
 ) -> torch.Tensor:
-    """The full-precision model's last hidden states (the final norm's inputs) for ``windows``,
-    one window at a time; call before anything is quantized. Returned in host memory."""
+    """The full-precision model's last hidden states (the last block's outputs, which the final
+    norm reads) for ``samples``, one at a time; call before anything is quantized. Returned in
+    host memory."""
     check_supported(model, arch)
     captured: list[torch.Tensor] = []
-
-    def keep(_module: nn.Module, args: tuple) -> None:
-        captured.append(args[0].detach().cpu())
-
-    hook = model.get_submodule(arch.final_norm).register_forward_pre_hook(keep)
-    try:
-        for window in windows:
-            model(**model_inputs(arch, window.to(device)))
-    finally:
-        hook.remove()
+    with _LastHidden(model, arch) as last:
+        for sample in samples:
+            model(**model_inputs(arch, sample.to(device)))
+            captured.append(last.value.detach().cpu())
     return torch.cat(captured)
 
 
 def check_supported(model: nn.Module, arch: ArchSpec) -> None:
-    """Refuse, before any work, a model whose next-token distribution cannot be computed here."""
-    if arch.modality != "text" or arch.final_norm is None or model.get_output_embeddings() is None:
+    """Refuse, before any work, a language model whose next-token distribution cannot be computed
+    here (image models are tuned on their last hidden states and need nothing more)."""
+    if arch.modality == "image":
+        return
+    if arch.final_norm is None or model.get_output_embeddings() is None:
         raise LrquantError(
-            f"e2e_epochs needs a causal language model with a known final norm; "
-            f"'{arch.model_types[0]}' is not one: leave e2e_epochs at 0"
+            f"e2e_epochs needs an image model or a causal language model with a known final norm; "
+            f"'{arch.model_types[0]}' is neither: leave e2e_epochs at 0"
         )
 
 
@@ -97,7 +128,8 @@ def _full_precision_around(model: nn.Module, arch: ArchSpec) -> list[nn.Paramete
     """The 16-bit parameters that scale or shift what the quantized linears see and give: every
     norm's weight and bias in the blocks and the final norm, and the quantized linears' biases."""
     modules = [m for block in arch.block_list(model) for m in block.modules()]
-    modules.append(model.get_submodule(arch.final_norm))
+    if arch.final_norm is not None:
+        modules.append(model.get_submodule(arch.final_norm))
     found: dict[int, nn.Parameter] = {}
     for module in modules:
         if isinstance(module, QuantLinear):
@@ -120,8 +152,8 @@ def tune_step_sizes(
     device: torch.device,
 ) -> list[float]:
     """Train every quantized block linear's step factors end to end, then fold them; returns the
-    mean KL per epoch. ``fp_hidden`` are the full-precision model's last hidden states for the
-    ``calibration`` samples. The model must already sit on ``device``."""
+    mean KL (image models: feature error) per epoch. ``fp_hidden`` are the full-precision model's
+    last hidden states for the ``calibration`` samples. The model must already sit on ``device``."""
     check_supported(model, arch)
     linears = [
         m
@@ -133,7 +165,8 @@ def tune_step_sizes(
     for module in linears:
         module.transform = StepScale(module.weight, module.weight_spec)
     params = [module.transform.alpha for module in linears]
-    target_norm = copy.deepcopy(model.get_submodule(arch.final_norm))
+    text = arch.modality == "text"
+    target_norm = copy.deepcopy(model.get_submodule(arch.final_norm)) if text else None
     around = _full_precision_around(model, arch) if recipe.e2e_norms else []
     start = [p.detach().clone() for p in around]
     for p in around:
@@ -153,12 +186,18 @@ def tune_step_sizes(
         for epoch in range(recipe.e2e_epochs):
             total, steps = 0.0, 0
             for i in torch.randperm(calibration.shape[0], generator=generator).tolist():
-                with torch.no_grad():
-                    target = _logits_target(model, target_norm, fp_hidden[i : i + 1])
-                with torch.autocast(device.type, torch.bfloat16, bf16):
-                    logits = model(**model_inputs(arch, calibration[i].to(device))).logits
-                log_q = F.log_softmax(logits.float(), dim=-1)
-                loss = F.kl_div(log_q, target, log_target=True, reduction="none").sum(-1).mean()
+                inputs = model_inputs(arch, calibration[i].to(device))
+                if text:
+                    with torch.no_grad():
+                        target = _logits_target(model, target_norm, fp_hidden[i : i + 1])
+                    with torch.autocast(device.type, torch.bfloat16, bf16):
+                        logits = model(**inputs).logits
+                    log_q = F.log_softmax(logits.float(), dim=-1)
+                    loss = F.kl_div(log_q, target, log_target=True, reduction="none").sum(-1).mean()
+                else:
+                    with _LastHidden(model, arch) as last, torch.autocast(device.type, torch.bfloat16, bf16):
+                        model(**inputs)
+                    loss = _feature_error(last.value, fp_hidden[i : i + 1])
                 if not torch.isfinite(loss):
                     raise FloatingPointError
                 optimizer.zero_grad(set_to_none=True)
@@ -168,7 +207,8 @@ def tune_step_sizes(
                     schedule.step()
                 total, steps = total + loss.item(), steps + 1
             losses.append(total / steps)
-            log(f"end-to-end step sizes, epoch {epoch + 1}/{recipe.e2e_epochs}: KL {losses[-1]:.4g}")
+            measure = "KL" if text else "feature error"
+            log(f"end-to-end step sizes, epoch {epoch + 1}/{recipe.e2e_epochs}: {measure} {losses[-1]:.4g}")
     except FloatingPointError:
         log("end-to-end step sizes: non-finite loss, keeping the block-wise step sizes")
         for module in linears:
