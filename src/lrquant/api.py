@@ -294,6 +294,13 @@ def _e2e_extra(
             f"e2e_samples={recipe.e2e_samples} needs that many calibration windows, got "
             f"{calibration.shape[0]}: pass recipe.calibration_samples windows"
         )
+    if recipe.holdout and loaded.arch.modality == "image":
+        # the crops from held-out photos are the last of all calibration images, not of the
+        # block-wise pass's
+        raise LrquantError(
+            f"holdout={recipe.holdout} with e2e_samples={recipe.e2e_samples} above nsamples={recipe.nsamples} "
+            "would hold out crops of training photos for an image model: use one of the two"
+        )
     extra = extra[: recipe.e2e_samples - recipe.nsamples]
     device = device or torch.device("cpu")
     log(f"full-precision targets for {extra.shape[0]} more end-to-end windows")
