@@ -114,7 +114,8 @@ def test_image_models_tune_step_sizes_on_their_last_hidden_states(
     assert len(calls) == 1 and len(calls[0]["windows"]) == 10
     assert calls[0]["kl"][-1] < 0.9 * calls[0]["kl"][0]
     assert errors[4] < errors[0]
-    recipe = build_recipe("lrquant_plus", "fast", {"nsamples": 8, "holdout": 2, "e2e_epochs": 1, "e2e_samples": 10})
+    holding_out = {"nsamples": 8, "holdout": 2, "e2e_epochs": 1, "e2e_samples": 10}
+    recipe = build_recipe("lrquant_plus", "fast", holding_out)
     with pytest.raises(LrquantError, match="holdout=2 with e2e_samples=10 above nsamples=8"):
         apply_method(loaded, build_scheme(3, 16), "lrquant_plus", recipe, calibration, seed=0)
     # the targets: the full-precision last hidden states, from the chain and (last 2) one forward each

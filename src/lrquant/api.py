@@ -298,8 +298,9 @@ def _e2e_extra(
         # the crops from held-out photos are the last of all calibration images, not of the
         # block-wise pass's
         raise LrquantError(
-            f"holdout={recipe.holdout} with e2e_samples={recipe.e2e_samples} above nsamples={recipe.nsamples} "
-            "would hold out crops of training photos for an image model: use one of the two"
+            f"holdout={recipe.holdout} with e2e_samples={recipe.e2e_samples} above "
+            f"nsamples={recipe.nsamples} would hold out crops of training photos for an image model: "
+            "use one of the two"
         )
     extra = extra[: recipe.e2e_samples - recipe.nsamples]
     device = device or torch.device("cpu")

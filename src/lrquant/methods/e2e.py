@@ -65,11 +65,16 @@ def _logits_target(model: nn.Module, norm: nn.Module, hidden: torch.Tensor) -> t
     return F.log_softmax(model.get_output_embeddings()(norm(hidden)).float(), dim=-1)
 
 
-def _feature_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _feature_error(out: torch.Tensor, target: torch.Tensor, cls_token: bool) -> torch.Tensor:
     """Mean squared difference of the per-token standardized last hidden states (an image model's
-    final norm, without its affine part): every token counts alike, whatever its size."""
+    final norm, without its affine part), whatever each token's size. With a class token, it
+    counts as much as all the other tokens together, as in the features a backbone is judged by
+    (the class token joined with the mean of the others) and the token a classifier's head reads."""
     shape = target.shape[-1:]
-    return F.mse_loss(F.layer_norm(out.float(), shape), F.layer_norm(target.float(), shape))
+    error = (F.layer_norm(out.float(), shape) - F.layer_norm(target.float(), shape)).square().mean(-1)
+    if cls_token:
+        return 0.5 * error[:, 0].mean() + 0.5 * error[:, 1:].mean()
+    return error.mean()
 
 
 def _last_module(model: nn.Module, arch: ArchSpec) -> nn.Module:
@@ -197,7 +202,7 @@ def tune_step_sizes(
                 else:
                     with _LastHidden(model, arch) as last, torch.autocast(device.type, torch.bfloat16, bf16):
                         model(**inputs)
-                    loss = _feature_error(last.value, fp_hidden[i : i + 1])
+                    loss = _feature_error(last.value, fp_hidden[i : i + 1], arch.cls_token)
                 if not torch.isfinite(loss):
                     raise FloatingPointError
                 optimizer.zero_grad(set_to_none=True)
