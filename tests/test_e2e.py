@@ -115,7 +115,9 @@ def test_image_models_tune_step_sizes_on_their_last_hidden_states(
     assert calls[0]["kl"][-1] < 0.9 * calls[0]["kl"][0]
     assert errors[4] < errors[0]
     holding_out = {"nsamples": 8, "holdout": 2, "e2e_epochs": 1, "e2e_samples": 10}
-    recipe = build_recipe("lrquant_plus", "fast", holding_out)
+    with pytest.raises(LrquantError, match="holdout=2 with e2e_samples=10 above nsamples=8"):
+        build_recipe("lrquant_plus", "fast", holding_out, "image")
+    recipe = build_recipe("lrquant_plus", "fast", holding_out)  # built as for text, then given an image model
     with pytest.raises(LrquantError, match="holdout=2 with e2e_samples=10 above nsamples=8"):
         apply_method(loaded, build_scheme(3, 16), "lrquant_plus", recipe, calibration, seed=0)
     # the targets: the full-precision last hidden states, from the chain and (last 2) one forward each

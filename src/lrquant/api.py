@@ -44,7 +44,7 @@ from lrquant.methods.rtn import quantize_rtn
 from lrquant.models.builtin import is_builtin
 from lrquant.models.loading import LoadedModel, load_model, resolve_model_dir
 from lrquant.quant.apply import patch_embedding
-from lrquant.recipes import DEFAULT_METHOD, Recipe, build_recipe
+from lrquant.recipes import DEFAULT_METHOD, Recipe, build_recipe, check_image_recipe
 from lrquant.report import PLOT_FILE, plot_blocks
 from lrquant.transforms.rotation import rotate_model
 
@@ -294,17 +294,11 @@ def _e2e_extra(
             f"e2e_samples={recipe.e2e_samples} needs that many calibration windows, got "
             f"{calibration.shape[0]}: pass recipe.calibration_samples windows"
         )
-    if recipe.holdout and loaded.arch.modality == "image":
-        # the crops from held-out photos are the last of all calibration images, not of the
-        # block-wise pass's
-        raise LrquantError(
-            f"holdout={recipe.holdout} with e2e_samples={recipe.e2e_samples} above "
-            f"nsamples={recipe.nsamples} would hold out crops of training photos for an image model: "
-            "use one of the two"
-        )
+    if loaded.arch.modality == "image":
+        check_image_recipe(recipe)
     extra = extra[: recipe.e2e_samples - recipe.nsamples]
     device = device or torch.device("cpu")
-    log(f"full-precision targets for {extra.shape[0]} more end-to-end windows")
+    log(f"full-precision targets for {extra.shape[0]} more end-to-end samples")
     with placed(loaded.model, device):
         return blockwise, (extra, fp_final_hidden(loaded.model, loaded.arch, extra, device))
 

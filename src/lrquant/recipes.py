@@ -226,8 +226,23 @@ def build_recipe(
     if fields.get("smoothing") in ("none", "None", "off"):
         fields["smoothing"] = None
     try:
-        return Recipe(**fields)
+        recipe = Recipe(**fields)
     except ValidationError as err:
         raise LrquantError(
             describe_validation_error(err, f"invalid recipe settings for '{method}'")
         ) from None
+    if modality == "image":
+        check_image_recipe(recipe)
+    return recipe
+
+
+def check_image_recipe(recipe: Recipe) -> None:
+    """Refuse settings that only clash for image models: the crops from held-out photos are the
+    last of all calibration images, so with more end-to-end images than block-wise ones the
+    block-wise pass would hold out crops of its training photos."""
+    if recipe.holdout and recipe.e2e_epochs and recipe.e2e_samples > recipe.nsamples:
+        raise LrquantError(
+            f"holdout={recipe.holdout} with e2e_samples={recipe.e2e_samples} above "
+            f"nsamples={recipe.nsamples} would hold out crops of training photos for an image model: "
+            "use one of the two"
+        )
