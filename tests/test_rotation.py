@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import logits, rel_err
 from safetensors.torch import load_file
+from test_transforms import perturb, random_stats
 from transformers import AutoModelForCausalLM
 
 from lrquant import api
@@ -20,9 +21,20 @@ from lrquant.errors import LrquantError
 from lrquant.methods.resume import ResumeStore
 from lrquant.models.loading import load_model
 from lrquant.models.tiny import save_tiny_model, tiny_model
-from lrquant.models.tiny_vision import IMAGE_SIZE, tiny_vision_model
-from lrquant.quant.apply import attach_quantizers, quant_linears
+from lrquant.models.tiny_vision import IMAGE_SIZE, TINY_VISION_ARCHS, tiny_vision_model
+from lrquant.quant.apply import (
+    attach_block_quantizers,
+    attach_quantizers,
+    quant_linears,
+    use_quantized_attention,
+)
 from lrquant.recipes import build_recipe
+from lrquant.transforms.block import (
+    AttentionLayout,
+    TransformOptions,
+    attach_block_transforms,
+    fold_block_transforms,
+)
 from lrquant.transforms.rotation import hadamard, randomized_hadamard, rotate_model
 
 IDS = torch.randint(3, 60, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -83,6 +95,48 @@ def test_down_rotation_of_vision_mlps_is_exact(model_type: str) -> None:
         ref = model(pixel_values=pixels).last_hidden_state
         rotate_model(model, get_arch_spec(model_type), "down")
         assert rel_err(model(pixel_values=pixels).last_hidden_state, ref) < 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["llama", "opt", "phi3", "gemma2"])
+def test_every_input_rotated_is_exact_for_any_decoder(model_type: str) -> None:
+    model = tiny_model(model_type, num_layers=2)
+    arch = get_arch_spec(model_type)
+    ref = logits(model, IDS)
+    rotate_model(model, arch, "inputs", seed=0)
+    assert rel_err(logits(model, IDS), ref) < 1e-5
+    attach_quantizers(model, arch, build_scheme(wbits=16, abits=16))
+    assert rel_err(logits(model, IDS), ref) < 1e-5
+    linears = quant_linears(model, arch)
+    assert linears and all(linear.input_rotation is not None for _, linear in linears)
+
+
+@pytest.mark.parametrize("model_type", TINY_VISION_ARCHS)
+def test_smoothing_before_every_input_rotation_is_exact(model_type: str) -> None:
+    """With every linear input rotated at run time, each smoothing pair scales the channels before
+    the rotation (norm -> q/k/v, norm -> MLP, v -> o, q -> k): perturbed factors still compute
+    the original model."""
+    model = tiny_vision_model(model_type, seed=0)
+    arch = get_arch_spec(model.config.model_type)
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(pixel_values=x).last_hidden_state
+    rotate_model(model, arch, "inputs", seed=0)
+    use_quantized_attention(model)
+    generator = torch.Generator().manual_seed(1)
+    options = TransformOptions(shifts=True, clipping=False, rotation=False)
+    for block in arch.block_list(model):
+        attach_block_quantizers(block, arch, build_scheme(16, 16))
+        layout = AttentionLayout.of_block(block, arch, model.config)
+        bt = attach_block_transforms(
+            block, arch, layout, random_stats(block, arch, generator), options, build_scheme(16, 16).weight
+        )
+        assert set(bt.factors) == {"qkv", "mlp_in", "out", "qk"}
+        perturb(bt, generator)
+    with torch.no_grad():
+        assert rel_err(model(pixel_values=x).last_hidden_state, ref) < 1e-5
+        for block in arch.block_list(model):
+            fold_block_transforms(block, arch)
+        assert rel_err(model(pixel_values=x).last_hidden_state, ref) < 1e-5
 
 
 def test_tied_head_is_untied() -> None:

@@ -47,7 +47,8 @@ class Recipe(BaseModel):
     gptq_damp: float = Field(0.01, gt=0)
     # orthogonal rotations before learning (transforms/rotation.py): "folded" rotates the residual
     # stream and each value head, folded into the weights; "online" also rotates the down
-    # projection's input at run time; "down" rotates only that
+    # projection's input at run time; "down" rotates only that; "inputs" rotates every linear's
+    # input in the blocks at run time (any architecture, vision transformers included)
     hadamard: HadamardMode = "off"
     # epochs of end-to-end tuning of each weight group's step size after the block-wise pass,
     # on the KL divergence from the full-precision next-token distribution (methods/e2e.py;

@@ -12,6 +12,10 @@ much finer, and without quantization the rotated model computes exactly what the
 * **down projection input** (``online``): the MLP's activation output is rotated at run time before
   it is quantized (a ``RotatedInputLinear``), the down projection's weight holding ``W R``.
   ``down`` does this one alone, for any model with an MLP (vision transformers too).
+* **every linear input** (``inputs``): every linear of every block reads its input rotated at run
+  time, the weight holding ``W R``, for any architecture (LayerNorm models and vision transformers,
+  whose residual stream the ``folded`` rotation does not cover). Smoothing still applies: a
+  linear's input is smoothed, then rotated (:class:`lrquant.transforms.weight.WeightTransform`).
 
 ``folded`` leaves an ordinary checkpoint of the same architecture; the run-time rotation needs
 lrquant's loader (it is saved beside the weights).
@@ -34,7 +38,7 @@ from lrquant.errors import LrquantError
 from lrquant.quant.apply import replace_module
 from lrquant.quant.linear import RotatedInputLinear
 
-HadamardMode = Literal["off", "folded", "online", "down"]
+HadamardMode = Literal["off", "folded", "online", "down", "inputs"]
 HADAMARD_MODES: tuple[str, ...] = get_args(HadamardMode)
 
 
@@ -84,7 +88,8 @@ def _norm_pairs(arch: ArchSpec):
 @torch.no_grad()
 def rotate_model(model: nn.Module, arch: ArchSpec, mode: str, seed: int = 0) -> None:
     """Rotate ``model`` in place: ``folded`` (residual stream and value heads), ``online`` (those
-    and the down projection's input) or ``down`` (the down projection's input only); see the
+    and the down projection's input), ``down`` (the down projection's input only) or ``inputs``
+    (every linear's input in the blocks); see the
     module docstring. Deterministic in ``seed``, so a resumed run rebuilds the same rotations
     before it loads its finished blocks.
     """
@@ -101,7 +106,9 @@ def rotate_model(model: nn.Module, arch: ArchSpec, mode: str, seed: int = 0) -> 
         head_dim = getattr(config, "head_dim", None) or dim // config.num_attention_heads
         _rotate_residual(model, arch, q, randomized_hadamard(head_dim, generator))
     if mode in ("online", "down"):
-        _rotate_down_inputs(model, arch, generator)
+        _rotate_inputs(model, arch, generator, lambda block: arch.mlp_out)
+    if mode == "inputs":
+        _rotate_inputs(model, arch, generator, _block_linears)
 
 
 def _rotate_residual(model: nn.Module, arch: ArchSpec, q: torch.Tensor, per_head: torch.Tensor) -> None:
@@ -134,11 +141,16 @@ def _rotate_residual(model: nn.Module, arch: ArchSpec, q: torch.Tensor, per_head
     embedding.weight.data = (embedding.weight.double() @ q).to(embedding.weight.dtype)
 
 
-def _rotate_down_inputs(model: nn.Module, arch: ArchSpec, generator: torch.Generator) -> None:
-    """Each block's MLP output linear reads its input rotated at run time (one matrix per width)."""
+def _block_linears(block: nn.Module) -> list[str]:
+    return [name for name, module in block.named_modules() if isinstance(module, nn.Linear)]
+
+
+def _rotate_inputs(model: nn.Module, arch: ArchSpec, generator: torch.Generator, names) -> None:
+    """The linears ``names(block)`` of each block read their input rotated at run time (one matrix
+    per width, shared by every block)."""
     inner: dict[int, torch.Tensor] = {}
     for block in arch.block_list(model):
-        for name in arch.mlp_out:
+        for name in names(block):
             linear = block.get_submodule(name)
             if linear.in_features not in inner:
                 inner[linear.in_features] = randomized_hadamard(linear.in_features, generator)

@@ -1,7 +1,9 @@
 """What a linear layer's weight becomes while its block is being learned.
 
 ``W' = diag(1/r) · W · diag(c)``, ``b' = (b + W·δc - δr) / r`` for the smoothing factors acting
-on its input columns (``c``, ``δc``) and output rows (``r``, ``δr``); then the learnable clipping
+on its input columns (``c``, ``δc``) and output rows (``r``, ``δr``); a linear that rotates its
+input at run time by ``R`` stores ``W R`` and gets ``diag(1/r) · W · diag(c) · R`` (its input is
+smoothed, then rotated); then the learnable clipping
 bounds pick the quantization range, the learnable rounding offsets (optional, ``rounding``) move
 each weight's rounding point, and the rotation vector multiplies each dequantized row.
 """
@@ -70,6 +72,8 @@ class WeightTransform:
         self.clipping: LearnableClipping | None = None
         self.rotation: nn.Parameter | None = None
         self.rounding: nn.Parameter | None = None  # per weight, in grid steps, within ±ROUNDING_LIMIT
+        # the linear's run-time input rotation (``hadamard``), which the column factors act before
+        self.input_rotation: torch.Tensor | None = None
         # set before folding to round the final weight with GPTQ against these input statistics
         # (the mean x xᵀ of the linear's inputs); gptq_damp is GPTQ's relative damping
         self.hessian: torch.Tensor | None = None
@@ -81,11 +85,18 @@ class WeightTransform:
         """The smoothed, still unquantized weight and bias."""
         w = weight.float()
         b = None if bias is None else bias.float()
+        # a run-time input rotation R comes after the smoothing: the stored weight is W R, and the
+        # columns the factors act on are those of W
+        rotation = self.input_rotation if self.col_scale or self.col_shift is not None else None
+        if rotation is not None:
+            w = w @ rotation.float().T
         if self.col_shift is not None:
             shifted = w @ self.col_shift()
             b = shifted if b is None else b + shifted
         for col in self.col_scale:
             w = w * col()
+        if rotation is not None:
+            w = w @ rotation.float()
         if self.row_shift is not None:
             b = -self.row_shift() if b is None else b - self.row_shift()
         for row in self.row_scale:
