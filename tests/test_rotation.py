@@ -76,15 +76,19 @@ def test_rotation_without_quantization_is_exact(model_type: str, mode: str) -> N
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma2", "opt", "phi3"])
-def test_down_rotation_alone_is_exact_for_any_mlp(model_type: str) -> None:
+@pytest.mark.parametrize("mode", ["down", "inputs"])
+def test_run_time_input_rotations_are_exact_for_any_decoder(model_type: str, mode: str) -> None:
+    """``down`` rotates the two down projections' inputs, ``inputs`` every quantized linear's."""
     model = tiny_model(model_type, num_layers=2)
     arch = get_arch_spec(model_type)
     ref = logits(model, IDS)
-    rotate_model(model, arch, "down", seed=0)
+    rotate_model(model, arch, mode, seed=0)
     assert rel_err(logits(model, IDS), ref) < 1e-5
     attach_quantizers(model, arch, build_scheme(wbits=16, abits=16))
     assert rel_err(logits(model, IDS), ref) < 1e-5
-    assert sum(linear.input_rotation is not None for _, linear in quant_linears(model, arch)) == 2
+    linears = list(quant_linears(model, arch))
+    rotated = sum(linear.input_rotation is not None for _, linear in linears)
+    assert linears and rotated == (2 if mode == "down" else len(linears))
 
 
 @pytest.mark.parametrize("model_type", ["dinov2", "vit", "swin"])
@@ -95,19 +99,6 @@ def test_down_rotation_of_vision_mlps_is_exact(model_type: str) -> None:
         ref = model(pixel_values=pixels).last_hidden_state
         rotate_model(model, get_arch_spec(model_type), "down")
         assert rel_err(model(pixel_values=pixels).last_hidden_state, ref) < 1e-5
-
-
-@pytest.mark.parametrize("model_type", ["llama", "opt", "phi3", "gemma2"])
-def test_every_input_rotated_is_exact_for_any_decoder(model_type: str) -> None:
-    model = tiny_model(model_type, num_layers=2)
-    arch = get_arch_spec(model_type)
-    ref = logits(model, IDS)
-    rotate_model(model, arch, "inputs", seed=0)
-    assert rel_err(logits(model, IDS), ref) < 1e-5
-    attach_quantizers(model, arch, build_scheme(wbits=16, abits=16))
-    assert rel_err(logits(model, IDS), ref) < 1e-5
-    linears = quant_linears(model, arch)
-    assert linears and all(linear.input_rotation is not None for _, linear in linears)
 
 
 @pytest.mark.parametrize("model_type", TINY_VISION_ARCHS)

@@ -198,15 +198,11 @@ def active_pairs(arch: ArchSpec, options: TransformOptions) -> tuple[SmoothPair,
     return tuple(p for p in arch.smooth_pairs if p.kind != "gated" or options.down_smoothing)
 
 
-def _unrotated(linear: QuantLinear) -> torch.Tensor:
-    """The weight in the basis of the linear's input before its run-time rotation (if any)."""
-    w = linear.weight.detach()
-    return w if linear.input_rotation is None else w @ linear.input_rotation.to(w.dtype).T
-
-
 def _wire_pair(block, pair: SmoothPair, arch, layout, stat, options, linears, transforms, bt) -> None:
     act_absmax, mid = stat.absmax, stat.mid
-    weight_absmax = torch.cat([_unrotated(linears[t]).abs() for t in pair.targets]).amax(dim=0)
+    weight_absmax = torch.cat(
+        [transforms[t].unrotated(linears[t].weight.detach()).abs() for t in pair.targets]
+    ).amax(dim=0)
     if pair.kind == "linear":  # v -> o: one scale per kv channel, shared by the query heads reading it
         act_absmax, mid = layout.query_to_kv_max(act_absmax), layout.query_to_kv_max(mid)
         weight_absmax = layout.query_to_kv_max(weight_absmax)

@@ -79,6 +79,12 @@ class WeightTransform:
         self.hessian: torch.Tensor | None = None
         self.gptq_damp = 0.01
 
+    def unrotated(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` in the basis of the linear's input before its run-time rotation (if any)."""
+        if self.input_rotation is None:
+            return weight
+        return weight @ self.input_rotation.to(weight.dtype).T
+
     def transformed(
         self, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -89,14 +95,14 @@ class WeightTransform:
         # columns the factors act on are those of W
         rotation = self.input_rotation if self.col_scale or self.col_shift is not None else None
         if rotation is not None:
-            w = w @ rotation.float().T
+            w = self.unrotated(w)
         if self.col_shift is not None:
             shifted = w @ self.col_shift()
             b = shifted if b is None else b + shifted
         for col in self.col_scale:
             w = w * col()
         if rotation is not None:
-            w = w @ rotation.float()
+            w = w @ rotation.to(w.dtype)
         if self.row_shift is not None:
             b = -self.row_shift() if b is None else b - self.row_shift()
         for row in self.row_scale:
