@@ -47,13 +47,24 @@ SETTINGS: dict[str, dict] = {
 def setting_kwargs(settings: dict[str, dict], name: str) -> dict:
     """``build_scheme`` arguments of a setting name: one of ``settings``, optionally followed by
     ``-c<ratio>`` for activation clipping (``W4A4-c0.9``: each token's range of every linear input
-    shrunk to 0.9 of its min and max)."""
-    if name in settings:
-        return dict(settings[name])
-    base, sep, clip = name.rpartition("-c")
-    if not sep or base not in settings:
+    shrunk to 0.9 of its min and max) and ``-rqkv`` for rotated Q, K and V heads (``--rotate-qkv``),
+    in either order."""
+    parts = name.split("-")
+    for cut in range(len(parts), 0, -1):
+        base = "-".join(parts[:cut])
+        if base in settings:
+            break
+    else:
         raise KeyError(name)
-    return {**settings[base], "a_clip": float(clip)}
+    kwargs = dict(settings[base])
+    for modifier in parts[cut:]:
+        if modifier == "rqkv":
+            kwargs["rotate_qkv"] = True
+        elif modifier.startswith("c"):
+            kwargs["a_clip"] = float(modifier[1:])
+        else:
+            raise KeyError(name)
+    return kwargs
 
 
 def setting_arg(settings: dict[str, dict]):
@@ -67,7 +78,7 @@ def setting_arg(settings: dict[str, dict]):
             build_scheme(**setting_kwargs(settings, name))
         except (KeyError, ValueError):
             raise argparse.ArgumentTypeError(
-                f"unknown setting {name!r}: one of {', '.join(settings)}, optionally with -c<ratio>"
+                f"unknown setting {name!r}: one of {', '.join(settings)}, optionally with -c<ratio> and -rqkv"
             ) from None
         except LrquantError as err:
             raise argparse.ArgumentTypeError(f"setting {name!r}: {err}") from None

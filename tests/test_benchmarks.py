@@ -145,3 +145,22 @@ def test_e2e_sweep_matches_a_full_run(tiny_llama, tmp_path) -> None:
         env={**os.environ, "LRQUANT_BENCH_RESULTS": str(tmp_path)}, capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode != 0 and "changes more than the end-to-end fields" in out.stderr
+
+
+def test_setting_names_take_clipping_and_rotated_qkv_in_either_order(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from llm_ppl import SETTINGS, setting_kwargs
+    from vit_probe import SETTINGS as VIT_SETTINGS
+
+    assert setting_kwargs(SETTINGS, "W4A4") == {"wbits": 4, "abits": 4}
+    both = {"wbits": 4, "abits": 4, "a_clip": 0.9, "rotate_qkv": True}
+    assert setting_kwargs(SETTINGS, "W4A4-c0.9-rqkv") == setting_kwargs(SETTINGS, "W4A4-rqkv-c0.9") == both
+    assert setting_kwargs(VIT_SETTINGS, "W4A4-qkv16-c0.9") == {
+        "wbits": 4,
+        "abits": 4,
+        "qkv_bits": 16,
+        "a_clip": 0.9,
+    }
+    for bad in ("W4A5", "W4A4-x", "W4A4-cfast"):
+        with pytest.raises((KeyError, ValueError)):
+            setting_kwargs(SETTINGS, bad)

@@ -165,6 +165,7 @@ BAD_SETTINGS = [
     (["--wbits", "four"], ["argument --wbits: invalid int value: 'four'"]),
     (["--abits", "4", "--a-clip", "0.2"], ["activation quantization: clip_ratio must be between 0.5 and 1"]),
     (["--a-clip", "0.9"], ["activation clipping (0.9) only changes quantized linear inputs", "--abits"]),
+    (["--rotate-qkv"], ["rotating Q, K and V (--rotate-qkv) only changes how they are quantized", "--abits"]),
     (["--seqlen", "1"], ["seqlen 1 is too short: it must be at least 2"]),
     (["--seqlen", "513"], ["--seqlen 513 is longer than the model's context of 512 tokens"]),
     (["--eval-data", "missing.txt"], ["data source 'missing.txt' not found", "text file", "wikipedia"]),

@@ -28,6 +28,7 @@ from lrquant.quant.apply import (
     quant_linears,
     use_quantized_attention,
 )
+from lrquant.quant.hadamard import hadamard, randomized_hadamard
 from lrquant.recipes import build_recipe
 from lrquant.transforms.block import (
     AttentionLayout,
@@ -35,7 +36,7 @@ from lrquant.transforms.block import (
     attach_block_transforms,
     fold_block_transforms,
 )
-from lrquant.transforms.rotation import hadamard, randomized_hadamard, rotate_model
+from lrquant.transforms.rotation import rotate_model
 
 IDS = torch.randint(3, 60, (2, 24), generator=torch.Generator().manual_seed(0))
 

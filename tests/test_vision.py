@@ -107,11 +107,13 @@ def test_learned_w4a4_beats_rtn_and_16_bit_is_identity(model_type: str) -> None:
     rtn = copy.deepcopy(base)
     quantize_rtn(rtn, arch, build_scheme(4, 4))
     learned = copy.deepcopy(base)
-    recipe = build_recipe("lrquant_plus", "fast", {"epochs": 3, "compile": False})
+    # fp32 training: bf16 autocast rounds differently per CPU (AMX or not), and DeiT's margin
+    # fell to 0.96 x RTN with it on an AMX CPU (0.71 x in fp32 there)
+    recipe = build_recipe("lrquant_plus", "fast", {"epochs": 3, "compile": False, "bf16": False})
     reports = quantize_blockwise(learned, arch, build_scheme(4, 4), recipe, calib)
     assert len(reports) == len(arch.block_list(learned))
     learned_err, rtn_err = rel_err(features(learned, test), ref), rel_err(features(rtn, test), ref)
-    assert learned_err < 0.9 * rtn_err, (learned_err, rtn_err)  # observed 0.55-0.87 x RTN
+    assert learned_err < 0.9 * rtn_err, (learned_err, rtn_err)  # observed 0.62-0.87 x RTN
 
     identity = copy.deepcopy(base)
     quantize_blockwise(identity, arch, FP, build_recipe("lrquant_plus", "fast", {"epochs": 1}), calib)
@@ -129,6 +131,40 @@ def test_attention_matmul_inputs_are_quantized_when_asked() -> None:
     assert rel_err(outs[16, 16], ref) < 1e-6
     assert 1e-3 < rel_err(outs[4, 16], ref) < 0.5
     assert 1e-4 < rel_err(outs[16, 4], ref) < 0.5  # 2x2 windows: 4 probabilities per row
+
+
+@pytest.mark.parametrize("model_type", TINY_VISION_ARCHS)
+def test_rotated_qkv_is_exact_unquantized_and_kept_by_a_saved_model(
+    model_type: str, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--rotate-qkv on every vision attention (Swin's windows and relative position bias too):
+    with the Q/K/V quantizer the identity nothing changes; at 4 bits it changes the features, and
+    a saved and reloaded model computes what the quantized one did."""
+    import lrquant.quant.attention as attention_mod
+
+    x = pixels(2, 4)
+    ref = features(tiny_vision_model(model_type), x)
+    arch = get_arch_spec(model_type)
+    outs = {}
+    for rotate in (False, True):
+        model = tiny_vision_model(model_type)
+        quantize_rtn(model, arch, build_scheme(16, 16, qkv_bits=4, rotate_qkv=rotate))
+        outs[rotate] = features(model, x)
+        with monkeypatch.context() as patch:
+            patch.setattr(attention_mod, "fake_quantize", lambda t, spec, *args: t)
+            assert rel_err(features(model, x), ref) < 1e-5
+    assert 1e-3 < rel_err(outs[True], ref) < 0.5
+    assert rel_err(outs[True], outs[False]) > 1e-3
+
+    folder = save_tiny_vision_model(model_type, tmp_path / "model")
+    api.quantize(
+        str(folder),
+        tmp_path / "out",
+        build_scheme(16, 16, qkv_bits=4, rotate_qkv=True),
+        "rtn",
+        run_eval=False,
+    )
+    assert rel_err(features(api.load_model(str(tmp_path / "out")).model, x), outs[True]) < 1e-5
 
 
 @pytest.mark.parametrize(

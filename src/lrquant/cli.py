@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--qkv-bits", type=int, default=None, help="bits of Q, K, V after RoPE (default: --abits)")
     q.add_argument("--softmax-bits", type=int, default=16, help="bits of the softmax output (default: 16)")
     q.add_argument(
+        "--rotate-qkv",
+        action="store_true",
+        help="rotate each head of Q, K, V by a fixed Hadamard matrix before quantizing them (exact "
+        "without quantization; finer 4-bit grids)",
+    )
+    q.add_argument(
         "--post-act-bits",
         type=int,
         default=None,
@@ -197,6 +203,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         softmax_bits=args.softmax_bits,
         post_act_bits=args.post_act_bits,
         a_clip=args.a_clip,
+        rotate_qkv=args.rotate_qkv,
         head=args.quantize_head,
         patch_embed=args.quantize_patch_embed,
     )

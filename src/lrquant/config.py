@@ -80,7 +80,9 @@ class QuantScheme(BaseModel):
     (the GELU/SiLU output: the hardest activation of vision transformers). ``head`` also
     quantizes the output head (LM head or classifier; round-to-nearest, it is not learned);
     ``patch_embed`` the weight of a vision model's patch embedding (round-to-nearest; its input,
-    the normalised pixels, stays in full precision).
+    the normalised pixels, stays in full precision). ``rotate_qkv`` multiplies each head of Q, K
+    and V by a fixed Hadamard matrix before they are quantized, and the attention output back
+    (exact without quantization; :mod:`lrquant.quant.attention`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -92,6 +94,7 @@ class QuantScheme(BaseModel):
     post_act: QuantSpec | None = None
     head: bool = False
     patch_embed: bool = False
+    rotate_qkv: bool = False
 
     @property
     def mlp_out_activation(self) -> QuantSpec:
@@ -136,6 +139,7 @@ def build_scheme(
     head: bool = False,
     patch_embed: bool = False,
     a_clip: float = 1.0,
+    rotate_qkv: bool = False,
 ) -> QuantScheme:
     """Build a scheme from flat settings, as the command line gives them.
 
@@ -144,7 +148,8 @@ def build_scheme(
     says otherwise; the softmax output stays in full precision unless ``softmax_bits`` is set;
     the MLP activation output (input of its second linear) follows ``abits`` unless
     ``post_act_bits`` is given. ``a_clip`` shrinks each token's range of every linear input
-    (not Q, K, V) to that fraction of its min and max.
+    (not Q, K, V) to that fraction of its min and max. ``rotate_qkv`` rotates each head of Q, K
+    and V before they are quantized.
     Raises :class:`LrquantError` naming the bad setting.
     """
     if w_granularity is None:
@@ -167,11 +172,17 @@ def build_scheme(
         ),
         head=head,
         patch_embed=patch_embed,
+        rotate_qkv=rotate_qkv,
     )
     if a_clip != 1.0 and not scheme.quantized_linear_inputs:
         raise LrquantError(
             f"activation clipping ({a_clip}) only changes quantized linear inputs: set --abits "
             "(or --post-act-bits) below 16, or leave the clipping at 1"
+        )
+    if rotate_qkv and not scheme.qkv.enabled:
+        raise LrquantError(
+            "rotating Q, K and V (--rotate-qkv) only changes how they are quantized: set --abits "
+            "(or --qkv-bits) below 16, or leave the rotation off"
         )
     return scheme
 

@@ -110,7 +110,11 @@ def attach_block_quantizers(
             qlinear = QuantLinear(child, scheme.weight, act)
             qlinear.weight_frozen = qlinear.weight_frozen or weights_on_grid
             replace_module(block, name, qlinear)
-    setattr(block.get_submodule(arch.attention), ATTR, AttentionQuant(scheme.qkv, scheme.softmax))
+    setattr(
+        block.get_submodule(arch.attention),
+        ATTR,
+        AttentionQuant(scheme.qkv, scheme.softmax, scheme.rotate_qkv),
+    )
 
 
 def use_quantized_attention(model: nn.Module) -> None:

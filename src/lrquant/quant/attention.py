@@ -4,6 +4,12 @@ Rather than re-implementing each model's attention, we register wrappers in tran
 attention-function registry. The model's own attention module computes the projections, norms
 and rotary embedding as the installed library version does, then hands Q, K and V to the
 registered function, which quantizes them and calls the original implementation.
+
+With ``rotate`` (``--rotate-qkv``) each head of Q, K and V is first multiplied by one fixed
+orthogonal matrix ``H`` (:func:`lrquant.quant.hadamard.head_rotation`), which spreads a head's
+outlier dimensions over all of them before the per-token grids are drawn, and the attention output
+by ``Hᵀ``: ``(QH)(KH)ᵀ = QKᵀ`` and ``P (VH) Hᵀ = P V``, so without quantization nothing changes
+(as QuaRot does for the key/value cache; here for Q too, as the scheme quantizes it).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from lrquant.config import QuantSpec
+from lrquant.quant.hadamard import head_rotation
 from lrquant.quant.quantizer import fake_quantize
 
 PREFIX = "lrquant_"
@@ -31,6 +38,11 @@ class AttentionQuant:
 
     qkv: QuantSpec
     softmax: QuantSpec
+    rotate: bool = False
+
+
+def _rotated(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    return (x.float() @ rotation).to(x.dtype)
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -88,16 +100,24 @@ def _model_eager(module: nn.Module) -> Callable:
 def _wrapper(base: str) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
         settings: AttentionQuant | None = getattr(module, ATTR, None)
+        rotation = None
         if settings is not None and settings.qkv.enabled:
+            if settings.rotate:
+                rotation = head_rotation(query.shape[-1]).to(query.device, torch.float32)
+                query, key, value = (_rotated(x, rotation) for x in (query, key, value))
             query = fake_quantize(query, settings.qkv)
             key = fake_quantize(key, settings.qkv)
             value = fake_quantize(value, settings.qkv)
         if settings is not None and settings.softmax.enabled:
-            return _eager_with_softmax_quant(
+            output, probs = _eager_with_softmax_quant(
                 module, query, key, value, attention_mask, settings.softmax, **kwargs
             )
-        fn = _model_eager(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
-        return fn(module, query, key, value, attention_mask, **kwargs)
+        else:
+            fn = _model_eager(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+            output, probs = fn(module, query, key, value, attention_mask, **kwargs)
+        if rotation is not None:  # (batch, tokens, heads, head_dim): back to the value heads' basis
+            output = _rotated(output, rotation.T)
+        return output, probs
 
     return attention
 

@@ -27,7 +27,6 @@ All seeded, built in float64 and applied in float64 before casting back.
 
 from __future__ import annotations
 
-import math
 from typing import Literal, get_args
 
 import torch
@@ -36,36 +35,11 @@ import torch.nn as nn
 from lrquant.arch import ArchSpec
 from lrquant.errors import LrquantError
 from lrquant.quant.apply import replace_module
+from lrquant.quant.hadamard import randomized_hadamard
 from lrquant.quant.linear import RotatedInputLinear
 
 HadamardMode = Literal["off", "folded", "online", "down", "inputs"]
 HADAMARD_MODES: tuple[str, ...] = get_args(HadamardMode)
-
-
-def hadamard(k: int) -> torch.Tensor:
-    """The orthonormal Sylvester-Hadamard matrix of order ``k`` (a power of two), float64."""
-    if k < 1 or k & (k - 1):
-        raise ValueError(f"Sylvester-Hadamard matrices have a power-of-two order, not {k}")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < k:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / math.sqrt(k)
-
-
-def random_orthogonal(dim: int, generator: torch.Generator) -> torch.Tensor:
-    """A Haar-random orthogonal matrix (QR of a Gaussian, signs fixed by R's diagonal), float64."""
-    q, r = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))
-
-
-def randomized_hadamard(dim: int, generator: torch.Generator) -> torch.Tensor:
-    """``diag(±1) (H_k ⊗ O_m)`` with ``dim = k m``, ``k`` the largest power of two dividing ``dim``."""
-    k = dim & -dim
-    m = dim // k
-    h = hadamard(k)
-    o = random_orthogonal(m, generator) if m > 1 else torch.ones(1, 1, dtype=torch.float64)
-    signs = torch.randint(0, 2, (dim,), generator=generator).double() * 2 - 1
-    return signs[:, None] * (h[:, None, :, None] * o[None, :, None, :]).reshape(dim, dim)
 
 
 def check_rotatable(arch: ArchSpec) -> None:
