@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from llm_ppl import RESULTS, SETTINGS, code_version, load_rows, setting_arg, setting_kwargs
+from llm_ppl import RESULTS, SETTINGS, code_version, cpu_name, load_rows, setting_arg, setting_kwargs
 
 E2E_FIELDS = ("e2e_epochs", "lr_e2e", "e2e_samples", "e2e_schedule", "e2e_norms")
 
@@ -118,7 +118,7 @@ def main() -> None:
         row = dict(
             key, variant=variant, perplexity=perplexity(loaded.model, windows), e2e_s=e2e_s,
             blockwise_s=blockwise_s, blockwise_commit=blockwise_commit, e2e_kl=blocks[-1].get("e2e_kl", []),
-            threads=torch.get_num_threads(),
+            threads=torch.get_num_threads(), cpu=cpu_name(),
         )  # fmt: skip
         with (RESULTS / f"{args.name}.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")

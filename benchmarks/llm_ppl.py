@@ -137,6 +137,7 @@ def run_one(job: dict) -> dict:
     return {
         **job,
         "commit": code_version(),
+        "cpu": cpu_name(),
         "perplexity": ppl,
         "quantize_s": round(quantize_s, 1),
         "eval_s": round(time.perf_counter() - start, 1),
@@ -242,6 +243,17 @@ def _pivot(rows: list[dict]) -> list[str]:
         cells = [by_key.get((m, setting)) for m in methods]
         out.append(f"| {setting} | " + " | ".join(cell(r) if r else "" for r in cells) + " |")
     return out
+
+
+def cpu_name() -> str:
+    """The CPU's model name (rows measured on different CPUs differ in time and, with bf16, in result)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def code_version() -> str:

@@ -21,7 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from llm_ppl import RESULTS, code_version, load_rows, setting_arg, setting_kwargs
+from llm_ppl import RESULTS, code_version, cpu_name, load_rows, setting_arg, setting_kwargs
 from vit_probe import SETTINGS
 
 from lrquant.api import DataSettings, apply_method, calibration_data
@@ -93,6 +93,7 @@ def main() -> None:
             "preset": args.preset,
             "seed": args.seed,
             "commit": code_version(),
+            "cpu": cpu_name(),
             "cosine": scores,
             "quantize_s": round(seconds, 1),
         }

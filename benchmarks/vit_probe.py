@@ -19,7 +19,7 @@ import platform
 import time
 
 import torch
-from llm_ppl import RESULTS, code_version, load_rows, setting_arg, setting_kwargs, training_matmuls
+from llm_ppl import RESULTS, code_version, cpu_name, load_rows, setting_arg, setting_kwargs, training_matmuls
 
 from lrquant.api import DataSettings, apply_method, calibration_data, peak_rss_mb
 from lrquant.config import build_scheme
@@ -86,6 +86,32 @@ def _table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _means(rows: list[dict]) -> list[str]:
+    """Each (method, setting, overrides) averaged over the seeds it has rows for, FP included."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["setting"], tuple(row["overrides"])), []).append(row)
+    lines = [
+        "| method | setting | overrides | seeds | photo cosine | digits probe % | digits cosine "
+        "| lfw probe % | s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for (method, setting, overrides), group in groups.items():
+        cells = []
+        for set_name, metric in (*METRICS[:2], ("digits@112", "cosine"), METRICS[2]):
+            values = [r["images"].get(set_name, {}).get(metric) for r in group]
+            if any(v is None for v in values):
+                cells.append("-")
+            else:
+                mean = sum(values) / len(values)
+                cells.append(f"{mean:.4f}" if metric == "cosine" else f"{mean:.2f}")
+        seconds = sum(r["quantize_s"] for r in group) / len(group)
+        seeds = ",".join(str(s) for s in sorted(r["seed"] for r in group))
+        label = " ".join(overrides) or "-"
+        lines.append(f"| {method} | {setting} | {label} | {seeds} | {' | '.join(cells)} | {seconds:.0f} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="dinov2-small")
@@ -104,7 +130,23 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where blocks learn and the model is evaluated")
     parser.add_argument("--name", default="vit_fast")
     parser.add_argument("--eval", default=EVAL, help=f"evaluation sets (default: {EVAL})")
+    parser.add_argument(
+        "--means",
+        nargs="+",
+        type=int,
+        metavar="SEED",
+        help="run nothing: print the rows of --name at these seeds (and --preset, --eval), averaged "
+        "per method, setting and overrides over the seeds each has",
+    )
     args = parser.parse_args()
+    if args.means:
+        chosen = [
+            r
+            for r in load_rows(args.name)
+            if r["seed"] in args.means and r["preset"] == args.preset and r.get("eval", EVAL) == args.eval
+        ]
+        print("\n".join(_means(chosen)))
+        return
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
     path = RESULTS / f"{args.name}.jsonl"
@@ -154,6 +196,7 @@ def main() -> None:
         row = {
             **job,
             "commit": code_version(),
+            "cpu": cpu_name(),
             "images": scores,
             "quantize_s": round(quantize_s, 1),
             "calibration_images": recipe.nsamples if method != "fp" else 0,

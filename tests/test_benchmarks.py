@@ -81,6 +81,18 @@ def test_vision_benchmarks_run_on_a_tiny_backbone(tmp_path) -> None:
     fewer = [r for r in rows(results, "vsmoke") if "nsamples=4" in r["overrides"]]
     assert [r["calibration_images"] for r in fewer] == [4]
     assert fewer[0]["images"] != found["lrquant_plus"]["images"]
+    assert found["rtn"]["cpu"]
+
+    # --means runs nothing and averages each method over the seeds asked for (one here)
+    means = run_script(
+        "vit_probe.py",
+        ["--model", model, "--eval", "photos:heldout,digits@32", "--name", "vsmoke", "--means", "0"],
+        results,
+    ).splitlines()  # fmt: skip
+    assert len(rows(results, "vsmoke")) == 4
+    rtn_line = next(line for line in means if line.startswith("| rtn | W4A4 |"))
+    cosine = found["rtn"]["images"]["photos:heldout"]["cosine"]
+    assert f"| 0 | {cosine:.4f} |" in rtn_line
 
     run_script(
         "vit_overfit.py",
