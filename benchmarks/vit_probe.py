@@ -143,7 +143,10 @@ def main() -> None:
         chosen = [
             r
             for r in load_rows(args.name)
-            if r["seed"] in args.means and r["preset"] == args.preset and r.get("eval", EVAL) == args.eval
+            if r["model"] == args.model
+            and r["seed"] in args.means
+            and r["preset"] == args.preset
+            and r.get("eval", EVAL) == args.eval
         ]
         print("\n".join(_means(chosen)))
         return

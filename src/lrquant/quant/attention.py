@@ -103,7 +103,7 @@ def _wrapper(base: str) -> Callable:
         rotation = None
         if settings is not None and settings.qkv.enabled:
             if settings.rotate:
-                rotation = head_rotation(query.shape[-1]).to(query.device, torch.float32)
+                rotation = head_rotation(query.shape[-1], query.device)
                 query, key, value = (_rotated(x, rotation) for x in (query, key, value))
             query = fake_quantize(query, settings.qkv)
             key = fake_quantize(key, settings.qkv)

@@ -35,7 +35,8 @@ def randomized_hadamard(dim: int, generator: torch.Generator) -> torch.Tensor:
 
 
 @cache
-def head_rotation(head_dim: int) -> torch.Tensor:
+def head_rotation(head_dim: int, device: torch.device) -> torch.Tensor:
     """The fixed rotation of one attention head's Q, K and V (``--rotate-qkv``): a randomized
-    Hadamard matrix from seed 0, so a saved model needs nothing stored to rebuild it. Float64."""
-    return randomized_hadamard(head_dim, torch.Generator().manual_seed(0))
+    Hadamard matrix from seed 0, so a saved model needs nothing stored to rebuild it. Built in
+    float64, kept in float32 on ``device`` (cached: attention asks for it at every call)."""
+    return randomized_hadamard(head_dim, torch.Generator().manual_seed(0)).to(device, torch.float32)
