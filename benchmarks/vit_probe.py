@@ -48,7 +48,13 @@ SETTINGS: dict[str, dict] = {
 }
 IMAGES = 32  # calibration crops, whatever the preset says (`--set nsamples=N` changes it)
 EVAL = "photos:heldout,digits@112,lfw@112"
-METRICS = (("photos:heldout", "cosine"), ("digits@112", "probe_accuracy"), ("lfw@112", "probe_accuracy"))
+# the metric columns of both tables: (header, image set, metric)
+COLUMNS = (
+    ("photo cosine", "photos:heldout", "cosine"),
+    ("digits probe %", "digits@112", "probe_accuracy"),
+    ("digits cosine", "digits@112", "cosine"),
+    ("lfw probe %", "lfw@112", "probe_accuracy"),
+)
 
 
 def _key(row: dict) -> tuple:
@@ -71,18 +77,18 @@ def _cell(row: dict, set_name: str, metric: str) -> str:
     return f"{value:.4f}" if metric == "cosine" else f"{value:.1f}"
 
 
+def _header(*first: str) -> list[str]:
+    names = (*first, *(name for name, _, _ in COLUMNS), "s")
+    aligns = ("---",) * len(first) + ("---:",) * (len(COLUMNS) + 1)
+    return [f"| {' | '.join(names)} |", f"|{'|'.join(aligns)}|"]
+
+
 def _table(rows: list[dict]) -> list[str]:
-    lines = [
-        "| method | setting | overrides | photo cosine | digits probe % | digits cosine | lfw probe % | s |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
-    ]
+    lines = _header("method", "setting", "overrides")
     for row in rows:
-        lines.append(
-            f"| {row['method']} | {row['setting']} | {' '.join(row['overrides']) or '-'} | "
-            f"{_cell(row, 'photos:heldout', 'cosine')} | "
-            f"{_cell(row, 'digits@112', 'probe_accuracy')} | {_cell(row, 'digits@112', 'cosine')} | "
-            f"{_cell(row, 'lfw@112', 'probe_accuracy')} | {row['quantize_s']:.0f} |"
-        )
+        cells = " | ".join(_cell(row, set_name, metric) for _, set_name, metric in COLUMNS)
+        label = " ".join(row["overrides"]) or "-"
+        lines.append(f"| {row['method']} | {row['setting']} | {label} | {cells} | {row['quantize_s']:.0f} |")
     return lines
 
 
@@ -91,14 +97,10 @@ def _means(rows: list[dict]) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["method"], row["setting"], tuple(row["overrides"])), []).append(row)
-    lines = [
-        "| method | setting | overrides | seeds | photo cosine | digits probe % | digits cosine "
-        "| lfw probe % | s |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
-    ]
+    lines = _header("method", "setting", "overrides", "seeds")
     for (method, setting, overrides), group in groups.items():
         cells = []
-        for set_name, metric in (*METRICS[:2], ("digits@112", "cosine"), METRICS[2]):
+        for _, set_name, metric in COLUMNS:
             values = [r["images"].get(set_name, {}).get(metric) for r in group]
             if any(v is None for v in values):
                 cells.append("-")
