@@ -19,7 +19,7 @@ from lrquant.methods import blockwise, e2e
 from lrquant.methods.blockwise import quantize_blockwise
 from lrquant.models.loading import LoadedModel
 from lrquant.models.tiny import tiny_model
-from lrquant.models.tiny_vision import tiny_vision_model
+from lrquant.models.tiny_vision import TINY_VISION_ARCHS, tiny_vision_model
 from lrquant.quant.quantizer import group_for_stats
 from lrquant.recipes import build_recipe
 
@@ -75,6 +75,22 @@ def test_language_models_without_a_known_final_norm_are_refused_before_any_work(
             model, get_arch_spec("opt"), build_scheme(4, 16), recipe, torch.randint(0, 100, (2, 16))
         )
     assert learned == []
+
+
+@pytest.mark.parametrize("model_type", TINY_VISION_ARCHS)
+def test_feature_norm_turns_the_last_block_output_into_the_features(model_type: str) -> None:
+    """The image loss reads the features through the model's own final norm: the registry names
+    the module that maps the last block's output (after Swin's last transition) to
+    ``last_hidden_state``, and none for CLIP, whose features are that output."""
+    model = tiny_vision_model(model_type, seed=0)
+    arch = get_arch_spec(model_type)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), e2e._LastHidden(model, arch) as last:
+        features = model(pixel_values=pixels).last_hidden_state
+    norm = arch.feature_norm_module(model)
+    assert (norm is None) == (model_type == "clip_vision_model")
+    with torch.no_grad():
+        assert torch.equal(last.value if norm is None else norm(last.value), features)
 
 
 @pytest.mark.parametrize("model_type", ["dinov2", "swin"])

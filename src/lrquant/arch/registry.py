@@ -52,6 +52,9 @@ class ArchSpec:
     ``heads`` names the output heads (relative to the model) that ``--quantize-head`` quantizes.
     ``embedding``, ``final_norm`` and ``residual_writers`` (the block's linears that add into the
     residual stream) say how to rotate it (``--set hadamard=...``); left empty, it is refused.
+    ``feature_norm`` lists where an image model's norm between the last block and its features
+    (``last_hidden_state``) may sit, first match wins; empty: the features are the last block's
+    output (CLIP's vision tower).
     """
 
     model_types: tuple[str, ...]
@@ -72,6 +75,7 @@ class ArchSpec:
     embedding: str | None = None
     final_norm: str | None = None
     residual_writers: tuple[str, ...] = ()
+    feature_norm: tuple[str, ...] = ()
 
     def named_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """Every transformer block in execution order, with its name relative to the model."""
@@ -87,6 +91,15 @@ class ArchSpec:
     def block_list(self, model: nn.Module) -> list[nn.Module]:
         """Every transformer block of the model, in execution order."""
         return [block for _, block in self.named_blocks(model)]
+
+    def feature_norm_module(self, model: nn.Module) -> nn.Module | None:
+        """The norm that turns the last block's output into the features, where the model has one."""
+        for path in self.feature_norm:
+            try:
+                return model.get_submodule(path)
+            except AttributeError:
+                continue
+        return None
 
     def transitions(self, model: nn.Module) -> dict[int, nn.Module]:
         """Modules that run between blocks, keyed by the index of the block they follow."""
@@ -178,6 +191,7 @@ def _vit_like(
     out_proj: str = "o_proj",
     cls_token: bool = True,
     transition: str | None = None,
+    feature_norm: tuple[str, ...] = (),
 ) -> ArchSpec:
     # Pre-norm encoder blocks: norm -> q/k/v, v -> attention output, norm -> MLP up. The MLP's
     # second linear reads GELU outputs (no linear equivalence there) and is not smoothed. Dinov2's
@@ -195,6 +209,7 @@ def _vit_like(
         modality="image",
         cls_token=cls_token,
         transition=transition,
+        feature_norm=feature_norm,
         heads=("classifier",),
         smooth_pairs=(
             SmoothPair("qkv", norms[0], (q, k, v)),
@@ -205,8 +220,18 @@ def _vit_like(
 
 
 _VISION_SPECS: tuple[ArchSpec, ...] = (
-    _vit_like("vit", "deit", blocks=("vit.layers", "deit.layers", "layers")),
-    _vit_like("dinov2", blocks=("dinov2.encoder.layer", "encoder.layer"), norms=("norm1", "norm2")),
+    _vit_like(
+        "vit",
+        "deit",
+        blocks=("vit.layers", "deit.layers", "layers"),
+        feature_norm=("vit.layernorm", "deit.layernorm", "layernorm"),
+    ),
+    _vit_like(
+        "dinov2",
+        blocks=("dinov2.encoder.layer", "encoder.layer"),
+        norms=("norm1", "norm2"),
+        feature_norm=("dinov2.layernorm", "layernorm"),
+    ),
     _vit_like(
         "clip_vision_model",
         "clip",
@@ -223,12 +248,14 @@ _VISION_SPECS: tuple[ArchSpec, ...] = (
         attention="self_attn",
         out_proj="out_proj",
         cls_token=False,
+        feature_norm=("vision_model.post_layernorm", "post_layernorm"),
     ),
     _vit_like(
         "swin",
         blocks=("swin.encoder.layers.*.blocks", "encoder.layers.*.blocks"),
         cls_token=False,
         transition="downsample",
+        feature_norm=("swin.layernorm", "layernorm"),
     ),
 )
 

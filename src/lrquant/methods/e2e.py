@@ -5,8 +5,8 @@ the model's output are never seen. Here every quantized weight keeps its integer
 zero point, and only each group's step size is multiplied by a learned factor ``α`` (starting
 at 1), trained for ``e2e_epochs`` over the calibration samples on the KL divergence from the
 full-precision model's next-token distribution to the quantized model's (for an image model: on
-the mean squared difference of the per-token standardized last hidden states, which its final
-norm and any head read). ``(q - z)·Δ·α`` is again
+the relative squared error of its features, the last hidden states through the model's final
+norm, the one before them having been frozen as it was). ``(q - z)·Δ·α`` is again
 a point of an affine grid, so the saved weights stay on a per-group grid any packed format
 takes. This is the E2E-QP step of EfficientQAT (Chen et al., 2024, "EfficientQAT: Efficient
 Quantization-Aware Training for Large Language Models"), here with a distillation target instead
@@ -65,13 +65,22 @@ def _logits_target(model: nn.Module, norm: nn.Module, hidden: torch.Tensor) -> t
     return F.log_softmax(model.get_output_embeddings()(norm(hidden)).float(), dim=-1)
 
 
-def _feature_error(out: torch.Tensor, target: torch.Tensor, cls_token: bool) -> torch.Tensor:
-    """Mean squared difference of the per-token standardized last hidden states (an image model's
-    final norm, without its affine part), whatever each token's size. With a class token, it
-    counts as much as all the other tokens together, as in the features a backbone is judged by
-    (the class token joined with the mean of the others) and the token a classifier's head reads."""
-    shape = target.shape[-1:]
-    error = (F.layer_norm(out.float(), shape) - F.layer_norm(target.float(), shape)).square().mean(-1)
+def _feature_error(
+    out: torch.Tensor, target: torch.Tensor, norm: nn.Module | None, cls_token: bool
+) -> torch.Tensor:
+    """Squared error of an image model's features per token, relative to the full-precision
+    features' size: the last hidden states through ``norm`` (the model's final norm, with its
+    affine part; standardized where the model has none). The affine part matters: DINOv2-small's
+    two largest residual channels get its final norm's two smallest weights, so an error measured
+    before it chases channels the features hardly show. With a class token, it counts as much as
+    all the other tokens together, as in the features a backbone is judged by (the class token
+    joined with the mean of the others) and the token a classifier's head reads."""
+    if norm is None:
+        shape = target.shape[-1:]
+        out, target = F.layer_norm(out.float(), shape), F.layer_norm(target.float(), shape)
+    else:
+        out, target = norm(out.float()), norm(target.float())
+    error = (out - target).square().mean(-1) / target.square().mean(-1).clamp_min(1e-12)
     if cls_token:
         return 0.5 * error[:, 0].mean() + 0.5 * error[:, 1:].mean()
     return error.mean()
@@ -171,7 +180,12 @@ def tune_step_sizes(
         module.transform = StepScale(module.weight, module.weight_spec)
     params = [module.transform.alpha for module in linears]
     text = arch.modality == "text"
-    target_norm = copy.deepcopy(model.get_submodule(arch.final_norm)) if text else None
+    if text:
+        target_norm = copy.deepcopy(model.get_submodule(arch.final_norm))
+    else:  # frozen copy: e2e_norms must not train the features' own norm
+        target_norm = copy.deepcopy(arch.feature_norm_module(model))
+        if target_norm is not None:
+            target_norm.float().requires_grad_(False)
     around = _full_precision_around(model, arch) if recipe.e2e_norms else []
     start = [p.detach().clone() for p in around]
     for p in around:
@@ -202,7 +216,7 @@ def tune_step_sizes(
                 else:
                     with _LastHidden(model, arch) as last, torch.autocast(device.type, torch.bfloat16, bf16):
                         model(**inputs)
-                    loss = _feature_error(last.value, fp_hidden[i : i + 1], arch.cls_token)
+                    loss = _feature_error(last.value, fp_hidden[i : i + 1], target_norm, arch.cls_token)
                 if not torch.isfinite(loss):
                     raise FloatingPointError
                 optimizer.zero_grad(set_to_none=True)
