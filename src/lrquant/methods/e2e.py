@@ -5,8 +5,8 @@ the model's output are never seen. Here every quantized weight keeps its integer
 zero point, and only each group's step size is multiplied by a learned factor ``α`` (starting
 at 1), trained for ``e2e_epochs`` over the calibration samples on the KL divergence from the
 full-precision model's next-token distribution to the quantized model's (for an image model: on
-the relative squared error of its features, the last hidden states through the model's final
-norm, the one before them having been frozen as it was). ``(q - z)·Δ·α`` is again
+the relative squared error of its features: the last hidden states through a frozen copy of
+the model's final norm, affine part included). ``(q - z)·Δ·α`` is again
 a point of an affine grid, so the saved weights stay on a per-group grid any packed format
 takes. This is the E2E-QP step of EfficientQAT (Chen et al., 2024, "EfficientQAT: Efficient
 Quantization-Aware Training for Large Language Models"), here with a distillation target instead
