@@ -68,10 +68,6 @@ class Recipe(BaseModel):
     # (Norm Tweaking, Li et al., 2023, does this for the norms alone); they stay 16-bit, so any
     # engine runs the result
     e2e_norms: bool = False
-    # rate of each weight's position on its grid in the end-to-end step, in grid steps (root mean
-    # square) per step (methods/e2e.py): a weight may move to another level; 0: the integer codes
-    # stay those of the block-wise pass and only the step sizes (with e2e_norms, the norms) train
-    lr_e2e_codes: float = Field(0.0, ge=0)
     # calibration samples (the last ones) kept out of block training: per block, the transforms are
     # scored on them at the start and after every epoch, and the best-scoring state is kept
     # (early stopping against fitting the calibration set); 0: train on every sample, keep the last
@@ -128,12 +124,7 @@ class Recipe(BaseModel):
             )
         tuned = [
             name
-            for name, off in (
-                ("e2e_samples", 0),
-                ("e2e_schedule", "constant"),
-                ("e2e_norms", False),
-                ("lr_e2e_codes", 0.0),
-            )
+            for name, off in (("e2e_samples", 0), ("e2e_schedule", "constant"), ("e2e_norms", False))
             if getattr(self, name) != off
         ]
         if tuned and not self.e2e_epochs:

@@ -16,13 +16,7 @@ Options: ``e2e_samples`` trains on more windows than the block-wise pass (their 
 targets come from one forward of the full-precision model each, before anything is quantized),
 ``e2e_schedule="cosine"`` decays the learning rate to 0 over the steps, and ``e2e_norms`` also
 trains the full-precision parameters around the quantized weights (norm weights and biases, the
-linears' biases), at the same rate. ``lr_e2e_codes`` (0: off) also lets each weight change its
-integer code: a latent position on the grid, in steps, rounded with a straight-through gradient
-(quantization-aware training on the grid the block-wise pass chose). The positions start on
-their integer codes, half a step from where rounding changes: with Adam every position whose
-gradient keeps its sign moves at the same rate and crosses at about the same step, and those
-mass changes made the KL worse on a tiny model. So they take plain SGD (momentum 0.9) on each
-linear's gradient over its root mean square: the codes with the largest gradients move first.
+linears' biases), at the same rate.
 """
 
 from __future__ import annotations
@@ -39,7 +33,7 @@ from lrquant.console import log
 from lrquant.errors import LrquantError
 from lrquant.methods.capture import model_inputs
 from lrquant.quant.linear import QuantLinear
-from lrquant.quant.quantizer import grid_of, group_for_stats, integer_range, round_ste, ungroup
+from lrquant.quant.quantizer import group_for_stats, ungroup
 from lrquant.recipes import Recipe, use_bf16
 
 
@@ -48,39 +42,21 @@ class StepScale(nn.Module):
 
     Takes the place of a :class:`~lrquant.transforms.weight.WeightTransform` on a
     :class:`QuantLinear` (same ``weight_and_bias`` / ``final_weight_and_bias`` interface), so
-    folding it writes the rescaled weight. With ``codes``, each weight's position on its group's
-    grid (in steps, starting at its integer code) is learnable too: the forward rounds it
-    (straight-through) and clamps it to the grid's range, so a weight can move to another level
-    while step and zero point stay those of the block-wise pass (times the factor).
+    folding it writes the rescaled weight.
     """
 
-    def __init__(self, weight: torch.Tensor, spec: QuantSpec, codes: bool = False) -> None:
+    def __init__(self, weight: torch.Tensor, spec: QuantSpec) -> None:
         super().__init__()
-        grouped = group_for_stats(weight.detach().float(), spec)[0]
+        grouped = group_for_stats(weight.detach(), spec)[0]
         self.alpha = nn.Parameter(torch.ones(grouped.shape[:-1] + (1,), device=weight.device))
-        self.codes: nn.Parameter | None = None
-        if codes:
-            step, zero = grid_of(weight, spec)
-            self.register_buffer("step", step)
-            self.register_buffer("zero", zero)
-            self.codes = nn.Parameter((grouped / step).round() + zero)
 
     def weight_and_bias(
         self, weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         grouped, pad = group_for_stats(weight.float(), spec)
-        if self.codes is not None:
-            qmin, qmax = integer_range(spec.bits, spec.symmetric)
-            grouped = (torch.clamp(round_ste(self.codes), qmin, qmax) - self.zero) * self.step
         return ungroup(grouped * self.alpha, weight, pad), bias
 
     final_weight_and_bias = weight_and_bias
-
-
-def _normalized(grad: torch.Tensor) -> torch.Tensor:
-    """``grad`` over its root mean square: a step of rate ``r`` moves the codes by ``r`` grid steps
-    in root mean square, and each code in proportion to its gradient."""
-    return grad / grad.square().mean().sqrt().clamp(min=1e-30)
 
 
 def _logits_target(model: nn.Module, norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -200,14 +176,8 @@ def tune_step_sizes(
         if isinstance(m, QuantLinear) and m.weight_spec.enabled
     ]
     model.requires_grad_(False)  # no gradients for the embedding and head
-    codes = recipe.lr_e2e_codes > 0
-    try:
-        for module in linears:
-            module.transform = StepScale(module.weight, module.weight_spec, codes)
-    except ValueError as error:
-        for module in linears:
-            module.transform = None
-        raise LrquantError(f"lr_e2e_codes needs weights on their quantization grid: {error}") from None
+    for module in linears:
+        module.transform = StepScale(module.weight, module.weight_spec)
     params = [module.transform.alpha for module in linears]
     text = arch.modality == "text"
     if text:
@@ -221,17 +191,12 @@ def tune_step_sizes(
     for p in around:
         p.requires_grad_(True)
     params += around
-    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(params, lr=recipe.lr_e2e, weight_decay=0.0)]
-    if codes:
-        code_params = [module.transform.codes for module in linears]
-        for p in code_params:
-            p.register_hook(_normalized)
-        optimizers.append(torch.optim.SGD(code_params, lr=recipe.lr_e2e_codes, momentum=0.9))
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr_e2e, weight_decay=0.0)
     steps_in_all = recipe.e2e_epochs * calibration.shape[0]
-    schedules = (
-        [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=steps_in_all) for o in optimizers]
+    schedule = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_in_all)
         if recipe.e2e_schedule == "cosine"
-        else []
+        else None
     )
     generator = torch.Generator().manual_seed(seed)
     bf16 = use_bf16(recipe, device)
@@ -254,12 +219,10 @@ def tune_step_sizes(
                     loss = _feature_error(last.value, fp_hidden[i : i + 1], target_norm, arch.cls_token)
                 if not torch.isfinite(loss):
                     raise FloatingPointError
-                for optimizer in optimizers:
-                    optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                for optimizer in optimizers:
-                    optimizer.step()
-                for schedule in schedules:
+                optimizer.step()
+                if schedule is not None:
                     schedule.step()
                 total, steps = total + loss.item(), steps + 1
             losses.append(total / steps)
@@ -268,7 +231,7 @@ def tune_step_sizes(
     except FloatingPointError:
         log("end-to-end step sizes: non-finite loss, keeping the block-wise step sizes")
         for module in linears:
-            module.transform = StepScale(module.weight, module.weight_spec)  # factors 1, codes as they were
+            module.transform.alpha.data.fill_(1.0)
         for p, value in zip(around, start, strict=True):
             p.data.copy_(value)
     for p in around:

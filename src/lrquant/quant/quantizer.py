@@ -102,43 +102,6 @@ def group_grid(
     return quant_params(xmin, xmax, spec.bits, spec.symmetric)
 
 
-@torch.no_grad()
-def grid_of(
-    weight: torch.Tensor, spec: QuantSpec, tolerance: float = 1e-3
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step size and integer zero point of each statistics group of a weight that already lies on
-    a grid of ``spec``'s width (a folded quantized weight), shaped like the per-group statistics:
-    ``weight == (q - z)·Δ`` with integer ``q`` in the spec's range, within ``tolerance`` steps.
-
-    The step is the smallest gap between distinct values of the group (a group whose used levels
-    are never adjacent has a coarser gap: it is divided until every value is a whole number of
-    steps from 0). Raises ``ValueError`` for a group on no such grid.
-    """
-    wg = group_for_stats(weight.detach().float(), spec)[0]
-    qmin, qmax = integer_range(spec.bits, spec.symmetric)
-    levels = qmax - qmin
-    lo, hi = wg.amin(dim=-1, keepdim=True), wg.amax(dim=-1, keepdim=True)
-    gaps = wg.sort(dim=-1).values.diff(dim=-1)
-    gap = torch.where(gaps > 0, gaps, torch.inf).amin(dim=-1, keepdim=True)
-    # one value in the whole group: any step that makes it a whole number of steps
-    gap = torch.where(
-        gap.isinf(), (lo.abs() / (qmax if spec.symmetric else levels)).clamp(min=MIN_SCALE), gap
-    )
-    step = torch.zeros_like(gap)
-    for divisor in range(1, levels + 1):
-        candidate = gap / divisor
-        steps = wg / candidate
-        whole = (steps - steps.round()).abs().amax(dim=-1, keepdim=True) <= tolerance
-        fits = (hi - lo) / candidate <= levels + tolerance
-        if spec.symmetric:
-            fits &= (lo / candidate >= qmin - tolerance) & (hi / candidate <= qmax + tolerance)
-        step = torch.where((step == 0) & whole & fits, candidate, step)
-    if (step == 0).any():
-        raise ValueError(f"weight of shape {tuple(weight.shape)} is not on a {spec.bits}-bit grid per group")
-    zero = torch.zeros_like(step) if spec.symmetric else qmin - (lo / step).round()
-    return step, zero
-
-
 def fake_quantize(
     x: torch.Tensor,
     spec: QuantSpec,
