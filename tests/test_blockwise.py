@@ -266,6 +266,42 @@ def test_lr_by_bits_trains_as_the_scaled_rates_do(outlier_llama) -> None:
         assert torch.equal(a, b)
 
 
+def test_cosine_schedule_decays_every_rate_over_each_block(
+    outlier_llama, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``schedule=cosine``: in every block (and retry) each group's rate starts at its own value
+    and falls along a cosine to nearly 0 by the block's last step; the default keeps it constant."""
+    base, calibration, _, _ = outlier_llama
+    seen: list[list[float]] = []  # per step: the rates of the three parameter groups
+    step = blockwise.training_step
+
+    def recording(block, inputs, targets, kwargs, recipe, optimizer, weighting):
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        return step(block, inputs, targets, kwargs, recipe, optimizer, weighting)
+
+    monkeypatch.setattr(blockwise, "training_step", recording)
+    runs = {}
+    for schedule in ("constant", "cosine"):
+        seen.clear()
+        recipe = build_recipe("lrquant_plus", "fast", {"epochs": 2, "bf16": False, "schedule": schedule})
+        model = copy.deepcopy(base)
+        reports = quantize_blockwise(model, LLAMA, W4A4, recipe, calibration, seed=0)
+        runs[schedule] = (list(seen), reports)
+    constant, cosine = runs["constant"][0], runs["cosine"][0]
+    blocks = len(LLAMA.block_list(base))
+    per_block = len(cosine) // blocks
+    assert len(cosine) == len(constant) == blocks * per_block and per_block == 2 * calibration.shape[0]
+    assert all(rates == [5e-3, 1e-2, 5e-3] for rates in constant)
+    for b in range(blocks):
+        rates = cosine[b * per_block : (b + 1) * per_block]
+        assert rates[0] == pytest.approx([5e-3, 1e-2, 5e-3])
+        for group in range(2):
+            series = [r[group] for r in rates]
+            assert all(later < earlier for earlier, later in zip(series, series[1:], strict=False))
+            assert series[-1] < 0.01 * series[0]
+    assert [r.losses for r in runs["constant"][1]] != [r.losses for r in runs["cosine"][1]]
+
+
 @pytest.mark.parametrize("epochs", [0, 2])
 def test_searched_clipping_start_beats_the_fixed_one(outlier_llama, epochs: int) -> None:
     """clip_init=search at 2-bit weights: a better start, and still better after training."""

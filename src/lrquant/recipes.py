@@ -83,6 +83,9 @@ class Recipe(BaseModel):
     lr_transform: float = Field(5e-3, gt=0)
     lr_clipping: float = Field(1e-2, gt=0)
     lr_rounding: float = Field(5e-3, gt=0)
+    # the block-wise learning rates: constant (the paper, OmniQuant), or cosine-decayed to 0 over
+    # each block's steps, so a block ends on small steps instead of the last sample's full one
+    schedule: Literal["constant", "cosine"] = "constant"
     # lr_transform is for 4-bit grids: with wider ones it halves for every bit the narrowest
     # quantized tensor has above 4 (W6A6: a quarter). Adam moves each parameter by about the rate
     # per step whatever the size of the error, while the error the smoothing can trade between

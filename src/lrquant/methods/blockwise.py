@@ -234,12 +234,17 @@ def _train_block(
         lr_scale = 0.5**attempt
         bt.load_state_dict(initial)
         optimizer = optimizer_for(bt, recipe, lr_scale, bits_factor)
+        steps = math.ceil(n / recipe.batch_size)
+        schedule = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, recipe.epochs * steps))
+            if recipe.schedule == "cosine"
+            else None
+        )
         weighting = losses.DynamicWeighting(2) if recipe.dynamic_weighting else None
         generator = torch.Generator().manual_seed(seed)
         report.losses, report.terms = [], {}
         best = _HeldOutBest(block, bt, held_inputs, held_targets, kwargs, recipe, report)
         finite = True
-        steps = math.ceil(n / recipe.batch_size)
         for epoch in range(recipe.epochs):
             totals: dict[str, float] = {}
             order = torch.randperm(n, generator=generator)
@@ -252,6 +257,8 @@ def _train_block(
                     finite = False
                     break
                 bt.project_()
+                if schedule is not None:
+                    schedule.step()
                 for name, value in terms.items():
                     totals[name] = totals.get(name, 0.0) + value
             if not finite:
