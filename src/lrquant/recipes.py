@@ -45,6 +45,10 @@ class Recipe(BaseModel):
     # weights on the grid the learned clipping and rotation chose, instead of to nearest
     gptq: bool = False
     gptq_damp: float = Field(0.01, gt=0)
+    # what GPTQ matches: the layer's full-precision weight on the quantized model's inputs (GPTQ),
+    # or the full-precision layer on the full-precision model's inputs ("fp": GPTAQ's asymmetric
+    # calibration), so each linear also corrects the error its inputs already carry
+    gptq_target: Literal["quantized", "fp"] = "quantized"
     # orthogonal rotations before learning (transforms/rotation.py): "folded" rotates the residual
     # stream and each value head, folded into the weights; "online" also rotates the down
     # projection's input at run time; "down" rotates only that; "inputs" rotates every linear's
@@ -125,6 +129,8 @@ class Recipe(BaseModel):
                 "rounding and gptq both decide which way each weight rounds: keep one of them "
                 "(rounding=true measured better on SmolLM2 at 2, 3 and 4 bits)"
             )
+        if self.gptq_target != "quantized" and not self.gptq:
+            raise ValueError(f"gptq_target={self.gptq_target} says what GPTQ matches: set gptq=true as well")
         tuned = [
             name
             for name, off in (("e2e_samples", 0), ("e2e_schedule", "constant"), ("e2e_norms", False))

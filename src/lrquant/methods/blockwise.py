@@ -15,10 +15,11 @@ For each transformer block in turn:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -39,6 +40,7 @@ from lrquant.quant.apply import (
     quantize_patch_embedding,
     use_quantized_attention,
 )
+from lrquant.quant.attention import ATTR
 from lrquant.quant.gptq import HessianAccumulator
 from lrquant.quant.linear import QuantLinear, rotate_input
 from lrquant.quant.quantizer import compiled_quantizer
@@ -373,26 +375,64 @@ def _search_clipping(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch
         module.transform.clipping.search(weight, module.weight_spec, square_sums[module] / tokens[module])
 
 
+@contextlib.contextmanager
+def _full_precision(block: nn.Module) -> Iterator[None]:
+    """Within: ``block`` computes as the full-precision block with its transforms (linears
+    unquantized, attention inputs too)."""
+    linears = [m for m in block.modules() if isinstance(m, QuantLinear)]
+    attention = {m: getattr(m, ATTR) for m in block.modules() if getattr(m, ATTR, None) is not None}
+    for m in linears:
+        m.full_precision = True
+    for m in attention:
+        setattr(m, ATTR, None)
+    try:
+        yield
+    finally:
+        for m in linears:
+            m.full_precision = False
+        for m, settings in attention.items():
+            setattr(m, ATTR, settings)
+
+
 @torch.no_grad()
 def _hessians(
-    block: nn.Module, inputs: torch.Tensor, kwargs: dict, recipe: Recipe
-) -> dict[QuantLinear, torch.Tensor]:
+    block: nn.Module,
+    inputs: torch.Tensor,
+    kwargs: dict,
+    recipe: Recipe,
+    references: torch.Tensor | None = None,
+) -> dict[QuantLinear, HessianAccumulator]:
     """``gptq``: the mean ``x xᵀ`` of every quantized linear's inputs as the block, in its current
     state, sees them on the quantized chain (rotated and quantized as its forward does), for
-    :mod:`lrquant.quant.gptq` to round against."""
+    :mod:`lrquant.quant.gptq` to round against. With ``references`` (the full-precision chain's
+    inputs for the same samples) also the cross term against the inputs each linear gets when the
+    block runs in full precision on them (``gptq_target=fp``)."""
     linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.transform is not None]
     acc = {m: HessianAccumulator() for m in linears}
+    seen: dict[QuantLinear, torch.Tensor] = {}
 
     def observe(module, args):
-        acc[module].add(module.quantized_input(args[0].float()))
+        acc[module].add(module.quantized_input(args[0].float()), seen.pop(module, None))
 
-    handles = [m.register_forward_pre_hook(observe) for m in linears]
-    try:
-        run_block(block, inputs, kwargs, recipe.batch_size)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {module: acc[module].hessian() for module in linears}
+    def remember(module, args):
+        seen[module] = rotate_input(args[0].float(), module.input_rotation)
+
+    def hooked(hook, samples: torch.Tensor) -> None:
+        handles = [m.register_forward_pre_hook(hook) for m in linears]
+        try:
+            run_block(block, samples, kwargs, recipe.batch_size)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    if references is None:
+        hooked(observe, inputs)
+    else:  # per batch: the full-precision pass, then the quantized one on the same tokens
+        for start in range(0, inputs.shape[0], recipe.batch_size):
+            with _full_precision(block):
+                hooked(remember, references[start : start + recipe.batch_size])
+            hooked(observe, inputs[start : start + recipe.batch_size])
+    return acc
 
 
 def quantize_blockwise(
@@ -478,8 +518,10 @@ def quantize_blockwise(
                         block, bt, state, targets, kwargs, recipe, block_seed, report, bar, bits_factor
                     )
                 if recipe.gptq and scheme.weight.enabled:  # GPTQ rounds the folded weights
-                    for module, hessian in _hessians(block, trained, kwargs, recipe).items():
-                        module.transform.hessian, module.transform.gptq_damp = hessian, recipe.gptq_damp
+                    references = state.fp[: trained.shape[0]] if recipe.gptq_target == "fp" else None
+                    for module, acc in _hessians(block, trained, kwargs, recipe, references).items():
+                        module.transform.hessian, module.transform.cross = acc.hessian(), acc.cross()
+                        module.transform.gptq_damp = recipe.gptq_damp
                 with torch.no_grad():
                     fold_block_transforms(block, arch)  # also freezes every linear's quantized weight
                     quant_out = run_block(block, state.quant, kwargs, recipe.batch_size)
