@@ -394,45 +394,80 @@ def _full_precision(block: nn.Module) -> Iterator[None]:
             setattr(m, ATTR, settings)
 
 
+def _hooked(block: nn.Module, linears: list[QuantLinear], hook, inputs: torch.Tensor, kwargs, recipe) -> None:
+    """Run ``block`` on ``inputs`` with ``hook`` as a forward pre-hook on each of ``linears``."""
+    handles = [m.register_forward_pre_hook(hook) for m in linears]
+    try:
+        run_block(block, inputs, kwargs, recipe.batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _stages(block: nn.Module, linears: list[QuantLinear], sample: torch.Tensor, kwargs, recipe) -> list[list]:
+    """``linears`` in the order the forward calls them, those fed one same input together
+    (Q, K and V; gate and up)."""
+    calls: list[tuple[QuantLinear, int]] = []
+    _hooked(block, linears, lambda m, args: calls.append((m, id(args[0]))), sample, kwargs, recipe)
+    stages: list[list[QuantLinear]] = []
+    for i, (module, source) in enumerate(calls):
+        if i and source == calls[i - 1][1]:
+            stages[-1].append(module)
+        else:
+            stages.append([module])
+    return stages
+
+
 @torch.no_grad()
-def _hessians(
+def _gptq_statistics(
     block: nn.Module,
     inputs: torch.Tensor,
     kwargs: dict,
     recipe: Recipe,
     references: torch.Tensor | None = None,
-) -> dict[QuantLinear, HessianAccumulator]:
-    """``gptq``: the mean ``x xᵀ`` of every quantized linear's inputs as the block, in its current
-    state, sees them on the quantized chain (rotated and quantized as its forward does), for
-    :mod:`lrquant.quant.gptq` to round against. With ``references`` (the full-precision chain's
-    inputs for the same samples) also the cross term against the inputs each linear gets when the
-    block runs in full precision on them (``gptq_target=fp``)."""
-    linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.transform is not None]
-    acc = {m: HessianAccumulator() for m in linears}
-    seen: dict[QuantLinear, torch.Tensor] = {}
+) -> None:
+    """``gptq``: gives every quantized linear's transform the mean ``x xᵀ`` of its inputs as the
+    block, in its current state, sees them on the quantized chain (rotated and quantized as its
+    forward does), for :mod:`lrquant.quant.gptq` to round against at the fold.
 
-    def observe(module, args):
-        acc[module].add(module.quantized_input(args[0].float()), seen.pop(module, None))
+    With ``references`` (the full-precision chain's inputs for the same samples:
+    ``gptq_target=fp``) also the cross term against the inputs the linear gets when the block
+    runs in full precision on them; the linears are then rounded stage by stage in forward
+    order, each stage's statistics taken with the stages before it already at their final
+    weights, so that each corrects the error its inputs will really carry."""
+    linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.transform is not None]
+    if references is None:
+        acc = {m: HessianAccumulator() for m in linears}
+        _hooked(
+            block,
+            linears,
+            lambda m, args: acc[m].add(m.quantized_input(args[0].float())),
+            inputs,
+            kwargs,
+            recipe,
+        )
+        for module in linears:
+            module.transform.hessian, module.transform.gptq_damp = acc[module].hessian(), recipe.gptq_damp
+        return
+    seen: dict[QuantLinear, torch.Tensor] = {}
 
     def remember(module, args):
         seen[module] = rotate_input(args[0].float(), module.input_rotation)
 
-    def hooked(hook, samples: torch.Tensor) -> None:
-        handles = [m.register_forward_pre_hook(hook) for m in linears]
-        try:
-            run_block(block, samples, kwargs, recipe.batch_size)
-        finally:
-            for handle in handles:
-                handle.remove()
+    def observe(module, args):
+        acc[module].add(module.quantized_input(args[0].float()), seen.pop(module))
 
-    if references is None:
-        hooked(observe, inputs)
-    else:  # per batch: the full-precision pass, then the quantized one on the same tokens
-        for start in range(0, inputs.shape[0], recipe.batch_size):
+    for stage in _stages(block, linears, inputs[:1], kwargs, recipe):
+        acc = {m: HessianAccumulator() for m in stage}
+        for start in range(0, inputs.shape[0], recipe.batch_size):  # the same tokens through both
             with _full_precision(block):
-                hooked(remember, references[start : start + recipe.batch_size])
-            hooked(observe, inputs[start : start + recipe.batch_size])
-    return acc
+                _hooked(block, stage, remember, references[start : start + recipe.batch_size], kwargs, recipe)
+            _hooked(block, stage, observe, inputs[start : start + recipe.batch_size], kwargs, recipe)
+        for module in stage:
+            transform = module.transform
+            transform.hessian, transform.cross = acc[module].hessian(), acc[module].cross()
+            transform.gptq_damp = recipe.gptq_damp
+            transform.fix_final(module.weight, module.bias, module.weight_spec)
 
 
 def quantize_blockwise(
@@ -519,9 +554,7 @@ def quantize_blockwise(
                     )
                 if recipe.gptq and scheme.weight.enabled:  # GPTQ rounds the folded weights
                     references = state.fp[: trained.shape[0]] if recipe.gptq_target == "fp" else None
-                    for module, acc in _hessians(block, trained, kwargs, recipe, references).items():
-                        module.transform.hessian, module.transform.cross = acc.hessian(), acc.cross()
-                        module.transform.gptq_damp = recipe.gptq_damp
+                    _gptq_statistics(block, trained, kwargs, recipe, references)
                 with torch.no_grad():
                     fold_block_transforms(block, arch)  # also freezes every linear's quantized weight
                     quant_out = run_block(block, state.quant, kwargs, recipe.batch_size)

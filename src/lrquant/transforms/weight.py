@@ -80,6 +80,9 @@ class WeightTransform:
         self.gptq_damp = 0.01
         # with ``gptq_target=fp``: mean x_ref xᵀ, the full-precision model's inputs against these
         self.cross: torch.Tensor | None = None
+        # the folded weight and bias, fixed before folding (gptq_target=fp rounds the block's
+        # linears in forward order, each against inputs from the ones already rounded)
+        self.final: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def unrotated(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` in the basis of the linear's input before its run-time rotation (if any)."""
@@ -126,10 +129,17 @@ class WeightTransform:
             w = w * self.rotation
         return w
 
+    @torch.no_grad()
+    def fix_final(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec) -> None:
+        """Compute the folded weight and bias now; from here on the linear computes with them."""
+        self.final = self.final_weight_and_bias(weight, bias, spec)
+
     def weight_and_bias(
         self, weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What the linear computes with: quantized transformed weight, transformed bias."""
+        if self.final is not None:
+            return self.final
         w, b = self.transformed(weight, bias)
         return self.quantize(w, spec), b
 
@@ -140,7 +150,7 @@ class WeightTransform:
         """What folding writes: :meth:`weight_and_bias`, or, with a :attr:`hessian`, the
         transformed weight rounded by GPTQ on the same grid (learned clipping bounds, step times
         the rotation vector) instead of to nearest."""
-        if self.hessian is None or not spec.enabled:
+        if self.final is not None or self.hessian is None or not spec.enabled:
             return self.weight_and_bias(weight, bias, spec)
         w, b = self.transformed(weight, bias)
         scale, zero = weight_grid(w, spec, *self._clip_factors())
