@@ -47,7 +47,9 @@ class Recipe(BaseModel):
     gptq_damp: float = Field(0.01, gt=0)
     # what GPTQ matches: the layer's full-precision weight on the quantized model's inputs (GPTQ),
     # or the full-precision layer on the full-precision model's inputs ("fp": GPTAQ's asymmetric
-    # calibration), so each linear also corrects the error its inputs already carry
+    # calibration), so each linear also corrects the error its inputs already carry. SmolLM2 W4A16
+    # with hadamard=inputs at fast (README): 17.63 against 17.38 quantized, 17.16 against 16.93 after
+    # the end-to-end step, in twice the block-wise time
     gptq_target: Literal["quantized", "fp"] = "quantized"
     # orthogonal rotations before learning (transforms/rotation.py): "folded" rotates the residual
     # stream and each value head, folded into the weights; "online" also rotates the down
