@@ -48,7 +48,7 @@ class Recipe(BaseModel):
     # what GPTQ matches: the layer's full-precision weight on the quantized model's inputs (GPTQ),
     # or the full-precision layer on the full-precision model's inputs ("fp": GPTAQ's asymmetric
     # calibration), so each linear also corrects the error its inputs already carry. SmolLM2 W4A16
-    # with hadamard=inputs at fast (README): 17.63 against 17.38 quantized, 17.16 against 16.93 after
+    # with hadamard=inputs at fast (docs/results.md): 17.63 against 17.38 quantized, 17.16 against 16.93 after
     # the end-to-end step, in twice the block-wise time
     gptq_target: Literal["quantized", "fp"] = "quantized"
     # orthogonal rotations before learning (transforms/rotation.py): "folded" rotates the residual
@@ -60,7 +60,7 @@ class Recipe(BaseModel):
     # on the KL divergence from the full-precision next-token distribution (methods/e2e.py;
     # EfficientQAT's E2E-QP, not part of LRQuant+); 0: off
     e2e_epochs: int = Field(0, ge=0)
-    # 3e-3 against 1e-3 on SmolLM2 at fast (README): W2A16 g64 47.24 vs 50.41, W4A16 18.54 vs 18.65;
+    # 3e-3 against 1e-3 on SmolLM2 at fast (docs/results.md): W2A16 g64 47.24 vs 50.41, W4A16 18.54 vs 18.65;
     # 1e-2 was worse (54.66)
     lr_e2e: float = Field(3e-3, gt=0)
     # windows the end-to-end step trains on: the first e2e_samples of the same seeded sequence as
@@ -91,13 +91,13 @@ class Recipe(BaseModel):
     lr_rounding: float = Field(5e-3, gt=0)
     # the block-wise learning rates: constant (the paper, OmniQuant), or cosine-decayed to 0 over
     # each block's steps, so a block ends on small steps instead of the last sample's full one.
-    # DINOv2 W4A4-rqkv at --preset default, six seeds (README): held-out photo cosine 0.9365
+    # DINOv2 W4A4-rqkv at --preset default, six seeds (docs/results.md): held-out photo cosine 0.9365
     # against 0.9199, probe a tie; at fast it is no better (W4A4 probe 63.0 against 65.5 %)
     schedule: Literal["constant", "cosine"] = "constant"
     # lr_transform is for 4-bit grids: with wider ones it halves for every bit the narrowest
     # quantized tensor has above 4 (W6A6: a quarter). Adam moves each parameter by about the rate
     # per step whatever the size of the error, while the error the smoothing can trade between
-    # weights and inputs halves with each bit. DINOv2 W6A6, six seeds (README): 0.9940 / 93.5 %
+    # weights and inputs halves with each bit. DINOv2 W6A6, six seeds (docs/results.md): 0.9940 / 93.5 %
     # against 0.9931 / 92.5 % without; scaling lr_clipping as well was worse (0.9933 / 93.2 %).
     lr_by_bits: bool = False
     bf16: bool | Literal["auto"] = "auto"  # bf16 autocast while learning; auto: where matmuls are native
@@ -128,7 +128,7 @@ class Recipe(BaseModel):
             raise ValueError("rounding offsets are learned: rounding needs learn on")
         if self.rounding and self.gptq:
             # Tried: GPTQ's choice as the offsets' start made W2A16 g64 worse on SmolLM2-135M
-            # (94.65 against 70.83 from round-to-nearest, README "GPTQ rounding").
+            # (94.65 against 70.83 from round-to-nearest, docs/results.md "GPTQ rounding").
             raise ValueError(
                 "rounding and gptq both decide which way each weight rounds: keep one of them "
                 "(rounding=true measured better on SmolLM2 at 2, 3 and 4 bits)"
@@ -176,7 +176,7 @@ PRESETS: dict[str, dict] = {
     # bf16 follows the default (auto), unlike the LRQuant reference code (always fp32; OmniQuant
     # uses fp16 autocast below 8 bits): at fast, bf16 against fp32 measured 55.66 vs 55.72 at W4A4
     # and 17.33 vs 17.43 at W6A6 on SmolLM2, and it makes the paper budget 1.3x faster on a CPU
-    # with native bf16 (README, "Time per budget")
+    # with native bf16 (docs/results.md, "Time per budget")
     "paper": dict(nsamples=128, epochs=20),
 }
 
@@ -218,7 +218,7 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 
 # What the LAE-initialised recipes (lrquant, lrquant_plus) change for a modality. Vision
-# transformers (DINOv2-small, README): choosing the init per block ("best") beats LAE on both
+# transformers (DINOv2-small, docs/results.md): choosing the init per block ("best") beats LAE on both
 # metrics at W4A4 and W6A6 (seed 0) and on feature cosine at W4A8 and W4A16, where LAE keeps a
 # better digits probe; a smaller transform rate above 4 bits (lr_by_bits) takes W6A6 past
 # OmniQuant on the means of six seeds, where it trailed without.
