@@ -152,10 +152,9 @@ def test_asymmetric_target_with_unperturbed_inputs_is_the_weight() -> None:
     assert HessianAccumulator().cross() is None
 
 
-def test_full_precision_pass_is_the_original_block() -> None:
-    """The reference pass of ``gptq_target=fp``: a block with W4A4, quantized Q/K/V and learned-looking
-    transforms computes exactly what the original block does inside ``_full_precision``, and
-    quantized outside it again."""
+def _transformed_block(scheme, seed: int = 1):
+    """Block 0 of a one-block tiny llama with quantizers for ``scheme`` and learned-looking
+    transforms; its inputs and keyword arguments for 2 x 24 tokens, and its original output."""
     arch = get_arch_spec("llama")
     model = tiny_model("llama", seed=0, num_layers=1)
     block = arch.block_list(model)[0]
@@ -165,8 +164,8 @@ def test_full_precision_pass_is_the_original_block() -> None:
     with torch.no_grad():
         ref = run_block(block, inputs, kwargs)
     use_quantized_attention(model)
-    attach_block_quantizers(block, arch, build_scheme(4, 4, qkv_bits=4))
-    generator = torch.Generator().manual_seed(1)
+    attach_block_quantizers(block, arch, scheme)
+    generator = torch.Generator().manual_seed(seed)
     stats = {}
     for pair in arch.smooth_pairs:
         n = block.get_submodule(pair.targets[0]).in_features
@@ -174,10 +173,19 @@ def test_full_precision_pass_is_the_original_block() -> None:
             -1 - torch.rand(n, generator=generator), 1 + torch.rand(n, generator=generator)
         )
     layout = AttentionLayout.from_config(model.config)
-    bt = attach_block_transforms(block, arch, layout, stats, TransformOptions(), build_scheme(4, 4).weight)
+    bt = attach_block_transforms(block, arch, layout, stats, TransformOptions(), scheme.weight)
     with torch.no_grad():
         for p in bt.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=generator))
+    return block, inputs, kwargs, ref
+
+
+def test_full_precision_pass_is_the_original_block() -> None:
+    """The reference pass of ``gptq_target=fp``: a block with W4A4, quantized Q/K/V and learned-looking
+    transforms computes exactly what the original block does inside ``_full_precision``, and
+    quantized outside it again."""
+    block, inputs, kwargs, ref = _transformed_block(build_scheme(4, 4, qkv_bits=4))
+    with torch.no_grad():
         quantized = run_block(block, inputs, kwargs)
         with blockwise._full_precision(block):
             full = run_block(block, inputs, kwargs)
@@ -185,6 +193,29 @@ def test_full_precision_pass_is_the_original_block() -> None:
     assert rel_err(full, ref) < 1e-5
     assert rel_err(quantized, ref) > 0.05
     assert torch.equal(again, quantized)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_sequential_gptq_rounds_against_the_inputs_it_will_get(sequential: bool) -> None:
+    """``gptq_sequential``: every linear's Hessian is the one its inputs have once the whole block
+    computes with its final (GPTQ-rounded) weights; without it only the first stage's (Q, K, V,
+    which read the block's input) is, the later ones coming from the round-to-nearest block."""
+    scheme = build_scheme(3, 16, group_size=16)
+    block, inputs, kwargs, _ = _transformed_block(scheme)
+    recipe = build_recipe("lrquant_plus", "fast", {"gptq": True, "gptq_sequential": sequential})
+    blockwise._gptq_statistics(block, inputs, kwargs, recipe)
+    linears = {name: m for name, m in block.named_modules() if isinstance(m, blockwise.QuantLinear)}
+    for module in linears.values():
+        if module.transform.final is None:
+            module.transform.fix_final(module.weight, module.bias, module.weight_spec)
+    acc = {m: HessianAccumulator() for m in linears.values()}
+    blockwise._hooked(
+        block, list(acc), lambda m, args: acc[m].add(m.quantized_input(args[0].float())), inputs, kwargs, recipe
+    )
+    for name, module in linears.items():
+        matches = torch.allclose(module.transform.hessian, acc[module].hessian(), rtol=1e-4, atol=1e-6)
+        first_stage = name.endswith(("q_proj", "k_proj", "v_proj"))
+        assert matches == (sequential or first_stage), name
 
 
 # ------------------------------------------------------------------------------ inside the learner

@@ -51,6 +51,11 @@ class Recipe(BaseModel):
     # with hadamard=inputs at fast (docs/results.md): 17.63 against 17.38 quantized, 17.16 against 16.93 after
     # the end-to-end step, in twice the block-wise time
     gptq_target: Literal["quantized", "fp"] = "quantized"
+    # round the block's linears stage by stage in forward order (Q/K/V, output, gate/up, down), each
+    # against inputs from the stages already rounded, as GPTQ's reference does ("true sequential");
+    # off: every Hessian from one pass with the round-to-nearest weights training ended on.
+    # gptq_target=fp always rounds stage by stage
+    gptq_sequential: bool = False
     # orthogonal rotations before learning (transforms/rotation.py): "folded" rotates the residual
     # stream and each value head, folded into the weights; "online" also rotates the down
     # projection's input at run time; "down" rotates only that; "inputs" rotates every linear's
@@ -135,6 +140,8 @@ class Recipe(BaseModel):
             )
         if self.gptq_target != "quantized" and not self.gptq:
             raise ValueError(f"gptq_target={self.gptq_target} says what GPTQ matches: set gptq=true as well")
+        if self.gptq_sequential and not self.gptq:
+            raise ValueError("gptq_sequential says how GPTQ rounds a block: set gptq=true as well")
         tuned = [
             name
             for name, off in (("e2e_samples", 0), ("e2e_schedule", "constant"), ("e2e_norms", False))

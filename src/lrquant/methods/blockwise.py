@@ -427,47 +427,43 @@ def _gptq_statistics(
     references: torch.Tensor | None = None,
 ) -> None:
     """``gptq``: gives every quantized linear's transform the mean ``x xᵀ`` of its inputs as the
-    block, in its current state, sees them on the quantized chain (rotated and quantized as its
-    forward does), for :mod:`lrquant.quant.gptq` to round against at the fold.
+    block sees them on the quantized chain (rotated and quantized as its forward does), for
+    :mod:`lrquant.quant.gptq` to round against at the fold.
 
-    With ``references`` (the full-precision chain's inputs for the same samples:
-    ``gptq_target=fp``) also the cross term against the inputs the linear gets when the block
-    runs in full precision on them; the linears are then rounded stage by stage in forward
+    With ``gptq_sequential`` (or ``references``) the linears are rounded stage by stage in forward
     order, each stage's statistics taken with the stages before it already at their final
-    weights, so that each corrects the error its inputs will really carry."""
+    weights, so that each sees the inputs it will really get; otherwise all from one pass of the
+    block as training left it (round-to-nearest weights).
+
+    ``references`` (the full-precision chain's inputs for the same samples: ``gptq_target=fp``)
+    adds the cross term against the inputs the linear gets when the block runs in full
+    precision on them."""
     linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.transform is not None]
-    if references is None:
-        acc = {m: HessianAccumulator() for m in linears}
-        _hooked(
-            block,
-            linears,
-            lambda m, args: acc[m].add(m.quantized_input(args[0].float())),
-            inputs,
-            kwargs,
-            recipe,
-        )
-        for module in linears:
-            module.transform.hessian, module.transform.gptq_damp = acc[module].hessian(), recipe.gptq_damp
-        return
+    sequential = recipe.gptq_sequential or references is not None
+    stages = _stages(block, linears, inputs[:1], kwargs, recipe) if sequential else [linears]
     seen: dict[QuantLinear, torch.Tensor] = {}
 
     def remember(module, args):
         seen[module] = rotate_input(args[0].float(), module.input_rotation)
 
     def observe(module, args):
-        acc[module].add(module.quantized_input(args[0].float()), seen.pop(module))
+        acc[module].add(module.quantized_input(args[0].float()), seen.pop(module, None))
 
-    for stage in _stages(block, linears, inputs[:1], kwargs, recipe):
+    for stage in stages:
         acc = {m: HessianAccumulator() for m in stage}
-        for start in range(0, inputs.shape[0], recipe.batch_size):  # the same tokens through both
-            with _full_precision(block):
-                _hooked(block, stage, remember, references[start : start + recipe.batch_size], kwargs, recipe)
-            _hooked(block, stage, observe, inputs[start : start + recipe.batch_size], kwargs, recipe)
+        if references is None:
+            _hooked(block, stage, observe, inputs, kwargs, recipe)
+        else:
+            for start in range(0, inputs.shape[0], recipe.batch_size):  # the same tokens through both
+                with _full_precision(block):
+                    _hooked(block, stage, remember, references[start : start + recipe.batch_size], kwargs, recipe)
+                _hooked(block, stage, observe, inputs[start : start + recipe.batch_size], kwargs, recipe)
         for module in stage:
             transform = module.transform
             transform.hessian, transform.cross = acc[module].hessian(), acc[module].cross()
             transform.gptq_damp = recipe.gptq_damp
-            transform.fix_final(module.weight, module.bias, module.weight_spec)
+            if sequential:
+                transform.fix_final(module.weight, module.bias, module.weight_spec)
 
 
 def quantize_blockwise(
