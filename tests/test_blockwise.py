@@ -482,6 +482,7 @@ def test_image_models_choose_the_smoothing_init_per_block_unless_told() -> None:
         (("lrquant", "fast", {"lr_rounding": "auto"}), "lr_rounding"),
         (("lrquant_plus", "fast", {"rounding": True, "gptq": True}), "gptq"),
         (("gptq", "fast", {"gptq_damp": 0}), "gptq_damp"),
+        (("lrquant_plus", "fast", {"gptq_sequential": True}), "gptq"),
         (("lrquant_plus", "fast", {"holdout": 32}), "holdout"),
         (("lrquant_plus", "fast", {"holdout": -1}), "holdout"),
         (("rtn", "fast", {"holdout": 4}), "holdout"),
