@@ -209,9 +209,10 @@ def test_sequential_gptq_rounds_against_the_inputs_it_will_get(sequential: bool)
         if module.transform.final is None:
             module.transform.fix_final(module.weight, module.bias, module.weight_spec)
     acc = {m: HessianAccumulator() for m in linears.values()}
-    blockwise._hooked(
-        block, list(acc), lambda m, args: acc[m].add(m.quantized_input(args[0].float())), inputs, kwargs, recipe
-    )
+    def observe(module, args):
+        acc[module].add(module.quantized_input(args[0].float()))
+
+    blockwise._hooked(block, list(acc), observe, inputs, kwargs, recipe)
     for name, module in linears.items():
         matches = torch.allclose(module.transform.hessian, acc[module].hessian(), rtol=1e-4, atol=1e-6)
         first_stage = name.endswith(("q_proj", "k_proj", "v_proj"))

@@ -455,9 +455,10 @@ def _gptq_statistics(
             _hooked(block, stage, observe, inputs, kwargs, recipe)
         else:
             for start in range(0, inputs.shape[0], recipe.batch_size):  # the same tokens through both
+                batch = slice(start, start + recipe.batch_size)
                 with _full_precision(block):
-                    _hooked(block, stage, remember, references[start : start + recipe.batch_size], kwargs, recipe)
-                _hooked(block, stage, observe, inputs[start : start + recipe.batch_size], kwargs, recipe)
+                    _hooked(block, stage, remember, references[batch], kwargs, recipe)
+                _hooked(block, stage, observe, inputs[batch], kwargs, recipe)
         for module in stage:
             transform = module.transform
             transform.hessian, transform.cross = acc[module].hessian(), acc[module].cross()
