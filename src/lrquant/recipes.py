@@ -56,7 +56,7 @@ class Recipe(BaseModel):
     # off: every Hessian from one pass with the round-to-nearest weights training ended on.
     # gptq_target=fp always rounds stage by stage. SmolLM2 with hadamard=inputs at fast (docs/results.md):
     # one-shot GPTQ W3A16 g128 25.00 against 25.99, W4A16 18.48 against 18.38; LRQuant+ with gptq
-    # 17.40 against 17.38 and 22.18 against 22.01, in 40 % more time
+    # 17.40 against 17.38 and 22.18 against 22.01, in 40-50 % more time
     gptq_sequential: bool = False
     # orthogonal rotations before learning (transforms/rotation.py): "folded" rotates the residual
     # stream and each value head, folded into the weights; "online" also rotates the down
