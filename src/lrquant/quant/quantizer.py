@@ -30,19 +30,25 @@ def integer_range(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def _row_group(x: torch.Tensor, spec: QuantSpec) -> int:
+    """The group size of ``spec`` on rows of ``x``: never longer than a row."""
+    assert spec.group_size is not None
+    return min(spec.group_size, x.shape[-1])
+
+
 def group_for_stats(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
     """Reshape ``x`` so that each statistics group is one row of the last dimension.
 
     Returns the view and the number of padding columns added. A group size that does not divide
     the row leaves a shorter last group; it is padded with copies of its own last element, which
-    changes neither its minimum nor its maximum, so it gets its own scale and zero point.
+    changes neither its minimum nor its maximum, so it gets its own scale and zero point. A group
+    size of at least the row's length makes the whole row one group (no padding).
     """
     if spec.granularity == "tensor":
         return x.reshape(1, -1), 0
     if spec.granularity != "group":
         return x, 0
-    size = spec.group_size
-    assert size is not None
+    size = _row_group(x, spec)
     pad = -x.shape[-1] % size
     if pad:
         x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
@@ -54,8 +60,7 @@ def group_sums(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     (``[..., groups, 1]`` for group granularity, ``[..., 1]`` otherwise). A ragged last group sums
     its own columns only."""
     if spec.granularity == "group":
-        size = spec.group_size
-        assert size is not None
+        size = _row_group(x, spec)
         x = torch.nn.functional.pad(x, (0, -x.shape[-1] % size))
         return x.unflatten(-1, (x.shape[-1] // size, size)).sum(dim=-1, keepdim=True)
     return group_for_stats(x, spec)[0].sum(dim=-1, keepdim=True)
