@@ -277,9 +277,10 @@ def test_existing_output_needs_overwrite(
     work: Path, tiny_llama: Path, text_file: Path, short_text_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = work / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old run")
+    code, _, err = run(capsys, *quantize_args(tiny_llama, out, text_file, "--no-eval", "--wbits", "8"))
+    assert code == 0, err
     before = listing(work)
+    old_model = (out / "model.safetensors").read_bytes()
 
     line = error_line(*run(capsys, *quantize_args(tiny_llama, out, text_file)))
     assert "already exists as a folder: pass --overwrite to replace it" in line
@@ -292,13 +293,14 @@ def test_existing_output_needs_overwrite(
     line = error_line(*run(capsys, *bad))
     assert "too short" in line
     assert listing(work) == before
+    assert (out / "model.safetensors").read_bytes() == old_model
 
     code, stdout, err = run(capsys, *quantize_args(tiny_llama, out, text_file, "--overwrite", "--no-eval"))
     assert code == 0, err
     assert "Traceback" not in err
     files = listing(work)
-    assert "out/stale.txt" not in files
     assert {"out/report.json", "out/model.safetensors", "out/lrquant_quant.json"} <= set(files)
+    assert (out / "model.safetensors").read_bytes() != old_model  # W4 now, not W8
     assert [f for f in files if not f.startswith("out/")] == ["out"]  # no temporary or old folders
     assert "perplexity not evaluated" in stdout
 

@@ -100,7 +100,7 @@ def test_interrupted_run_resumes_to_the_same_checkpoint(
     progress = json.loads((resume / META).read_text())
     assert progress["done"] == 1
     assert [r["index"] for r in progress["reports"]] == [0]
-    assert (resume / "block-0.safetensors").is_file() and (resume / "chain.safetensors").is_file()
+    assert (resume / "block-0.safetensors").is_file() and (resume / "chain-0.safetensors").is_file()
 
     with monkeypatch.context() as patch:
         saved = _interrupt_after_block(patch, -1)  # only records
@@ -219,7 +219,7 @@ def test_swin_resumes_across_the_patch_merging_between_stages(
         _interrupt_after_block(patch, 1)
         with pytest.raises(KeyboardInterrupt):
             _run(model, resumed, data)
-    chain = load_file(_resume_folder(resumed) / "chain.safetensors")
+    chain = load_file(_resume_folder(resumed) / "chain-1.safetensors")
     assert all(t.shape[1:] == (16, 64) for t in chain.values())  # stage 2: a 4x4 grid of 64 channels
     _run(model, resumed, data)
     expected, got = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lrquant import __version__
-from lrquant.checkpoint import REPORT_FILE, AtomicOutputDir, read_source, save_quantized, write_json
+from lrquant.checkpoint import REPORT_FILE, read_source, save_quantized
 from lrquant.config import QuantScheme
 from lrquant.console import log
 from lrquant.data.images import resolve_image_source
@@ -41,8 +41,9 @@ from lrquant.methods.blockwise import quantize_blockwise, report_dict
 from lrquant.methods.e2e import fp_final_hidden
 from lrquant.methods.resume import ResumeStore
 from lrquant.methods.rtn import quantize_rtn
-from lrquant.models.builtin import is_builtin
+from lrquant.models.builtin import cache_root, is_builtin
 from lrquant.models.loading import LoadedModel, load_model, resolve_model_dir
+from lrquant.output_dir import AtomicOutputDir, disk_space_for, write_json
 from lrquant.quant.apply import patch_embedding
 from lrquant.recipes import DEFAULT_METHOD, Recipe, build_recipe, check_image_recipe
 from lrquant.report import PLOT_FILE, plot_blocks
@@ -73,9 +74,25 @@ class DataSettings:
     batch_size: int = 1
     image_size: int | None = None
 
+    def __post_init__(self) -> None:
+        # Checked as given: 0 is a bad count, not "unset" (None is).
+        for flag, value, least in (
+            ("--nsamples", self.nsamples, 1),
+            ("--eval-windows", self.eval_windows, 1),
+            ("--batch-size", self.batch_size, 1),
+            ("--image-size", self.image_size, 8),
+        ):
+            if value is not None and value < least:
+                unit = " pixels" if flag == "--image-size" else ""
+                raise LrquantError(f"{flag} must be at least {least}{unit} (got {value})")
+
     def for_model(self, loaded: LoadedModel) -> DataSettings:
         """These settings with the modality's defaults filled in."""
         image = loaded.arch.modality == "image"
+        if self.image_size is not None and not image:
+            raise LrquantError(
+                f"--image-size sets a vision model's input resolution; '{loaded.name}' is a language model"
+            )
         return replace(
             self,
             calib=self.calib or (IMAGE_CALIB if image else TEXT_CALIB),
@@ -351,17 +368,20 @@ def quantize(
         seconds[stage] = round(now - clock, 2)
         clock = now
 
-    with AtomicOutputDir(output, overwrite) as out:
+    with AtomicOutputDir(output, overwrite, _input_paths(model, data)) as out:
         log(f"loading {model}")
         loaded = load_model(model, trust_remote_code=trust_remote_code)
         data = (data or DataSettings()).for_model(loaded)
         image = loaded.arch.modality == "image"
-        nsamples = data.nsamples or (IMAGE_CALIBRATION_SAMPLES if image else None)
+        nsamples = (
+            data.nsamples if data.nsamples is not None else IMAGE_CALIBRATION_SAMPLES if image else None
+        )
         if nsamples is not None:
             overrides = {**(overrides or {}), "nsamples": nsamples}
         recipe = build_recipe(method, preset, overrides, loaded.arch.modality)
         if scheme.patch_embed:
             patch_embedding(loaded.model)  # a model without one stops here, before any work
+        _note_whole_row_groups(loaded, scheme)
         lap("load")
         calibration = None
         if method != "rtn":
@@ -381,49 +401,91 @@ def quantize(
             evaluation["quantized"] = run_quant_eval()
             lap("eval_quantized")
         source_name = model if is_builtin(model) else str(loaded.path.resolve())
-        save_quantized(
-            out.tmp, loaded.model, loaded.tokenizer, loaded.arch, scheme, method, loaded.path, source_name
+        kept = (
+            f"the finished blocks are kept in '{store.folder}'" if store is not None else "nothing was kept"
         )
-        lap("save")
-        report = {
-            "method": method,
-            "preset": preset,
-            "scheme": scheme.name,
-            "settings": scheme.model_dump(),
-            "recipe": None if calibration is None else recipe.model_dump(),
-            "model": {
-                "name": model,
-                "path": str(loaded.path),
-                "model_type": loaded.model_type,
-                "modality": loaded.arch.modality,
-                "parameters": loaded.num_parameters,
-            },
-            "data": {
-                "calibration": None if calibration is None else data.calib,
-                "evaluation": data.eval if run_eval else None,
-                "seqlen": None if image else data.seqlen,
-                "image_size": None if not image or calibration is None else calibration.shape[-1],
-                "nsamples": None if calibration is None else min(calibration.shape[0], recipe.nsamples),
-                "eval_windows": None,
-                **(eval_details if run_eval else {}),
-            },
-            "seed": data.seed,
-            "images" if image else "perplexity": evaluation,
-            "blocks": blocks,
-            "seconds": {**seconds, "total": round(sum(seconds.values()), 2)},
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-            **peak_device_memory(target),
-            "device": str(target),
-            "environment": _environment(),
-        }
-        write_json(out.tmp / REPORT_FILE, report)
-        if blocks:
-            plot_blocks(blocks, out.tmp / PLOT_FILE, f"{method} {scheme.name}")
-        out.commit()
-    if store is not None:
-        store.clear()
+        with disk_space_for(
+            "the quantized model",
+            out.final.parent,
+            _saved_bytes(loaded),
+            f"any earlier output is unchanged and {kept}: free space and rerun the same command",
+        ):
+            save_quantized(
+                out.tmp, loaded.model, loaded.tokenizer, loaded.arch, scheme, method, loaded.path, source_name
+            )
+            lap("save")
+            report = {
+                "method": method,
+                "preset": preset,
+                "scheme": scheme.name,
+                "settings": scheme.model_dump(),
+                "recipe": None if calibration is None else recipe.model_dump(),
+                "model": {
+                    "name": model,
+                    "path": str(loaded.path),
+                    "model_type": loaded.model_type,
+                    "modality": loaded.arch.modality,
+                    "parameters": loaded.num_parameters,
+                },
+                "data": {
+                    "calibration": None if calibration is None else data.calib,
+                    "evaluation": data.eval if run_eval else None,
+                    "seqlen": None if image else data.seqlen,
+                    "image_size": None if not image or calibration is None else calibration.shape[-1],
+                    "nsamples": None if calibration is None else min(calibration.shape[0], recipe.nsamples),
+                    "eval_windows": None,
+                    **(eval_details if run_eval else {}),
+                },
+                "seed": data.seed,
+                "images" if image else "perplexity": evaluation,
+                "blocks": blocks,
+                "seconds": {**seconds, "total": round(sum(seconds.values()), 2)},
+                "peak_rss_mb": round(peak_rss_mb(), 1),
+                **peak_device_memory(target),
+                "device": str(target),
+                "environment": _environment(),
+            }
+            write_json(out.tmp / REPORT_FILE, report)
+            if blocks:
+                plot_blocks(blocks, out.tmp / PLOT_FILE, f"{method} {scheme.name}")
+            out.commit()
+        if store is not None:
+            store.clear()  # under the output lock, which a second run waits on
     log(f"wrote {out.final}")
     return report
+
+
+def _input_paths(model: str, data: DataSettings | None) -> list[Path]:
+    """The local files and folders a run reads (model, data), which its output may not replace."""
+    names = [model] if not is_builtin(model) else []
+    for source in (data.calib, data.eval) if data is not None else ():
+        names += [part.rsplit("@", 1)[0] for part in (source or "").split(",")]
+    paths = [cache_root() / "models" / model] if is_builtin(model) else []
+    return paths + [Path(name).expanduser() for name in names if name and Path(name).expanduser().exists()]
+
+
+def _note_whole_row_groups(loaded: LoadedModel, scheme: QuantScheme) -> None:
+    """Say when ``--group-size`` is at least some rows' length: those rows are one group each,
+    which is per-channel quantization (never padded out to the group size)."""
+    size = scheme.weight.group_size if scheme.weight.granularity == "group" else None
+    if size is None:
+        return
+    lengths = {
+        module.in_features
+        for block in loaded.arch.block_list(loaded.model)
+        for module in block.modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+    short = sorted(n for n in lengths if n <= size)
+    if short:
+        rows = "every row" if len(short) == len(lengths) else f"rows of {', '.join(map(str, short))} columns"
+        log(f"--group-size {size} covers {rows} whole: each such row is one group (per channel)")
+
+
+def _saved_bytes(loaded: LoadedModel) -> int:
+    """About the size of the saved output: every tensor of the model, plus its tokenizer files."""
+    tensors = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
+    return tensors + sum(p.stat().st_size for p in loaded.path.glob("tokenizer*") if p.is_file())
 
 
 def _evaluation_stages(loaded: LoadedModel, data: DataSettings, device: torch.device):

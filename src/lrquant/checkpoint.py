@@ -1,8 +1,9 @@
-"""Quantized checkpoints on disk, written atomically.
+"""Quantized checkpoints on disk (written into an :class:`lrquant.output_dir.AtomicOutputDir`).
 
 A quantized output folder is a plain Hugging Face checkpoint (``from_pretrained`` loads it; the
 weights are the dequantized, fake-quantized values) plus ``lrquant_quant.json``, which holds the
-settings needed to rebuild run-time activation quantization, and ``report.json``. A model with
+settings needed to rebuild run-time activation quantization, ``report.json`` and the list of
+files lrquant wrote (``lrquant_manifest.json``). A model with
 online rotations (``hadamard=online``) also has ``input_rotations.safetensors``: plain
 ``from_pretrained`` then misses them, lrquant's loader applies them.
 """
@@ -10,9 +11,7 @@ online rotations (``hadamard=online``) also has ``input_rotations.safetensors``:
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,74 +24,13 @@ from lrquant import __version__
 from lrquant.arch import ArchSpec
 from lrquant.config import QuantScheme, describe_validation_error
 from lrquant.errors import LrquantError
+from lrquant.output_dir import write_json
 from lrquant.quant.apply import detach_quantizers, quant_linears
 
 QUANT_FILE = "lrquant_quant.json"
 REPORT_FILE = "report.json"
 ROTATIONS_FILE = "input_rotations.safetensors"
 FORMAT_VERSION = 1
-
-
-class AtomicOutputDir:
-    """A temporary sibling folder that replaces ``final`` only on :meth:`commit`.
-
-    Created up front, so an unwritable destination fails before any long work. Anything not
-    committed (an error, Ctrl-C) is removed, and ``final`` is never seen half-written.
-    """
-
-    def __init__(self, final: str | Path, overwrite: bool = False) -> None:
-        self.final = Path(final).expanduser().absolute()
-        if self.final.exists() and not (self.final.is_dir() and overwrite):
-            what = "folder" if self.final.is_dir() else "file"
-            hint = "pass --overwrite to replace it" if self.final.is_dir() else "choose another path"
-            if not self.final.is_dir() or any(self.final.iterdir()):
-                raise LrquantError(f"output '{final}' already exists as a {what}: {hint}")
-        # Parent folders this run creates are removed again if it fails.
-        self.created = [p for p in reversed(self.final.parents) if not p.exists()]
-        try:
-            self.final.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
-        except OSError as err:
-            raise LrquantError(f"output '{final}' is not writable: {err.strerror or err}") from None
-
-    def commit(self) -> Path:
-        """Move the finished temporary folder to its final name."""
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; give it normal permissions
-        old = None
-        if self.final.exists():
-            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-            os.replace(self.final, old)
-        os.replace(self.tmp, self.final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.final
-
-    def discard(self) -> None:
-        """Remove the temporary folder and the parents made for it (a no-op after :meth:`commit`)."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        if not self.final.exists():
-            for parent in reversed(self.created):
-                try:
-                    parent.rmdir()  # only if empty
-                except OSError:
-                    break
-
-    def __enter__(self) -> AtomicOutputDir:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.discard()
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` as indented JSON, atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
 

@@ -170,10 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _data_settings(args: argparse.Namespace):
     from lrquant.api import DataSettings
 
-    if args.batch_size < 1:
-        raise LrquantError(f"--batch-size must be at least 1 (got {args.batch_size})")
-    if args.image_size is not None and args.image_size < 8:
-        raise LrquantError(f"--image-size must be at least 8 pixels (got {args.image_size})")
     return DataSettings(
         calib=getattr(args, "calib_data", None),
         eval=args.eval_data,

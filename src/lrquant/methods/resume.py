@@ -2,8 +2,9 @@
 
 The store lives beside the output folder (``.<name>.resume``). After each block it holds the
 block's finished weights, the inputs of the next block on both chains, and the per-block
-reports, each file replaced atomically. A rerun of the same command with the same settings picks
-up at the first unfinished block and computes bit for bit what an uninterrupted run computes.
+reports, each file written atomically and the progress file last. A rerun of the same command
+with the same settings picks up at the first unfinished block and computes bit for bit what an
+uninterrupted run computes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lrquant.arch import ArchSpec
 from lrquant.config import QuantScheme
 from lrquant.errors import LrquantError
 from lrquant.methods.blockwise import BlockReport, ChainState, report_dict
+from lrquant.output_dir import disk_space_for, write_json
 from lrquant.quant.apply import attach_block_quantizers
 
 META = "progress.json"
@@ -28,8 +30,17 @@ META = "progress.json"
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a write cut short (full disk) leaves nothing behind
+
+
+def _chain_file(done: int) -> str:
+    """The chain inputs after ``done`` finished blocks: one file per count, so the progress file
+    never points at a chain that is one block ahead of it (a crash between the two writes)."""
+    return f"chain-{done - 1}.safetensors"
 
 
 class ResumeStore:
@@ -56,22 +67,30 @@ class ResumeStore:
         for index in range(done):
             attach_block_quantizers(blocks[index], arch, scheme, weights_on_grid=True)
             _load_block(blocks[index], load_file(self.folder / f"block-{index}.safetensors"))
-        chain = load_file(self.folder / "chain.safetensors")
+        chain = load_file(self.folder / _chain_file(done))
         self.reports = meta["reports"]
         return done, ChainState(fp=chain["fp"], quant=chain["quant"])
 
     def save_block(self, index: int, block: nn.Module, state: ChainState, report: BlockReport) -> None:
         """Record that block ``index`` is finished (call after it is folded and quantized)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        _atomic_save(
-            {k: v.detach() for k, v in block.state_dict().items()}, self.folder / f"block-{index}.safetensors"
-        )
-        _atomic_save({"fp": state.fp.cpu(), "quant": state.quant.cpu()}, self.folder / "chain.safetensors")
-        self.reports.append(report_dict(report))
-        meta = {"fingerprint": self.fingerprint, "done": index + 1, "reports": self.reports}
-        tmp = self.folder / (META + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, self.folder / META)
+        weights = {k: v.detach() for k, v in block.state_dict().items()}
+        chain = {"fp": state.fp.cpu(), "quant": state.quant.cpu()}
+        needed = sum(t.numel() * t.element_size() for t in [*weights.values(), *chain.values()])
+        reports = [*self.reports, report_dict(report)]
+        with disk_space_for(
+            f"the checkpoint of block {index + 1}",
+            self.folder.parent,
+            needed,
+            "the blocks before it are kept: free space and rerun the same command to resume",
+        ):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _atomic_save(weights, self.folder / f"block-{index}.safetensors")
+            _atomic_save(chain, self.folder / _chain_file(index + 1))
+            meta = {"fingerprint": self.fingerprint, "done": index + 1, "reports": reports}
+            write_json(self.folder / META, meta)
+        self.reports = reports
+        if index:
+            (self.folder / _chain_file(index)).unlink(missing_ok=True)  # the chain before this block
 
     def clear(self) -> None:
         """Delete the store (after the output folder was written)."""
