@@ -149,63 +149,6 @@ def test_refused_model_folders(
     assert error_line(code, out, err) == line
 
 
-# --- bad settings --------------------------------------------------------------------------------
-
-
-BAD_SETTINGS = [
-    (["--wbits", "9"], ["invalid weight quantization", "bits must be 2 to 8, or 16", "(got 9)"]),
-    (["--wbits", "1"], ["invalid weight quantization", "bits must be 2 to 8, or 16", "(got 1)"]),
-    (["--abits", "17"], ["invalid activation quantization", "(got 17)"]),
-    (["--group-size", "0"], ["invalid weight quantization", "group_size must be at least 1 (got 0)"]),
-    (["--group-size", "-4"], ["group_size must be at least 1 (got -4)"]),
-    (["--method", "magic"], ["unknown method 'magic'; available: rtn"]),
-    (["--batch-size", "0"], ["--batch-size must be at least 1 (got 0)"]),
-    (["--eval-windows", "0"], ["argument --eval-windows: must be at least 1 (got 0)"]),
-    (["--eval-windows", "many"], ["argument --eval-windows: expected a number or 'all', got 'many'"]),
-    (["--wbits", "four"], ["argument --wbits: invalid int value: 'four'"]),
-    (["--abits", "4", "--a-clip", "0.2"], ["activation quantization: clip_ratio must be between 0.5 and 1"]),
-    (["--a-clip", "0.9"], ["activation clipping (0.9) only changes quantized linear inputs", "--abits"]),
-    (["--rotate-qkv"], ["rotating Q, K and V (--rotate-qkv) only changes how they are quantized", "--abits"]),
-    (["--seqlen", "1"], ["seqlen 1 is too short: it must be at least 2"]),
-    (["--seqlen", "513"], ["--seqlen 513 is longer than the model's context of 512 tokens"]),
-    (["--eval-data", "missing.txt"], ["data source 'missing.txt' not found", "text file", "wikipedia"]),
-    (["--seqlen", "512", "--eval-data", "SHORT"], ["too short for one window of 512 tokens", "--seqlen"]),
-]
-
-
-@pytest.mark.parametrize("extra, expected", BAD_SETTINGS, ids=[" ".join(extra) for extra, _ in BAD_SETTINGS])
-def test_bad_settings(
-    extra: list[str],
-    expected: list[str],
-    work: Path,
-    tiny_llama: Path,
-    text_file: Path,
-    short_text_file: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    extra = [str(short_text_file) if e == "SHORT" else e for e in extra]
-    line = error_line(*run(capsys, *quantize_args(tiny_llama, work / "out", text_file, *extra)))
-    for fragment in expected:
-        assert fragment in line
-    assert listing(work) == []
-
-
-def test_bad_model_paths(work: Path, text_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    missing = work / "nowhere" / "model"
-    line = error_line(*run(capsys, *quantize_args(missing, work / "out", text_file)))
-    assert f"model '{missing}' not found" in line
-    assert "local model folder" in line and ".gguf" in line and "smollm2-135m" in line
-
-    line = error_line(*run(capsys, *quantize_args("no-such-model", work / "out", text_file)))
-    assert "model 'no-such-model' not found" in line and "built-in name (dinov2-small, smollm2-135m)" in line
-
-    not_gguf = work / "weights.txt"
-    not_gguf.write_text("not a model")
-    line = error_line(*run(capsys, *quantize_args(not_gguf, work / "out", text_file)))
-    assert "is a file but not .gguf" in line
-    assert listing(work) == ["weights.txt"]
-
-
 def test_eval_errors(tiny_llama: Path, short_text_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     line = error_line(*run(capsys, "eval", "--model", tiny_llama, "--data", short_text_file))
     assert "too short for one window of 512 tokens" in line
@@ -238,16 +181,6 @@ def test_missing_builtin_package(
 # --- the output folder ---------------------------------------------------------------------------
 
 
-def test_output_under_a_file(
-    work: Path, tiny_llama: Path, text_file: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    (work / "file.txt").write_text("a file, not a folder")
-    line = error_line(*run(capsys, *quantize_args(tiny_llama, work / "file.txt" / "out", text_file)))
-    assert "file.txt/out' is not writable" in line
-    assert listing(work) == ["file.txt"]
-    assert (work / "file.txt").read_text() == "a file, not a folder"
-
-
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_output_in_read_only_folder(
     work: Path, tiny_llama: Path, text_file: Path, capsys: pytest.CaptureFixture[str]
@@ -261,16 +194,6 @@ def test_output_in_read_only_folder(
         assert listing(locked) == []
     finally:
         locked.chmod(0o700)
-
-
-def test_output_is_an_existing_file(
-    work: Path, tiny_llama: Path, text_file: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    (work / "out").write_text("keep me")
-    for extra in ([], ["--overwrite"]):
-        line = error_line(*run(capsys, *quantize_args(tiny_llama, work / "out", text_file, *extra)))
-        assert "already exists as a file: choose another path" in line
-        assert listing(work) == ["out"] and (work / "out").read_text() == "keep me"
 
 
 def test_existing_output_needs_overwrite(

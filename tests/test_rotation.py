@@ -218,6 +218,9 @@ def test_damaged_rotation_file_is_a_clear_error(
     out = tmp_path / "online"
     _quantize(tiny_llama, out, data, "online", "rtn")
     (out / ROTATIONS_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(LrquantError, match="input_rotations.safetensors' is not a valid safetensors file"):
+        load_model(str(out))
+    (out / ROTATIONS_FILE).unlink()
     with pytest.raises(LrquantError, match="input rotations of .* missing or damaged"):
         load_model(str(out))
 

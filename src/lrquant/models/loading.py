@@ -6,7 +6,10 @@ are read, and ``trust_remote_code`` stays off unless asked for.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,14 +19,32 @@ import torch.nn as nn
 from lrquant.arch import ArchSpec, get_arch_spec
 from lrquant.checkpoint import read_input_rotations, read_scheme
 from lrquant.config import QuantScheme
+from lrquant.console import log
 from lrquant.data.images import ImagePreprocess
 from lrquant.errors import LrquantError
+from lrquant.file_checks import check_safetensors, read_json, read_json_object
 from lrquant.models.builtin import BUILTIN_MODELS, is_builtin, resolve_builtin, resolve_gguf
 from lrquant.quant.apply import attach_quantizers, replace_module
 from lrquant.quant.linear import RotatedInputLinear
 
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
+
+SHARD_INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
+# A backbone's pooler is never used (features are ``last_hidden_state``), and checkpoints such as
+# DINO's ViTs ship without one: transformers' random pooler is harmless there.
+UNUSED_IF_MISSING = {"pooler"}
 
 
 @dataclass
@@ -86,17 +107,19 @@ def load_model(
     from transformers import AutoConfig
 
     path = resolve_model_dir(name_or_path)
+    _check_model_files(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise LrquantError(f"cannot read the config of '{path}': {_first_line(err)}") from None
     arch = get_arch_spec(getattr(config, "model_type", "unknown"))
+    tokenizer = _tokenizer(path, trust_remote_code) if arch.modality == "text" else None
     try:
         if arch.modality == "image":
-            model, tokenizer = _vision_model(path, config, dtype, trust_remote_code), None
+            model = _vision_model(path, config, dtype, trust_remote_code)
         else:
-            model, tokenizer = _language_model(path, dtype, trust_remote_code)
-    except (OSError, ValueError) as err:
+            model = _language_model(path, dtype, trust_remote_code)
+    except (OSError, ValueError, RuntimeError) as err:
         raise LrquantError(f"cannot load the model in '{path}': {_first_line(err)}") from None
     model.eval()
     preprocess = ImagePreprocess.from_model_dir(path, model.config) if arch.modality == "image" else None
@@ -116,13 +139,58 @@ def load_model(
     )
 
 
-def _language_model(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> tuple[nn.Module, object]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _check_model_files(path: Path) -> None:
+    """Refuse a model folder whose config.json or safetensors weights are damaged, before
+    transformers reads them (it would fail with a traceback, or guess the model from the path)."""
+    config = read_json_object(path / "config.json", "a model config")
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise LrquantError(
+            f"'{path / 'config.json'}' has no model_type: it is not a transformers model config; "
+            "copy the config.json that came with the weights"
+        )
+    index = path / SHARD_INDEX
+    if index.is_file() and not (path / "model.safetensors").is_file():  # transformers prefers the latter
+        weight_map = read_json_object(index, "a safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise LrquantError(f"'{index}' has no weight_map: it is damaged; copy or re-create it")
+        absent = sorted({str(shard) for shard in weight_map.values() if not (path / str(shard)).is_file()})
+        if absent:
+            raise LrquantError(
+                f"'{index}' names {len(absent)} shard(s) missing from '{path}' (first: {absent[0]}): "
+                "copy every shard of the checkpoint"
+            )
+    for file in sorted(path.glob("*.safetensors")):
+        check_safetensors(file)
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+
+def _tokenizer(path: Path, trust_remote_code: bool) -> object:
+    """The tokenizer of ``path``, refused in one line that names its files when it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        files = [name for name in TOKENIZER_FILES if (path / name).is_file()]
+        if not files:
+            raise LrquantError(
+                f"'{path}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): "
+                "copy them from the original model"
+            ) from None
+        for name in files:
+            if name.endswith(".json"):
+                read_json(path / name)  # names the damaged file when one is not even JSON
+        raise LrquantError(
+            f"cannot load the tokenizer of '{path}' from {', '.join(files)} ({type(err).__name__}: "
+            f"{_first_line(err)}): they are damaged or incomplete; copy or re-create them"
+        ) from None
+
+
+def _language_model(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return _from_pretrained(
+        AutoModelForCausalLM, path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )
-    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def _vision_model(path: Path, config, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
@@ -133,13 +201,71 @@ def _vision_model(path: Path, config, dtype: torch.dtype, trust_remote_code: boo
 
     kwargs = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if any(a.endswith("ForImageClassification") for a in getattr(config, "architectures", None) or []):
-        return AutoModelForImageClassification.from_pretrained(path, **kwargs)
+        return _from_pretrained(AutoModelForImageClassification, path, **kwargs)
     tower = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}.get(config.model_type)
     if tower is not None:
-        return getattr(transformers, tower).from_pretrained(path, **kwargs)
+        return _from_pretrained(getattr(transformers, tower), path, **kwargs)
     if config.model_type == "dinov2" and getattr(config, "use_swiglu_ffn", False):
         raise LrquantError("DINOv2 with a SwiGLU MLP (giant) is not supported yet: its MLP has no fc1/fc2")
-    return AutoModel.from_pretrained(path, **kwargs)
+    return _from_pretrained(AutoModel, path, **kwargs)
+
+
+def _from_pretrained(cls, path: Path, **kwargs) -> nn.Module:
+    """``cls.from_pretrained(path, **kwargs)``, refused when the weights do not match the config.
+
+    transformers fills a tensor missing from the checkpoint with random values, silently, and
+    one of another shape too when told to ignore mismatches (else it raises after a long report
+    table): both are read from its loading info and refused in one line.
+    """
+    with _without_load_report():
+        model, info = cls.from_pretrained(
+            path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+    order = {name: i for i, name in enumerate(model.state_dict())}
+
+    def model_order(key: str) -> tuple[int, str]:
+        return order.get(key, len(order)), key
+
+    mismatched = sorted(info["mismatched_keys"], key=lambda entry: model_order(entry[0]))
+    if mismatched:
+        key, in_checkpoint, in_model = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more tensors)" if len(mismatched) > 1 else ""
+        raise LrquantError(
+            f"the weights in '{path}' do not match its config.json: {key} is {list(in_checkpoint)} in "
+            f"the checkpoint but {list(in_model)} by the config{more}; use the config.json that came "
+            "with the weights"
+        )
+    missing = sorted(
+        (key for key in info["missing_keys"] if UNUSED_IF_MISSING.isdisjoint(key.split("."))),
+        key=model_order,
+    )
+    if missing:
+        count = f"{len(missing)} tensor{'s' if len(missing) > 1 else ''} missing"
+        raise LrquantError(
+            f"the weights in '{path}' lack {missing[0]} ({count}): the checkpoint is incomplete or "
+            "made for another config.json; copy or re-create it"
+        )
+    if info["unexpected_keys"]:  # a whole CLIP checkpoint holds a text tower too: say so, in one line
+        unused = sorted(info["unexpected_keys"])
+        name = type(model).__name__
+        log(f"'{path}' holds {len(unused)} tensors that {name} has no place for ({unused[0]}, ...)")
+    return model
+
+
+@contextlib.contextmanager
+def _without_load_report() -> Iterator[None]:
+    """Keep transformers' loading report table off the console: :func:`_from_pretrained` reports
+    what matters in one line."""
+    logger = logging.getLogger("transformers.modeling_utils")
+
+    def no_report(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+    logger.addFilter(no_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(no_report)
 
 
 def _first_line(err: Exception) -> str:
