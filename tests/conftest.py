@@ -44,6 +44,15 @@ def english_text(chars: int) -> str:
     return "\n\n".join(parts)[:chars]
 
 
+@pytest.fixture
+def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty folder that will hold the output and the bad inputs, also the working directory."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def make_text():
     """The :func:`english_text` function, for tests that need text of a given size."""

@@ -38,15 +38,6 @@ def evaluate(model: Path, text: Path) -> list[str | Path]:
     return ["eval", "--model", model, "--data", text, "--seqlen", "32", "--eval-windows", "2"]
 
 
-@pytest.fixture
-def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The working folder, holding the bad inputs."""
-    folder = tmp_path / "work"
-    folder.mkdir()
-    monkeypatch.chdir(folder)
-    return folder
-
-
 def refused(capsys: pytest.CaptureFixture[str], argv: list[str | Path], *fragments: str) -> str:
     """Run ``argv``; check it is refused with one error line holding every fragment; return it."""
     line = error_line(*run(capsys, *argv))
