@@ -2,8 +2,9 @@
 
 A quantized output folder is a plain Hugging Face checkpoint (``from_pretrained`` loads it; the
 weights are the dequantized, fake-quantized values) plus ``lrquant_quant.json``, which holds the
-settings needed to rebuild run-time activation quantization, ``report.json`` and the list of
-files lrquant wrote (``lrquant_manifest.json``). A model with
+settings needed to rebuild run-time activation quantization, ``integer_weights.safetensors``
+(the integer codes, steps and zero points of every quantized linear, for exact packed export),
+``report.json`` and the list of files lrquant wrote (``lrquant_manifest.json``). A model with
 online rotations (``hadamard=online``) also has ``input_rotations.safetensors``: plain
 ``from_pretrained`` then misses them, lrquant's loader applies them.
 """
@@ -26,10 +27,12 @@ from lrquant.config import QuantScheme, describe_validation_error
 from lrquant.errors import LrquantError
 from lrquant.output_dir import write_json
 from lrquant.quant.apply import detach_quantizers, quant_linears
+from lrquant.quant.quantizer import dequantize_codes, integer_codes
 
 QUANT_FILE = "lrquant_quant.json"
 REPORT_FILE = "report.json"
 ROTATIONS_FILE = "input_rotations.safetensors"
+INTEGERS_FILE = "integer_weights.safetensors"
 FORMAT_VERSION = 1
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
@@ -51,6 +54,7 @@ def save_quantized(
     ``source_name`` (how the user named the full-precision model) is recorded for evaluation.
     """
     rotations = _save_input_rotations(folder, model, arch)
+    integers = _save_integer_weights(folder, model, arch, scheme)
     detach_quantizers(model, arch)
     model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
@@ -67,8 +71,45 @@ def save_quantized(
             "source_model": source_name,
             "scheme": scheme.model_dump(),
             **({"input_rotations": rotations} if rotations else {}),
+            **({"integer_weights": INTEGERS_FILE} if integers else {}),
         },
     )
+
+
+def _save_integer_weights(folder: Path, model: nn.Module, arch: ArchSpec, scheme: QuantScheme) -> bool:
+    """Write the integer codes, steps and zero points of every linear whose weight is on a known
+    grid (``weight = scale · (codes - zero)`` per group; scale and zero ``[out, groups]``), after
+    checking the weight really lies on it; returns whether there were any."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, linear in quant_linears(model, arch):
+        if linear.grid is None:
+            continue
+        scale, zero = linear.grid
+        weight = linear.weight.detach().float()
+        codes = integer_codes(weight, scheme.weight, scale, zero)
+        off = (dequantize_codes(codes, scheme.weight, scale, zero) - weight).abs()
+        step = (weight.abs().amax() + 1) * 1e-5
+        if off.max() > step:  # a rounding that differs from what was evaluated: never export it
+            raise RuntimeError(f"the weight of {name} is off its grid by {off.max():.3g}")
+        tensors[f"{name}.codes"] = codes.to(torch.int8 if scheme.weight.symmetric else torch.uint8)
+        tensors[f"{name}.scale"] = scale.reshape(scale.shape[0], -1).cpu()
+        tensors[f"{name}.zero"] = zero.reshape(zero.shape[0], -1).cpu()
+    if tensors:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(Path(folder) / INTEGERS_FILE))
+    return bool(tensors)
+
+
+def read_integer_weights(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{linear name: {"codes", "scale", "zero"}} of a quantized output folder (empty when it has
+    none: an output of an older lrquant, or one without weight quantization)."""
+    path = Path(folder) / INTEGERS_FILE
+    if not path.is_file():
+        return {}
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(path)).items():
+        name, _, part = key.rpartition(".")
+        out.setdefault(name, {})[part] = tensor
+    return out
 
 
 def _save_input_rotations(folder: Path, model: nn.Module, arch: ArchSpec) -> dict[str, str]:

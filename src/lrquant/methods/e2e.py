@@ -58,6 +58,15 @@ class StepScale(nn.Module):
 
     final_weight_and_bias = weight_and_bias
 
+    def final_grid(
+        self, weight: torch.Tensor, spec: QuantSpec, current: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The folded weight's grid: the block-wise grid with each step times its factor."""
+        if current is None:
+            raise ValueError("end-to-end step sizes need the block-wise grid of the weight")
+        scale, zero = current
+        return scale * self.alpha.detach().reshape(scale.shape), zero
+
 
 def _logits_target(model: nn.Module, norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Full-precision log-probabilities from the full-precision chain's last hidden states, through

@@ -25,8 +25,10 @@ from lrquant.file_checks import check_safetensors, read_json_object
 from lrquant.methods.blockwise import BlockReport, ChainState, report_dict
 from lrquant.output_dir import disk_space_for, write_json
 from lrquant.quant.apply import attach_block_quantizers
+from lrquant.quant.linear import QuantLinear
 
 META = "progress.json"
+GRID = ("weight_scale", "weight_zero")  # saved beside a finished linear's weight
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -95,6 +97,9 @@ class ResumeStore:
     def save_block(self, index: int, block: nn.Module, state: ChainState, report: BlockReport) -> None:
         """Record that block ``index`` is finished (call after it is folded and quantized)."""
         weights = {k: v.detach() for k, v in block.state_dict().items()}
+        for name, module in block.named_modules():
+            if isinstance(module, QuantLinear) and module.grid is not None:
+                weights[f"{name}.{GRID[0]}"], weights[f"{name}.{GRID[1]}"] = module.grid
         chain = {"fp": state.fp.cpu(), "quant": state.quant.cpu()}
         needed = sum(t.numel() * t.element_size() for t in [*weights.values(), *chain.values()])
         reports = [*self.reports, report_dict(report)]
@@ -125,10 +130,13 @@ def _damaged(folder: Path, reason: str) -> LrquantError:
 
 
 def _load_block(block: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    # A fold may have given a linear a bias it did not have (shifts); create it before loading.
-    for key in tensors:
+    tensors = dict(tensors)
+    for key in list(tensors):
         module_name, _, attr = key.rpartition(".")
         module = block.get_submodule(module_name)
+        # A fold may have given a linear a bias it did not have (shifts); create it before loading.
         if attr == "bias" and getattr(module, "bias", None) is None:
             module.bias = nn.Parameter(torch.zeros_like(tensors[key]))
+        if attr == GRID[0]:  # the grid a finished linear's weight is on (not in its state dict)
+            module.set_grid(tensors.pop(key), tensors.pop(f"{module_name}.{GRID[1]}"))
     block.load_state_dict(tensors, strict=True)

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lrquant.config import QuantSpec
-from lrquant.quant.quantizer import fake_quantize
+from lrquant.quant.quantizer import fake_quantize, weight_groups_grid
 from lrquant.transforms.weight import WeightTransform
 
 
@@ -71,11 +71,28 @@ class QuantLinear(nn.Linear):
             return self.transform.weight_and_bias(self.weight, self.bias, self.weight_spec)
         return self.quantized_weight(), self.bias
 
+    @property
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Step size and zero point of each weight group once the weight is on its final grid
+        (``weight = scale · (q - zero)``, integer ``q``), else ``None``. Buffers outside the
+        state dict (``weight_scale``, ``weight_zero``): they move with the module, its keys stay
+        those of the wrapped linear."""
+        scale = getattr(self, "weight_scale", None)
+        return None if scale is None else (scale, self.weight_zero)
+
+    def set_grid(self, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Record the grid the weight was put on (see :attr:`grid`)."""
+        self.register_buffer("weight_scale", scale.detach().float().contiguous(), persistent=False)
+        self.register_buffer("weight_zero", zero.detach().float().contiguous(), persistent=False)
+
     @torch.no_grad()
     def fold_transform(self) -> None:
-        """Write what the transform computes into ``weight``/``bias`` and drop the transform."""
+        """Write what the transform computes into ``weight``/``bias``, record its grid and drop
+        the transform."""
         if self.transform is None:
             return
+        if self.weight_spec.enabled:
+            self.set_grid(*self.transform.final_grid(self.weight, self.weight_spec, self.grid))
         weight, bias = self.transform.final_weight_and_bias(self.weight, self.bias, self.weight_spec)
         self.weight.copy_(weight)
         if bias is not None:
@@ -90,6 +107,7 @@ class QuantLinear(nn.Linear):
     def freeze_weight(self) -> None:
         """Write the quantized weight into ``weight`` once, so later forwards skip quantizing it."""
         if not self.weight_frozen:
+            self.set_grid(*weight_groups_grid(self.weight, self.weight_spec))
             self.weight.copy_(fake_quantize(self.weight, self.weight_spec))
             self.weight_frozen = True
 

@@ -107,6 +107,36 @@ def group_grid(
     return quant_params(xmin, xmax, spec.bits, spec.symmetric)
 
 
+def weight_groups_grid(
+    weight: torch.Tensor,
+    spec: QuantSpec,
+    upper: torch.Tensor | None = None,
+    lower: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step size and zero point of each statistics group of ``weight`` (shaped ``[..., groups, 1]``
+    for group granularity, ``[..., 1]`` otherwise): the grid :func:`fake_quantize` puts it on."""
+    return group_grid(group_for_stats(weight.float(), spec)[0], spec, upper, lower)
+
+
+def integer_codes(
+    weight: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor
+) -> torch.Tensor:
+    """The integer codes ``q`` of a weight that lies on the grid ``scale``/``zero`` (per group, as
+    :func:`weight_groups_grid` shapes them): ``weight = scale · (q - zero)``, as int16."""
+    qmin, qmax = integer_range(spec.bits, spec.symmetric)
+    wg, pad = group_for_stats(weight.float(), spec)
+    q = torch.clamp(torch.round(wg / scale) + zero, qmin, qmax)
+    return ungroup(q, weight, pad).to(torch.int16)
+
+
+def dequantize_codes(
+    codes: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor
+) -> torch.Tensor:
+    """``scale · (codes - zero)`` per group, in float32: the inverse of :func:`integer_codes`."""
+    qg, pad = group_for_stats(codes.float(), spec)
+    return ungroup((qg - zero) * scale, codes, pad)
+
+
 def fake_quantize(
     x: torch.Tensor,
     spec: QuantSpec,

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from lrquant.config import QuantSpec
 from lrquant.quant.gptq import asymmetric_target, gptq_quantize, weight_grid
-from lrquant.quant.quantizer import fake_quantize, group_for_stats, group_sums
+from lrquant.quant.quantizer import fake_quantize, group_for_stats, group_sums, weight_groups_grid
 
 Vector = Callable[[], torch.Tensor]
 CLIP_INIT = 4.0  # sigmoid(4) ≈ 0.982: start just inside the min/max range
@@ -142,6 +142,19 @@ class WeightTransform:
             return self.final
         w, b = self.transformed(weight, bias)
         return self.quantize(w, spec), b
+
+    @torch.no_grad()
+    def final_grid(
+        self, weight: torch.Tensor, spec: QuantSpec, _current: tuple | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step size and zero point of each group of the folded weight
+        (:meth:`final_weight_and_bias`): the learned clipping range of the transformed weight, the
+        step times the row's rotation vector."""
+        w, _ = self.transformed(weight, None)
+        scale, zero = weight_groups_grid(w, spec, *self._clip_factors())
+        if self.rotation is not None:
+            scale = scale * self.rotation.reshape(-1, *[1] * (scale.dim() - 1))
+        return scale, zero
 
     @torch.no_grad()
     def final_weight_and_bias(
