@@ -164,10 +164,20 @@ def folder(name: str, files: dict[str, bytes]) -> Callable[[Path, Path], None]:
     return make
 
 
-def lrquant_output(work: Path, model: Path) -> None:
+def lrquant_output(work: Path, model: Path, *extra: str) -> None:
     """A real output folder at ``work/out`` (what --overwrite may replace), made before the case."""
-    code = _cli(work, model, *QUANTIZE, "--no-eval")
+    code = _cli(work, model, *QUANTIZE, "--no-eval", *extra)
     assert code == 0
+
+
+def output_without_integers(work: Path, model: Path) -> None:
+    lrquant_output(work, model)
+    (work / "out" / "integer_weights.safetensors").unlink()
+
+
+def output_and_file(work: Path, model: Path) -> None:
+    lrquant_output(work, model)
+    (work / "mine.gguf").write_bytes(b"GGUF but mine")
 
 
 def output_with_note(work: Path, model: Path) -> None:
@@ -291,6 +301,18 @@ CASES = [
     Case("jsonl-bad-line", (*QUANTIZE, "--eval-data", "d.jsonl"), ("line 2 is not valid JSON",), plain_file("d.jsonl", b'{"text": "a"}\n{oops\n')),
     Case("jsonl-missing-field", (*QUANTIZE, "--eval-data", "d.jsonl"), ("line 1 has no string field 'text'",), plain_file("d.jsonl", b'{"body": "a"}\n')),
     Case("wikipedia-unknown-split", (*EVAL[:4], "wikipedia:dev"), ("unknown wikipedia split 'dev'",)),
+    # export
+    Case("export-unknown-format", ("export", "{out}", "--format", "onnx"), ("unknown export format 'onnx'; available: compressed-tensors, gguf",), lrquant_output),
+    Case("export-without-format", ("export", "{out}"), ("the following arguments are required: --format",), lrquant_output),
+    Case("export-missing-source", ("export", "nowhere", "--format", "gguf"), ("output folder 'nowhere' not found",)),
+    Case("export-not-an-output", ("export", "{model}", "--format", "gguf"), ("is not an lrquant output folder",)),
+    Case("export-without-integers", ("export", "{out}", "--format", "gguf"), ("has no integer weights", "lrquant quantize --model"), output_without_integers),
+    Case("export-16-bit-weights", ("export", "{out}", "--format", "gguf"), ("has no quantized weights (W16A8)",), lambda w, m: lrquant_output(w, m, "--wbits", "16", "--abits", "8")),
+    Case("export-into-its-source", ("export", "{out}", "--format", "compressed-tensors", "--output", "{out}/packed"), ("is inside the quantized output",), lrquant_output),
+    Case("export-onto-its-source", ("export", "{out}", "--format", "compressed-tensors", "--output", "{out}", "--overwrite"), ("which this run reads or runs in",), lrquant_output),
+    Case("export-over-a-file", ("export", "{out}", "--format", "gguf", "--output", "mine.gguf"), ("already exists as a file: pass --overwrite",), output_and_file),
+    Case("export-over-a-foreign-file", ("export", "{out}", "--format", "gguf", "--output", "mine.gguf", "--overwrite"), ("is not a GGUF file lrquant wrote",), output_and_file),
+    Case("quantize-unknown-format", (*QUANTIZE, "--format", "onnx"), ("unknown export format 'onnx'",)),
     # image data
     Case("images-folder-empty", (*VIT, "--calib-data", "images", "--method", "omniquant"), ("no images",), folder("images", {})),
     Case("images-broken-file", (*VIT, "--calib-data", "images", "--method", "omniquant"), ("broken.png",), bad_image),
@@ -333,4 +355,4 @@ def test_bad_input_gives_one_line_and_changes_nothing(
 
 
 def test_the_corpus_is_large_and_names_each_case_once() -> None:
-    assert len({case.id for case in CASES}) == len(CASES) >= 81  # README, "Reliability"
+    assert len({case.id for case in CASES}) == len(CASES) >= 92  # README, "Reliability"

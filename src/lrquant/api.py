@@ -1,4 +1,4 @@
-"""Public Python API: quantize a model, evaluate a model, load a quantized output.
+"""Public Python API: quantize a model, evaluate a model, export a quantized output.
 
 Example::
 
@@ -37,13 +37,14 @@ from lrquant.errors import LrquantError
 from lrquant.eval import images as image_eval
 from lrquant.eval.images import DEFAULT_IMAGE_EVAL
 from lrquant.eval.perplexity import perplexity
+from lrquant.export import default_destination, export_format, read_output, write_format
 from lrquant.methods.blockwise import quantize_blockwise, report_dict
 from lrquant.methods.e2e import fp_final_hidden
 from lrquant.methods.resume import ResumeStore
 from lrquant.methods.rtn import quantize_rtn
 from lrquant.models.builtin import cache_root, is_builtin
 from lrquant.models.loading import LoadedModel, load_model, resolve_model_dir
-from lrquant.output_dir import AtomicOutputDir, disk_space_for, write_json
+from lrquant.output_dir import AtomicOutputDir, AtomicOutputFile, disk_space_for, write_json
 from lrquant.quant.apply import patch_embedding
 from lrquant.recipes import DEFAULT_METHOD, Recipe, build_recipe, check_image_recipe
 from lrquant.report import PLOT_FILE, plot_blocks
@@ -486,6 +487,49 @@ def _saved_bytes(loaded: LoadedModel) -> int:
     """About the size of the saved output: every tensor of the model, plus its tokenizer files."""
     tensors = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
     return tensors + sum(p.stat().st_size for p in loaded.path.glob("tokenizer*") if p.is_file())
+
+
+def export(
+    output: str | Path, format: str, destination: str | Path | None = None, overwrite: bool = False
+) -> dict:
+    """Pack the quantized output folder ``output`` into ``format`` (``compressed-tensors``: a
+    folder; ``gguf``: one file) at ``destination`` (default: beside ``output``, named after it),
+    from the integer codes the run ended on: nothing is quantized again. Written atomically;
+    ``overwrite`` replaces only an earlier export lrquant wrote. Returns the path, format and
+    size in bytes."""
+    fmt = export_format(format)
+    start = time.perf_counter()
+    source = read_output(output)
+    path = destination if destination is not None else default_destination(output, fmt)
+    if source.folder.resolve() in Path(path).expanduser().resolve().parents:
+        raise LrquantError(
+            f"'{path}' is inside the quantized output '{output}', which would then hold files it did "
+            "not write: choose a path outside it"
+        )
+    atomic = AtomicOutputFile if fmt.single_file else AtomicOutputDir
+    with atomic(path, overwrite, [source.folder]) as out:
+        log(f"packing {source.folder} ({source.scheme.name}) as {fmt.name}")
+        with disk_space_for(
+            f"the {fmt.name} export", out.final.parent, _packed_bytes(source), "nothing was kept"
+        ):
+            write_format(source, fmt, out.tmp)
+            out.commit()
+    size = sum(p.stat().st_size for p in ([out.final] if fmt.single_file else out.final.rglob("*")))
+    log(f"wrote {out.final} ({size / 2**20:.1f} MiB, for {fmt.engines})")
+    return {
+        "format": fmt.name,
+        "path": str(out.final),
+        "bytes": size,
+        "source": str(source.folder),
+        "scheme": source.scheme.name,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def _packed_bytes(source) -> int:
+    """About the size of a packed export: the codes at their width, the rest as stored."""
+    codes = sum(linear.codes.numel() * linear.bits // 8 for linear in source.linears.values())
+    return codes + sum(t.numel() * t.element_size() for t in source.tensors.values())
 
 
 def _evaluation_stages(loaded: LoadedModel, data: DataSettings, device: torch.device):

@@ -148,9 +148,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
     q.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output folder that lrquant wrote"
+    )
+    q.add_argument(
+        "--format",
+        dest="export_format",
+        default=None,
+        help="also pack the output for an engine: compressed-tensors (vLLM) or gguf (llama.cpp), "
+        "written beside --output (OUTPUT-compressed-tensors/, OUTPUT.gguf)",
+    )
     _add_data_args(q, "--eval-data")
     q.set_defaults(func=cmd_quantize)
+
+    x = sub.add_parser("export", help="pack a quantized output folder for an engine, from its integer codes")
+    x.add_argument("source", metavar="OUTPUT", help="a folder that `lrquant quantize --output` wrote")
+    x.add_argument(
+        "--format",
+        required=True,
+        help="compressed-tensors (a folder: vLLM, llm-compressor, transformers) or gguf (one file: "
+        "llama.cpp, Ollama, LM Studio)",
+    )
+    x.add_argument("--output", default=None, help="where to write (default: beside OUTPUT, named after it)")
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier export that lrquant wrote")
+    x.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    x.set_defaults(func=cmd_export)
 
     e = sub.add_parser(
         "eval", help="perplexity (text) or feature cosine and accuracy (images) of a model or output folder"
@@ -184,10 +206,16 @@ def _data_settings(args: argparse.Namespace):
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    """``lrquant quantize``."""
+    """``lrquant quantize`` (and, with ``--format``, ``lrquant export`` of its output)."""
     from lrquant import api
     from lrquant.config import build_scheme
+    from lrquant.export import default_destination, export_format
     from lrquant.recipes import parse_overrides
+
+    if args.export_format is not None:  # a wrong format name fails before any work
+        packed = default_destination(args.output, export_format(args.export_format))
+        if packed.exists() and not args.overwrite:
+            raise LrquantError(f"'{packed}' already exists: pass --overwrite to replace it")
 
     scheme = build_scheme(
         wbits=args.wbits,
@@ -229,7 +257,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             f"{report['method']} {report['scheme']}: {summary}; "
             f"{report['seconds']['total']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MiB -> {args.output}"
         )
+    if args.export_format is not None:
+        packed = api.export(args.output, args.export_format, overwrite=args.overwrite)
+        if not args.json:
+            print(_export_summary(packed))
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``lrquant export``."""
+    from lrquant import api
+
+    result = api.export(args.source, args.format, args.output, overwrite=args.overwrite)
+    print(json.dumps(result, indent=2) if args.json else _export_summary(result))
+    return 0
+
+
+def _export_summary(result: dict) -> str:
+    return (
+        f"{result['scheme']} as {result['format']}: {result['bytes'] / 2**20:.1f} MiB, "
+        f"{result['seconds']:.1f} s -> {result['path']}"
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -131,17 +131,36 @@ def replace_refusal(folder: Path) -> str | None:
     return None
 
 
-class AtomicOutputDir:
-    """A locked temporary sibling folder that becomes ``final`` only on :meth:`commit`.
+def gguf_replace_refusal(path: Path) -> str | None:
+    """Why ``--overwrite`` may not replace the file ``path``, or ``None`` when it is a GGUF file
+    that lrquant wrote (its ``general.quantized_by``)."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(path).get_field("general.quantized_by")
+        by = field.contents() if field is not None else None
+    except Exception:  # not a GGUF file at all, or a damaged one: not ours either way
+        by = None
+    if by != "lrquant":
+        return "it is not a GGUF file lrquant wrote; choose another --output, or delete it yourself"
+    return None
+
+
+class _AtomicOutput:
+    """A locked temporary sibling (``.NAME.tmp-*``) that becomes ``final`` only on :meth:`commit`.
 
     Created up front, so an unwritable or refused destination fails before any long work.
     ``protected`` paths (the input model, data files) may be neither ``final`` nor inside it.
     Anything not committed (an error, Ctrl-C) is removed, with the parent folders made for it.
     """
 
+    what = "folder"
+
     def __init__(self, final: str | Path, overwrite: bool = False, protected: Iterable[Path] = ()) -> None:
         if not str(final).strip():
-            raise LrquantError("the output path is empty: give a folder to write, e.g. --output out/model")
+            raise LrquantError(
+                f"the output path is empty: give a {self.what} to write, e.g. --output out/model"
+            )
         self.final = Path(final).expanduser().absolute()
         self.overwrite = overwrite
         self._check_protected([*protected, Path.cwd(), Path.home()])
@@ -155,13 +174,20 @@ class AtomicOutputDir:
             raise LrquantError(f"output '{final}' is not writable: {err.strerror or err}") from None
         try:
             self._check_existing()
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
+            self.tmp = self._make_tmp(f".{self.final.name}.tmp-")
         except BaseException as err:
             self.lock.release()
             self._remove_created()
             if isinstance(err, OSError):
                 raise LrquantError(f"output '{final}' is not writable: {err.strerror or err}") from None
             raise
+
+    def _make_tmp(self, prefix: str) -> Path:
+        raise NotImplementedError
+
+    def _refusal(self) -> str | None:
+        """Why the existing ``final`` may not be replaced (it exists and is of this kind)."""
+        raise NotImplementedError
 
     def _check_protected(self, protected: Iterable[Path]) -> None:
         final = self.final.resolve()
@@ -175,59 +201,64 @@ class AtomicOutputDir:
                 )
 
     def _check_existing(self) -> None:
-        """Refuse an existing output unless it is an empty folder, or ``overwrite`` and lrquant's."""
+        """Refuse an existing output unless ``overwrite`` and it is lrquant's (or an empty folder)."""
         final = self.final
         if final.is_symlink():
             raise LrquantError(
-                f"output '{final}' is a symbolic link: give the folder itself, or another path"
+                f"output '{final}' is a symbolic link: give the {self.what} itself, or another path"
             )
         if not final.exists():
             return
-        if not final.is_dir():
-            raise LrquantError(f"output '{final}' already exists as a file: choose another path")
-        if not any(final.iterdir()):
+        if final.is_dir() != (self.what == "folder"):
+            kind = "folder" if final.is_dir() else "file"
+            raise LrquantError(f"output '{final}' already exists as a {kind}: choose another path")
+        if final.is_dir() and not any(final.iterdir()):
             return
         if not self.overwrite:
-            raise LrquantError(f"output '{final}' already exists as a folder: pass --overwrite to replace it")
-        reason = replace_refusal(final)
+            raise LrquantError(
+                f"output '{final}' already exists as a {self.what}: pass --overwrite to replace it"
+            )
+        reason = self._refusal()
         if reason is not None:
             raise LrquantError(f"--overwrite refuses to replace '{final}': {reason}")
 
+    def _before_commit(self) -> None:
+        """Last touches to the finished temporary output."""
+
     def commit(self) -> Path:
-        """Put the finished temporary folder in place of ``final`` (which is checked again: it may
-        have appeared while the run worked) and remove stale temporary folders of earlier runs."""
+        """Put the finished temporary output in place of ``final`` (which is checked again: it may
+        have appeared while the run worked) and remove stale temporaries of earlier runs."""
         try:
             self._check_existing()
         except LrquantError as err:
             raise LrquantError(f"{err} (it appeared while this run was working)") from None
         umask = os.umask(0)
         os.umask(umask)
-        for path in [self.tmp, *self.tmp.rglob("*")]:  # mkdtemp and some writers make files private
-            if not path.is_symlink():
+        for path in [self.tmp, *(self.tmp.rglob("*") if self.tmp.is_dir() else [])]:
+            if not path.is_symlink():  # mkstemp, mkdtemp and some writers make files private
                 os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-        manifest = {"written_by": "lrquant", "lrquant_version": __version__, "files": _files(self.tmp)}
-        write_json(self.tmp / MANIFEST_FILE, manifest)
+        self._before_commit()
         old = None
         if self.final.exists():
             old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
             os.replace(self.final, old)
         os.replace(self.tmp, self.final)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         self._remove_stale()
         return self.final
 
     def _remove_stale(self) -> None:
-        """Temporary and set-aside folders of this output left by runs that were killed (the lock
+        """Temporaries and set-aside outputs of this name left by runs that were killed (the lock
         says no other run is writing them)."""
         prefixes = (f".{self.final.name}.tmp-", f".{self.final.name}.old-")
         for path in self.final.parent.iterdir():
-            if path.name.startswith(prefixes) and path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
+            if path.name.startswith(prefixes) and not path.is_symlink():
+                _remove(path)
 
     def discard(self) -> None:
-        """Remove the temporary folder (a no-op after :meth:`commit`)."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Remove the temporary output (a no-op after :meth:`commit`)."""
+        _remove(self.tmp)
 
     def _remove_created(self) -> None:
         if self.final.exists():
@@ -238,7 +269,7 @@ class AtomicOutputDir:
             except OSError:
                 break
 
-    def __enter__(self) -> AtomicOutputDir:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -248,6 +279,46 @@ class AtomicOutputDir:
         finally:
             self.lock.release()
             self._remove_created()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+class AtomicOutputDir(_AtomicOutput):
+    """An output folder (see :class:`_AtomicOutput`); ``tmp`` is the folder to write into, and
+    :meth:`commit` lists what was written in its manifest."""
+
+    what = "folder"
+
+    def _make_tmp(self, prefix: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.final.parent))
+
+    def _refusal(self) -> str | None:
+        return replace_refusal(self.final)
+
+    def _before_commit(self) -> None:
+        manifest = {"written_by": "lrquant", "lrquant_version": __version__, "files": _files(self.tmp)}
+        write_json(self.tmp / MANIFEST_FILE, manifest)
+
+
+class AtomicOutputFile(_AtomicOutput):
+    """An output file (see :class:`_AtomicOutput`); ``tmp`` is the file to write. Only a GGUF file
+    that lrquant wrote may be replaced."""
+
+    what = "file"
+
+    def _make_tmp(self, prefix: str) -> Path:
+        handle, name = tempfile.mkstemp(prefix=prefix, dir=self.final.parent)
+        os.close(handle)
+        return Path(name)
+
+    def _refusal(self) -> str | None:
+        return gguf_replace_refusal(self.final)
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -1,0 +1,173 @@
+"""Packed export of a quantized output folder to the formats engines run.
+
+:func:`read_output` gathers what every writer needs from an output folder (the integer codes,
+steps and zero points of each quantized linear, the other weights, config and scheme); each
+format's writer (``compressed_tensors``, ``gguf``) turns that into its own files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from lrquant.checkpoint import QUANT_FILE, read_input_rotations, read_integer_weights, read_scheme
+from lrquant.config import QuantScheme
+from lrquant.errors import LrquantError
+from lrquant.file_checks import check_safetensors, read_json_object
+
+REPORT_FILE = "report.json"
+
+
+@dataclass
+class IntegerLinear:
+    """One quantized linear on its grid: ``weight = scale · (codes - zero)`` per group.
+
+    ``codes`` is ``[out, in]`` (uint8 for an asymmetric grid, int8 for a symmetric one); ``scale``
+    and ``zero`` are float32 ``[out, groups]``, groups of ``group_size`` consecutive input columns
+    (the last one shorter when ``group_size`` does not divide ``in``; one group per row when
+    ``group_size`` is None); ``zero`` holds integers, 0 on a symmetric grid, possibly outside the
+    code range on an asymmetric one. ``bias`` is the linear's bias, if it has one.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bias: torch.Tensor | None
+    bits: int
+    symmetric: bool
+    group_size: int | None
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight these integers stand for."""
+        size = self.group_size or self.codes.shape[1]
+        columns = torch.arange(self.codes.shape[1]) // size
+        return (self.codes.float() - self.zero[:, columns]) * self.scale[:, columns]
+
+
+@dataclass
+class QuantizedOutput:
+    """What a quantized output folder holds, as export reads it."""
+
+    folder: Path
+    config: dict
+    scheme: QuantScheme
+    linears: dict[str, IntegerLinear]  # by module name, e.g. "model.layers.0.self_attn.q_proj"
+    tensors: dict[str, torch.Tensor]  # every other tensor of model.safetensors, by its key
+    method: str | None
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type"))
+
+
+def _recreate_hint(folder: Path) -> str:
+    """The command that made ``folder`` again, from its report, for outputs export cannot read."""
+    try:
+        report = json.loads((folder / REPORT_FILE).read_text())
+        scheme = report["settings"]["weight"]
+        command = (
+            f"lrquant quantize --model {report['model']['name']} --method {report['method']} "
+            f"--preset {report['preset']} --wbits {scheme['bits']}"
+            + (f" --group-size {scheme['group_size']}" if scheme.get("group_size") else "")
+            + f" --seed {report['seed']} --output {folder} --overwrite"
+        )
+        return f"re-create it with this lrquant ({command})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "re-create it with this lrquant's `lrquant quantize`"
+
+
+def read_output(folder: str | Path) -> QuantizedOutput:
+    """Read a quantized output folder for export; refused in one line when it is not one, or was
+    written without integer weights (an older lrquant), saying how to re-create it."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise LrquantError(f"output folder '{folder}' not found: give a folder that `lrquant quantize` wrote")
+    if not (folder / QUANT_FILE).is_file():
+        raise LrquantError(
+            f"'{folder}' is not an lrquant output folder (it has no {QUANT_FILE}): export takes the "
+            "folder that `lrquant quantize --output` wrote"
+        )
+    scheme = read_scheme(folder)
+    assert scheme is not None
+    if not scheme.weight.enabled:
+        raise LrquantError(f"'{folder}' has no quantized weights ({scheme.name}): there is nothing to pack")
+    integers = read_integer_weights(folder)
+    if not integers:
+        raise LrquantError(
+            f"'{folder}' has no integer weights (written by an older lrquant): {_recreate_hint(folder)}"
+        )
+    if read_input_rotations(folder):
+        raise LrquantError(
+            f"'{folder}' rotates linear inputs at run time (hadamard=online, down or inputs), which "
+            "packed formats cannot hold exactly: quantize without them or with --set hadamard=folded"
+        )
+    config = read_json_object(folder / "config.json", "a model config")
+    weights = folder / "model.safetensors"
+    check_safetensors(weights)
+    tensors = load_file(str(weights))
+    linears = {}
+    for name, parts in integers.items():
+        linears[name] = IntegerLinear(
+            codes=parts["codes"],
+            scale=parts["scale"],
+            zero=parts["zero"],
+            bias=tensors.pop(f"{name}.bias", None),
+            bits=scheme.weight.bits,
+            symmetric=scheme.weight.symmetric,
+            group_size=scheme.weight.group_size,
+        )
+        tensors.pop(f"{name}.weight", None)
+    method = json.loads((folder / QUANT_FILE).read_text()).get("method")
+    return QuantizedOutput(folder, config, scheme, linears, tensors, method)
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """A packed format: whether it is one file or a folder, its usual suffix, and its writer
+    (``module:function``, imported when used: a format's package is an optional extra)."""
+
+    name: str
+    single_file: bool
+    suffix: str
+    writer: str
+    engines: str
+
+
+FORMATS = {
+    f.name: f
+    for f in (
+        ExportFormat(
+            "compressed-tensors",
+            False,
+            "-compressed-tensors",
+            "lrquant.export.compressed_tensors:write_compressed_tensors",
+            "vLLM, llm-compressor, transformers",
+        ),
+        ExportFormat("gguf", True, ".gguf", "lrquant.export.gguf:write_gguf", "llama.cpp, Ollama, LM Studio"),
+    )
+}
+
+
+def export_format(name: str) -> ExportFormat:
+    """The format called ``name``, or a one-line refusal listing the formats."""
+    if name not in FORMATS:
+        raise LrquantError(f"unknown export format '{name}'; available: {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+def default_destination(output: str | Path, fmt: ExportFormat) -> Path:
+    """Where ``quantize --format`` puts the export of ``output``: beside it, named after it."""
+    output = Path(output)
+    return output.with_name(output.name + fmt.suffix)
+
+
+def write_format(output: QuantizedOutput, fmt: ExportFormat, path: Path) -> None:
+    """Run ``fmt``'s writer on ``output`` into ``path`` (a new empty folder, or a new file)."""
+    import importlib
+
+    module, _, function = fmt.writer.partition(":")
+    getattr(importlib.import_module(module), function)(output, path)
