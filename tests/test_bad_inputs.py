@@ -313,6 +313,13 @@ CASES = [
     Case("export-over-a-file", ("export", "{out}", "--format", "gguf", "--output", "mine.gguf"), ("already exists as a file: pass --overwrite",), output_and_file),
     Case("export-over-a-foreign-file", ("export", "{out}", "--format", "gguf", "--output", "mine.gguf", "--overwrite"), ("is not a GGUF file lrquant wrote",), output_and_file),
     Case("quantize-unknown-format", (*QUANTIZE, "--format", "onnx"), ("unknown export format 'onnx'",)),
+    # running outputs
+    Case("eval-unknown-backend", (*EVAL, "--backend", "gpu"), ("unknown backend 'gpu'; available: auto, packed, fake",)),
+    Case("eval-packed-full-precision", (*EVAL, "--backend", "packed"), ("is not a quantized output: --backend packed has nothing to pack",)),
+    Case("generate-no-prompt", ("generate", "--model", "{model}"), ("the following arguments are required: --prompt",)),
+    Case("generate-empty-prompt", ("generate", "--model", "{model}", "--prompt", ""), ("the prompt is empty",)),
+    Case("generate-zero-tokens", ("generate", "--model", "{model}", "--prompt", "Hi", "--max-new-tokens", "0"), ("--max-new-tokens must be at least 1 (got 0)",)),
+    Case("generate-a-vision-model", ("generate", "--model", "{vit}", "--prompt", "Hi"), ("is a vision model: generate is for language models",)),
     # image data
     Case("images-folder-empty", (*VIT, "--calib-data", "images", "--method", "omniquant"), ("no images",), folder("images", {})),
     Case("images-broken-file", (*VIT, "--calib-data", "images", "--method", "omniquant"), ("broken.png",), bad_image),
@@ -355,4 +362,4 @@ def test_bad_input_gives_one_line_and_changes_nothing(
 
 
 def test_the_corpus_is_large_and_names_each_case_once() -> None:
-    assert len({case.id for case in CASES}) == len(CASES) >= 92  # README, "Reliability"
+    assert len({case.id for case in CASES}) == len(CASES) >= 98  # README, "Reliability"

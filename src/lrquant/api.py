@@ -38,6 +38,7 @@ from lrquant.eval import images as image_eval
 from lrquant.eval.images import DEFAULT_IMAGE_EVAL
 from lrquant.eval.perplexity import perplexity
 from lrquant.export import default_destination, export_format, read_output, write_format
+from lrquant.inference import apply_backend, generate_text
 from lrquant.methods.blockwise import quantize_blockwise, report_dict
 from lrquant.methods.e2e import fp_final_hidden
 from lrquant.methods.resume import ResumeStore
@@ -173,6 +174,7 @@ def evaluate(
     trust_remote_code: bool = False,
     reference: str | None = None,
     device: str = "auto",
+    backend: str = "fake",
 ) -> dict:
     """Evaluate ``model`` (a name, a folder, a .gguf, or a quantized output folder).
 
@@ -180,7 +182,8 @@ def evaluate(
     similarity of its features to ``reference``'s and top-1 or linear-probe accuracy (probes are
     trained on the reference's features). The reference defaults to the model a quantized folder
     was made from, when that is still there, else the model itself. ``device``: see
-    :func:`lrquant.device.resolve_device`.
+    :func:`lrquant.device.resolve_device`. ``backend``: how a quantized output's linears run
+    (:mod:`lrquant.inference`; ``fake``, the default, computes exactly as the run evaluated).
     """
     start = time.perf_counter()
     target = resolve_device(device)
@@ -191,6 +194,7 @@ def evaluate(
         "model_type": loaded.model_type,
         "scheme": loaded.scheme.name if loaded.scheme else "fp",
         "data": data.eval,
+        "backend": apply_backend(loaded, backend, target),
     }
     if loaded.arch.modality == "image":
         reference = reference or _source_model(loaded)
@@ -207,6 +211,31 @@ def evaluate(
         "seconds": round(time.perf_counter() - start, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "device": str(target),
+    }
+
+
+def generate(
+    model: str,
+    prompt: str,
+    max_new_tokens: int = 64,
+    backend: str = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    echo: bool = True,
+) -> dict:
+    """Continue ``prompt`` greedily with ``model`` (a quantized output runs on packed CPU kernels
+    where they exist: ``backend``), streaming the text to stdout when ``echo``; returns the text
+    and the prefill and decode speeds in tokens per second."""
+    target = resolve_device(device)
+    loaded = load_model(model, trust_remote_code=trust_remote_code)
+    used = apply_backend(loaded, backend, target)
+    with placed(loaded.model, target):
+        result = generate_text(loaded, prompt, max_new_tokens, echo)
+    return {
+        "model": model,
+        "scheme": loaded.scheme.name if loaded.scheme else "fp",
+        "backend": used,
+        **result,
     }
 
 

@@ -185,8 +185,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="full-precision model that vision features are compared to and probes trained on "
         "(default: the model a quantized folder was made from)",
     )
+    _add_backend_arg(e, "fake")
     e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="continue a prompt with a model or output, streaming the text")
+    _add_model_args(g)
+    g.set_defaults(device="cpu")
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    _add_backend_arg(g, "auto")
+    g.add_argument("--json", action="store_true", help="print the result as JSON instead of streaming")
+    g.set_defaults(func=cmd_generate)
     return parser
+
+
+def _add_backend_arg(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--backend",
+        default=default,
+        help="how a quantized output's linears run: packed (real int4/int8 CPU kernels), fake "
+        f"(simulated, exactly as evaluated when quantizing) or auto (packed where a kernel exists) "
+        f"(default: {default})",
+    )
 
 
 def _data_settings(args: argparse.Namespace):
@@ -273,6 +293,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``lrquant generate``: the continuation streams to stdout, the speeds follow on stderr."""
+    from lrquant import api
+
+    result = api.generate(
+        args.model,
+        args.prompt,
+        args.max_new_tokens,
+        args.backend,
+        args.device,
+        args.trust_remote_code,
+        echo=not args.json,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        decode = result["decode_tokens_per_s"]
+        print(
+            f"lrquant: {result['scheme']} on {result['backend']}: prefill {result['prompt_tokens']} "
+            f"tokens at {result['prefill_tokens_per_s']:.1f} tokens/s, {result['new_tokens']} new tokens"
+            + (f" at {decode:.1f} tokens/s" if decode else ""),
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _export_summary(result: dict) -> str:
     return (
         f"{result['scheme']} as {result['format']}: {result['bytes'] / 2**20:.1f} MiB, "
@@ -290,6 +336,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         reference=args.reference,
         device=args.device,
+        backend=args.backend,
     )
     if args.json:
         print(json.dumps(result, indent=2))
