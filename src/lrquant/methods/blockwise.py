@@ -407,11 +407,13 @@ def _hooked(block: nn.Module, linears: list[QuantLinear], hook, inputs: torch.Te
 def _stages(block: nn.Module, linears: list[QuantLinear], sample: torch.Tensor, kwargs, recipe) -> list[list]:
     """``linears`` in the order the forward calls them, those fed one same input together
     (Q, K and V; gate and up)."""
-    calls: list[tuple[QuantLinear, int]] = []
-    _hooked(block, linears, lambda m, args: calls.append((m, id(args[0]))), sample, kwargs, recipe)
+    # The inputs themselves are kept, not their id(): a freed input's id can come back as the
+    # next linear's input, which would put that linear in the wrong stage now and then.
+    calls: list[tuple[QuantLinear, torch.Tensor]] = []
+    _hooked(block, linears, lambda m, args: calls.append((m, args[0])), sample, kwargs, recipe)
     stages: list[list[QuantLinear]] = []
     for i, (module, source) in enumerate(calls):
-        if i and source == calls[i - 1][1]:
+        if i and source is calls[i - 1][1]:
             stages[-1].append(module)
         else:
             stages.append([module])
