@@ -92,8 +92,8 @@ def _save_integer_weights(folder: Path, model: nn.Module, arch: ArchSpec, scheme
         if off.max() > step:  # a rounding that differs from what was evaluated: never export it
             raise RuntimeError(f"the weight of {name} is off its grid by {off.max():.3g}")
         tensors[f"{name}.codes"] = codes.to(torch.int8 if scheme.weight.symmetric else torch.uint8)
-        tensors[f"{name}.scale"] = scale.reshape(scale.shape[0], -1).cpu()
-        tensors[f"{name}.zero"] = zero.reshape(zero.shape[0], -1).cpu()
+        tensors[f"{name}.scale"] = scale.reshape(scale.shape[0], -1)
+        tensors[f"{name}.zero"] = zero.reshape(zero.shape[0], -1)
     if tensors:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(Path(folder) / INTEGERS_FILE))
     return bool(tensors)

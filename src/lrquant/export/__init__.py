@@ -14,12 +14,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lrquant.checkpoint import QUANT_FILE, read_input_rotations, read_integer_weights, read_scheme
-from lrquant.config import QuantScheme
+from lrquant.checkpoint import (
+    QUANT_FILE,
+    REPORT_FILE,
+    read_input_rotations,
+    read_integer_weights,
+    read_scheme,
+)
+from lrquant.config import QuantScheme, QuantSpec
 from lrquant.errors import LrquantError
 from lrquant.file_checks import check_safetensors, read_json_object
-
-REPORT_FILE = "report.json"
+from lrquant.quant.quantizer import dequantize_codes
 
 
 @dataclass
@@ -43,9 +48,13 @@ class IntegerLinear:
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight these integers stand for."""
-        size = self.group_size or self.codes.shape[1]
-        columns = torch.arange(self.codes.shape[1]) // size
-        return (self.codes.float() - self.zero[:, columns]) * self.scale[:, columns]
+        granularity = "group" if self.group_size else "channel"
+        spec = QuantSpec(
+            bits=self.bits, symmetric=self.symmetric, granularity=granularity, group_size=self.group_size
+        )
+        if self.group_size:  # the quantizer's per-group statistics are [out, groups, 1]
+            return dequantize_codes(self.codes, spec, self.scale.unsqueeze(-1), self.zero.unsqueeze(-1))
+        return dequantize_codes(self.codes, spec, self.scale, self.zero)
 
 
 @dataclass
