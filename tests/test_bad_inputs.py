@@ -313,6 +313,8 @@ CASES = [
     Case("export-over-a-file", ("export", "{out}", "--format", "gguf", "--output", "mine.gguf"), ("already exists as a file: pass --overwrite",), output_and_file),
     Case("export-over-a-foreign-file", ("export", "{out}", "--format", "gguf", "--output", "mine.gguf", "--overwrite"), ("is not a GGUF file lrquant wrote",), output_and_file),
     Case("quantize-unknown-format", (*QUANTIZE, "--format", "onnx"), ("unknown export format 'onnx'",)),
+    Case("quantize-format-over-a-file", (*QUANTIZE, "--format", "gguf"), ("out.gguf' already exists as a file: pass --overwrite",), plain_file("out.gguf", b"mine")),
+    Case("quantize-format-over-a-foreign-file", (*QUANTIZE, "--format", "gguf", "--overwrite"), ("out.gguf': it is not a GGUF file lrquant wrote",), plain_file("out.gguf", b"mine")),
     # running outputs
     Case("eval-unknown-backend", (*EVAL, "--backend", "gpu"), ("unknown backend 'gpu'; available: auto, packed, fake",)),
     Case("eval-packed-full-precision", (*EVAL, "--backend", "packed"), ("is not a quantized output: --backend packed has nothing to pack",)),
@@ -362,4 +364,4 @@ def test_bad_input_gives_one_line_and_changes_nothing(
 
 
 def test_the_corpus_is_large_and_names_each_case_once() -> None:
-    assert len({case.id for case in CASES}) == len(CASES) >= 98  # README, "Reliability"
+    assert len({case.id for case in CASES}) == len(CASES) >= 100  # README, "Reliability"

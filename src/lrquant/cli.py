@@ -230,12 +230,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lrquant import api
     from lrquant.config import build_scheme
     from lrquant.export import default_destination, export_format
+    from lrquant.output_dir import AtomicOutputDir, AtomicOutputFile
     from lrquant.recipes import parse_overrides
 
-    if args.export_format is not None:  # a wrong format name fails before any work
-        packed = default_destination(args.output, export_format(args.export_format))
-        if packed.exists() and not args.overwrite:
-            raise LrquantError(f"'{packed}' already exists: pass --overwrite to replace it")
+    if args.export_format is not None:  # a wrong format or destination fails before any work
+        fmt = export_format(args.export_format)
+        atomic = AtomicOutputFile if fmt.single_file else AtomicOutputDir
+        atomic.check_destination(default_destination(args.output, fmt), args.overwrite)
 
     scheme = build_scheme(
         wbits=args.wbits,

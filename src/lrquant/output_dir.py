@@ -185,7 +185,8 @@ class _AtomicOutput:
     def _make_tmp(self, prefix: str) -> Path:
         raise NotImplementedError
 
-    def _refusal(self) -> str | None:
+    @classmethod
+    def _refusal(cls, final: Path) -> str | None:
         """Why the existing ``final`` may not be replaced (it exists and is of this kind)."""
         raise NotImplementedError
 
@@ -201,24 +202,29 @@ class _AtomicOutput:
                 )
 
     def _check_existing(self) -> None:
-        """Refuse an existing output unless ``overwrite`` and it is lrquant's (or an empty folder)."""
-        final = self.final
+        self.check_destination(self.final, self.overwrite)
+
+    @classmethod
+    def check_destination(cls, final: Path, overwrite: bool) -> None:
+        """Refuse an existing output unless ``overwrite`` and it is lrquant's (or an empty folder);
+        also usable before a run that will write ``final`` at its end, to fail before the work."""
+        final = Path(final).expanduser().absolute()
         if final.is_symlink():
             raise LrquantError(
-                f"output '{final}' is a symbolic link: give the {self.what} itself, or another path"
+                f"output '{final}' is a symbolic link: give the {cls.what} itself, or another path"
             )
         if not final.exists():
             return
-        if final.is_dir() != (self.what == "folder"):
+        if final.is_dir() != (cls.what == "folder"):
             kind = "folder" if final.is_dir() else "file"
             raise LrquantError(f"output '{final}' already exists as a {kind}: choose another path")
         if final.is_dir() and not any(final.iterdir()):
             return
-        if not self.overwrite:
+        if not overwrite:
             raise LrquantError(
-                f"output '{final}' already exists as a {self.what}: pass --overwrite to replace it"
+                f"output '{final}' already exists as a {cls.what}: pass --overwrite to replace it"
             )
-        reason = self._refusal()
+        reason = cls._refusal(final)
         if reason is not None:
             raise LrquantError(f"--overwrite refuses to replace '{final}': {reason}")
 
@@ -298,8 +304,9 @@ class AtomicOutputDir(_AtomicOutput):
     def _make_tmp(self, prefix: str) -> Path:
         return Path(tempfile.mkdtemp(prefix=prefix, dir=self.final.parent))
 
-    def _refusal(self) -> str | None:
-        return replace_refusal(self.final)
+    @classmethod
+    def _refusal(cls, final: Path) -> str | None:
+        return replace_refusal(final)
 
     def _before_commit(self) -> None:
         manifest = {"written_by": "lrquant", "lrquant_version": __version__, "files": _files(self.tmp)}
@@ -317,8 +324,9 @@ class AtomicOutputFile(_AtomicOutput):
         os.close(handle)
         return Path(name)
 
-    def _refusal(self) -> str | None:
-        return gguf_replace_refusal(self.final)
+    @classmethod
+    def _refusal(cls, final: Path) -> str | None:
+        return gguf_replace_refusal(final)
 
 
 def write_json(path: Path, data: dict) -> None:
