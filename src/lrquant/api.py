@@ -37,7 +37,7 @@ from lrquant.errors import LrquantError
 from lrquant.eval import images as image_eval
 from lrquant.eval.images import DEFAULT_IMAGE_EVAL
 from lrquant.eval.perplexity import perplexity
-from lrquant.export import default_destination, export_format, read_output, write_format
+from lrquant.export import check_options, default_destination, export_format, read_output, write_format
 from lrquant.inference import apply_backend, generate_text
 from lrquant.methods.blockwise import quantize_blockwise, report_dict
 from lrquant.methods.e2e import fp_final_hidden
@@ -519,16 +519,21 @@ def _saved_bytes(loaded: LoadedModel) -> int:
 
 
 def export(
-    output: str | Path, format: str, destination: str | Path | None = None, overwrite: bool = False
+    output: str | Path,
+    format: str,
+    destination: str | Path | None = None,
+    overwrite: bool = False,
+    gguf_type: str | None = None,
 ) -> dict:
     """Pack the quantized output folder ``output`` into ``format`` (``compressed-tensors``: a
     folder; ``gguf``: one file) at ``destination`` (default: beside ``output``, named after it),
     from the integer codes the run ended on: nothing is quantized again. Written atomically;
-    ``overwrite`` replaces only an earlier export lrquant wrote. Returns the path, format and
-    size in bytes."""
+    ``overwrite`` replaces only an earlier export lrquant wrote. ``gguf_type`` chooses GGUF
+    types per tensor (``--gguf-type``). Returns the path, format and size in bytes."""
     fmt = export_format(format)
     start = time.perf_counter()
     source = read_output(output)
+    check_options(fmt, source.scheme, gguf_type)
     path = destination if destination is not None else default_destination(output, fmt)
     if source.folder.resolve() in Path(path).expanduser().resolve().parents:
         raise LrquantError(
@@ -541,7 +546,7 @@ def export(
         with disk_space_for(
             f"the {fmt.name} export", out.final.parent, _packed_bytes(source), "nothing was kept"
         ):
-            write_format(source, fmt, out.tmp)
+            write_format(source, fmt, out.tmp, gguf_type)
             out.commit()
     size = sum(p.stat().st_size for p in ([out.final] if fmt.single_file else out.final.rglob("*")))
     log(f"wrote {out.final} ({size / 2**20:.1f} MiB, for {fmt.engines})")

@@ -43,6 +43,17 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_gguf_type_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gguf-type",
+        default=None,
+        metavar="TYPES",
+        help="GGUF types: one for every quantized linear and/or PATTERN=TYPE per tensor, comma-separated, "
+        "e.g. Q4_K,blk.*.ffn_down=Q6_K,token_embd=Q8_0 (types Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K "
+        "Q6_K F16 F32 BF16; default: the type that holds the grid exactly, else the K-quant of its width)",
+    )
+
+
 def _add_data_args(parser: argparse.ArgumentParser, eval_flag: str) -> None:
     parser.add_argument(
         eval_flag,
@@ -158,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also pack the output for an engine: compressed-tensors (vLLM) or gguf (llama.cpp), "
         "written beside --output (OUTPUT-compressed-tensors/, OUTPUT.gguf)",
     )
+    _add_gguf_type_arg(q)
     _add_data_args(q, "--eval-data")
     q.set_defaults(func=cmd_quantize)
 
@@ -170,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "llama.cpp, Ollama, LM Studio)",
     )
     x.add_argument("--output", default=None, help="where to write (default: beside OUTPUT, named after it)")
+    _add_gguf_type_arg(x)
     x.add_argument("--overwrite", action="store_true", help="replace an earlier export that lrquant wrote")
     x.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     x.set_defaults(func=cmd_export)
@@ -229,14 +242,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     """``lrquant quantize`` (and, with ``--format``, ``lrquant export`` of its output)."""
     from lrquant import api
     from lrquant.config import build_scheme
-    from lrquant.export import default_destination, export_format
+    from lrquant.export import check_options, default_destination, export_format
     from lrquant.output_dir import AtomicOutputDir, AtomicOutputFile
     from lrquant.recipes import parse_overrides
-
-    if args.export_format is not None:  # a wrong format or destination fails before any work
-        fmt = export_format(args.export_format)
-        atomic = AtomicOutputFile if fmt.single_file else AtomicOutputDir
-        atomic.check_destination(default_destination(args.output, fmt), args.overwrite)
 
     scheme = build_scheme(
         wbits=args.wbits,
@@ -252,6 +260,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         head=args.quantize_head,
         patch_embed=args.quantize_patch_embed,
     )
+    if args.export_format is not None:  # a wrong format, scheme or destination fails before any work
+        fmt = export_format(args.export_format)
+        check_options(fmt, scheme, args.gguf_type)
+        atomic = AtomicOutputFile if fmt.single_file else AtomicOutputDir
+        atomic.check_destination(default_destination(args.output, fmt), args.overwrite)
+    elif args.gguf_type is not None:
+        raise LrquantError("--gguf-type chooses the types of a GGUF export: give it with --format gguf")
     report = api.quantize(
         args.model,
         args.output,
@@ -279,7 +294,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             f"{report['seconds']['total']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MiB -> {args.output}"
         )
     if args.export_format is not None:
-        packed = api.export(args.output, args.export_format, overwrite=args.overwrite)
+        packed = api.export(
+            args.output, args.export_format, overwrite=args.overwrite, gguf_type=args.gguf_type
+        )
         if not args.json:
             print(_export_summary(packed))
     return 0
@@ -289,7 +306,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     """``lrquant export``."""
     from lrquant import api
 
-    result = api.export(args.source, args.format, args.output, overwrite=args.overwrite)
+    result = api.export(
+        args.source, args.format, args.output, overwrite=args.overwrite, gguf_type=args.gguf_type
+    )
     print(json.dumps(result, indent=2) if args.json else _export_summary(result))
     return 0
 

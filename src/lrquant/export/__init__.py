@@ -174,9 +174,26 @@ def default_destination(output: str | Path, fmt: ExportFormat) -> Path:
     return output.with_name(output.name + fmt.suffix)
 
 
-def write_format(output: QuantizedOutput, fmt: ExportFormat, path: Path) -> None:
+def check_options(fmt: ExportFormat, scheme: QuantScheme, gguf_type: str | None) -> None:
+    """Refuse, before any work, the format options and schemes ``fmt`` cannot take."""
+    if gguf_type is not None and fmt.name != "gguf":
+        raise LrquantError(
+            f"--gguf-type chooses GGUF types, but the format is {fmt.name}: drop it or use --format gguf"
+        )
+    if fmt.name == "gguf":
+        from lrquant.export.gguf import parse_type_rules, refuse_scheme
+
+        refuse_scheme(scheme)
+        parse_type_rules(gguf_type)
+
+
+def write_format(
+    output: QuantizedOutput, fmt: ExportFormat, path: Path, gguf_type: str | None = None
+) -> None:
     """Run ``fmt``'s writer on ``output`` into ``path`` (a new empty folder, or a new file)."""
     import importlib
 
+    check_options(fmt, output.scheme, gguf_type)
+    options = {} if gguf_type is None else {"gguf_type": gguf_type}
     module, _, function = fmt.writer.partition(":")
-    getattr(importlib.import_module(module), function)(output, path)
+    getattr(importlib.import_module(module), function)(output, path, **options)

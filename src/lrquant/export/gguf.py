@@ -16,7 +16,9 @@ only type llama.cpp takes for them.
 
 from __future__ import annotations
 
+import fnmatch
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +26,11 @@ import gguf
 import numpy as np
 import torch
 
+from lrquant.config import QuantScheme
+from lrquant.console import log
 from lrquant.errors import LrquantError
 from lrquant.export import IntegerLinear, QuantizedOutput
+from lrquant.export.gguf_fit import FALLBACK, GRID_TYPES, Fit, GridType, Learned, fit, pack
 
 BLOCK = 32  # weights per block of every non-K GGUF type
 
@@ -37,45 +42,100 @@ ARCHITECTURES: dict[str, tuple[gguf.MODEL_ARCH, bool]] = {
 }
 
 Q = gguf.GGMLQuantizationType
+FLOAT_TYPES = ("F32", "F16", "BF16")
 
-
-@dataclass(frozen=True)
-class BlockType:
-    """How one GGUF block type stores integers: ``q`` in ``[qmin, qmax]``, and either a fixed
-    ``offset`` (``w = d·(q − offset)``) or a per-block minimum ``m`` (``w = d·q + m``)."""
-
-    qtype: gguf.GGMLQuantizationType
-    file_type: gguf.LlamaFileType
-    qmin: int
-    qmax: int
-    offset: int | None  # None: the block stores a minimum m
-
-    @property
-    def bits(self) -> int:
-        return (self.qmax - self.qmin).bit_length()
-
-
-BLOCK_TYPES: dict[str, BlockType] = {
-    "Q4_0": BlockType(Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0, 0, 15, 8),
-    "Q4_1": BlockType(Q.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1, 0, 15, None),
-    "Q5_0": BlockType(Q.Q5_0, gguf.LlamaFileType.MOSTLY_Q5_0, 0, 31, 16),
-    "Q5_1": BlockType(Q.Q5_1, gguf.LlamaFileType.MOSTLY_Q5_1, 0, 31, None),
-    "Q8_0": BlockType(Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0, -128, 127, 0),
-}
-
-# (bits, symmetric) of lrquant's grid -> the GGUF type that holds it with the fewest bytes
-NATURAL_TYPES: dict[tuple[int, bool], str] = {
+# (bits, symmetric) of lrquant's grid -> the legacy type that holds it exactly with the fewest bytes
+EXACT_TYPES: dict[tuple[int, bool], str] = {
     (4, True): "Q4_0",
     (4, False): "Q4_1",
     (5, True): "Q5_0",
     (5, False): "Q5_1",
     (8, True): "Q8_0",
 }
+# code bits -> the type a grid without an exact one is fitted to
+FITTED_TYPES = {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K", 7: "Q8_0", 8: "Q8_0"}
 
-_EXACT_GRIDS = (
-    "--wbits 4 or 5 (with or without --w-symmetric) or --wbits 8 --w-symmetric, and --group-size 32, "
-    "64, 128 (any multiple of 32) or none"
-)
+# the file type llama.cpp reports, by the type most quantized weights take
+FILE_TYPES = {
+    "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+    "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
+    "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
+    "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "Q2_K": gguf.LlamaFileType.MOSTLY_Q2_K,
+    "Q3_K": gguf.LlamaFileType.MOSTLY_Q3_K_S,
+    "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_S,
+    "Q5_K": gguf.LlamaFileType.MOSTLY_Q5_K_S,
+    "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K,
+    "F32": gguf.LlamaFileType.ALL_F32,
+    "F16": gguf.LlamaFileType.MOSTLY_F16,
+    "BF16": gguf.LlamaFileType.MOSTLY_BF16,
+}
+TYPE_NAMES = (*GRID_TYPES, *FLOAT_TYPES)
+
+
+@dataclass(frozen=True)
+class TypeRules:
+    """Which GGUF type each tensor takes: ``default`` for every quantized linear (None: the type
+    its grid maps to), then ``(pattern, type)`` pairs over GGUF tensor names without ``.weight``
+    (fnmatch globs, e.g. ``blk.*.ffn_down``), a later pair overriding an earlier one."""
+
+    default: str | None = None
+    rules: tuple[tuple[str, str], ...] = ()
+
+    def type_of(self, name: str) -> str | None:
+        chosen = None
+        for pattern, qtype in self.rules:
+            if fnmatch.fnmatchcase(name, pattern):
+                chosen = qtype
+        return chosen
+
+
+def _type_name(text: str, item: str) -> str:
+    name = text.strip().upper()
+    if name not in TYPE_NAMES:
+        raise LrquantError(
+            f"unknown GGUF type '{text.strip()}' in --gguf-type item '{item.strip()}': choose one of "
+            + ", ".join(TYPE_NAMES)
+        )
+    return name
+
+
+def parse_type_rules(text: str | None) -> TypeRules:
+    """``--gguf-type``: ``TYPE``, ``PATTERN=TYPE`` items or both, comma-separated
+    (``Q4_K,blk.*.ffn_down=Q6_K,token_embd=Q8_0``); refused in one line when malformed."""
+    if text is None:
+        return TypeRules()
+    default, rules = None, []
+    for item in text.split(","):
+        if not item.strip():
+            raise LrquantError(
+                f"--gguf-type '{text}' has an empty item: give TYPE or PATTERN=TYPE items separated by commas"
+            )
+        pattern, equals, qtype = item.rpartition("=")
+        if not equals:
+            if default is not None or rules:
+                raise LrquantError(
+                    f"--gguf-type '{text}': a type without a pattern ('{item.strip()}') must come first, "
+                    "once; give the others as PATTERN=TYPE"
+                )
+            default = _type_name(item, item)
+            continue
+        pattern = pattern.strip().removesuffix(".weight")
+        if not pattern:
+            raise LrquantError(f"--gguf-type item '{item.strip()}' has no tensor pattern before '='")
+        rules.append((pattern, _type_name(qtype, item)))
+    return TypeRules(default, tuple(rules))
+
+
+def refuse_scheme(scheme: QuantScheme) -> None:
+    """GGUF holds weights only: a scheme that quantizes activations is refused."""
+    if scheme.quantizes_activations:
+        raise LrquantError(
+            f"{scheme.name} quantizes activations, but GGUF holds weights only: llama.cpp would run "
+            "them in full precision, not as evaluated; quantize weights only (without --abits, the "
+            "default 16) for GGUF"
+        )
 
 
 def _refuse_unsupported(output: QuantizedOutput) -> None:
@@ -85,12 +145,7 @@ def _refuse_unsupported(output: QuantizedOutput) -> None:
             f"GGUF export supports {', '.join(ARCHITECTURES)} models, not '{output.model_type}': "
             "export this output with --format compressed-tensors instead"
         )
-    if output.scheme.quantizes_activations:
-        raise LrquantError(
-            f"'{output.folder}' quantizes activations ({output.scheme.name}), but GGUF holds weights only: "
-            "llama.cpp would run them in full precision, not as evaluated; export a weight-only output "
-            "(quantized without --abits, the default 16)"
-        )
+    refuse_scheme(output.scheme)
     rope = output.config.get("rope_parameters") or output.config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
@@ -98,46 +153,6 @@ def _refuse_unsupported(output: QuantizedOutput) -> None:
             f"GGUF export does not write rope scaling yet (this model uses '{rope_type}'): export it "
             "with --format compressed-tensors instead"
         )
-
-
-def _block_type(output: QuantizedOutput, weight_type: str | None) -> BlockType:
-    """The GGUF type for the quantized linears: ``weight_type`` if given, else the one the grid
-    maps to; refused when the grid has no exact GGUF type."""
-    spec = output.scheme.weight
-    if weight_type is not None:
-        if weight_type.upper() not in BLOCK_TYPES:
-            raise LrquantError(
-                f"unknown GGUF weight type '{weight_type}': choose one of {', '.join(BLOCK_TYPES)}"
-            )
-        return BLOCK_TYPES[weight_type.upper()]
-    grid = (spec.bits, spec.symmetric)
-    if grid not in NATURAL_TYPES:
-        if spec.bits == 8:
-            raise LrquantError(
-                "an asymmetric 8-bit grid has no GGUF type (Q8_0 is symmetric): quantize with --w-symmetric"
-            )
-        kind = "a symmetric" if spec.symmetric else "an asymmetric"
-        raise LrquantError(
-            f"{kind} {spec.bits}-bit grid has no exact GGUF type (fitting it to the K-quants is not "
-            f"there yet): quantize with {_EXACT_GRIDS}"
-        )
-    return BLOCK_TYPES[NATURAL_TYPES[grid]]
-
-
-def _refuse_partial_blocks(output: QuantizedOutput) -> None:
-    """Each 32-weight block must lie inside one group, so that it can take that group's step."""
-    size = output.scheme.weight.group_size
-    if size is not None and size % BLOCK:
-        raise LrquantError(
-            f"groups of {size} weights are not whole 32-weight GGUF blocks: quantize with --group-size "
-            "32, 64, 128 (any multiple of 32) or per channel"
-        )
-    for name, linear in output.linears.items():
-        if linear.codes.shape[1] % BLOCK:
-            raise LrquantError(
-                f"'{name}' has {linear.codes.shape[1]} inputs, not whole 32-weight GGUF blocks: this "
-                "model cannot be exported to GGUF exactly; export it with --format compressed-tensors"
-            )
 
 
 def _permute_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
@@ -161,6 +176,30 @@ def _rope_order(linear: IntegerLinear, heads: int) -> IntegerLinear:
     )
 
 
+def _float_matrix(tensor: torch.Tensor, qtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """A matrix stored as F32, F16 or BF16."""
+    if qtype == "F32":
+        return tensor.float().numpy(), Q.F32
+    if qtype == "BF16":
+        return gguf.quants.quantize(tensor.float().numpy(), Q.BF16), Q.BF16
+    half = tensor.half().numpy()
+    if not np.isfinite(half).all():
+        raise LrquantError("a matrix has values beyond the fp16 range: give it --gguf-type NAME=BF16 or F32")
+    return half, Q.F16
+
+
+def _float_tensor(tensor: torch.Tensor, key: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """An unquantized tensor as convert_hf_to_gguf.py stores it: 1-D ones (norms, biases) in F32,
+    which llama.cpp expects, matrices in BF16 when saved so (exact) and in F16 otherwise."""
+    if tensor.dim() == 1:
+        return _float_matrix(tensor, "F32")
+    if tensor.dtype == torch.bfloat16:  # bf16 -> f32 -> bf16 is exact
+        return _float_matrix(tensor, "BF16")
+    if not torch.isfinite(tensor.half()).all():
+        raise LrquantError(f"'{key}' has values beyond the fp16 range: it cannot be exported to GGUF")
+    return _float_matrix(tensor, "F16")
+
+
 def _fp16(values: np.ndarray, name: str, what: str) -> np.ndarray:
     """``values`` as the fp16 that GGUF blocks store, refused when fp16 cannot hold them."""
     half = values.astype(np.float16)
@@ -171,61 +210,94 @@ def _fp16(values: np.ndarray, name: str, what: str) -> np.ndarray:
     return half
 
 
-def pack_blocks(linear: IntegerLinear, block: BlockType, name: str) -> np.ndarray:
-    """The GGUF blocks of one quantized linear, ``[out, in / 32 · bytes per block]`` uint8, laid
-    out as llama.cpp's ggml-common.h declares them; refused when a code does not fit ``block``."""
+def _code_range(linear: IntegerLinear) -> tuple[int, int]:
+    low = -(1 << (linear.bits - 1)) if linear.symmetric else 0
+    return low, low + (1 << linear.bits) - 1
+
+
+def _per_piece(linear: IntegerLinear, piece: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The learned step and zero of each run of ``piece`` inputs, ``[out, in / piece]``, or None
+    when a run would straddle two groups."""
+    inputs = linear.codes.shape[1]
+    size = linear.group_size or inputs
+    if size % piece:
+        return None
+    group = torch.arange(inputs // piece) * piece // size
+    return linear.scale[:, group].double().numpy(), linear.zero[:, group].double().numpy()
+
+
+def exact_fit(linear: IntegerLinear, t: GridType, name: str) -> Fit | None:
+    """The learned codes as a legacy type's blocks, each taking its group's step (fp16): None
+    when a block straddles two groups or a code falls outside the type's range."""
     out, inputs = linear.codes.shape
-    blocks = inputs // BLOCK
-    group = (linear.group_size or inputs) // BLOCK  # blocks per group
-    of_block = torch.arange(blocks) // group
-    scale = linear.scale[:, of_block].double().numpy()
-    zero = linear.zero[:, of_block].double().numpy()
-    codes = linear.codes.reshape(out, blocks, BLOCK).to(torch.int32).numpy()
-    if block.offset is None:  # w = s·(c − z) = s·(c − c_min) + s·(c_min − z)
-        lowest = -(1 << (linear.bits - 1)) if linear.symmetric else 0
-        q = codes - lowest
-        minimum = _fp16(scale * (lowest - zero), name, "block minimum")
-    else:  # w = s·(c − z) = s·((c − z + offset) − offset)
-        q = codes - np.rint(zero[..., None]).astype(np.int32) + block.offset
-        minimum = None
-    if q.min() < block.qmin or q.max() > block.qmax:
-        raise LrquantError(
-            f"'{name}' has codes that {block.qtype.name} cannot hold exactly: export without a weight "
-            "type to get the one that fits the grid"
-        )
-    parts = [_fp16(scale, name, "step").view(np.uint8).reshape(out, blocks, 2)]
-    if minimum is not None:
-        parts.append(minimum.view(np.uint8).reshape(out, blocks, 2))
-    if block.bits == 8:
-        parts.append(q.astype(np.int8).view(np.uint8))
-    else:
-        if block.bits == 5:  # bit 4 of weight j is bit j of a little-endian uint32
-            high = ((q >> 4) & 1).astype(np.uint32) << np.arange(BLOCK, dtype=np.uint32)
-            parts.append(
-                high.sum(axis=-1, dtype=np.uint32).astype("<u4").view(np.uint8).reshape(out, blocks, 4)
+    grid = _per_piece(linear, BLOCK) if t.scale_bits is None else None
+    if grid is None:
+        return None
+    step, zero = grid
+    codes = linear.codes.reshape(out, -1, BLOCK).to(torch.int32).numpy()
+    low, _ = _code_range(linear)
+    if t.symmetric:  # w = s·(c − z), z an integer
+        q = codes - np.rint(zero).astype(np.int32)[..., None]
+        minimum = np.zeros_like(step)
+    else:  # w = s·(c − low) − s·(z − low)
+        q = codes - low
+        minimum = step * (zero - low)
+    if q.min() < t.low or q.max() > t.high:
+        return None
+    step16 = _fp16(step, name, "step").astype(np.float32)
+    min16 = _fp16(minimum, name, "block minimum").astype(np.float32)
+    return Fit(q.reshape(out, inputs), step16, min16)
+
+
+def fitted(linear: IntegerLinear, t: GridType) -> Fit:
+    """Type ``t`` fitted to the learned weight, the learned grid kept where ``t`` holds it."""
+    pieces = _per_piece(linear, t.sub)
+    low, high = _code_range(linear)
+    learned = None if pieces is None else Learned(pieces[0], pieces[1], low, high)
+    return fit(linear.dequantized().double().numpy(), t, learned)
+
+
+def _plan(
+    output: QuantizedOutput, names: dict[str, str], matrices: dict[str, int], rules: TypeRules
+) -> dict[str, str]:
+    """Each matrix's type: its rule, else (a quantized linear) ``rules.default`` or the type
+    its grid maps to, else (a float matrix) None; a K-quant on rows that are not whole
+    super-blocks falls back as llama.cpp's quantizer does, and the refusals come first."""
+    for pattern, _ in rules.rules:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in matrices):
+            some = ", ".join(list(matrices)[:3])
+            raise LrquantError(
+                f"--gguf-type pattern '{pattern}' matches no matrix of this model (names look like {some})"
             )
-        low = (q & 0xF).astype(np.uint8)  # weights j and j+16 share byte j
-        parts.append(low[..., : BLOCK // 2] | (low[..., BLOCK // 2 :] << 4))
-    return np.concatenate(parts, axis=-1).reshape(out, -1)
-
-
-def _float_tensor(tensor: torch.Tensor, key: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """An unquantized tensor as convert_hf_to_gguf.py stores it: 1-D ones (norms, biases) in F32,
-    which llama.cpp expects, matrices in BF16 when saved so (exact) and in F16 otherwise."""
-    if tensor.dim() == 1:
-        return tensor.float().numpy(), Q.F32
-    if tensor.dtype == torch.bfloat16:  # bf16 -> f32 -> bf16 is exact
-        return gguf.quants.quantize(tensor.float().numpy(), Q.BF16), Q.BF16
-    half = tensor.half().numpy()
-    if not np.isfinite(half).all():
-        raise LrquantError(f"'{key}' has values beyond the fp16 range: it cannot be exported to GGUF")
-    return half, Q.F16
+    spec = output.scheme.weight
+    whole = spec.group_size is None or spec.group_size % BLOCK == 0
+    natural = EXACT_TYPES.get((spec.bits, spec.symmetric)) if whole else None
+    natural = natural or FITTED_TYPES[spec.bits]
+    types, fallbacks = {}, {}
+    for name, inputs in matrices.items():
+        qtype = rules.type_of(name) or (rules.default or natural if name in names else None)
+        if qtype in FALLBACK and inputs % GRID_TYPES[qtype].block:
+            fallbacks.setdefault((qtype, FALLBACK[qtype]), []).append(inputs)
+            qtype = FALLBACK[qtype]
+        if qtype in GRID_TYPES and inputs % BLOCK:
+            raise LrquantError(
+                f"'{name}' has {inputs} inputs, not whole 32-weight GGUF blocks: this model cannot take "
+                f"{qtype}; export it with --format compressed-tensors, or give that tensor F16"
+            )
+        types[name] = qtype
+    for (wanted, taken), widths in fallbacks.items():
+        log(
+            f"{len(widths)} matrices have rows of {sorted(set(widths))} weights, not whole 256-weight "
+            f"super-blocks: {taken} instead of {wanted} for them, as llama.cpp's quantizer does"
+        )
+    return types
 
 
 def _gguf_tensors(
-    output: QuantizedOutput, arch: gguf.MODEL_ARCH, permute: bool, block: BlockType
-) -> list[tuple[str, np.ndarray, gguf.GGMLQuantizationType]]:
-    """Every tensor of the file, by its GGUF name, all packed before anything is written."""
+    output: QuantizedOutput, arch: gguf.MODEL_ARCH, permute: bool, rules: TypeRules
+) -> tuple[list[tuple[str, np.ndarray, gguf.GGMLQuantizationType]], list[str], list[str]]:
+    """Every tensor of the file, by its GGUF name, all packed before anything is written; the
+    type each quantized linear took, and those types fitted rather than copied code for code."""
     config = output.config
     names = gguf.TensorNameMap(arch, config["num_hidden_layers"])
     n_heads = config["num_attention_heads"]
@@ -239,22 +311,51 @@ def _gguf_tensors(
             )
         return mapped
 
-    tensors = []
-    for name, linear in output.linears.items():
+    linears = {gguf_name(f"{name}.weight").removesuffix(".weight"): name for name in output.linears}
+    floats = {
+        key: t
+        for key, t in output.tensors.items()
+        if not key.endswith("rotary_emb.inv_freq")  # recomputed from the rope metadata
+    }
+    matrices = {base: output.linears[name].codes.shape[1] for base, name in linears.items()}
+    for key, tensor in floats.items():
+        if tensor.dim() == 2 and key.endswith(".weight"):
+            matrices[gguf_name(key).removesuffix(".weight")] = tensor.shape[1]
+    types = _plan(output, linears, matrices, rules)
+
+    tensors, fitted_types = [], set()
+    for base, name in linears.items():
+        linear = output.linears[name]
         role = name.rsplit(".", 1)[-1]
         if permute and role in heads:
             linear = _rope_order(linear, heads[role])
-        tensors.append((gguf_name(f"{name}.weight"), pack_blocks(linear, block, name), block.qtype))
+        qtype = types[base]
+        if qtype in FLOAT_TYPES:
+            data, raw = _float_matrix(linear.dequantized(), qtype)
+        else:
+            t = GRID_TYPES[qtype]
+            fit_ = exact_fit(linear, t, name)
+            if fit_ is None:
+                fit_ = fitted(linear, t)
+                fitted_types.add(qtype)
+            data, raw = pack(fit_, t), t.qtype
+        tensors.append((f"{base}.weight", data, raw))
         if linear.bias is not None:
             tensors.append((gguf_name(f"{name}.bias"), *_float_tensor(linear.bias, f"{name}.bias")))
-    for key, tensor in output.tensors.items():
-        if key.endswith("rotary_emb.inv_freq"):  # recomputed from the rope metadata
-            continue
-        tensors.append((gguf_name(key), *_float_tensor(tensor, key)))
-    return tensors
+    for key, tensor in floats.items():
+        gname = gguf_name(key)
+        qtype = types.get(gname.removesuffix(".weight"))
+        if qtype is None:
+            tensors.append((gname, *_float_tensor(tensor, key)))
+        elif qtype in FLOAT_TYPES:
+            tensors.append((gname, *_float_matrix(tensor, qtype)))
+        else:
+            t = GRID_TYPES[qtype]
+            tensors.append((gname, pack(fit(tensor.double().numpy(), t), t), t.qtype))
+    return tensors, [types[base] for base in linears], sorted(fitted_types)
 
 
-def _add_metadata(writer: gguf.GGUFWriter, output: QuantizedOutput, block: BlockType) -> None:
+def _add_metadata(writer: gguf.GGUFWriter, output: QuantizedOutput, file_type: str) -> None:
     """The hyperparameters llama.cpp reads, as convert_hf_to_gguf.py writes them."""
     config = output.config
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
@@ -276,7 +377,7 @@ def _add_metadata(writer: gguf.GGUFWriter, output: QuantizedOutput, block: Block
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_file_type(block.file_type)
+    writer.add_file_type(FILE_TYPES[file_type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -348,22 +449,29 @@ def _add_tokenizer(writer: gguf.GGUFWriter, output: QuantizedOutput, pre: str) -
     gguf.SpecialVocab(output.folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
 
 
-def write_gguf(output: QuantizedOutput, path: Path, weight_type: str | None = None) -> None:
+def write_gguf(output: QuantizedOutput, path: Path, gguf_type: str | TypeRules | None = None) -> None:
     """Write ``output`` as one GGUF file at ``path``.
 
-    The quantized linears take ``weight_type`` (Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0) or, by default,
-    the type their grid maps to (:data:`NATURAL_TYPES`). Everything that can be refused is refused
-    (an :class:`LrquantError`) before the file is opened; the caller makes the write atomic.
+    The quantized linears take the type their grid maps to (copied code for code when a legacy
+    type holds it, :data:`EXACT_TYPES`; else fitted, :data:`FITTED_TYPES`) unless ``gguf_type``
+    (``--gguf-type``, :func:`parse_type_rules`) says otherwise, per tensor if need be. Everything
+    that can be refused is refused (an :class:`LrquantError`) before the file is opened; the
+    caller makes the write atomic.
     """
+    rules = gguf_type if isinstance(gguf_type, TypeRules) else parse_type_rules(gguf_type)
     _refuse_unsupported(output)
-    block = _block_type(output, weight_type)
-    _refuse_partial_blocks(output)
     pre = _pre_tokenizer(output.folder)
     arch, permute = ARCHITECTURES[output.model_type]
-    tensors = _gguf_tensors(output, arch, permute, block)
+    tensors, types, fitted_types = _gguf_tensors(output, arch, permute, rules)
+    if fitted_types:
+        log(
+            f"GGUF {', '.join(fitted_types)} cannot hold the {output.scheme.name} grid code for code: "
+            "fitted to the learned weights, inside their clipping range"
+        )
+    file_type = Counter(types).most_common(1)[0][0]  # what most quantized linears are
 
     writer = gguf.GGUFWriter(Path(path), gguf.MODEL_ARCH_NAMES[arch])  # opens the file only to write
-    _add_metadata(writer, output, block)
+    _add_metadata(writer, output, file_type)
     _add_tokenizer(writer, output, pre)
     for name, data, qtype in tensors:
         writer.add_tensor(name, data, raw_dtype=qtype)
