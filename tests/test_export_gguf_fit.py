@@ -17,7 +17,7 @@ from lrquant import api
 from lrquant.config import build_scheme
 from lrquant.errors import LrquantError
 from lrquant.export import read_output
-from lrquant.export.gguf import parse_type_rules, write_gguf
+from lrquant.export.gguf import parse_type_rules, preset_rules, write_gguf
 from lrquant.export.gguf_fit import GRID_TYPES, Learned, fit, pack
 from lrquant.models.loading import load_model
 from lrquant.models.tiny import save_tiny_model
@@ -198,3 +198,25 @@ def test_rows_that_are_not_whole_super_blocks_fall_back_as_llama_cpp_does(
     with pytest.raises(LrquantError, match="matches no matrix of this model"):
         write_gguf(output, tmp_path / "g.gguf", gguf_type="blk.*.ffn_gate_exps=Q4_K")
     assert not (tmp_path / "g.gguf").exists()
+
+
+def test_llama_cpp_mixes_are_spelt_out_per_layer() -> None:
+    """Q4_K_M and Q3_K_M as llama.cpp's quantizer picks them for a dense 16-layer model (on
+    SmolLM2-135M the files match llama.cpp's own type for type: benchmarks/gguf_llamacpp.py);
+    a rule given after the mix overrides it."""
+    config = {"num_hidden_layers": 16, "num_attention_heads": 8, "num_key_value_heads": 2}
+    tied = {"token_embd": 256}
+    rules = preset_rules(parse_type_rules("q4_k_m,blk.15.ffn_down=Q8_0"), config, tied)
+    more = {0, 1, 4, 7, 10, 13, 14, 15}  # the first and last eighth, and every third between
+    assert rules.default == "Q4_K"
+    assert rules.type_of("token_embd") == "Q6_K"
+    for i in range(16):
+        assert rules.type_of(f"blk.{i}.attn_v") == ("Q6_K" if i in more else None)
+        assert rules.type_of(f"blk.{i}.ffn_down") == ("Q8_0" if i == 15 else "Q6_K" if i in more else None)
+        assert rules.type_of(f"blk.{i}.attn_q") is None
+    rules = preset_rules(parse_type_rules("Q3_K_M"), config, {"token_embd": 256, "output": 256})
+    assert rules.default == "Q3_K"
+    assert rules.type_of("output") == "Q6_K" and rules.type_of("token_embd") is None
+    assert [rules.type_of(f"blk.{i}.attn_v") for i in range(4)] == ["Q5_K", "Q5_K", "Q4_K", "Q4_K"]
+    assert [rules.type_of(f"blk.{i}.ffn_down") for i in range(3)] == ["Q5_K", "Q4_K", "Q4_K"]
+    assert rules.type_of("blk.9.attn_output") == "Q4_K"

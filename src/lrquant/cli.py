@@ -48,9 +48,10 @@ def _add_gguf_type_arg(parser: argparse.ArgumentParser) -> None:
         "--gguf-type",
         default=None,
         metavar="TYPES",
-        help="GGUF types: one for every quantized linear and/or PATTERN=TYPE per tensor, comma-separated, "
-        "e.g. Q4_K,blk.*.ffn_down=Q6_K,token_embd=Q8_0 (types Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K "
-        "Q6_K F16 F32 BF16; default: the type that holds the grid exactly, else the K-quant of its width)",
+        help="GGUF types: one for every quantized linear (or one of llama.cpp's mixes Q3_K_M Q3_K_L Q4_K_S "
+        "Q4_K_M Q5_K_S Q5_K_M) and/or PATTERN=TYPE per tensor, comma-separated, e.g. "
+        "Q4_K,blk.*.ffn_down=Q6_K,token_embd=Q8_0 (types Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K "
+        "F16 F32 BF16; default: the type that holds the grid exactly, else the K-quant of its width)",
     )
 
 

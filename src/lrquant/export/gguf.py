@@ -19,6 +19,7 @@ from __future__ import annotations
 import fnmatch
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +72,7 @@ FILE_TYPES = {
     "F16": gguf.LlamaFileType.MOSTLY_F16,
     "BF16": gguf.LlamaFileType.MOSTLY_BF16,
 }
-TYPE_NAMES = (*GRID_TYPES, *FLOAT_TYPES)
+TYPE_NAMES = (*GRID_TYPES, *FLOAT_TYPES)  # and the llama.cpp mixes of PRESETS
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class TypeRules:
 
     default: str | None = None
     rules: tuple[tuple[str, str], ...] = ()
+    preset: str | None = None  # a llama.cpp mix (Q4_K_M, ...), expanded per model by preset_rules
 
     def type_of(self, name: str) -> str | None:
         chosen = None
@@ -96,7 +98,7 @@ def _type_name(text: str, item: str) -> str:
     if name not in TYPE_NAMES:
         raise LrquantError(
             f"unknown GGUF type '{text.strip()}' in --gguf-type item '{item.strip()}': choose one of "
-            + ", ".join(TYPE_NAMES)
+            + ", ".join((*TYPE_NAMES, *PRESETS))
         )
     return name
 
@@ -106,7 +108,7 @@ def parse_type_rules(text: str | None) -> TypeRules:
     (``Q4_K,blk.*.ffn_down=Q6_K,token_embd=Q8_0``); refused in one line when malformed."""
     if text is None:
         return TypeRules()
-    default, rules = None, []
+    default, rules, preset = None, [], None
     for item in text.split(","):
         if not item.strip():
             raise LrquantError(
@@ -114,18 +116,69 @@ def parse_type_rules(text: str | None) -> TypeRules:
             )
         pattern, equals, qtype = item.rpartition("=")
         if not equals:
-            if default is not None or rules:
+            if default is not None or preset is not None or rules:
                 raise LrquantError(
                     f"--gguf-type '{text}': a type without a pattern ('{item.strip()}') must come first, "
                     "once; give the others as PATTERN=TYPE"
                 )
-            default = _type_name(item, item)
+            if item.strip().upper() in PRESETS:
+                preset = item.strip().upper()
+            else:
+                default = _type_name(item, item)
             continue
         pattern = pattern.strip().removesuffix(".weight")
         if not pattern:
             raise LrquantError(f"--gguf-type item '{item.strip()}' has no tensor pattern before '='")
         rules.append((pattern, _type_name(qtype, item)))
-    return TypeRules(default, tuple(rules))
+    return TypeRules(default, tuple(rules), preset)
+
+
+# llama.cpp's K-quant mixes, as llama_tensor_get_type (llama-quant.cpp) chooses for dense models
+# (not Falcon, no experts, no importance matrix): a base type, and the type of attn_v, ffn_down and
+# attn_output in layer i of n (None: the base type); the output matrix, or a tied embedding, takes
+# Q6_K. Q2_K and Q3_K_S are not among them: given to --gguf-type, those name the type itself.
+def _more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+Choice = Callable[[int, int], str | None]
+
+
+def _six_where_more_bits(i: int, n: int) -> str | None:
+    return "Q6_K" if _more_bits(i, n) else None
+
+
+PRESETS: dict[str, tuple[str, Choice, Choice, Choice]] = {
+    "Q3_K_M": (
+        "Q3_K",
+        lambda i, n: "Q5_K" if i < 2 else "Q4_K",
+        lambda i, n: "Q5_K" if i < n // 16 else "Q4_K",
+        lambda i, n: "Q4_K",
+    ),
+    "Q3_K_L": ("Q3_K", lambda i, n: "Q5_K", lambda i, n: "Q5_K", lambda i, n: "Q5_K"),
+    "Q4_K_S": (
+        "Q4_K",
+        lambda i, n: "Q5_K" if i < 4 else None,
+        lambda i, n: "Q5_K" if i < n // 8 else None,
+        lambda i, n: None,
+    ),
+    "Q4_K_M": ("Q4_K", _six_where_more_bits, _six_where_more_bits, lambda i, n: None),
+    "Q5_K_S": ("Q5_K", lambda i, n: None, lambda i, n: None, lambda i, n: None),
+    "Q5_K_M": ("Q5_K", _six_where_more_bits, _six_where_more_bits, lambda i, n: None),
+}
+
+
+def preset_rules(rules: TypeRules, config: dict, matrices: dict[str, int]) -> TypeRules:
+    """``rules`` with its llama.cpp mix spelt out for this model: the mix's base type as the
+    default, one rule per tensor it changes, then the user's own rules (which override)."""
+    if rules.preset is None:
+        return rules
+    base, *choices = PRESETS[rules.preset]
+    layers = config["num_hidden_layers"]
+    spelt = [("output" if "output" in matrices else "token_embd", "Q6_K")]
+    for role, choose in zip(("attn_v", "ffn_down", "attn_output"), choices, strict=True):
+        spelt += [(f"blk.{i}.{role}", t) for i in range(layers) if (t := choose(i, layers)) is not None]
+    return TypeRules(base, (*spelt, *rules.rules))
 
 
 def refuse_scheme(scheme: QuantScheme) -> None:
@@ -321,7 +374,7 @@ def _gguf_tensors(
     for key, tensor in floats.items():
         if tensor.dim() == 2 and key.endswith(".weight"):
             matrices[gguf_name(key).removesuffix(".weight")] = tensor.shape[1]
-    types = _plan(output, linears, matrices, rules)
+    types = _plan(output, linears, matrices, preset_rules(rules, config, matrices))
 
     tensors, fitted_types = [], set()
     for base, name in linears.items():
