@@ -167,6 +167,13 @@ def _search_minimum(x: np.ndarray, t: GridType) -> tuple[np.ndarray, np.ndarray]
     return best_a, best_b
 
 
+def _search(x: np.ndarray, t: GridType) -> tuple[np.ndarray, np.ndarray]:
+    """Step and minimum of each sub-block found by search alone."""
+    if t.symmetric:
+        return _search_symmetric(x, t), np.zeros(x.shape[:-1], x.dtype)
+    return _search_minimum(x, t)
+
+
 def _learned_grid(learned: Learned | None, t: GridType) -> tuple[np.ndarray, np.ndarray] | None:
     """The learned grid as this type's step and minimum, where the type holds its codes."""
     if learned is None or learned.high - learned.low > t.high - t.low:
@@ -179,10 +186,11 @@ def _learned_grid(learned: Learned | None, t: GridType) -> tuple[np.ndarray, np.
 
 
 def _codes(x: np.ndarray, a: np.ndarray, b: np.ndarray, t: GridType) -> np.ndarray:
-    """The nearest code of each weight on the grids ``a·q − b`` (code 0 where the step is 0)."""
-    safe = np.where(a == 0, 1.0, a)
-    q = np.where(a[..., None] == 0, 0.0, np.rint((x + b[..., None]) / safe[..., None]))
-    return np.clip(q, t.low, t.high).astype(np.int32)
+    """The nearest code of each weight on the grids ``a·q − b`` (code 0 where the step is 0),
+    as floats of ``x``'s type."""
+    safe = np.where(a == 0, 1, a)
+    q = np.where(a[..., None] == 0, 0, np.rint((x + b[..., None]) / safe[..., None]))
+    return np.clip(q, t.low, t.high).astype(x.dtype)
 
 
 def _super_ints(values: np.ndarray, bits: int, signed: bool, slack: float) -> tuple[np.ndarray, np.ndarray]:
@@ -225,7 +233,7 @@ def _super_blocks(x: np.ndarray, a: np.ndarray, b: np.ndarray, t: GridType) -> F
         else:
             min_ints, dmin = _super_ints(b, t.scale_bits, False, 0.0)
             minimum = dmin.astype(np.float32)[..., None] * min_ints.astype(np.float32)
-        codes = _codes(x, step.astype(np.float64), minimum.astype(np.float64), t)
+        codes = _codes(x, step, minimum, t)
         err = ((step[..., None] * codes - minimum[..., None] - x) ** 2).sum(axis=(-1, -2))
         if best is None:
             best, best_err = Fit(codes, step, minimum, scale_ints, min_ints, d, dmin), err
@@ -248,30 +256,31 @@ def _super_blocks(x: np.ndarray, a: np.ndarray, b: np.ndarray, t: GridType) -> F
 def fit(weight: np.ndarray, t: GridType, learned: Learned | None = None) -> Fit:
     """Fit ``weight [rows, n]`` (``n`` a multiple of ``t.block``) to type ``t``."""
     rows, n = weight.shape
-    x = weight.astype(np.float64).reshape(rows, n // t.sub, t.sub)
-    if t.symmetric:
-        a, b = _search_symmetric(x, t), np.zeros(x.shape[:2])
-    else:
-        a, b = _search_minimum(x, t)
+    x = weight.astype(np.float32).reshape(rows, n // t.sub, t.sub)
     grid = _learned_grid(learned, t)
-    if grid is not None:  # the learned grid wherever it fits the learned weight better
-        la, lb = grid[0].astype(np.float64), grid[1].astype(np.float64)
-        learned_err = _error(x, la, _codes(x, la, lb, t).astype(np.float64), lb)
-        searched_err = _error(x, a, _codes(x, a, b, t).astype(np.float64), b)
-        take = learned_err <= searched_err
-        a, b = np.where(take, la, a), np.where(take, lb, b)
+    if grid is None:
+        a, b = _search(x, t)
+    else:  # the learned grid, searched only where it does not hold the learned weight
+        a, b = (g.astype(x.dtype) for g in grid)
+        err = _error(x, a, _codes(x, a, b, t), b)
+        off = err > 1e-6 * t.sub * a * a  # beyond float rounding
+        if off.any():
+            sa, sb = _search(x[off], t)
+            better = _error(x[off], sa, _codes(x[off], sa, sb, t), sb) < err[off]
+            a[off] = np.where(better, sa, a[off])
+            b[off] = np.where(better, sb, b[off])
     if t.scale_bits is None:  # fp16 per block
         step = a.astype(np.float16)
         minimum = b.astype(np.float16)
         if not (np.isfinite(step).all() and np.isfinite(minimum).all()):
             raise LrquantError("a block step is beyond the fp16 range of GGUF: it cannot be exported")
         step32, min32 = step.astype(np.float32), minimum.astype(np.float32)
-        codes = _codes(x, step32.astype(np.float64), min32.astype(np.float64), t)
-        return Fit(codes.reshape(rows, n), step32, min32)
+        codes = _codes(x, step32, min32, t)
+        return Fit(codes.reshape(rows, n).astype(np.int32), step32, min32)
     per_super = t.block // t.sub
     shape = (rows, n // t.block, per_super)
     f = _super_blocks(x.reshape(*shape, t.sub), a.reshape(shape), b.reshape(shape), t)
-    f.codes = f.codes.reshape(rows, n)
+    f.codes = f.codes.reshape(rows, n).astype(np.int32)
     f.step, f.minimum = f.step.reshape(rows, -1), f.minimum.reshape(rows, -1)
     return f
 
