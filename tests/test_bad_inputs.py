@@ -317,7 +317,7 @@ CASES = [
     Case("quantize-format-over-a-foreign-file", (*QUANTIZE, "--format", "gguf", "--overwrite"), ("out.gguf': it is not a GGUF file lrquant wrote",), plain_file("out.gguf", b"mine")),
     Case("quantize-gguf-activations", (*QUANTIZE, "--abits", "8", "--format", "gguf"), ("W4A8 quantizes activations, but GGUF holds weights only",)),
     Case("quantize-gguf-type-without-format", (*QUANTIZE, "--gguf-type", "Q4_K"), ("give it with --format gguf",)),
-    Case("quantize-gguf-type-unknown", (*QUANTIZE, "--format", "gguf", "--gguf-type", "Q4_K_M"), ("unknown GGUF type 'Q4_K_M'",)),
+    Case("quantize-gguf-type-unknown", (*QUANTIZE, "--format", "gguf", "--gguf-type", "Q4_K_XL"), ("unknown GGUF type 'Q4_K_XL'",)),
     Case("export-gguf-type-other-format", ("export", "{out}", "--format", "compressed-tensors", "--gguf-type", "Q4_K"), ("the format is compressed-tensors",), lrquant_output),
     Case("export-gguf-type-no-match", ("export", "{out}", "--format", "gguf", "--gguf-type", "blk.*.attn_qkv=Q8_0"), ("pattern 'blk.*.attn_qkv' matches no matrix",), lrquant_output),
     # running outputs

@@ -134,7 +134,7 @@ def check_blocks(output: QuantizedOutput, path: Path, qtype: str) -> None:
         assert torch.equal(q.round(), expected.double()), name
         assert (q - q.round()).abs().max() < 1e-4, name
         # |w| rounds with d and m: at most 2^-11 of |d·(q − offset)| + |m|
-        bound = 2**-11 * (s[..., None] * (expected - (offset or 0)).abs() + m.abs()[..., None])
+        bound = 2**-11 * (s.abs()[..., None] * (expected - (offset or 0)).abs() + m.abs()[..., None])
         assert ((deq - weight.reshape(out, -1, 32)).abs() <= bound * 1.001 + 1e-12).all(), name
 
 

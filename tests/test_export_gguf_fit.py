@@ -30,6 +30,8 @@ def learned_grid(rows: int, n: int, bits: int, symmetric: bool, group: int, seed
     high = low + (1 << bits) - 1
     codes = rng.integers(low, high + 1, size=(rows, n))
     step = rng.uniform(0.002, 0.02, size=(rows, n // group))
+    if symmetric:  # a negative step where the group's positive end took the extra level
+        step *= rng.choice([-1.0, 1.0], size=step.shape)
     zero = np.zeros_like(step) if symmetric else rng.integers(0, high + 1, size=step.shape).astype(float)
     weight = np.repeat(step, group, axis=1) * (codes - np.repeat(zero, group, axis=1))
     return codes, step, zero, low, high, weight
@@ -64,6 +66,7 @@ LEARNED = [
     ("Q5_K", 5, False, 64),
     ("Q6_K", 6, True, 16),
     ("Q4_K", 3, False, 32),  # a narrower grid inside a wider type
+    ("Q5_K", 4, True, 32),  # a symmetric grid (steps of both signs) in a type with a minimum
     ("Q4_0", 4, False, 32),  # an asymmetric grid in a symmetric type: searched
 ]
 
@@ -89,7 +92,11 @@ def test_a_learned_grid_is_kept_where_the_type_holds_it(
     if name == "Q4_0":  # the learned grid does not fit: the search's grid, within a step
         assert np.abs(kept.dequantized(t.sub) - weight).max() <= np.repeat(step, group, axis=1).max()
         return
-    same = (kept.codes - t.low == codes - low).mean()
+    if t.symmetric or not symmetric:
+        grid_codes = codes - low
+    else:  # under a negative step the codes count down from the grid's top
+        grid_codes = np.where(np.repeat(step, group, axis=1) < 0, high - codes, codes - low)
+    same = (kept.codes - t.low == grid_codes).mean()
     assert same > 0.85, same
     rms = np.sqrt(((kept.dequantized(t.sub) - weight) ** 2).mean())
     assert rms < 0.15 * np.sqrt((step**2).mean())

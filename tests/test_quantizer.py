@@ -31,12 +31,23 @@ def groups(x: torch.Tensor, spec: QuantSpec) -> list[torch.Tensor]:
 
 
 def step(group: torch.Tensor, bits: int, symmetric: bool) -> float:
-    """Δ from its definition: (max - min) / (2^b - 1), or max|x| / (2^(b-1) - 1); at least 1e-5."""
+    """|Δ| from its definition: (max - min) / (2^b - 1), or max|x| / 2^(b-1); at least 1e-5."""
     if symmetric:
-        delta = group.abs().max().item() / (2 ** (bits - 1) - 1)
+        delta = group.abs().max().item() / 2 ** (bits - 1)
     else:
         delta = (group.max() - group.min()).item() / (2**bits - 1)
     return max(delta, MIN_STEP)
+
+
+def max_error(group: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """The largest error each value may have: half a step, except on a symmetric grid, whose end
+    of larger magnitude takes the extra negative level: values past 2^(b-1) - 1 steps on the
+    other side are clamped there."""
+    delta = step(group, bits, symmetric)
+    bound = torch.full_like(group, delta / 2)
+    if symmetric:
+        bound = torch.maximum(bound, group.abs() - (2 ** (bits - 1) - 1) * delta)
+    return bound + tol(group)
 
 
 def tol(x: torch.Tensor) -> float:
@@ -95,9 +106,8 @@ def test_error_within_half_step_and_level_count(
     n_groups = 0
     for xg, qg in zip(groups(x, spec), groups(out, spec), strict=True):
         n_groups += 1
-        delta = step(xg, bits, symmetric)
-        err = (qg - xg).abs().max().item()
-        assert err <= delta / 2 + tol(xg), (err, delta)
+        err = (qg - xg).abs()
+        assert (err <= max_error(xg, bits, symmetric)).all(), (err.max(), step(xg, bits, symmetric))
         assert torch.unique(qg).numel() <= 2**bits
     expected_groups = {"channel": 6, "token": 6, "tensor": 1}.get(granularity)
     if expected_groups is None:
@@ -109,9 +119,9 @@ def test_error_within_half_step_and_level_count(
 def test_dense_row_uses_every_level(bits: int) -> None:
     x = torch.linspace(-3.0, 5.0, 4096).unsqueeze(0)
     assert torch.unique(fake_quantize(x, QuantSpec(bits=bits))).numel() == 2**bits
-    # Symmetric: the most negative integer is never reached with Δ = max|x| / (2^(b-1) - 1).
+    # Symmetric: 5 takes the extra level -2^(b-1) (a negative step), -3 the levels on the other side.
     sym = fake_quantize(x, QuantSpec(bits=bits, symmetric=True))
-    assert torch.unique(sym).numel() <= 2**bits
+    assert torch.unique(sym).numel() == 2 ** (bits - 1) + round(3 / 5 * 2 ** (bits - 1)) + 1
 
 
 def test_group_larger_than_row_equals_per_channel() -> None:
@@ -134,7 +144,7 @@ def test_ragged_last_group_has_its_own_scale(symmetric: bool) -> None:
     tail = x[:, 512:]
     tail_err = (out[:, 512:] - tail).abs()
     for r in range(3):
-        assert tail_err[r].max().item() <= step(tail[r], 4, symmetric) / 2 + 1e-7
+        assert (tail_err[r] <= max_error(tail[r], 4, symmetric)).all()
     assert tail_err.max().item() < 1e-4 * big_half_step
     # Really quantized on a fine grid: not all zero, several distinct levels.
     assert torch.unique(out[0, 512:]).numel() >= 8
@@ -187,12 +197,17 @@ def test_symmetric_grid(bits: int) -> None:
     spec = QuantSpec(bits=bits, symmetric=True)
     out = fake_quantize(x, spec)
     assert torch.all(out[:, ::9] == 0.0)
-    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    levels = 2 ** (bits - 1)
     for xr, qr in zip(x, out, strict=True):
         delta = step(xr, bits, True)
         k = qr / delta
         assert torch.allclose(k, k.round(), atol=1e-4)
-        assert k.round().min() >= qmin and k.round().max() <= qmax
+        # the end of larger magnitude on the extra level -2^(b-1) (its sign flipped by a negative
+        # step when that end is positive), the other side clamped at 2^(b-1) - 1 steps
+        top = xr[xr.abs().argmax()]
+        assert torch.isclose(qr[xr.abs().argmax()], top, rtol=1e-5)
+        assert k.round().abs().max() == levels
+        assert (k.round() * top.sign() >= -levels + 1).all() or (k.round() * top.sign() <= levels).all()
     # Symmetric about 0: negating the input negates the output.
     assert torch.equal(fake_quantize(-x, spec), -out)
 
@@ -254,6 +269,8 @@ def test_straight_through_gradient_is_one_inside_range(
         ref = detached.abs() if symmetric else detached
         flat[ref.argmax()] = False
         flat[detached.argmin()] = False
+        if symmetric:  # clamped on the side without the extra level: no gradient
+            interior &= detached.abs() <= 3.5 * detached.abs().max() / 4
     else:
         size = group_size or 48
         view = interior.view(4, -1, size)
@@ -261,6 +278,9 @@ def test_straight_through_gradient_is_one_inside_range(
         ref = xs.abs() if symmetric else xs
         view.scatter_(-1, ref.argmax(-1, keepdim=True), False)
         view.scatter_(-1, xs.argmin(-1, keepdim=True), False)
+        if symmetric:  # clamped on the side without the extra level: no gradient
+            delta = xs.abs().amax(-1, keepdim=True) / 4
+            view &= xs.abs() <= 3.5 * delta
     assert interior.sum() > 0.8 * x.numel()
     assert torch.allclose(x.grad[interior], torch.ones(int(interior.sum())), atol=1e-5)
 
@@ -313,6 +333,8 @@ def test_rounding_offset_moves_each_value_to_a_neighbouring_grid_point(
     up = fake_quantize(x, spec, offset=torch.full_like(x, 0.4999))
     down = fake_quantize(x, spec, offset=torch.full_like(x, -0.4999))
     for xg, ng, ug, dg in zip(*(groups(t, spec) for t in (x, nearest, up, down)), strict=True):
+        if symmetric and xg[xg.abs().argmax()] > 0:  # a negative step: a code up is a value down
+            ug, dg = dg, ug
         grid = ng.unique()
         step = (grid[1:] - grid[:-1]).min()  # the group's step size, from values on its grid
         # every result stays on the group's grid (same step, same zero point) ...

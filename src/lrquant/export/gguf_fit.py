@@ -182,7 +182,11 @@ def _learned_grid(learned: Learned | None, t: GridType) -> tuple[np.ndarray, np.
         if not (np.all(learned.zero == 0) and learned.low >= t.low and learned.high <= t.high):
             return None
         return learned.step, np.zeros_like(learned.step)
-    return learned.step, learned.step * (learned.zero - learned.low)  # codes c − low from 0
+    # codes from 0: c − low under a positive step; under a negative one (a symmetric grid whose
+    # positive end took the extra level), high − c with the step's magnitude
+    step = np.abs(learned.step)
+    negative = learned.step < 0
+    return step, np.where(negative, step * (learned.high - learned.zero), step * (learned.zero - learned.low))
 
 
 def _codes(x: np.ndarray, a: np.ndarray, b: np.ndarray, t: GridType) -> np.ndarray:

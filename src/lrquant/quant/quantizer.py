@@ -82,7 +82,12 @@ def quant_params(
     """Step size Δ and zero point z (on the integer grid) for a range ``[xmin, xmax]``."""
     qmin, qmax = integer_range(bits, symmetric)
     if symmetric:
-        scale = (torch.maximum(xmax.abs(), xmin.abs()) / qmax).clamp(min=MIN_SCALE)
+        # The end of larger magnitude goes on the grid's extra negative level, qmin = -2^(bits-1)
+        # (as llama.cpp's Q4_0 puts it): a step of max|x| / 2^(bits-1) rather than
+        # max|x| / (2^(bits-1) - 1), negative when that end is positive. Values beyond
+        # qmax steps on the other side are clamped.
+        top = torch.where(xmax >= -xmin, xmax, xmin)
+        scale = (top.abs() / -qmin).clamp(min=MIN_SCALE) * torch.where(top > 0, -1.0, 1.0)
         return scale, torch.zeros_like(scale)
     scale = ((xmax - xmin) / (qmax - qmin)).clamp(min=MIN_SCALE)
     # No clamp on z: a narrow range far from 0 (a constant group, a one-element ragged tail)
