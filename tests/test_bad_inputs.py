@@ -315,6 +315,7 @@ CASES = [
     Case("quantize-unknown-format", (*QUANTIZE, "--format", "onnx"), ("unknown export format 'onnx'",)),
     Case("quantize-format-over-a-file", (*QUANTIZE, "--format", "gguf"), ("out.gguf' already exists as a file: pass --overwrite",), plain_file("out.gguf", b"mine")),
     Case("quantize-format-over-a-foreign-file", (*QUANTIZE, "--format", "gguf", "--overwrite"), ("out.gguf': it is not a GGUF file lrquant wrote",), plain_file("out.gguf", b"mine")),
+    Case("quantize-ct-ragged-groups", (*QUANTIZE, "--group-size", "48", "--format", "compressed-tensors"), ("group size 48 leaves a ragged last group on rows of 64 columns",)),
     Case("quantize-gguf-activations", (*QUANTIZE, "--abits", "8", "--format", "gguf"), ("W4A8 quantizes activations, but GGUF holds weights only",)),
     Case("quantize-gguf-type-without-format", (*QUANTIZE, "--gguf-type", "Q4_K"), ("give it with --format gguf",)),
     Case("quantize-gguf-type-unknown", (*QUANTIZE, "--format", "gguf", "--gguf-type", "Q4_K_XL"), ("unknown GGUF type 'Q4_K_XL'",)),

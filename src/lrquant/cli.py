@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NoReturn
 
 from lrquant.errors import LrquantError
@@ -263,7 +264,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     if args.export_format is not None:  # a wrong format, scheme or destination fails before any work
         fmt = export_format(args.export_format)
-        check_options(fmt, scheme, args.gguf_type)
+        check_options(fmt, scheme, args.gguf_type, _model_config(args.model))
         atomic = AtomicOutputFile if fmt.single_file else AtomicOutputDir
         atomic.check_destination(default_destination(args.output, fmt), args.overwrite)
     elif args.gguf_type is not None:
@@ -301,6 +302,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if not args.json:
             print(_export_summary(packed))
     return 0
+
+
+def _model_config(model: str) -> dict | None:
+    """The model's config.json, when it can be read before loading (a folder or a built-in model
+    already converted), for the checks that fail fast; None otherwise."""
+    from lrquant.file_checks import read_json_object
+    from lrquant.models.builtin import cache_root, is_builtin
+
+    folder = cache_root() / "models" / model if is_builtin(model) else Path(model)
+    try:
+        return read_json_object(folder / "config.json", "a model config")
+    except LrquantError:
+        return None  # loading says what is wrong with it
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -174,8 +174,11 @@ def default_destination(output: str | Path, fmt: ExportFormat) -> Path:
     return output.with_name(output.name + fmt.suffix)
 
 
-def check_options(fmt: ExportFormat, scheme: QuantScheme, gguf_type: str | None) -> None:
-    """Refuse, before any work, the format options and schemes ``fmt`` cannot take."""
+def check_options(
+    fmt: ExportFormat, scheme: QuantScheme, gguf_type: str | None, config: dict | None = None
+) -> None:
+    """Refuse, before any work, the format options and schemes ``fmt`` cannot take; with the
+    model's ``config``, also a group size that leaves ragged groups on its hidden or MLP width."""
     if gguf_type is not None and fmt.name != "gguf":
         raise LrquantError(
             f"--gguf-type chooses GGUF types, but the format is {fmt.name}: drop it or use --format gguf"
@@ -185,6 +188,11 @@ def check_options(fmt: ExportFormat, scheme: QuantScheme, gguf_type: str | None)
 
         refuse_scheme(scheme)
         parse_type_rules(gguf_type)
+    elif config is not None and scheme.weight.granularity == "group":
+        from lrquant.export.compressed_tensors import refuse_ragged_groups
+
+        widths = {config.get(key) for key in ("hidden_size", "intermediate_size")}
+        refuse_ragged_groups(scheme.weight.group_size, {w for w in widths if isinstance(w, int)})
 
 
 def write_format(

@@ -74,20 +74,24 @@ def _check_scheme(output: QuantizedOutput) -> None:
         )
 
 
+def refuse_ragged_groups(size: int | None, widths: set[int]) -> None:
+    """compressed-tensors has one group size for every row: refuse a ``size`` that leaves a
+    ragged last group on rows of one of ``widths`` columns, naming the sizes that divide them."""
+    ragged = sorted(width for width in widths if size is not None and width % size)
+    if ragged:
+        dividing = [str(g) for g in (256, 128, 64, 32, 16) if all(width % g == 0 for width in widths)]
+        fix = f"use --group-size {' or '.join(dividing)}" if dividing else "quantize per channel"
+        raise LrquantError(
+            f"group size {size} leaves a ragged last group on rows of {ragged[0]} columns, which "
+            f"compressed-tensors cannot hold: {fix} (it divides every quantized row)"
+        )
+
+
 def _check_grids(output: QuantizedOutput) -> None:
     """Refuse grids the format cannot store: a ragged last group (it has one group size for every
     row) and an asymmetric zero point outside the code range (it stores zero points as codes)."""
-    size = output.scheme.weight.group_size
-    if size is not None:
-        widths = sorted({linear.codes.shape[1] for linear in output.linears.values()})
-        ragged = [width for width in widths if width % size]
-        if ragged:
-            dividing = [str(g) for g in (256, 128, 64, 32, 16) if all(width % g == 0 for width in widths)]
-            fix = f"use --group-size {' or '.join(dividing)}" if dividing else "quantize per channel"
-            raise LrquantError(
-                f"group size {size} leaves a ragged last group on rows of {ragged[0]} columns, which "
-                f"compressed-tensors cannot hold: {fix} (it divides every quantized row)"
-            )
+    widths = {linear.codes.shape[1] for linear in output.linears.values()}
+    refuse_ragged_groups(output.scheme.weight.group_size, widths)
     if not output.scheme.weight.symmetric:
         top = 2**output.scheme.weight.bits - 1
         outside = sum(int(((lin.zero < 0) | (lin.zero > top)).sum()) for lin in output.linears.values())
