@@ -18,7 +18,8 @@ of every GGUF file and lrquant's simulated output; a file that holds lrquant's g
 error when it does not. Each file's vocabulary is checked too: a file whose pre-tokenizer makes
 llama.cpp read the text as other tokens is marked in the table (its perplexity is then not
 comparable), and PyTorch is checked on that file's tokens. transformers loads GGUF files only
-with ``accelerate`` installed.
+with ``accelerate`` installed, and llama.cpp's converter needs ``sentencepiece``:
+``pip install -e ".[bench]"``.
 
     python benchmarks/gguf_llamacpp.py --llama-cpp DIR --smoke          # plumbing only, ~3 minutes
     python benchmarks/gguf_llamacpp.py --llama-cpp DIR --method rtn --types Q4_0
