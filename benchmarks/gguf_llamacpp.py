@@ -548,6 +548,7 @@ class Bench:
         export_s = timed(self.cache, target, lambda: lrquant_cli(*export))
         types = gguf_types(target)
         exact = exact_file(types, bits)
+        preset = self.preset_matches(qtype, folder, like) if match else None
         row = self.add_row(
             qtype,
             "lrquant",
@@ -556,6 +557,7 @@ class Bench:
             lrquant=f"{self.args.method} {self.args.preset} W{bits} sym g{group}",
             rules=rules,
             exact=exact,
+            preset_matches=preset,
         )
         simulated = torch_perplexity(
             self.cache,
@@ -566,6 +568,20 @@ class Bench:
             self.bos,
         )
         self.check(row, {"transformers": self.gguf_perplexity(target), "simulated": simulated}, exact=exact)
+
+    def preset_matches(self, qtype: str, folder: Path, like: Path) -> bool | None:
+        """Whether ``--gguf-type QTYPE`` (lrquant's spelling of llama.cpp's mix, where it has one)
+        gives every tensor the type llama.cpp's quantizer gave it in ``like``; None without one."""
+        from lrquant.export.gguf import PRESETS
+
+        if qtype not in PRESETS:
+            return None
+        target = folder.with_name(f"{folder.name}-preset-{qtype}.gguf")
+        export = ["export", str(folder), "--format", "gguf", "--gguf-type", qtype, "--output", str(target)]
+        timed(self.cache, target, lambda: lrquant_cli(*export, "--overwrite"))
+        same = gguf_types(target) == gguf_types(like)
+        print(f"  --gguf-type {qtype} gives llama.cpp's types for every tensor: {same}", flush=True)
+        return same
 
     def check(self, row: dict, torch_ppls: dict[str, float], exact: bool | None) -> None:
         """Record llama.cpp's and PyTorch's perplexities of one file and their relative spread

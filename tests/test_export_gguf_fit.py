@@ -209,7 +209,7 @@ def test_rows_that_are_not_whole_super_blocks_fall_back_as_llama_cpp_does(
 
 def test_llama_cpp_mixes_are_spelt_out_per_layer() -> None:
     """Q4_K_M and Q3_K_M as llama.cpp's quantizer picks them for a dense 16-layer model (on
-    SmolLM2-135M the files match llama.cpp's own type for type: benchmarks/gguf_llamacpp.py);
+    SmolLM2-135M benchmarks/gguf_llamacpp.py checks them against llama.cpp's own files);
     a rule given after the mix overrides it."""
     config = {"num_hidden_layers": 16, "num_attention_heads": 8, "num_key_value_heads": 2}
     tied = {"token_embd": 256}
