@@ -308,9 +308,9 @@ def _model_config(model: str) -> dict | None:
     """The model's config.json, when it can be read before loading (a folder or a built-in model
     already converted), for the checks that fail fast; None otherwise."""
     from lrquant.file_checks import read_json_object
-    from lrquant.models.builtin import cache_root, is_builtin
+    from lrquant.models.builtin import builtin_folder, is_builtin
 
-    folder = cache_root() / "models" / model if is_builtin(model) else Path(model)
+    folder = builtin_folder(model) if is_builtin(model) else Path(model)
     try:
         return read_json_object(folder / "config.json", "a model config")
     except LrquantError:

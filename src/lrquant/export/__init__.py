@@ -198,10 +198,10 @@ def check_options(
 def write_format(
     output: QuantizedOutput, fmt: ExportFormat, path: Path, gguf_type: str | None = None
 ) -> None:
-    """Run ``fmt``'s writer on ``output`` into ``path`` (a new empty folder, or a new file)."""
+    """Run ``fmt``'s writer on ``output`` into ``path`` (a new empty folder, or a new file); the
+    caller has checked the options with :func:`check_options`."""
     import importlib
 
-    check_options(fmt, output.scheme, gguf_type)
     options = {} if gguf_type is None else {"gguf_type": gguf_type}
     module, _, function = fmt.writer.partition(":")
     getattr(importlib.import_module(module), function)(output, path, **options)

@@ -32,6 +32,7 @@ from lrquant.console import log
 from lrquant.errors import LrquantError
 from lrquant.export import IntegerLinear, QuantizedOutput
 from lrquant.export.gguf_fit import FALLBACK, GRID_TYPES, Fit, GridType, Learned, fit, pack
+from lrquant.quant.quantizer import integer_range
 
 BLOCK = 32  # weights per block of every non-K GGUF type
 
@@ -263,11 +264,6 @@ def _fp16(values: np.ndarray, name: str, what: str) -> np.ndarray:
     return half
 
 
-def _code_range(linear: IntegerLinear) -> tuple[int, int]:
-    low = -(1 << (linear.bits - 1)) if linear.symmetric else 0
-    return low, low + (1 << linear.bits) - 1
-
-
 def _per_piece(linear: IntegerLinear, piece: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The learned step and zero of each run of ``piece`` inputs, ``[out, in / piece]``, or None
     when a run would straddle two groups."""
@@ -288,7 +284,7 @@ def exact_fit(linear: IntegerLinear, t: GridType, name: str) -> Fit | None:
         return None
     step, zero = grid
     codes = linear.codes.reshape(out, -1, BLOCK).to(torch.int32).numpy()
-    low, _ = _code_range(linear)
+    low, _ = integer_range(linear.bits, linear.symmetric)
     if t.symmetric:  # w = s·(c − z), z an integer
         q = codes - np.rint(zero).astype(np.int32)[..., None]
         minimum = np.zeros_like(step)
@@ -305,7 +301,7 @@ def exact_fit(linear: IntegerLinear, t: GridType, name: str) -> Fit | None:
 def fitted(linear: IntegerLinear, t: GridType) -> Fit:
     """Type ``t`` fitted to the learned weight, the learned grid kept where ``t`` holds it."""
     pieces = _per_piece(linear, t.sub)
-    low, high = _code_range(linear)
+    low, high = integer_range(linear.bits, linear.symmetric)
     learned = None if pieces is None else Learned(pieces[0], pieces[1], low, high)
     return fit(linear.dequantized().double().numpy(), t, learned)
 

@@ -26,6 +26,7 @@ import gguf
 import numpy as np
 
 from lrquant.errors import LrquantError
+from lrquant.quant.quantizer import integer_range
 
 Q = gguf.GGMLQuantizationType
 QK_K = 256
@@ -51,11 +52,11 @@ class GridType:
     @property
     def low(self) -> int:
         """The smallest code: ``−L`` for a symmetric grid, 0 with a minimum."""
-        return -(1 << (self.bits - 1)) if self.symmetric else 0
+        return integer_range(self.bits, self.symmetric)[0]
 
     @property
     def high(self) -> int:
-        return (1 << (self.bits - 1)) - 1 if self.symmetric else (1 << self.bits) - 1
+        return integer_range(self.bits, self.symmetric)[1]
 
 
 GRID_TYPES = {
@@ -115,10 +116,15 @@ def _error(x: np.ndarray, a: np.ndarray, q: np.ndarray, b: np.ndarray) -> np.nda
     return ((a[..., None] * q - b[..., None] - x) ** 2).sum(axis=-1)
 
 
+def _largest_magnitude(values: np.ndarray) -> np.ndarray:
+    """The value of largest magnitude along the last axis, its sign kept."""
+    return np.take_along_axis(values, np.abs(values).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+
+
 def _search_symmetric(x: np.ndarray, t: GridType) -> np.ndarray:
     """Per sub-block ``[..., sub]``: the least-squares step over 19 grid widths around the one
     that puts the largest magnitude on ``−L`` (llama.cpp's ``make_qx_quants``)."""
-    top = np.take_along_axis(x, np.abs(x).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    top = _largest_magnitude(x)
     safe = np.where(top == 0, 1.0, top)
     best_a = np.zeros_like(top)
     best_err = np.full_like(top, np.inf)
@@ -203,8 +209,7 @@ def _super_ints(values: np.ndarray, bits: int, signed: bool, slack: float) -> tu
     as llama.cpp puts it)."""
     if signed:
         levels = 1 << (bits - 1)
-        top = np.take_along_axis(values, np.abs(values).argmax(axis=-1)[..., None], axis=-1)[..., 0]
-        d = (-top / (levels - slack)).astype(np.float16)
+        d = (-_largest_magnitude(values) / (levels - slack)).astype(np.float16)
         low, high = -levels, levels - 1
     else:
         d = (values.max(axis=-1) / ((1 << bits) - 1 - slack)).astype(np.float16)
@@ -227,16 +232,16 @@ def _super_blocks(x: np.ndarray, a: np.ndarray, b: np.ndarray, t: GridType) -> F
     integers under fp16 super-block steps, the steps chosen per super-block (from
     :data:`SLACKS`) by the squared error of ``x [rows, supers, per super, sub]`` once every
     weight is rounded anew to the stored grid."""
+    if t.symmetric:
+        min_ints, dmin, minimum = None, None, np.zeros(a.shape, np.float32)
+    else:  # the minimums do not depend on the super-step: rounded once
+        min_ints, dmin = _super_ints(b, t.scale_bits, False, 0.0)
+        minimum = dmin.astype(np.float32)[..., None] * min_ints.astype(np.float32)
     best: Fit | None = None
     best_err = None
     for slack in SLACKS:
         scale_ints, d = _super_ints(a, t.scale_bits, t.symmetric, slack)
         step = d.astype(np.float32)[..., None] * scale_ints.astype(np.float32)
-        if t.symmetric:
-            min_ints, dmin, minimum = None, None, np.zeros_like(step)
-        else:
-            min_ints, dmin = _super_ints(b, t.scale_bits, False, 0.0)
-            minimum = dmin.astype(np.float32)[..., None] * min_ints.astype(np.float32)
         codes = _codes(x, step, minimum, t)
         err = ((step[..., None] * codes - minimum[..., None] - x) ** 2).sum(axis=(-1, -2))
         if best is None:
@@ -244,13 +249,7 @@ def _super_blocks(x: np.ndarray, a: np.ndarray, b: np.ndarray, t: GridType) -> F
             continue
         take = err < best_err
         best_err = np.where(take, err, best_err)
-        for field, new in (
-            ("codes", codes),
-            ("step", step),
-            ("minimum", minimum),
-            ("scale_ints", scale_ints),
-            ("d", d),
-        ):
+        for field, new in (("codes", codes), ("step", step), ("scale_ints", scale_ints), ("d", d)):
             old = getattr(best, field)
             mask = take.reshape(take.shape + (1,) * (new.ndim - take.ndim))
             setattr(best, field, np.where(mask, new, old))

@@ -165,12 +165,17 @@ def _source_info(package: str | None, source: Path, fmt: SourceFormat) -> dict[s
     }
 
 
+def builtin_folder(name: str) -> Path:
+    """Where the built-in model ``name`` is (or will be) converted: its HF folder in the cache."""
+    return cache_root() / "models" / name
+
+
 def resolve_builtin(name: str) -> Path:
     """A local HF directory for the built-in model ``name``, converted on first use and cached."""
     if not is_builtin(name):
         raise LrquantError(f"unknown built-in model {name!r}; known: {', '.join(sorted(BUILTIN_MODELS))}")
     spec = BUILTIN_MODELS[name]
-    final = cache_root() / "models" / name
+    final = builtin_folder(name)
     if final.is_dir():
         return _complete(final)
     source = _package_file(name, spec)
