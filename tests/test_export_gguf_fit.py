@@ -227,3 +227,12 @@ def test_llama_cpp_mixes_are_spelt_out_per_layer() -> None:
     assert [rules.type_of(f"blk.{i}.attn_v") for i in range(4)] == ["Q5_K", "Q5_K", "Q4_K", "Q4_K"]
     assert [rules.type_of(f"blk.{i}.ffn_down") for i in range(3)] == ["Q5_K", "Q4_K", "Q4_K"]
     assert rules.type_of("blk.9.attn_output") == "Q4_K"
+
+
+def test_a_learned_grid_in_any_memory_order_packs() -> None:
+    """Learned steps that are not C-contiguous (a column slice, Fortran order) pack the same bytes."""
+    t = GRID_TYPES["Q4_0"]
+    codes, step, zero, low, high, weight = learned_grid(8, 512, 4, True, 32)
+    expected = pack(fit(weight, t, Learned(step, zero, low, high)), t)
+    got = pack(fit(weight, t, Learned(np.asfortranarray(step), np.asfortranarray(zero), low, high)), t)
+    assert np.array_equal(got, expected)

@@ -290,7 +290,7 @@ def fit(weight: np.ndarray, t: GridType, learned: Learned | None = None) -> Fit:
 
 def _half_bytes(values: np.ndarray) -> np.ndarray:
     """fp16 values ``[rows, blocks]`` as their two bytes each, ``[rows, blocks, 2]``."""
-    return values.astype(np.float16).view(np.uint8).reshape(*values.shape, 2)
+    return np.ascontiguousarray(values, dtype=np.float16).view(np.uint8).reshape(*values.shape, 2)
 
 
 def _bit_planes(values: np.ndarray, width: int, planes: int) -> np.ndarray:
