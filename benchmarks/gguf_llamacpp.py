@@ -3,9 +3,10 @@
 For each llama.cpp type (Q4_0, Q4_K_M, Q3_K_M, Q2_K) three files are made and scored with
 ``llama-perplexity`` on the same text: llama.cpp's quantization of the full-precision GGUF, the
 same with an importance matrix (``llama-imatrix`` over lrquant's calibration windows), and
-lrquant's own output exported with ``lrquant export --format gguf --gguf-type RULES``, where
-RULES copies the per-tensor types of llama.cpp's file (so both files have the same types and
-size). The lrquant output's settings per type are in :data:`TYPES` (``--wbits TYPE=BITS``).
+lrquant's own, ``lrquant quantize --format gguf --gguf-type RULES``, where RULES copies the
+per-tensor types of llama.cpp's file (so both files have the same types and size) and each linear
+learns the grid of its type (Q5_0: 5-bit symmetric groups of 32, Q6_K: 6-bit symmetric groups of
+16, ...; the other weights start from :data:`BASE`, 4-bit symmetric groups of 32).
 
 Evaluation text: lrquant's default evaluation documents (``wikipedia:test``) joined as
 ``tokenize_documents`` joins them, cut where llama.cpp reads ``--eval-tokens`` tokens. llama.cpp's
@@ -50,13 +51,8 @@ from pathlib import Path
 
 from llm_ppl import RESULTS, code_version, cpu_name
 
-# llama.cpp type -> the lrquant output exported to it (symmetric weight grid, groups of 32).
-TYPES: dict[str, dict] = {
-    "Q4_0": dict(wbits=4, group_size=32),
-    "Q4_K_M": dict(wbits=5, group_size=32),
-    "Q3_K_M": dict(wbits=5, group_size=32),
-    "Q2_K": dict(wbits=4, group_size=32),
-}
+TYPES = ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K")  # llama.cpp's file types compared
+BASE = ("--wbits", "4", "--w-symmetric", "--group-size", "32")  # lrquant's scheme before the types
 BUILD = (
     "llama.cpp tools not found: pass --llama-cpp DIR or set LLAMA_CPP_BIN; to build them: "
     "pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 "
@@ -232,18 +228,16 @@ def type_rules(types: dict[str, str]) -> str:
     return ",".join(rules)
 
 
-def exact_file(types: dict[str, str], bits: int) -> bool:
-    """Whether a GGUF file holds a symmetric ``bits``-bit, group-32 output as lrquant simulates it:
-    every block matrix in a ``Qn_0`` type with n >= bits (or F16, F32), the embeddings in 8 bits or
-    more (Q8_0, F16, F32)."""
+def exact_file(types: dict[str, str]) -> bool:
+    """Whether a GGUF file of lrquant's holds its output as lrquant simulates it: every block
+    matrix in a legacy type (which copies the learned codes) or a float type, the embeddings (not
+    quantized by lrquant) in 8 bits or more (Q8_0, F16, F32)."""
     for name, kind in types.items():
         if not name.endswith(".weight") or "norm" in name:
             continue
-        lossless = {"F16", "F32"}
+        lossless = {"F16", "F32", "Q8_0"}
         if name.startswith("blk."):
-            lossless |= {f"Q{n}_0" for n in (4, 5, 8) if n >= bits}
-        else:
-            lossless.add("Q8_0")
+            lossless |= {"Q4_0", "Q4_1", "Q5_0", "Q5_1"}
         if kind not in lossless:
             return False
     return True
@@ -333,12 +327,6 @@ def lrquant_cli(*args: str) -> None:
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({out.returncode}):\n{(out.stdout + out.stderr)[-3000:]}")
-
-
-def export_takes_types() -> bool:
-    """Whether ``lrquant export`` has ``--gguf-type``."""
-    cmd = [sys.executable, "-m", "lrquant", "export", "--help"]
-    return "--gguf-type" in subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
 
 
 def mib(path: Path) -> float:
@@ -517,47 +505,33 @@ class Bench:
             ),
         )
 
-    def lrquant_output(self, bits: int, group: int) -> tuple[Path, float]:
-        """lrquant's quantized output folder at ``bits`` (made once) and the seconds it took."""
+    def lrquant_file(self, qtype: str, like: Path) -> None:
+        """lrquant's GGUF with the types of llama.cpp's file ``like``, each linear learning the grid
+        of its type; its row, and the check of llama.cpp against PyTorch on it."""
         args = self.args
-        folder = self.work / f"lrquant-{args.model}-{args.method}-{args.preset}-w{bits}g{group}-s{args.seed}"
+        folder = self.work / f"lrquant-{args.model}-{args.method}-{args.preset}-{qtype}-s{args.seed}"
+        target = folder.with_name(folder.name + ".gguf")
+        rules = type_rules(gguf_types(like))
         seconds = timed(
             self.cache,
-            folder,
+            target,
             lambda: lrquant_cli(
                 "quantize",
-                *("--model", args.model, "--method", args.method, "--preset", args.preset),
-                *("--wbits", str(bits), "--w-symmetric", "--group-size", str(group)),
-                *("--seed", str(args.seed)),
+                *("--model", args.model, "--method", args.method, "--preset", args.preset, *BASE),
+                *("--seed", str(args.seed), "--format", "gguf", "--gguf-type", rules),
                 *("--device", "cpu", "--no-eval", "--output", str(folder), "--overwrite"),
             ),
         )
-        return folder, seconds
-
-    def lrquant_file(self, qtype: str, like: Path, match: bool) -> None:
-        """lrquant's GGUF for ``qtype`` (types copied from llama.cpp's file ``like`` when ``match``),
-        its row, and the check of llama.cpp against PyTorch on it."""
-        settings = {**TYPES[qtype], "wbits": self.args.wbits.get(qtype, TYPES[qtype]["wbits"])}
-        bits, group = settings["wbits"], settings["group_size"]
-        folder, quantize_s = self.lrquant_output(bits, group)
-        rules = type_rules(gguf_types(like)) if match else None
-        target = folder.with_name(folder.name + (f"-{qtype}.gguf" if match else ".gguf"))
-        export = ["export", str(folder), "--format", "gguf", "--output", str(target), "--overwrite"]
-        if rules:
-            export += ["--gguf-type", rules]
-        export_s = timed(self.cache, target, lambda: lrquant_cli(*export))
-        types = gguf_types(target)
-        exact = exact_file(types, bits)
-        preset = self.preset_matches(qtype, folder, like) if match else None
+        exact = exact_file(gguf_types(target))
         row = self.add_row(
             qtype,
             "lrquant",
             target,
-            round(quantize_s + export_s, 1),
-            lrquant=f"{self.args.method} {self.args.preset} W{bits} sym g{group}",
+            seconds,
+            lrquant=f"{args.method} {args.preset}",
             rules=rules,
             exact=exact,
-            preset_matches=preset,
+            preset_matches=self.preset_matches(qtype, folder, like),
         )
         simulated = torch_perplexity(
             self.cache,
@@ -639,53 +613,26 @@ def markdown(bench: Bench, header: str) -> list[str]:
     return lines
 
 
-def parse_bits(items: list[str]) -> dict[str, int]:
-    """``["Q4_K_M=4"]`` -> ``{"Q4_K_M": 4}``."""
-    bits = {}
-    for item in items:
-        qtype, _, value = item.partition("=")
-        if qtype not in TYPES or not value.isdigit():
-            sys.exit(f"--wbits {item}: give TYPE=BITS with TYPE one of {', '.join(TYPES)}")
-        bits[qtype] = int(value)
-    return bits
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-cpp", default=os.environ.get("LLAMA_CPP_BIN"), help="llama.cpp's bin folder")
     parser.add_argument("--convert", help="convert_hf_to_gguf.py (default: DIR/../../convert_hf_to_gguf.py)")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--types", nargs="+", default=list(TYPES), choices=list(TYPES))
+    parser.add_argument("--types", nargs="+", default=list(TYPES), choices=TYPES)
     parser.add_argument("--method", default="lrquant_plus", help="lrquant's method for its files")
     parser.add_argument("--preset", default="fast", help="lrquant's preset for its files")
-    parser.add_argument(
-        "--wbits", action="append", default=[], metavar="TYPE=BITS", help="lrquant's bits for a type"
-    )
     parser.add_argument("--seed", type=int, default=0, help="lrquant's seed (calibration windows)")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="tokens of evaluation text")
     parser.add_argument("--n-ctx", type=int, default=512, help="llama-perplexity's chunk length")
     parser.add_argument("--imatrix-chunks", type=int, default=0, help="llama-imatrix --chunks (0: all)")
-    parser.add_argument(
-        "--match-types",
-        choices=["auto", "yes", "no"],
-        default="auto",
-        help="export lrquant's files with llama.cpp's per-tensor types (--gguf-type); auto: when "
-        "`lrquant export` has that option, else lrquant's own types",
-    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--work", default="/tmp/gguf_bench", help="folder of intermediate files")
     parser.add_argument("--smoke", action="store_true", help="plumbing only: Q4_0, rtn, 2048 tokens")
     args = parser.parse_args()
     if args.smoke:
         args.types, args.method, args.eval_tokens, args.imatrix_chunks = ["Q4_0"], "rtn", 2048, 4
-    args.wbits = parse_bits(args.wbits)
     os.environ["HF_HUB_OFFLINE"] = "1"
     tools = find_llama_cpp(args.llama_cpp, args.convert, args.threads)
-    match = {"yes": True, "no": False, "auto": None}[args.match_types]
-    if match is None:
-        match = export_takes_types()
-    if not match:
-        print("lrquant's files keep lrquant's own GGUF types (no --gguf-type)", flush=True)
 
     import torch
 
@@ -697,7 +644,7 @@ def main() -> None:
         print(f"{qtype}:", flush=True)
         like = bench.llama_quantized(qtype, imatrix=False)
         bench.llama_quantized(qtype, imatrix=True)
-        bench.lrquant_file(qtype, like, match)
+        bench.lrquant_file(qtype, like)
 
     import transformers
 
@@ -712,7 +659,7 @@ def main() -> None:
         f"PyTorch is scored on llama.cpp's); importance matrix from {bench.nsamples} lrquant calibration "
         f"windows (seed {args.seed}"
         f"{f', first {args.imatrix_chunks} chunks' if args.imatrix_chunks else ''}); lrquant files "
-        f"{'with llama.cpp types copied by --gguf-type' if match else 'with lrquant own GGUF types'}. "
+        "with llama.cpp's types copied by --gguf-type, each linear learning its type's grid. "
         "Quantize seconds: llama.cpp from the F32 GGUF (with imatrix: its computation included), lrquant "
         f"from the HF model (quantize + export); {machine}; code {code_version()}."
     )
@@ -729,7 +676,6 @@ def main() -> None:
         "n_ctx": args.n_ctx,
         "method": args.method,
         "preset": args.preset,
-        "matched_types": match,
         "rows": bench.rows,
         "checks": bench.checks,
     }

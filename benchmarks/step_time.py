@@ -62,7 +62,7 @@ def main() -> None:
     use_quantized_attention(model)
     attach_block_quantizers(block, arch, scheme)
     layout = AttentionLayout.of_block(block, arch, model.config)
-    bt = attach_block_transforms(block, arch, layout, stats, options, scheme.weight)
+    bt = attach_block_transforms(block, arch, layout, stats, options)
     initial = {k: v.clone() for k, v in bt.state_dict().items()}
 
     def run(bf16: bool, compiled: bool) -> tuple[float, float]:

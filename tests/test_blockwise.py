@@ -87,7 +87,7 @@ def test_folded_model_equals_last_training_forward(
                 0.1 + 4 * torch.rand(n, generator=generator),
             )
             stats[pair.targets[0]] = ChannelStats(lo, hi)
-        bt = attach_block_transforms(block, arch, layout, stats, options, scheme.weight)
+        bt = attach_block_transforms(block, arch, layout, stats, options)
         assert ("down" in bt.factors) == (model_type == "llama")
         linears = [m for m in block.modules() if isinstance(m, QuantLinear)]
         assert len(bt.clipping) == len(bt.rotation) == len(bt.rounding) == len(linears) >= 6

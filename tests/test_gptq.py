@@ -173,7 +173,7 @@ def _transformed_block(scheme):
             -1 - torch.rand(n, generator=generator), 1 + torch.rand(n, generator=generator)
         )
     layout = AttentionLayout.from_config(model.config)
-    bt = attach_block_transforms(block, arch, layout, stats, TransformOptions(), scheme.weight)
+    bt = attach_block_transforms(block, arch, layout, stats, TransformOptions())
     with torch.no_grad():
         for p in bt.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=generator))

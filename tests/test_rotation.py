@@ -119,9 +119,7 @@ def test_smoothing_before_every_input_rotation_is_exact(model_type: str) -> None
     for block in arch.block_list(model):
         attach_block_quantizers(block, arch, build_scheme(16, 16))
         layout = AttentionLayout.of_block(block, arch, model.config)
-        bt = attach_block_transforms(
-            block, arch, layout, random_stats(block, arch, generator), options, build_scheme(16, 16).weight
-        )
+        bt = attach_block_transforms(block, arch, layout, random_stats(block, arch, generator), options)
         assert set(bt.factors) == {"qkv", "mlp_in", "out", "qk"}
         perturb(bt, generator)
     with torch.no_grad():

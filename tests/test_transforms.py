@@ -83,9 +83,7 @@ def test_transforms_are_exact_in_full_precision_before_and_after_fold(model_type
     transforms = []
     for block in arch.block_list(model):
         attach_block_quantizers(block, arch, FP)
-        bt = attach_block_transforms(
-            block, arch, layout, random_stats(block, arch, generator), options, FP.weight
-        )
+        bt = attach_block_transforms(block, arch, layout, random_stats(block, arch, generator), options)
         expected = (
             {"qkv", "mlp_in", "out"} | (set() if arch.qk_norm else {"qk"}) | ({"down"} if gated else set())
         )

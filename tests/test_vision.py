@@ -57,9 +57,7 @@ def test_vision_transforms_are_exact_in_full_precision(model_type: str) -> None:
     for block in arch.block_list(model):
         attach_block_quantizers(block, arch, FP)
         layout = AttentionLayout.of_block(block, arch, model.config)
-        bt = attach_block_transforms(
-            block, arch, layout, random_stats(block, arch, generator), options, FP.weight
-        )
+        bt = attach_block_transforms(block, arch, layout, random_stats(block, arch, generator), options)
         assert set(bt.factors) == {"qkv", "mlp_in", "out", "qk"}
         transforms.append(bt)
     for bt in transforms:

@@ -38,15 +38,16 @@ from lrquant.eval import images as image_eval
 from lrquant.eval.images import DEFAULT_IMAGE_EVAL
 from lrquant.eval.perplexity import perplexity
 from lrquant.export import check_options, default_destination, export_format, read_output, write_format
+from lrquant.file_checks import read_json_object
 from lrquant.inference import apply_backend, generate_text
 from lrquant.methods.blockwise import quantize_blockwise, report_dict
 from lrquant.methods.e2e import fp_final_hidden
 from lrquant.methods.resume import ResumeStore
 from lrquant.methods.rtn import quantize_rtn
-from lrquant.models.builtin import cache_root, is_builtin
+from lrquant.models.builtin import builtin_folder, cache_root, is_builtin
 from lrquant.models.loading import LoadedModel, load_model, resolve_model_dir
 from lrquant.output_dir import AtomicOutputDir, AtomicOutputFile, disk_space_for, write_json
-from lrquant.quant.apply import patch_embedding
+from lrquant.quant.apply import head_linears, patch_embedding
 from lrquant.recipes import DEFAULT_METHOD, Recipe, build_recipe, check_image_recipe
 from lrquant.report import PLOT_FILE, plot_blocks
 from lrquant.transforms.rotation import rotate_model
@@ -373,6 +374,8 @@ def quantize(
     overwrite: bool = False,
     trust_remote_code: bool = False,
     device: str = "auto",
+    format: str | None = None,
+    gguf_type: str | None = None,
 ) -> dict:
     """Quantize ``model`` with ``method`` and ``scheme``; write the checkpoint and report to ``output``.
 
@@ -385,9 +388,21 @@ def quantize(
     appears only when everything succeeded; an interrupted learned run resumes when rerun.
     ``device`` is where blocks are learned and the model evaluated (``auto``: a CUDA GPU when
     there is one); the model itself stays in host memory.
+
+    With ``format``, the output is then packed by :func:`export` (beside ``output``; its result is
+    the report's ``export``). For ``gguf``, each linear learns the grid of the GGUF type it will be
+    written as (``gguf_type``: ``--gguf-type`` rules or a llama.cpp mix such as ``Q4_K_M``), not
+    one grid for all: a mix gives some tensors more bits, and the learner uses them.
     """
     target = resolve_device(device)
     build_recipe(method, preset, overrides)  # bad recipe settings fail before a model is loaded
+    if format is not None:  # a wrong format, scheme or destination fails before any work
+        fmt = export_format(format)
+        check_options(fmt, scheme, gguf_type, _model_config(model))
+        atomic = AtomicOutputFile if fmt.single_file else AtomicOutputDir
+        atomic.check_destination(default_destination(output, fmt), overwrite)
+    elif gguf_type is not None:
+        raise LrquantError("--gguf-type chooses the types of a GGUF export: give it with --format gguf")
     torch.manual_seed((data or DataSettings()).seed)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -412,6 +427,8 @@ def quantize(
         if scheme.patch_embed:
             patch_embedding(loaded.model)  # a model without one stops here, before any work
         _note_whole_row_groups(loaded, scheme)
+        if format == "gguf":
+            scheme = _gguf_grids(loaded, scheme, gguf_type)
         lap("load")
         calibration = None
         if method != "rtn":
@@ -482,7 +499,40 @@ def quantize(
         if store is not None:
             store.clear()  # under the output lock, which a second run waits on
     log(f"wrote {out.final}")
+    if format is not None:
+        report["export"] = export(output, format, overwrite=overwrite, gguf_type=gguf_type)
     return report
+
+
+def _model_config(model: str) -> dict | None:
+    """The model's config.json, when it can be read before loading (a folder or a built-in model
+    already converted), for the checks that fail fast; None otherwise."""
+    folder = builtin_folder(model) if is_builtin(model) else Path(model).expanduser()
+    try:
+        return read_json_object(folder / "config.json", "a model config")
+    except LrquantError:
+        return None  # loading says what is wrong with it
+
+
+def _gguf_grids(loaded: LoadedModel, scheme: QuantScheme, gguf_type: str | None) -> QuantScheme:
+    """``scheme`` with each linear's grid that of the GGUF type it will be written as."""
+    from lrquant.export.gguf import learned_grids
+
+    model, arch = loaded.model, loaded.arch
+    linears = {
+        f"{prefix}.{name}": module.in_features
+        for prefix, block in arch.named_blocks(model)
+        for name, module in block.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+    if scheme.head:
+        linears.update({name: head.in_features for name, head in head_linears(model, arch)})
+    floats = {  # the other matrices (a tied head shares the embedding's, listed once)
+        key: p.shape[1]
+        for key, p in model.named_parameters()
+        if p.dim() == 2 and key.removesuffix(".weight") not in linears
+    }
+    return learned_grids(scheme, model.config.to_dict(), linears, floats, gguf_type)
 
 
 def _input_paths(model: str, data: DataSettings | None) -> list[Path]:

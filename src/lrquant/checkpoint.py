@@ -54,7 +54,7 @@ def save_quantized(
     ``source_name`` (how the user named the full-precision model) is recorded for evaluation.
     """
     rotations = _save_input_rotations(folder, model, arch)
-    integers = _save_integer_weights(folder, model, arch, scheme)
+    integers = _save_integer_weights(folder, model, arch)
     detach_quantizers(model, arch)
     model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
@@ -76,7 +76,7 @@ def save_quantized(
     )
 
 
-def _save_integer_weights(folder: Path, model: nn.Module, arch: ArchSpec, scheme: QuantScheme) -> bool:
+def _save_integer_weights(folder: Path, model: nn.Module, arch: ArchSpec) -> bool:
     """Write the integer codes, steps and zero points of every linear whose weight is on a known
     grid (``weight = scale · (codes - zero)`` per group; scale and zero ``[out, groups]``), after
     checking the weight really lies on it; returns whether there were any."""
@@ -85,13 +85,14 @@ def _save_integer_weights(folder: Path, model: nn.Module, arch: ArchSpec, scheme
         if linear.grid is None:
             continue
         scale, zero = linear.grid
+        spec = linear.weight_spec
         weight = linear.weight.detach().float()
-        codes = integer_codes(weight, scheme.weight, scale, zero)
-        off = (dequantize_codes(codes, scheme.weight, scale, zero) - weight).abs()
+        codes = integer_codes(weight, spec, scale, zero)
+        off = (dequantize_codes(codes, spec, scale, zero) - weight).abs()
         step = (weight.abs().amax() + 1) * 1e-5
         if off.max() > step:  # a rounding that differs from what was evaluated: never export it
             raise RuntimeError(f"the weight of {name} is off its grid by {off.max():.3g}")
-        tensors[f"{name}.codes"] = codes.to(torch.int8 if scheme.weight.symmetric else torch.uint8)
+        tensors[f"{name}.codes"] = codes.to(torch.int8 if spec.symmetric else torch.uint8)
         tensors[f"{name}.scale"] = scale.reshape(scale.shape[0], -1)
         tensors[f"{name}.zero"] = zero.reshape(zero.shape[0], -1)
     if tensors:

@@ -9,7 +9,6 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import NoReturn
 
 from lrquant.errors import LrquantError
@@ -244,8 +243,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     """``lrquant quantize`` (and, with ``--format``, ``lrquant export`` of its output)."""
     from lrquant import api
     from lrquant.config import build_scheme
-    from lrquant.export import check_options, default_destination, export_format
-    from lrquant.output_dir import AtomicOutputDir, AtomicOutputFile
     from lrquant.recipes import parse_overrides
 
     scheme = build_scheme(
@@ -262,13 +259,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         head=args.quantize_head,
         patch_embed=args.quantize_patch_embed,
     )
-    if args.export_format is not None:  # a wrong format, scheme or destination fails before any work
-        fmt = export_format(args.export_format)
-        check_options(fmt, scheme, args.gguf_type, _model_config(args.model))
-        atomic = AtomicOutputFile if fmt.single_file else AtomicOutputDir
-        atomic.check_destination(default_destination(args.output, fmt), args.overwrite)
-    elif args.gguf_type is not None:
-        raise LrquantError("--gguf-type chooses the types of a GGUF export: give it with --format gguf")
     report = api.quantize(
         args.model,
         args.output,
@@ -281,6 +271,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code,
         device=args.device,
+        format=args.export_format,
+        gguf_type=args.gguf_type,
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -295,26 +287,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             f"{report['method']} {report['scheme']}: {summary}; "
             f"{report['seconds']['total']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MiB -> {args.output}"
         )
-    if args.export_format is not None:
-        packed = api.export(
-            args.output, args.export_format, overwrite=args.overwrite, gguf_type=args.gguf_type
-        )
-        if not args.json:
-            print(_export_summary(packed))
+    if "export" in report and not args.json:
+        print(_export_summary(report["export"]))
     return 0
-
-
-def _model_config(model: str) -> dict | None:
-    """The model's config.json, when it can be read before loading (a folder or a built-in model
-    already converted), for the checks that fail fast; None otherwise."""
-    from lrquant.file_checks import read_json_object
-    from lrquant.models.builtin import builtin_folder, is_builtin
-
-    folder = builtin_folder(model) if is_builtin(model) else Path(model)
-    try:
-        return read_json_object(folder / "config.json", "a model config")
-    except LrquantError:
-        return None  # loading says what is wrong with it
 
 
 def cmd_export(args: argparse.Namespace) -> int:

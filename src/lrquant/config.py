@@ -95,6 +95,17 @@ class QuantScheme(BaseModel):
     head: bool = False
     patch_embed: bool = False
     rotate_qkv: bool = False
+    weight_grids: dict[str, QuantSpec] = {}
+    gguf_type: str | None = None
+
+    def weight_for(self, name: str) -> QuantSpec:
+        """The weight grid of the linear called ``name`` (relative to the model)."""
+        return self.weight_grids.get(name, self.weight)
+
+    @property
+    def weight_specs(self) -> list[QuantSpec]:
+        """Every weight grid the scheme uses."""
+        return [self.weight, *self.weight_grids.values()]
 
     @property
     def mlp_out_activation(self) -> QuantSpec:
@@ -117,6 +128,9 @@ class QuantScheme(BaseModel):
         clipped = [s.clip_ratio for s in self.quantized_linear_inputs]
         if clipped and min(clipped) < 1:
             label += f"c{min(clipped):g}"
+        if self.weight_grids:  # a type or mix by name, else rules per tensor
+            simple = self.gguf_type and not any(c in self.gguf_type for c in ",=")
+            label += f"+{self.gguf_type if simple else 'GGUF types'}"
         return label
 
     @property

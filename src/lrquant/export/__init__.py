@@ -120,14 +120,15 @@ def read_output(folder: str | Path) -> QuantizedOutput:
     tensors = load_file(str(weights))
     linears = {}
     for name, parts in integers.items():
+        spec = scheme.weight_for(name)
         linears[name] = IntegerLinear(
             codes=parts["codes"],
             scale=parts["scale"],
             zero=parts["zero"],
             bias=tensors.pop(f"{name}.bias", None),
-            bits=scheme.weight.bits,
-            symmetric=scheme.weight.symmetric,
-            group_size=scheme.weight.group_size,
+            bits=spec.bits,
+            symmetric=spec.symmetric,
+            group_size=spec.group_size,
         )
         tensors.pop(f"{name}.weight", None)
     method = json.loads((folder / QUANT_FILE).read_text()).get("method")

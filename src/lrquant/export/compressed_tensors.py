@@ -65,6 +65,8 @@ def _check_scheme(output: QuantizedOutput) -> None:
     clips = {spec.clip_ratio for spec in scheme.quantized_linear_inputs if spec.clip_ratio < 1.0}
     if clips:
         unsupported.append(f"clipped linear inputs (--a-clip {min(clips)}; use 1)")
+    if scheme.weight_grids:
+        unsupported.append("a weight grid per tensor (learned for GGUF types by --format gguf)")
     if scheme.weight.bits > 8:
         unsupported.append(f"{scheme.weight.bits}-bit weights (it packs 1 to 8 bits)")
     if unsupported:

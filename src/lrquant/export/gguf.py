@@ -27,7 +27,7 @@ import gguf
 import numpy as np
 import torch
 
-from lrquant.config import QuantScheme
+from lrquant.config import QuantScheme, QuantSpec
 from lrquant.console import log
 from lrquant.errors import LrquantError
 from lrquant.export import IntegerLinear, QuantizedOutput
@@ -192,15 +192,15 @@ def refuse_scheme(scheme: QuantScheme) -> None:
         )
 
 
-def _refuse_unsupported(output: QuantizedOutput) -> None:
-    """Refuse, in one line, what a GGUF file cannot hold or this writer does not write yet."""
-    if output.model_type not in ARCHITECTURES:
+def _refuse_config(config: dict) -> None:
+    """Refuse, in one line, a model a GGUF file cannot hold or this writer does not write yet."""
+    model_type = str(config.get("model_type"))
+    if model_type not in ARCHITECTURES:
         raise LrquantError(
-            f"GGUF export supports {', '.join(ARCHITECTURES)} models, not '{output.model_type}': "
+            f"GGUF export supports {', '.join(ARCHITECTURES)} models, not '{model_type}': "
             "export this output with --format compressed-tensors instead"
         )
-    refuse_scheme(output.scheme)
-    rope = output.config.get("rope_parameters") or output.config.get("rope_scaling") or {}
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise LrquantError(
@@ -306,22 +306,26 @@ def fitted(linear: IntegerLinear, t: GridType) -> Fit:
     return fit(linear.dequantized().double().numpy(), t, learned)
 
 
+def natural_type(spec: QuantSpec) -> str:
+    """The type a grid maps to: the legacy type that holds it code for code, else the K-quant
+    (or Q8_0) it is fitted to."""
+    whole = spec.group_size is None or spec.group_size % BLOCK == 0
+    return (EXACT_TYPES.get((spec.bits, spec.symmetric)) if whole else None) or FITTED_TYPES[spec.bits]
+
+
 def _plan(
-    output: QuantizedOutput, names: dict[str, str], matrices: dict[str, int], rules: TypeRules
+    spec: QuantSpec, names: dict[str, str], matrices: dict[str, int], rules: TypeRules
 ) -> dict[str, str]:
-    """Each matrix's type: its rule, else (a quantized linear) ``rules.default`` or the type
-    its grid maps to, else (a float matrix) None; a K-quant on rows that are not whole
-    super-blocks falls back as llama.cpp's quantizer does, and the refusals come first."""
+    """Each matrix's type: its rule, else (a quantized linear, one of ``names``) ``rules.default``
+    or the type the grid ``spec`` maps to, else (a float matrix) None; a K-quant on rows that are
+    not whole super-blocks falls back as llama.cpp's quantizer does, and the refusals come first."""
     for pattern, _ in rules.rules:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in matrices):
             some = ", ".join(list(matrices)[:3])
             raise LrquantError(
                 f"--gguf-type pattern '{pattern}' matches no matrix of this model (names look like {some})"
             )
-    spec = output.scheme.weight
-    whole = spec.group_size is None or spec.group_size % BLOCK == 0
-    natural = EXACT_TYPES.get((spec.bits, spec.symmetric)) if whole else None
-    natural = natural or FITTED_TYPES[spec.bits]
+    natural = natural_type(spec)
     types, fallbacks = {}, {}
     for name, inputs in matrices.items():
         qtype = rules.type_of(name) or (rules.default or natural if name in names else None)
@@ -342,15 +346,9 @@ def _plan(
     return types
 
 
-def _gguf_tensors(
-    output: QuantizedOutput, arch: gguf.MODEL_ARCH, permute: bool, rules: TypeRules
-) -> tuple[list[tuple[str, np.ndarray, gguf.GGMLQuantizationType]], list[str], list[str]]:
-    """Every tensor of the file, by its GGUF name, all packed before anything is written; the
-    type each quantized linear took, and those types fitted rather than copied code for code."""
-    config = output.config
+def _name_map(config: dict, arch: gguf.MODEL_ARCH) -> Callable[[str], str]:
+    """The GGUF name of a tensor key: ``model.layers.0.mlp.down_proj.weight`` -> ``blk.0.ffn_down.weight``."""
     names = gguf.TensorNameMap(arch, config["num_hidden_layers"])
-    n_heads = config["num_attention_heads"]
-    heads = {"q_proj": n_heads, "k_proj": config.get("num_key_value_heads", n_heads)}
 
     def gguf_name(key: str) -> str:
         mapped = names.get_name(key, try_suffixes=(".weight", ".bias"))
@@ -360,17 +358,98 @@ def _gguf_tensors(
             )
         return mapped
 
-    linears = {gguf_name(f"{name}.weight").removesuffix(".weight"): name for name in output.linears}
+    return gguf_name
+
+
+def _tensor_types(
+    config: dict,
+    spec: QuantSpec,
+    linears: dict[str, int],
+    floats: dict[str, int],
+    rules: TypeRules,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The GGUF base name of each quantized linear (``{gguf base: module name}``) and the type of
+    every matrix by its base name, from the row lengths of the ``linears`` (by module name) and of
+    the other matrices (``floats``, by tensor key)."""
+    arch, _ = ARCHITECTURES[config["model_type"]]
+    gguf_name = _name_map(config, arch)
+    bases = {gguf_name(f"{name}.weight").removesuffix(".weight"): name for name in linears}
+    matrices = {base: linears[name] for base, name in bases.items()}
+    for key, inputs in floats.items():
+        matrices[gguf_name(key).removesuffix(".weight")] = inputs
+    return bases, _plan(spec, bases, matrices, preset_rules(rules, config, matrices))
+
+
+def learned_grids(
+    scheme: QuantScheme,
+    config: dict,
+    linears: dict[str, int],
+    floats: dict[str, int],
+    gguf_type: str | None,
+) -> QuantScheme:
+    """``scheme`` with the weight grid of each linear set to what its GGUF type stores, so the
+    learner learns the grid the file will hold: ``scheme.weight`` where the type holds it code for
+    code, else the type's own (its code bits, symmetry and sub-block as the group, e.g. Q6_K:
+    6 bits, symmetric, groups of 16), and no quantization for a float type. ``linears`` and
+    ``floats`` are the row lengths of the quantized linears (by module name) and of the other
+    matrices (by tensor key)."""
+    _refuse_config(config)
+    refuse_scheme(scheme)
+    rules = parse_type_rules(gguf_type)
+    bases, types = _tensor_types(config, scheme.weight, linears, floats, rules)
+    grids = {}
+    for base, name in bases.items():
+        qtype = types[base]
+        if qtype in FLOAT_TYPES:
+            grids[name] = QuantSpec()
+            continue
+        t = GRID_TYPES[qtype]
+        if not _holds(t, scheme.weight):
+            grids[name] = QuantSpec(bits=t.bits, symmetric=t.symmetric, granularity="group", group_size=t.sub)
+    changed = Counter(
+        f"{types[base]} ({_grid_label(grids[name])})" for base, name in bases.items() if name in grids
+    )
+    if changed:
+        log(
+            f"learning the grids of their GGUF types for {sum(changed.values())} of {len(bases)} linears: "
+            + ", ".join(f"{n} x {label}" for label, n in changed.most_common())
+        )
+    return scheme.model_copy(update={"weight_grids": grids, "gguf_type": gguf_type})
+
+
+def _grid_label(spec: QuantSpec) -> str:
+    if not spec.enabled:
+        return "not quantized"
+    size = f"groups of {spec.group_size}" if spec.group_size else "per channel"
+    return f"{spec.bits}-bit {'symmetric' if spec.symmetric else 'asymmetric'}, {size}"
+
+
+def _holds(t: GridType, spec: QuantSpec) -> bool:
+    """Whether type ``t`` stores the grid ``spec`` code for code (K-quants: the same sub-blocks)."""
+    if (spec.bits, spec.symmetric) != (t.bits, t.symmetric):
+        return False
+    if t.scale_bits is None:
+        return spec.group_size is None or spec.group_size % BLOCK == 0
+    return spec.group_size == t.sub
+
+
+def _gguf_tensors(
+    output: QuantizedOutput, arch: gguf.MODEL_ARCH, permute: bool, rules: TypeRules
+) -> tuple[list[tuple[str, np.ndarray, gguf.GGMLQuantizationType]], list[str], list[str]]:
+    """Every tensor of the file, by its GGUF name, all packed before anything is written; the
+    type each quantized linear took, and those types fitted rather than copied code for code."""
+    config = output.config
+    n_heads = config["num_attention_heads"]
+    heads = {"q_proj": n_heads, "k_proj": config.get("num_key_value_heads", n_heads)}
+    gguf_name = _name_map(config, arch)
     floats = {
         key: t
         for key, t in output.tensors.items()
         if not key.endswith("rotary_emb.inv_freq")  # recomputed from the rope metadata
     }
-    matrices = {base: output.linears[name].codes.shape[1] for base, name in linears.items()}
-    for key, tensor in floats.items():
-        if tensor.dim() == 2 and key.endswith(".weight"):
-            matrices[gguf_name(key).removesuffix(".weight")] = tensor.shape[1]
-    types = _plan(output, linears, matrices, preset_rules(rules, config, matrices))
+    matrices = {key: t.shape[1] for key, t in floats.items() if t.dim() == 2 and key.endswith(".weight")}
+    linear_rows = {name: linear.codes.shape[1] for name, linear in output.linears.items()}
+    linears, types = _tensor_types(config, output.scheme.weight, linear_rows, matrices, rules)
 
     tensors, fitted_types = [], set()
     for base, name in linears.items():
@@ -507,8 +586,11 @@ def write_gguf(output: QuantizedOutput, path: Path, gguf_type: str | TypeRules |
     that can be refused is refused (an :class:`LrquantError`) before the file is opened; the
     caller makes the write atomic.
     """
+    if gguf_type is None:  # the types the grids were learned for, if any
+        gguf_type = output.scheme.gguf_type
     rules = gguf_type if isinstance(gguf_type, TypeRules) else parse_type_rules(gguf_type)
-    _refuse_unsupported(output)
+    _refuse_config(output.config)
+    refuse_scheme(output.scheme)
     pre = _pre_tokenizer(output.folder)
     arch, permute = ARCHITECTURES[output.model_type]
     tensors, types, fitted_types = _gguf_tensors(output, arch, permute, rules)

@@ -173,7 +173,7 @@ def _loss(
 def bits_lr_factor(recipe: Recipe, scheme: QuantScheme) -> float:
     """``lr_by_bits``: ``2 ** -(b - 4)`` for the narrowest quantized width ``b`` above 4 bits (weights
     and linear inputs), else 1; it scales the smoothing rate (``lr_transform``) alone."""
-    widths = [spec.bits for spec in (scheme.weight, scheme.activation) if spec.enabled]
+    widths = [spec.bits for spec in (*scheme.weight_specs, scheme.activation) if spec.enabled]
     if not recipe.lr_by_bits or not widths:
         return 1.0
     return 2.0 ** -max(0, min(widths) - 4)
@@ -502,7 +502,7 @@ def quantize_blockwise(
         )
     if recipe.e2e_epochs and scheme.weight.enabled:
         check_supported(model, arch)
-    blocks = arch.block_list(model)
+    block_names, blocks = zip(*arch.named_blocks(model), strict=True)
     transitions = arch.transitions(model)
     kwargs_per_block, transition_kwargs = to_device(capture_block_kwargs(model, arch, calibration[0]), device)
     if start is None:
@@ -531,9 +531,9 @@ def quantize_blockwise(
             for p in block.parameters():
                 p.requires_grad_(False)
             fp_out, hom_out, stats = _targets_and_stats(block, arch, state, kwargs, recipe, options)
-            attach_block_quantizers(block, arch, scheme)
+            attach_block_quantizers(block, arch, scheme, prefix=block_names[index])
             layout = AttentionLayout.of_block(block, arch, model.config)
-            bt = attach_block_transforms(block, arch, layout, stats, options, scheme.weight)
+            bt = attach_block_transforms(block, arch, layout, stats, options)
             branches = ((fp_out, recipe.error_propagation), (hom_out, recipe.homologous))
             targets = [target for target, on in branches if on]
             learnable = bt.smoothing_parameters() or bt.clipping_parameters() or bt.rounding_parameters()

@@ -70,7 +70,8 @@ class ResumeStore:
                 f"'{self.folder}' holds progress of a run with other settings: rerun that command, "
                 "or delete the folder to start over"
             )
-        done, blocks = meta.get("done"), arch.block_list(model)
+        named = arch.named_blocks(model)
+        done, blocks = meta.get("done"), [block for _, block in named]
         if (
             not isinstance(done, int)
             or not 1 <= done <= len(blocks)
@@ -85,7 +86,8 @@ class ResumeStore:
             check_safetensors(file, restart)
         try:
             for index in range(done):
-                attach_block_quantizers(blocks[index], arch, scheme, weights_on_grid=True)
+                prefix = named[index][0]
+                attach_block_quantizers(blocks[index], arch, scheme, weights_on_grid=True, prefix=prefix)
                 _load_block(blocks[index], load_file(files[index]))
             chain = load_file(files[-1])
             state = ChainState(fp=chain["fp"], quant=chain["quant"])

@@ -31,8 +31,8 @@ def attach_quantizers(
     classifier head unless ``scheme.head``. ``weights_on_grid`` marks
     weights as already quantized (a saved quantized checkpoint), so they are used as stored.
     """
-    for block in arch.block_list(model):
-        attach_block_quantizers(block, arch, scheme, weights_on_grid)
+    for prefix, block in arch.named_blocks(model):
+        attach_block_quantizers(block, arch, scheme, weights_on_grid, prefix)
     attach_head_quantizers(model, arch, scheme, weights_on_grid)
     use_quantized_attention(model)
 
@@ -67,7 +67,7 @@ def attach_head_quantizers(
                 f"'{name}' shares its weight with the input embeddings: it cannot be quantized "
                 "alone; leave out --quantize-head"
             )
-        qlinear = QuantLinear(linear, scheme.weight, scheme.activation)
+        qlinear = QuantLinear(linear, scheme.weight_for(name), scheme.activation)
         if weights_on_grid:
             qlinear.weight_frozen = True
         else:
@@ -101,13 +101,14 @@ def quantize_patch_embedding(model: nn.Module, scheme: QuantScheme) -> None:
 
 
 def attach_block_quantizers(
-    block: nn.Module, arch: ArchSpec, scheme: QuantScheme, weights_on_grid: bool = False
+    block: nn.Module, arch: ArchSpec, scheme: QuantScheme, weights_on_grid: bool = False, prefix: str = ""
 ) -> None:
-    """:func:`attach_quantizers` for one block (the model must also :func:`use_quantized_attention`)."""
+    """:func:`attach_quantizers` for one block, called ``prefix`` in the model (which names the
+    linears of ``scheme.weight_grids``); the model must also :func:`use_quantized_attention`."""
     for name, child in list(block.named_modules()):
         if isinstance(child, nn.Linear) and not isinstance(child, QuantLinear):
             act = scheme.mlp_out_activation if name in arch.mlp_out else scheme.activation
-            qlinear = QuantLinear(child, scheme.weight, act)
+            qlinear = QuantLinear(child, scheme.weight_for(f"{prefix}.{name}" if prefix else name), act)
             qlinear.weight_frozen = qlinear.weight_frozen or weights_on_grid
             replace_module(block, name, qlinear)
     setattr(

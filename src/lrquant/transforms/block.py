@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 
 from lrquant.arch import ArchSpec, SmoothPair
-from lrquant.config import QuantSpec
 from lrquant.quant.apply import replace_module
 from lrquant.quant.linear import QuantLinear
 from lrquant.transforms.smoothing import (
@@ -156,7 +155,6 @@ def attach_block_transforms(
     layout: AttentionLayout,
     stats: dict[str, ChannelStats],
     options: TransformOptions,
-    weight_spec: QuantSpec,
 ) -> BlockTransforms:
     """Give every quantized linear of ``block`` a :class:`WeightTransform` and wrap smoothed norms.
 
@@ -175,19 +173,20 @@ def attach_block_transforms(
             _wire_pair(block, pair, arch, layout, stats[pair.targets[0]], options, linears, transforms, bt)
         if options.qk_smoothing and not arch.qk_norm and (arch.q_proj or arch.fused_qkv):
             _wire_qk(arch, layout, transforms, bt, next(iter(linears.values())).weight.device)
-    if weight_spec.enabled:
-        for name, linear in linears.items():
-            if options.clipping:
-                transforms[name].clipping = bt.clipping[_key(name)] = LearnableClipping(
-                    linear.weight, weight_spec
-                )
-            if options.rotation:
-                ones = torch.ones(linear.out_features, 1, device=linear.weight.device)
-                bt.rotation[_key(name)] = nn.Parameter(ones)
-                transforms[name].rotation = bt.rotation[_key(name)]
-            if options.rounding:
-                zeros = torch.zeros_like(linear.weight, dtype=torch.float32)
-                transforms[name].rounding = bt.rounding[_key(name)] = nn.Parameter(zeros)
+    for name, linear in linears.items():
+        if not linear.weight_spec.enabled:
+            continue
+        if options.clipping:
+            transforms[name].clipping = bt.clipping[_key(name)] = LearnableClipping(
+                linear.weight, linear.weight_spec
+            )
+        if options.rotation:
+            ones = torch.ones(linear.out_features, 1, device=linear.weight.device)
+            bt.rotation[_key(name)] = nn.Parameter(ones)
+            transforms[name].rotation = bt.rotation[_key(name)]
+        if options.rounding:
+            zeros = torch.zeros_like(linear.weight, dtype=torch.float32)
+            transforms[name].rounding = bt.rounding[_key(name)] = nn.Parameter(zeros)
     return bt
 
 
