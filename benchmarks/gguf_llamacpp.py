@@ -509,7 +509,9 @@ class Bench:
         """lrquant's GGUF with the types of llama.cpp's file ``like``, each linear learning the grid
         of its type; its row, and the check of llama.cpp against PyTorch on it."""
         args = self.args
-        folder = self.work / f"lrquant-{args.model}-{args.method}-{args.preset}-{qtype}-s{args.seed}"
+        sets = [item for pair in args.set for item in ("--set", pair)]
+        label = "".join(f"-{pair.replace('=', '')}" for pair in args.set)
+        folder = self.work / f"lrquant-{args.model}-{args.method}-{args.preset}{label}-{qtype}-s{args.seed}"
         target = folder.with_name(folder.name + ".gguf")
         rules = type_rules(gguf_types(like))
         seconds = timed(
@@ -517,7 +519,7 @@ class Bench:
             target,
             lambda: lrquant_cli(
                 "quantize",
-                *("--model", args.model, "--method", args.method, "--preset", args.preset, *BASE),
+                *("--model", args.model, "--method", args.method, "--preset", args.preset, *BASE, *sets),
                 *("--seed", str(args.seed), "--format", "gguf", "--gguf-type", rules),
                 *("--device", "cpu", "--no-eval", "--output", str(folder), "--overwrite"),
             ),
@@ -528,7 +530,7 @@ class Bench:
             "lrquant",
             target,
             seconds,
-            lrquant=f"{args.method} {args.preset}",
+            lrquant=" ".join([args.method, args.preset, *args.set]),
             rules=rules,
             exact=exact,
             preset_matches=self.preset_matches(qtype, folder, like),
@@ -621,6 +623,10 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=list(TYPES), choices=TYPES)
     parser.add_argument("--method", default="lrquant_plus", help="lrquant's method for its files")
     parser.add_argument("--preset", default="fast", help="lrquant's preset for its files")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="lrquant's recipe settings"
+    )
+    parser.add_argument("--name", help="results file name (default gguf_llamacpp)")
     parser.add_argument("--seed", type=int, default=0, help="lrquant's seed (calibration windows)")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="tokens of evaluation text")
     parser.add_argument("--n-ctx", type=int, default=512, help="llama-perplexity's chunk length")
@@ -664,7 +670,7 @@ def main() -> None:
         f"from the HF model (quantize + export); {machine}; code {code_version()}."
     )
     lines = markdown(bench, header)
-    name = "gguf_llamacpp_smoke" if args.smoke else "gguf_llamacpp"
+    name = args.name or ("gguf_llamacpp_smoke" if args.smoke else "gguf_llamacpp")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     result = {
@@ -676,6 +682,7 @@ def main() -> None:
         "n_ctx": args.n_ctx,
         "method": args.method,
         "preset": args.preset,
+        "set": args.set,
         "rows": bench.rows,
         "checks": bench.checks,
     }

@@ -101,6 +101,23 @@ def tiny_llama(tiny_models: TinyModels) -> Path:
     return tiny_models("llama")
 
 
+@pytest.fixture(scope="session")
+def wide_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny llama whose linears take whole 256-weight GGUF super-blocks (hidden 256, MLP 512)."""
+    import json
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lrquant.models.tiny import save_tiny_model
+
+    path = save_tiny_model("llama", tmp_path_factory.mktemp("wide") / "llama")
+    config = json.loads((path / "config.json").read_text())
+    config.update(hidden_size=256, intermediate_size=512, head_dim=64)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(**config), dtype=torch.float32).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread() -> Iterator[None]:
     """Tiny models gain nothing from more threads, and several stall badly on a busy machine."""

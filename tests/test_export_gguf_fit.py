@@ -20,7 +20,6 @@ from lrquant.export import read_output
 from lrquant.export.gguf import parse_type_rules, preset_rules, write_gguf
 from lrquant.export.gguf_fit import GRID_TYPES, Learned, fit, pack
 from lrquant.models.loading import load_model
-from lrquant.models.tiny import save_tiny_model
 
 
 def learned_grid(rows: int, n: int, bits: int, symmetric: bool, group: int, seed: int = 0):
@@ -124,22 +123,6 @@ def test_rules_parse_and_refuse_in_one_line() -> None:
 @pytest.fixture(scope="module")
 def data(text_file: Path) -> api.DataSettings:
     return api.DataSettings(calib=str(text_file), seqlen=32, nsamples=4)
-
-
-@pytest.fixture(scope="module")
-def wide_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny llama whose linears take whole 256-weight super-blocks (hidden 256, MLP 512)."""
-    import json
-
-    path = save_tiny_model("llama", tmp_path_factory.mktemp("wide") / "llama")
-    config = json.loads((path / "config.json").read_text())
-    config.update(hidden_size=256, intermediate_size=512, head_dim=64)
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**config), dtype=torch.float32)
-    model.save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize(

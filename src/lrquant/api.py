@@ -53,6 +53,7 @@ from lrquant.report import PLOT_FILE, plot_blocks
 from lrquant.transforms.rotation import rotate_model
 
 TEXT_CALIB, TEXT_EVAL = "wikipedia:train", "wikipedia:test"
+RUN_TIME_ROTATIONS = ("online", "down", "inputs")  # hadamard modes that leave a rotation in the forward
 IMAGE_CALIB = "photos"
 IMAGE_CALIBRATION_SAMPLES = 32
 
@@ -395,10 +396,15 @@ def quantize(
     one grid for all: a mix gives some tensors more bits, and the learner uses them.
     """
     target = resolve_device(device)
-    build_recipe(method, preset, overrides)  # bad recipe settings fail before a model is loaded
+    recipe = build_recipe(method, preset, overrides)  # bad recipe settings fail before a model is loaded
     if format is not None:  # a wrong format, scheme or destination fails before any work
         fmt = export_format(format)
         check_options(fmt, scheme, gguf_type, _model_config(model))
+        if recipe.hadamard in RUN_TIME_ROTATIONS:
+            raise LrquantError(
+                f"hadamard={recipe.hadamard} rotates linear inputs at run time, which packed formats "
+                "cannot hold exactly: use --set hadamard=folded, or quantize without --format"
+            )
         atomic = AtomicOutputFile if fmt.single_file else AtomicOutputDir
         atomic.check_destination(default_destination(output, fmt), overwrite)
     elif gguf_type is not None:

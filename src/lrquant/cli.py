@@ -51,7 +51,8 @@ def _add_gguf_type_arg(parser: argparse.ArgumentParser) -> None:
         help="GGUF types: one for every quantized linear (or one of llama.cpp's mixes Q3_K_M Q3_K_L Q4_K_S "
         "Q4_K_M Q5_K_S Q5_K_M) and/or PATTERN=TYPE per tensor, comma-separated, e.g. "
         "Q4_K,blk.*.ffn_down=Q6_K,token_embd=Q8_0 (types Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K "
-        "F16 F32 BF16; default: the type that holds the grid exactly, else the K-quant of its width)",
+        "F16 F32 BF16; default: the type that holds the grid exactly, else the K-quant of its width; "
+        "export: the types the output was quantized for)",
     )
 
 
@@ -168,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="export_format",
         default=None,
         help="also pack the output for an engine: compressed-tensors (vLLM) or gguf (llama.cpp), "
-        "written beside --output (OUTPUT-compressed-tensors/, OUTPUT.gguf)",
+        "written beside --output (OUTPUT-compressed-tensors/, OUTPUT.gguf); with gguf, each linear "
+        "learns the grid of the GGUF type it is written as (see --gguf-type)",
     )
     _add_gguf_type_arg(q)
     _add_data_args(q, "--eval-data")
