@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from lrquant.arch import ArchSpec
+from lrquant.console import Progress
 from lrquant.data.images import DEFAULT_PHOTO_CROPS, ImagePreprocess, resolve_image_source, split_labelled
 from lrquant.device import module_device
 from lrquant.errors import LrquantError
@@ -93,7 +93,7 @@ def model_outputs(
     model.eval()
     device = module_device(model)
     outs = []
-    with tqdm(total=pixels.shape[0], desc=desc, unit="img", disable=None, leave=False) as bar:
+    with Progress(pixels.shape[0], desc, "images") as bar:
         for start in range(0, pixels.shape[0], batch_size):
             result = model(pixel_values=pixels[start : start + batch_size].to(device))
             if is_classifier(model):

@@ -6,8 +6,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from lrquant.console import Progress
 from lrquant.device import module_device
 
 
@@ -23,7 +23,7 @@ def perplexity(
     model.eval()
     device = module_device(model)
     total, count = 0.0, 0
-    with tqdm(total=windows.shape[0], desc=desc, unit="win", disable=None, leave=False) as bar:
+    with Progress(windows.shape[0], desc, "windows") as bar:
         for start in range(0, windows.shape[0], batch_size):
             batch = windows[start : start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits

@@ -1,0 +1,40 @@
+"""Progress of the long loops: a bar on a terminal, periodic lines in a log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lrquant import console
+from lrquant.eval.perplexity import perplexity
+from lrquant.models.loading import load_model
+
+
+def test_lines_come_at_their_pace_with_the_time_left(capsys: pytest.CaptureFixture) -> None:
+    """Without a terminal (pytest captures stderr), a line at most every PROGRESS_EVERY seconds:
+    items done, seconds so far and the time left at the pace so far; none once the loop is done."""
+    now = [0.0]
+    with console.Progress(4, "fp perplexity", "windows", clock=lambda: now[0]) as progress:
+        for t in (10.0, 40.0, 50.0, 90.0):
+            now[0] = t
+            progress.update()
+    assert capsys.readouterr().err.splitlines() == [
+        "lrquant: fp perplexity: 2/4 windows, 40 s, about 0.7 min left"
+    ]
+
+
+def test_perplexity_reports_its_windows(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(console, "PROGRESS_EVERY", 0.0)
+    model = load_model(str(tiny_llama)).model
+    capsys.readouterr()
+    windows = torch.randint(3, 500, (3, 16), generator=torch.Generator().manual_seed(0))
+    perplexity(model, windows, desc="quantized perplexity")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(", ")[0] for line in lines] == [
+        "lrquant: quantized perplexity: 1/3 windows",
+        "lrquant: quantized perplexity: 2/3 windows",
+    ]
