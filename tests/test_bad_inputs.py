@@ -248,6 +248,7 @@ CASES = [
     Case("set-negative-epochs", (*LEARNED, "--set", "epochs=-1"), ("epochs Input should be greater than or equal to 0",)),
     Case("set-word-epochs", (*LEARNED, "--set", "epochs=many"), ("epochs",)),
     Case("set-without-value", (*LEARNED, "--set", "epochs"), ("--set expects key=value, got 'epochs'",)),
+    Case("set-retired-field", (*LEARNED, "--set", "gptq=true", "--set", "gptq_target=fp"), ("gptq_target was retired",)),
     Case("device-unknown", (*QUANTIZE, "--device", "tpu"), ("unknown device 'tpu'",)),
     Case("device-missing-gpu", (*QUANTIZE, "--device", "cuda:7"), ("cuda:7",)),
     Case("unknown-flag", (*EVAL, "--bogus-flag"), ("unrecognized arguments: --bogus-flag",)),

@@ -128,11 +128,10 @@ def test_interrupted_run_resumes_to_the_same_checkpoint(
     [
         ("gptq", {}, 0),
         ("lrquant_plus", {"epochs": 1, "gptq": True}, 0),
-        ("lrquant_plus", {"epochs": 1, "gptq": True, "gptq_target": "fp"}, 0),
         # after the last block, before the end-to-end step: the rerun does that step alone
         ("lrquant_plus", {"epochs": 1, "e2e_epochs": 1}, NUM_LAYERS - 1),
     ],
-    ids=["gptq", "lrquant_plus-gptq", "lrquant_plus-gptq-fp", "lrquant_plus-e2e"],
+    ids=["gptq", "lrquant_plus-gptq", "lrquant_plus-e2e"],
 )
 def test_optional_finishing_steps_resume_to_the_same_checkpoint(
     method: str,

@@ -15,11 +15,10 @@ For each transformer block in turn:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -40,7 +39,6 @@ from lrquant.quant.apply import (
     quantize_patch_embedding,
     use_quantized_attention,
 )
-from lrquant.quant.attention import ATTR
 from lrquant.quant.gptq import HessianAccumulator
 from lrquant.quant.linear import QuantLinear, rotate_input
 from lrquant.quant.quantizer import compiled_quantizer
@@ -375,25 +373,6 @@ def _search_clipping(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch
         module.transform.clipping.search(weight, module.weight_spec, square_sums[module] / tokens[module])
 
 
-@contextlib.contextmanager
-def _full_precision(block: nn.Module) -> Iterator[None]:
-    """Within: ``block`` computes as the full-precision block with its transforms (linears
-    unquantized, attention inputs too)."""
-    linears = [m for m in block.modules() if isinstance(m, QuantLinear)]
-    attention = {m: getattr(m, ATTR) for m in block.modules() if getattr(m, ATTR, None) is not None}
-    for m in linears:
-        m.full_precision = True
-    for m in attention:
-        setattr(m, ATTR, None)
-    try:
-        yield
-    finally:
-        for m in linears:
-            m.full_precision = False
-        for m, settings in attention.items():
-            setattr(m, ATTR, settings)
-
-
 def _hooked(block: nn.Module, linears: list[QuantLinear], hook, inputs: torch.Tensor, kwargs, recipe) -> None:
     """Run ``block`` on ``inputs`` with ``hook`` as a forward pre-hook on each of ``linears``."""
     handles = [m.register_forward_pre_hook(hook) for m in linears]
@@ -426,44 +405,28 @@ def _gptq_statistics(
     inputs: torch.Tensor,
     kwargs: dict,
     recipe: Recipe,
-    references: torch.Tensor | None = None,
 ) -> None:
     """``gptq``: gives every quantized linear's transform the mean ``x xᵀ`` of its inputs as the
     block sees them on the quantized chain (rotated and quantized as its forward does), for
     :mod:`lrquant.quant.gptq` to round against at the fold.
 
-    With ``gptq_sequential`` (or ``references``) the linears are rounded stage by stage in forward
-    order, each stage's statistics taken with the stages before it already at their final
-    weights, so that each sees the inputs it will really get; otherwise all from one pass of the
-    block as training left it (round-to-nearest weights).
-
-    ``references`` (the full-precision chain's inputs for the same samples: ``gptq_target=fp``)
-    adds the cross term against the inputs the linear gets when the block runs in full
-    precision on them."""
+    With ``gptq_sequential`` the linears are rounded stage by stage in forward order, each
+    stage's statistics taken with the stages before it already at their final weights, so that
+    each sees the inputs it will really get; otherwise all from one pass of the block as training
+    left it (round-to-nearest weights)."""
     linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.transform is not None]
-    sequential = recipe.gptq_sequential or references is not None
+    sequential = recipe.gptq_sequential
     stages = _stages(block, linears, inputs[:1], kwargs, recipe) if sequential else [linears]
-    seen: dict[QuantLinear, torch.Tensor] = {}
-
-    def remember(module, args):
-        seen[module] = rotate_input(args[0].float(), module.input_rotation)
 
     def observe(module, args):
-        acc[module].add(module.quantized_input(args[0].float()), seen.pop(module, None))
+        acc[module].add(module.quantized_input(args[0].float()))
 
     for stage in stages:
         acc = {m: HessianAccumulator() for m in stage}
-        if references is None:
-            _hooked(block, stage, observe, inputs, kwargs, recipe)
-        else:
-            for start in range(0, inputs.shape[0], recipe.batch_size):  # the same tokens through both
-                batch = slice(start, start + recipe.batch_size)
-                with _full_precision(block):
-                    _hooked(block, stage, remember, references[batch], kwargs, recipe)
-                _hooked(block, stage, observe, inputs[batch], kwargs, recipe)
+        _hooked(block, stage, observe, inputs, kwargs, recipe)
         for module in stage:
             transform = module.transform
-            transform.hessian, transform.cross = acc[module].hessian(), acc[module].cross()
+            transform.hessian = acc[module].hessian()
             transform.gptq_damp = recipe.gptq_damp
             if sequential:
                 transform.fix_final(module.weight, module.bias, module.weight_spec)
@@ -552,8 +515,7 @@ def quantize_blockwise(
                         block, bt, state, targets, kwargs, recipe, block_seed, report, bar, bits_factor
                     )
                 if recipe.gptq and scheme.weight.enabled:  # GPTQ rounds the folded weights
-                    references = state.fp[: trained.shape[0]] if recipe.gptq_target == "fp" else None
-                    _gptq_statistics(block, trained, kwargs, recipe, references)
+                    _gptq_statistics(block, trained, kwargs, recipe)
                 with torch.no_grad():
                     fold_block_transforms(block, arch)  # also freezes every linear's quantized weight
                     quant_out = run_block(block, state.quant, kwargs, recipe.batch_size)

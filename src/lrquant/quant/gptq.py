@@ -21,33 +21,23 @@ BLOCK_COLUMNS = 128  # columns updated together (the lazy batch update of the pa
 
 
 class HessianAccumulator:
-    """``H = mean over tokens of x xᵀ`` for one linear's inputs, summed in float32; with
-    ``reference`` inputs (the same tokens as the full-precision model feeds the linear) also the
-    cross term ``G = mean of x_ref xᵀ`` that :func:`asymmetric_target` needs."""
+    """``H = mean over tokens of x xᵀ`` for one linear's inputs, summed in float32."""
 
     def __init__(self) -> None:
         self.sum: torch.Tensor | None = None
-        self.cross_sum: torch.Tensor | None = None
         self.tokens = 0
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+    def add(self, x: torch.Tensor) -> None:
         x = x.detach().flatten(0, -2).float()
         gram = x.T @ x
         self.sum = gram if self.sum is None else self.sum + gram
-        if reference is not None:
-            cross = reference.detach().flatten(0, -2).float().T @ x
-            self.cross_sum = cross if self.cross_sum is None else self.cross_sum + cross
         self.tokens += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
         if self.sum is None:
             raise ValueError("no inputs were recorded for this linear")
         return self.sum / self.tokens
-
-    def cross(self) -> torch.Tensor | None:
-        """``mean x_ref xᵀ``, or None where no reference inputs were given."""
-        return None if self.cross_sum is None else self.cross_sum / self.tokens
 
 
 def weight_grid(
@@ -64,40 +54,6 @@ def weight_grid(
         ungroup(scale.expand_as(wg).contiguous(), weight, pad),
         ungroup(zero.expand_as(wg).contiguous(), weight, pad),
     )
-
-
-def _damped_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """The lower Cholesky factor of ``H + λI``, λ = ``damp`` x the mean diagonal, raising the
-    damping tenfold until it exists; returns the factor and the damping used."""
-    mean_diag = hessian.diagonal().mean().clamp(min=1e-12)
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    for attempt in range(6):
-        used = damp * 10**attempt
-        factor, info = torch.linalg.cholesky_ex(hessian + eye * used * mean_diag)
-        if info == 0:
-            return factor, used
-    raise torch.linalg.LinAlgError("the input Hessian is not positive definite even after damping")
-
-
-@torch.no_grad()
-def asymmetric_target(
-    weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float = 0.01
-) -> torch.Tensor:
-    """The weight whose outputs on the quantized model's inputs ``x`` come closest to the
-    full-precision layer's outputs on its own inputs ``x_ref`` (least squares over the tokens):
-    ``W' = W G H⁻¹`` with ``G = mean x_ref xᵀ`` and ``H = mean x xᵀ``, written as
-    ``W + W (G - H) (H + λI)⁻¹`` so that equal inputs give back ``W`` exactly whatever the damping.
-
-    ``‖W x_ref - Q x‖²`` summed over tokens is ``‖(W' - Q) x‖²`` plus a constant, so GPTQ run on
-    ``W'`` with ``H`` minimises the error against full precision rather than against ``W`` on
-    the already perturbed inputs (the asymmetric calibration of GPTAQ, Li et al., 2025).
-    """
-    w = weight.float()
-    h, g = hessian.float(), cross.float()
-    factor, _ = _damped_cholesky(h, damp)
-    # (G - H) (H + λI)⁻¹ = ((H + λI)⁻¹ (G - H)ᵀ)ᵀ, H symmetric
-    correction = torch.cholesky_solve((g - h).T.contiguous(), factor).T
-    return (w + w @ correction).to(weight.dtype)
 
 
 def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:

@@ -54,9 +54,6 @@ class QuantLinear(nn.Linear):
         self.act_spec = act_spec
         self.weight_frozen = not weight_spec.enabled
         self.transform: WeightTransform | None = None
-        # forward as the full-precision layer (its transforms without any quantization): the
-        # reference pass of GPTQ's asymmetric target
-        self.full_precision = False
         self.register_buffer("input_rotation", getattr(linear, "input_rotation", None), persistent=False)
 
     def quantized_weight(self) -> torch.Tensor:
@@ -124,14 +121,6 @@ class QuantLinear(nn.Linear):
         return fake_quantize(rotate_input(x, self.input_rotation), self.act_spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.full_precision:
-            weight, bias = (
-                self.transform.transformed(self.weight, self.bias)
-                if self.transform is not None
-                else (self.weight, self.bias)
-            )
-            bias = None if bias is None else bias.to(x.dtype)
-            return F.linear(rotate_input(x, self.input_rotation), weight.to(x.dtype), bias)
         weight, bias = self.weight_and_bias()
         return F.linear(self.quantized_input(x), weight, bias)
 

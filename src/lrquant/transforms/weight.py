@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from lrquant.config import QuantSpec
-from lrquant.quant.gptq import asymmetric_target, gptq_quantize, weight_grid
+from lrquant.quant.gptq import gptq_quantize, weight_grid
 from lrquant.quant.quantizer import fake_quantize, group_for_stats, group_sums, weight_groups_grid
 
 Vector = Callable[[], torch.Tensor]
@@ -78,9 +78,7 @@ class WeightTransform:
         # (the mean x xᵀ of the linear's inputs); gptq_damp is GPTQ's relative damping
         self.hessian: torch.Tensor | None = None
         self.gptq_damp = 0.01
-        # with ``gptq_target=fp``: mean x_ref xᵀ, the full-precision model's inputs against these
-        self.cross: torch.Tensor | None = None
-        # the folded weight and bias, fixed before folding (gptq_target=fp rounds the block's
+        # the folded weight and bias, fixed before folding (gptq_sequential rounds the block's
         # linears in forward order, each against inputs from the ones already rounded)
         self.final: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -169,6 +167,4 @@ class WeightTransform:
         scale, zero = weight_grid(w, spec, *self._clip_factors())
         if self.rotation is not None:
             scale = scale * self.rotation
-        if self.cross is not None:  # round what the full-precision layer computes, on w's grid
-            w = asymmetric_target(w, self.hessian, self.cross, self.gptq_damp)
         return gptq_quantize(w, self.hessian, spec, scale, zero, self.gptq_damp), b
