@@ -105,7 +105,7 @@ def run_one(job: dict) -> dict:
     )
     from lrquant.config import build_scheme
     from lrquant.device import placed, resolve_device
-    from lrquant.eval.perplexity import perplexity
+    from lrquant.eval.perplexity import score_windows
     from lrquant.models.loading import load_model
     from lrquant.recipes import PRESETS, build_recipe, parse_overrides
 
@@ -131,17 +131,24 @@ def run_one(job: dict) -> dict:
         blocks = apply_method(loaded, scheme, job["method"], recipe, calibration, job["seed"], device=device)
         learned_in = training_matmuls(recipe, device)
     quantize_s = time.perf_counter() - start
+    rss = peak_rss_mb()  # loading and quantizing, before the reference joins it for scoring
     start = time.perf_counter()
+    # a quantized model is also scored against the full-precision one: KL and top-1 agreement
+    reference = None if job["setting"] == "FP" else load_model(job["model"]).model
     with placed(loaded.model, device):
-        ppl = perplexity(loaded.model, windows)
+        if reference is None:
+            scores = score_windows(loaded.model, windows)
+        else:
+            with placed(reference, device):
+                scores = score_windows(loaded.model, windows, reference=reference)
     return {
         **job,
         "commit": code_version(),
         "cpu": cpu_name(),
-        "perplexity": ppl,
+        **scores,
         "quantize_s": round(quantize_s, 1),
         "eval_s": round(time.perf_counter() - start, 1),
-        "peak_rss_mb": round(peak_rss_mb()),
+        "peak_rss_mb": round(rss),
         **peak_device_memory(device),
         "eval_tokens": int(windows.numel()),
         "retries": sum(b["retries"] for b in blocks),
@@ -222,6 +229,13 @@ def load_rows(name: str) -> list[dict]:
 def find_row(rows: list[dict], job: dict) -> dict | None:
     """The row that ran exactly ``job``, if any."""
     return next((r for r in rows if all(r.get(k) == v for k, v in job.items())), None)
+
+
+def _kl_cells(row: dict) -> str:
+    """KL and top-1 agreement against full precision (empty for the FP row and older rows)."""
+    if "kl" not in row:
+        return " | "
+    return f"{row['kl']:.4f} | {100 * row['top1_agreement']:.1f}"
 
 
 def cell(row: dict) -> str:
@@ -350,11 +364,11 @@ def main() -> None:
         f"Model `{args.model}`; calibration `wikipedia:train`, preset `{args.preset}`{extra}; perplexity on "
         f"`wikipedia:test`, {args.windows} windows x {args.seqlen} tokens; seed {args.seed}; {machine}.",
         "",
-        "| method | setting | perplexity | quantize s | peak RSS MiB |",
-        "|---|---|---:|---:|---:|",
+        "| method | setting | perplexity | KL from FP | top-1 agreement % | quantize s | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['method']} | {r['setting']} | {r['perplexity']:.2f} | {r['quantize_s']:.1f} "
+        f"| {r['method']} | {r['setting']} | {r['perplexity']:.2f} | {_kl_cells(r)} | {r['quantize_s']:.1f} "
         f"| {r['peak_rss_mb']} |"
         for r in rows
     ]

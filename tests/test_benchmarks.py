@@ -42,6 +42,9 @@ def test_llm_table_runs_records_and_resumes(tiny_llama, tmp_path) -> None:
     assert found["lrquant_plus", "W4A4"]["matmuls"] in ("bf16", "fp32")
     assert found["rtn", "W4A4"]["matmuls"] is None  # nothing learned
     assert found["rtn", "W4A4"]["perplexity"] != found["-", "FP"]["perplexity"]  # the weights did change
+    assert "kl" not in found["-", "FP"]
+    for key in (("rtn", "W4A4"), ("lrquant_plus", "W4A4")):  # scored against full precision too
+        assert found[key]["kl"] > 0 and 0 <= found[key]["top1_agreement"] < 1
     table = (tmp_path / "smoke.md").read_text()
     assert "| W4A4 |" in table and "lrquant_plus" in table
 

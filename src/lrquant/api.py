@@ -15,10 +15,13 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from lrquant import __version__
 from lrquant.checkpoint import REPORT_FILE, read_source, save_quantized
@@ -36,7 +39,7 @@ from lrquant.device import placed, resolve_device
 from lrquant.errors import LrquantError
 from lrquant.eval import images as image_eval
 from lrquant.eval.images import DEFAULT_IMAGE_EVAL
-from lrquant.eval.perplexity import perplexity
+from lrquant.eval.perplexity import perplexity, score_windows
 from lrquant.export import check_options, default_destination, export_format, read_output, write_format
 from lrquant.file_checks import read_json_object
 from lrquant.inference import apply_backend, generate_text
@@ -205,9 +208,11 @@ def evaluate(
         )
     else:
         windows = evaluation_data(loaded, data)
-        with placed(loaded.model, target):
-            ppl = perplexity(loaded.model, windows, data.batch_size)
-        result.update(seqlen=data.seqlen, windows=windows.shape[0], perplexity=ppl)
+        against = reference or (_source_model(loaded) if loaded.scheme is not None else None)
+        fp = None if against is None else load_model(against, trust_remote_code=trust_remote_code).model
+        with placed(loaded.model, target), placed(fp, target) if fp is not None else nullcontext():
+            scores = score_windows(loaded.model, windows, data.batch_size, "perplexity", fp)
+        result.update(seqlen=data.seqlen, windows=windows.shape[0], reference=against, **scores)
     return {
         **result,
         "seconds": round(time.perf_counter() - start, 2),
@@ -441,7 +446,9 @@ def quantize(
             calibration = calibration_data(loaded, data, recipe.calibration_samples, recipe.holdout)
         evaluation: dict[str, object] = {}
         if run_eval:
-            run_fp_eval, run_quant_eval, eval_details = _evaluation_stages(loaded, data, target)
+            run_fp_eval, run_quant_eval, eval_details, fidelity = _evaluation_stages(
+                loaded, data, target, lambda: load_model(model, trust_remote_code=trust_remote_code).model
+            )
             evaluation["fp"] = run_fp_eval()
             lap("eval_fp")
         log(f"quantizing with {method} at {scheme.name}")
@@ -491,6 +498,7 @@ def quantize(
                 },
                 "seed": data.seed,
                 "images" if image else "perplexity": evaluation,
+                **({"fidelity": fidelity} if run_eval and fidelity else {}),
                 "blocks": blocks,
                 "seconds": {**seconds, "total": round(sum(seconds.values()), 2)},
                 "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -622,7 +630,9 @@ def _packed_bytes(source) -> int:
     return codes + sum(t.numel() * t.element_size() for t in source.tensors.values())
 
 
-def _evaluation_stages(loaded: LoadedModel, data: DataSettings, device: torch.device):
+def _evaluation_stages(
+    loaded: LoadedModel, data: DataSettings, device: torch.device, full_precision: Callable[[], nn.Module]
+):
     """Two functions: score the model now (full precision, also the reference) and after quantizing."""
     if loaded.arch.modality == "image":
         sets = image_eval.load_eval_sets(data.eval, _preprocess(loaded, data), data.seed)
@@ -641,7 +651,7 @@ def _evaluation_stages(loaded: LoadedModel, data: DataSettings, device: torch.de
             with placed(loaded.model, device):
                 return image_eval.score(loaded.model, loaded.arch, sets, ref[0], data.batch_size)
 
-        return fp, quantized, {"eval_images": {s.name: s.pixels.shape[0] for s in sets}}
+        return fp, quantized, {"eval_images": {s.name: s.pixels.shape[0] for s in sets}}, {}
 
     windows = evaluation_data(loaded, data)
 
@@ -650,8 +660,15 @@ def _evaluation_stages(loaded: LoadedModel, data: DataSettings, device: torch.de
         with placed(loaded.model, device):
             return perplexity(loaded.model, windows, data.batch_size, "fp perplexity")
 
-    def quant_ppl() -> float:
-        with placed(loaded.model, device):
-            return perplexity(loaded.model, windows, data.batch_size, "quantized perplexity")
+    fidelity: dict = {}
 
-    return fp_ppl, quant_ppl, {"eval_windows": windows.shape[0]}
+    def quant_ppl() -> float:
+        """The quantized model's perplexity; its KL divergence from the full-precision model
+        (loaded again: the one in memory is now quantized) and top-1 agreement go to ``fidelity``."""
+        reference = full_precision()
+        with placed(loaded.model, device), placed(reference, device):
+            scores = score_windows(loaded.model, windows, data.batch_size, "quantized perplexity", reference)
+        fidelity.update(kl=scores["kl"], top1_agreement=scores["top1_agreement"])
+        return scores["perplexity"]
+
+    return fp_ppl, quant_ppl, {"eval_windows": windows.shape[0]}, fidelity

@@ -198,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--reference",
         default=None,
-        help="full-precision model that vision features are compared to and probes trained on "
-        "(default: the model a quantized folder was made from)",
+        help="full-precision model to compare with: a language model's KL divergence and top-1 "
+        "agreement, a vision model's feature cosine and probes (default: the model a quantized "
+        "folder was made from)",
     )
     _add_backend_arg(e, "fake")
     e.set_defaults(func=cmd_eval)
@@ -285,6 +286,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         else:
             ppl = report["perplexity"]
             summary = "perplexity " + (", ".join(f"{k} {v:.3f}" for k, v in ppl.items()) or "not evaluated")
+            if "fidelity" in report:
+                summary += f"; {_fidelity(report['fidelity'])}"
         print(
             f"{report['method']} {report['scheme']}: {summary}; "
             f"{report['seconds']['total']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MiB -> {args.output}"
@@ -356,11 +359,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         against = result["reference"] or "itself"
         print(f"{result['model']} ({result['scheme']}) against {against}: {_image_summary(result['images'])}")
     else:
+        against = f"; against {result['reference']}: {_fidelity(result)}" if "kl" in result else ""
         print(
             f"{result['model']} ({result['scheme']}): perplexity {result['perplexity']:.3f} on "
-            f"{result['windows']} windows of {result['seqlen']} tokens from {result['data']}"
+            f"{result['windows']} windows of {result['seqlen']} tokens from {result['data']}{against}"
         )
     return 0
+
+
+def _fidelity(scores: dict) -> str:
+    """``KL 0.0421, top-1 agreement 91.3 %`` from an evaluation against full precision."""
+    return f"KL {scores['kl']:.4f}, top-1 agreement {100 * scores['top1_agreement']:.1f} %"
 
 
 def _image_summary(sets: dict[str, dict]) -> str:
