@@ -183,10 +183,12 @@ def evaluate(
 ) -> dict:
     """Evaluate ``model`` (a name, a folder, a .gguf, or a quantized output folder).
 
-    A language model gets its perplexity. A vision model gets, on each evaluation set, the cosine
-    similarity of its features to ``reference``'s and top-1 or linear-probe accuracy (probes are
-    trained on the reference's features). The reference defaults to the model a quantized folder
-    was made from, when that is still there, else the model itself. ``device``: see
+    A language model gets its perplexity and, with a reference, its mean KL divergence from the
+    reference's next-token distribution and their top-1 agreement. A vision model gets, on each
+    evaluation set, the cosine similarity of its features to ``reference``'s and top-1 or
+    linear-probe accuracy (probes are trained on the reference's features). The reference
+    defaults to the model a quantized folder was made from, when that is still there (else none
+    for a language model, the model itself for a vision model). ``device``: see
     :func:`lrquant.device.resolve_device`. ``backend``: how a quantized output's linears run
     (:mod:`lrquant.inference`; ``fake``, the default, computes exactly as the run evaluated).
     """
