@@ -53,10 +53,9 @@ from lrquant.output_dir import AtomicOutputDir, AtomicOutputFile, disk_space_for
 from lrquant.quant.apply import head_linears, patch_embedding
 from lrquant.recipes import DEFAULT_METHOD, Recipe, build_recipe, check_image_recipe
 from lrquant.report import PLOT_FILE, plot_blocks
-from lrquant.transforms.rotation import rotate_model
+from lrquant.transforms.rotation import RUN_TIME_ROTATIONS, rotate_model
 
 TEXT_CALIB, TEXT_EVAL = "wikipedia:train", "wikipedia:test"
-RUN_TIME_ROTATIONS = ("online", "down", "inputs")  # hadamard modes that leave a rotation in the forward
 IMAGE_CALIB = "photos"
 IMAGE_CALIBRATION_SAMPLES = 32
 
@@ -203,18 +202,17 @@ def evaluate(
         "data": data.eval,
         "backend": apply_backend(loaded, backend, target),
     }
+    reference = reference or _source_model(loaded)
     if loaded.arch.modality == "image":
-        reference = reference or _source_model(loaded)
         result.update(
             reference=reference, images=_evaluate_images(loaded, data, reference, trust_remote_code, target)
         )
     else:
         windows = evaluation_data(loaded, data)
-        against = reference or (_source_model(loaded) if loaded.scheme is not None else None)
-        fp = None if against is None else load_model(against, trust_remote_code=trust_remote_code).model
+        fp = None if reference is None else load_model(reference, trust_remote_code=trust_remote_code).model
         with placed(loaded.model, target), placed(fp, target) if fp is not None else nullcontext():
             scores = score_windows(loaded.model, windows, data.batch_size, "perplexity", fp)
-        result.update(seqlen=data.seqlen, windows=windows.shape[0], reference=against, **scores)
+        result.update(seqlen=data.seqlen, windows=windows.shape[0], reference=reference, **scores)
     return {
         **result,
         "seconds": round(time.perf_counter() - start, 2),
@@ -256,7 +254,7 @@ def _source_model(loaded: LoadedModel) -> str | None:
     try:
         resolve_model_dir(source)
     except LrquantError:
-        log(f"the source model '{source}' is gone: scoring against the quantized model itself")
+        log(f"the source model '{source}' is gone: there is no full-precision model to compare with")
         return None
     return source
 

@@ -32,6 +32,7 @@ def score_windows(
     device = module_device(model)
     if reference is not None:
         reference.eval()
+        ref_device = module_device(reference)
     nll, kl, agree, count = 0.0, 0.0, 0, 0
     with Progress(windows.shape[0], desc, "windows") as bar:
         for start in range(0, windows.shape[0], batch_size):
@@ -40,8 +41,8 @@ def score_windows(
             nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
             count += batch[:, 1:].numel()
             if reference is not None:
-                ref_batch = batch.to(module_device(reference))
-                ref = reference(input_ids=ref_batch, use_cache=False).logits[:, :-1].float().to(device)
+                ref = reference(input_ids=batch.to(ref_device), use_cache=False).logits[:, :-1]
+                ref = ref.float().to(device)
                 log_p, log_q = F.log_softmax(ref, dim=-1), F.log_softmax(logits, dim=-1)
                 kl += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
                 agree += int((ref.argmax(-1) == logits.argmax(-1)).sum())

@@ -306,11 +306,16 @@ def fitted(linear: IntegerLinear, t: GridType) -> Fit:
     return fit(linear.dequantized().double().numpy(), t, learned)
 
 
+def _whole_blocks(spec: QuantSpec) -> bool:
+    """Whether every group of ``spec`` is a whole number of 32-weight legacy blocks."""
+    return spec.group_size is None or spec.group_size % BLOCK == 0
+
+
 def natural_type(spec: QuantSpec) -> str:
     """The type a grid maps to: the legacy type that holds it code for code, else the K-quant
     (or Q8_0) it is fitted to."""
-    whole = spec.group_size is None or spec.group_size % BLOCK == 0
-    return (EXACT_TYPES.get((spec.bits, spec.symmetric)) if whole else None) or FITTED_TYPES[spec.bits]
+    exact = EXACT_TYPES.get((spec.bits, spec.symmetric)) if _whole_blocks(spec) else None
+    return exact or FITTED_TYPES[spec.bits]
 
 
 def _plan(
@@ -363,6 +368,7 @@ def _name_map(config: dict, arch: gguf.MODEL_ARCH) -> Callable[[str], str]:
 
 def _tensor_types(
     config: dict,
+    gguf_name: Callable[[str], str],
     spec: QuantSpec,
     linears: dict[str, int],
     floats: dict[str, int],
@@ -371,8 +377,6 @@ def _tensor_types(
     """The GGUF base name of each quantized linear (``{gguf base: module name}``) and the type of
     every matrix by its base name, from the row lengths of the ``linears`` (by module name) and of
     the other matrices (``floats``, by tensor key)."""
-    arch, _ = ARCHITECTURES[config["model_type"]]
-    gguf_name = _name_map(config, arch)
     bases = {gguf_name(f"{name}.weight").removesuffix(".weight"): name for name in linears}
     matrices = {base: linears[name] for base, name in bases.items()}
     for key, inputs in floats.items():
@@ -396,7 +400,8 @@ def learned_grids(
     _refuse_config(config)
     refuse_scheme(scheme)
     rules = parse_type_rules(gguf_type)
-    bases, types = _tensor_types(config, scheme.weight, linears, floats, rules)
+    gguf_name = _name_map(config, ARCHITECTURES[config["model_type"]][0])
+    bases, types = _tensor_types(config, gguf_name, scheme.weight, linears, floats, rules)
     grids = {}
     for base, name in bases.items():
         qtype = types[base]
@@ -429,7 +434,7 @@ def _holds(t: GridType, spec: QuantSpec) -> bool:
     if (spec.bits, spec.symmetric) != (t.bits, t.symmetric):
         return False
     if t.scale_bits is None:
-        return spec.group_size is None or spec.group_size % BLOCK == 0
+        return _whole_blocks(spec)
     return spec.group_size == t.sub
 
 
@@ -449,7 +454,7 @@ def _gguf_tensors(
     }
     matrices = {key: t.shape[1] for key, t in floats.items() if t.dim() == 2 and key.endswith(".weight")}
     linear_rows = {name: linear.codes.shape[1] for name, linear in output.linears.items()}
-    linears, types = _tensor_types(config, output.scheme.weight, linear_rows, matrices, rules)
+    linears, types = _tensor_types(config, gguf_name, output.scheme.weight, linear_rows, matrices, rules)
 
     tensors, fitted_types = [], set()
     for base, name in linears.items():

@@ -85,10 +85,9 @@ class ResumeStore:
                 raise _damaged(self.folder, f"{file.name} is missing")
             check_safetensors(file, restart)
         try:
-            for index in range(done):
-                prefix = named[index][0]
-                attach_block_quantizers(blocks[index], arch, scheme, weights_on_grid=True, prefix=prefix)
-                _load_block(blocks[index], load_file(files[index]))
+            for (prefix, block), file in zip(named[:done], files[:done], strict=True):
+                attach_block_quantizers(block, arch, scheme, weights_on_grid=True, prefix=prefix)
+                _load_block(block, load_file(file))
             chain = load_file(files[-1])
             state = ChainState(fp=chain["fp"], quant=chain["quant"])
         except (KeyError, AttributeError, RuntimeError) as err:  # tensors of other names or shapes

@@ -39,6 +39,8 @@ from lrquant.quant.hadamard import randomized_hadamard
 from lrquant.quant.linear import RotatedInputLinear
 
 HadamardMode = Literal["off", "folded", "online", "down", "inputs"]
+# the modes that leave a rotation of some linear inputs in the forward (not an ordinary checkpoint)
+RUN_TIME_ROTATIONS: tuple[HadamardMode, ...] = ("online", "down", "inputs")
 HADAMARD_MODES: tuple[str, ...] = get_args(HadamardMode)
 
 
