@@ -185,6 +185,23 @@ def test_wikipedia_unknown_split() -> None:
         load_documents("wikipedia:validation")
 
 
+def test_news_splits_are_disjoint_and_hold_32_windows() -> None:
+    """The second built-in text: news articles, every fourth one in ``test``, enough of it for
+    32 windows of 512 tokens of SmolLM2's tokenizer (a byte-level BPE like the tiny models')."""
+    pytest.importorskip("gensim")
+    from lrquant.data.news import news_split
+
+    train, test = news_split("train"), news_split("test")
+    assert (len(train), len(test)) == (225, 75)
+    assert not set(train) & set(test) and all(doc.strip() for doc in train + test)
+    assert load_documents("news:test") == test and load_documents("news", default_split="train") == train
+    assert sum(len(d) for d in test) / 4.5 >= 32 * 511  # rough tokens at 4.5 characters each
+    with pytest.raises(LrquantError, match="unknown news split 'dev'; use one of: train, test"):
+        load_documents("news:dev")
+    with pytest.raises(LrquantError, match="or a built-in text: 'wikipedia' or 'news'"):
+        load_documents("no-such-source")
+
+
 # --- windows --------------------------------------------------------------------------------------
 
 

@@ -1,8 +1,9 @@
 """Text sources and token windows for calibration and perplexity.
 
 A source is one of: a plain text file, a folder of text files (``*.txt``, ``*.md``, read in
-sorted order), a JSONL file with a text field, or the built-in ``wikipedia`` (optionally
-``wikipedia:train`` / ``wikipedia:test``).
+sorted order), a JSONL file with a text field, or a built-in text: ``wikipedia`` (encyclopedia
+articles) or ``news`` (news articles), each optionally with its split (``wikipedia:train``,
+``news:test``).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import torch
 
+from lrquant.data.news import news_split
 from lrquant.data.wikipedia import SPLITS, wikipedia_split
 from lrquant.errors import LrquantError
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
+BUILTIN_TEXTS = {"wikipedia": wikipedia_split, "news": news_split}
 
 
 def load_documents(source: str, default_split: str = "train", text_field: str = "text") -> list[str]:
@@ -24,13 +27,15 @@ def load_documents(source: str, default_split: str = "train", text_field: str = 
     A source without any text is refused here, where its name is known.
     """
     name, _, split = source.partition(":")
-    if name == "wikipedia" and not Path(source).exists():
-        return wikipedia_split(split or default_split)
+    builtin = BUILTIN_TEXTS.get(name)
+    if builtin is not None and not Path(source).exists():
+        return builtin(split or default_split)
     path = Path(source).expanduser()
     if not path.exists():
+        names = " or ".join(repr(n) for n in BUILTIN_TEXTS)
         raise LrquantError(
             f"data source '{source}' not found: give a text file, a folder of text files, a .jsonl file, "
-            f"or the built-in 'wikipedia' (split ':{'|:'.join(SPLITS)}')"
+            f"or a built-in text: {names} (split ':{'|:'.join(SPLITS)}')"
         )
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)

@@ -28,14 +28,24 @@ def _tidy(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
-def _dump_path() -> Path:
+def gensim_file(relative: str, what: str) -> Path:
+    """The file ``relative`` inside the installed gensim package (built-in text ``what``)."""
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
-        raise LrquantError("the built-in 'wikipedia' text needs gensim: pip install gensim")
-    path = Path(spec.submodule_search_locations[0]) / _DUMP
+        raise LrquantError(f"the built-in '{what}' text needs gensim: pip install gensim")
+    path = Path(spec.submodule_search_locations[0]) / relative
     if not path.is_file():
-        raise LrquantError(f"gensim is installed but its Wikipedia sample is missing ({path})")
+        raise LrquantError(f"gensim is installed but its {what} sample is missing ({path})")
     return path
+
+
+def split_by_position(texts: tuple[str, ...], split: str, every: int, name: str) -> list[str]:
+    """Every ``every``-th text (the last of each run of ``every``) for ``test``, the rest for
+    ``train``: disjoint and deterministic."""
+    if split not in SPLITS:
+        raise LrquantError(f"unknown {name} split '{split}'; use one of: {', '.join(SPLITS)}")
+    test = split == "test"
+    return [text for i, text in enumerate(texts) if (i % every == every - 1) == test]
 
 
 @lru_cache(maxsize=1)
@@ -44,7 +54,7 @@ def articles() -> tuple[str, ...]:
     from gensim.corpora.wikicorpus import filter_wiki
 
     texts = []
-    with bz2.open(_dump_path()) as stream:
+    with bz2.open(gensim_file(_DUMP, "Wikipedia")) as stream:
         for _, elem in ET.iterparse(stream):
             if (
                 elem.tag.endswith("}text")
@@ -61,7 +71,4 @@ def articles() -> tuple[str, ...]:
 
 def wikipedia_split(split: str) -> list[str]:
     """The articles of one split, ``train`` or ``test``."""
-    if split not in SPLITS:
-        raise LrquantError(f"unknown wikipedia split '{split}'; use one of: {', '.join(SPLITS)}")
-    test = split == "test"
-    return [text for i, text in enumerate(articles()) if (i % _TEST_EVERY == _TEST_EVERY - 1) == test]
+    return split_by_position(articles(), split, _TEST_EVERY, "wikipedia")
