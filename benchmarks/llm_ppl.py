@@ -27,6 +27,8 @@ import platform
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 SETTINGS: dict[str, dict] = {
@@ -102,12 +104,13 @@ def run_one(job: dict) -> dict:
         evaluation_data,
         peak_device_memory,
         peak_rss_mb,
+        rotatable,
     )
     from lrquant.config import build_scheme
     from lrquant.device import placed, resolve_device
     from lrquant.eval.perplexity import score_windows
     from lrquant.models.loading import load_model
-    from lrquant.recipes import PRESETS, build_recipe, parse_overrides
+    from lrquant.recipes import PRESETS, Situation, build_recipe, parse_overrides
 
     torch.manual_seed(job["seed"])
     device = resolve_device(job.get("device", "cpu"))
@@ -123,11 +126,14 @@ def run_one(job: dict) -> dict:
             loaded, setting_kwargs(SETTINGS, job["setting"]), calibration, job["seed"], job["overrides"]
         )
     elif job["setting"] != "FP":
-        recipe = build_recipe(job["method"], job["preset"], parse_overrides(job["overrides"]))
+        scheme = build_scheme(**setting_kwargs(SETTINGS, job["setting"]))
+        where = Situation.of(scheme, loaded.arch.modality, rotatable=rotatable(loaded.arch))
+        recipe = build_recipe(
+            job["method"], job["preset"], parse_overrides(job["overrides"]), situation=where
+        )
         calibration = (
             None if job["method"] == "rtn" else calibration_data(loaded, data, recipe.calibration_samples)
         )
-        scheme = build_scheme(**setting_kwargs(SETTINGS, job["setting"]))
         blocks = apply_method(loaded, scheme, job["method"], recipe, calibration, job["seed"], device=device)
         learned_in = training_matmuls(recipe, device)
     quantize_s = time.perf_counter() - start
@@ -135,12 +141,12 @@ def run_one(job: dict) -> dict:
     start = time.perf_counter()
     # a quantized model is also scored against the full-precision one: KL and top-1 agreement
     reference = None if job["setting"] == "FP" else load_model(job["model"]).model
-    with placed(loaded.model, device):
-        if reference is None:
-            scores = score_windows(loaded.model, windows)
-        else:
-            with placed(reference, device):
-                scores = score_windows(loaded.model, windows, reference=reference)
+    also = {}
+    with placed(loaded.model, device), placed(reference, device) if reference is not None else nullcontext():
+        scores = score_windows(loaded.model, windows, reference=reference)
+        for source in job.get("also", []):  # other texts, same windows count and length
+            other = evaluation_data(loaded, replace(data, eval=source))
+            also[source] = score_windows(loaded.model, other, reference=reference)
     return {
         **job,
         "commit": code_version(),
@@ -151,6 +157,7 @@ def run_one(job: dict) -> dict:
         "peak_rss_mb": round(rss),
         **peak_device_memory(device),
         "eval_tokens": int(windows.numel()),
+        **({"also": also} if also else {}),
         "retries": sum(b["retries"] for b in blocks),
         "last_block_cosine": blocks[-1]["cosine"] if blocks else None,
         "matmuls": learned_in,
@@ -175,9 +182,9 @@ def _autoround(loaded, setting: dict, calibration, seed: int, overrides: list[st
 
     from lrquant.recipes import parse_overrides
 
-    if setting.get("abits", 16) != 16 or "group_size" not in setting:
-        sys.exit("autoround: only group-wise weight-only settings (e.g. W4A16g64) are compared")
-    bits, group = setting["wbits"], setting["group_size"]
+    if setting.get("abits", 16) != 16:
+        sys.exit("autoround: only weight-only settings (e.g. W4A16g64, W4A16) are compared")
+    bits, group = setting["wbits"], setting.get("group_size", -1)  # -1: per output channel
     linears = {
         name: module.weight.detach().clone()
         for name, module in loaded.model.named_modules()
@@ -203,7 +210,9 @@ def _autoround(loaded, setting: dict, calibration, seed: int, overrides: list[st
         weight = modules[name].weight.detach().float()
         if torch.equal(weight, before.float()):
             sys.exit(f"autoround left {name} unquantized")
-        distinct = max(row.unique().numel() for row in weight.reshape(-1, group))
+        distinct = max(
+            row.unique().numel() for row in weight.reshape(-1, weight.shape[1] if group < 0 else group)
+        )
         if distinct > 2**bits:
             sys.exit(f"autoround: {name} has {distinct} values in a group of {group}, not a {bits}-bit grid")
 
@@ -302,6 +311,13 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="auto-round arguments over its defaults, e.g. iters=64 batch_size=1 (autoround jobs only)",
     )
+    parser.add_argument(
+        "--eval-also",
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        help="also score every row on this text (e.g. news:test), same windows; repeatable",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -325,8 +341,9 @@ def main() -> None:
             seqlen=args.seqlen,
             windows=args.windows,
             seed=args.seed,
-            # rows of CPU runs carry no device (older rows keep matching)
+            # rows of CPU runs carry no device, rows on one text no "also" (older rows keep matching)
             **({"device": args.device} if args.device != "cpu" else {}),
+            **({"also": args.eval_also} if args.eval_also else {}),
         )
         row = find_row(done, job)
         if row is None:
@@ -373,6 +390,16 @@ def main() -> None:
         for r in rows
     ]
     lines += ["", *_pivot(rows)]
+    for source in args.eval_also:
+        lines += ["", f"On `{source}` (same models, {args.windows} windows x {args.seqlen} tokens):", ""]
+        lines += [
+            "| method | setting | perplexity | KL from FP | top-1 agreement % |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for r in rows:
+            scores = r["also"][source]
+            ppl = scores["perplexity"]
+            lines.append(f"| {r['method']} | {r['setting']} | {ppl:.2f} | {_kl_cells(scores)} |")
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"{args.name}.json").write_text(
         json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n"

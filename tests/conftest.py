@@ -135,3 +135,11 @@ def eager_quantizer() -> Iterator[None]:
     quantizer.COMPILE_ALLOWED = False
     yield
     quantizer.COMPILE_ALLOWED = True
+
+
+@pytest.fixture(scope="session", autouse=True)
+def progress_lines() -> None:
+    """Progress lines on stderr, as the command line prints them, for tests that call the API."""
+    from lrquant.console import show_progress_lines
+
+    show_progress_lines()

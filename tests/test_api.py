@@ -199,7 +199,7 @@ def test_quantize_is_deterministic(tiny_llama: Path, data: api.DataSettings, tmp
 
 
 def test_unknown_method_writes_nothing(tiny_llama: Path, tmp_path: Path) -> None:
-    with pytest.raises(LrquantError, match="unknown method 'awq'; available: rtn"):
+    with pytest.raises(LrquantError, match="unknown method 'awq'; available: auto, rtn"):
         api.quantize(str(tiny_llama), tmp_path / "out", scheme=build_scheme(), method="awq")
     assert list(tmp_path.iterdir()) == []
 

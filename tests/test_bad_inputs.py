@@ -242,7 +242,7 @@ CASES = [
     Case("batch-size-0", (*QUANTIZE, "--batch-size", "0"), ("--batch-size must be at least 1 (got 0)",)),
     Case("image-size-4", (*VIT, "--image-size", "4"), ("--image-size must be at least 8 pixels (got 4)",)),
     Case("image-size-on-a-language-model", (*QUANTIZE, "--image-size", "224"), ("--image-size sets a vision model's", "is a language model")),
-    Case("method-unknown", (*QUANTIZE, "--method", "magic"), ("unknown method 'magic'; available: rtn",)),
+    Case("method-unknown", (*QUANTIZE, "--method", "magic"), ("unknown method 'magic'; available: auto, rtn",)),
     Case("preset-unknown", (*LEARNED, "--preset", "huge"), ("unknown preset 'huge'",)),
     Case("set-unknown-field", (*LEARNED, "--set", "bogus=1"), ("bogus Extra inputs are not permitted",)),
     Case("set-negative-epochs", (*LEARNED, "--set", "epochs=-1"), ("epochs Input should be greater than or equal to 0",)),

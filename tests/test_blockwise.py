@@ -242,8 +242,8 @@ def test_bits_lr_factor(wbits: int, abits: int, factor: float) -> None:
     on = build_recipe("lrquant_plus", "fast", {"lr_by_bits": True})
     assert blockwise.bits_lr_factor(on, build_scheme(wbits, abits)) == factor
     assert blockwise.bits_lr_factor(build_recipe("lrquant_plus", "fast"), build_scheme(wbits, abits)) == 1.0
-    image = build_recipe("lrquant_plus", "fast", modality="image")
-    assert image.lr_by_bits and not build_recipe("omniquant", "fast", modality="image").lr_by_bits
+    image = build_recipe("auto", "fast", modality="image")
+    assert image.lr_by_bits and not build_recipe("lrquant_plus", "fast", modality="image").lr_by_bits
 
 
 def test_lr_by_bits_trains_as_the_scaled_rates_do(outlier_llama) -> None:
@@ -458,11 +458,12 @@ def test_recipe_contents() -> None:
 
 
 def test_image_models_choose_the_smoothing_init_per_block_unless_told() -> None:
-    assert build_recipe("lrquant_plus", "fast").smoothing == "lae"
-    assert build_recipe("lrquant_plus", "fast", modality="image").smoothing == "best"
-    assert build_recipe("lrquant", "fast", modality="image").smoothing == "best"
-    assert build_recipe("lrquant_plus", "fast", {"smoothing": "lae"}, "image").smoothing == "lae"
-    # Recipes with their own initialisation, and one-shot ones, keep it.
+    assert build_recipe("auto", "fast").smoothing == "lae"
+    assert build_recipe("auto", "fast", modality="image").smoothing == "best"
+    assert build_recipe("auto", "fast", {"smoothing": "lae"}, "image").smoothing == "lae"
+    # The named recipes keep their own initialisation, whatever the model.
+    assert build_recipe("lrquant_plus", "fast", modality="image").smoothing == "lae"
+    assert build_recipe("lrquant", "fast", modality="image").smoothing == "lae"
     assert build_recipe("omniquant", "fast", modality="image").smoothing == "smoothquant"
     assert build_recipe("smoothquant", "fast", modality="image").smoothing == "smoothquant"
     assert build_recipe("rtn", "fast", modality="image").smoothing is None

@@ -352,7 +352,7 @@ def test_failed_run_removes_the_parent_folders_it_created(work: Path, capsys) ->
         (["--preset", "huge"], "unknown preset 'huge'"),
         (
             ["--set", "mse=false", "--set", "nlc=false"],
-            "'lrquant_plus': mse and nlc are both off, so there is no loss",
+            "'auto': mse and nlc are both off, so there is no loss",
         ),
         (
             ["--set", "error_propagation=false", "--set", "homologous=false"],

@@ -38,3 +38,25 @@ def test_perplexity_reports_its_windows(
         "lrquant: quantized perplexity: 1/3 windows",
         "lrquant: quantized perplexity: 2/3 windows",
     ]
+
+
+def test_progress_goes_through_logging_and_the_cli_prints_it(capsys, caplog) -> None:
+    """A program that imports lrquant decides what it sees: without the command line's handler
+    nothing reaches stderr, while logging's records carry every line."""
+    import logging
+
+    from lrquant.console import LOGGER, log, show_progress_lines
+
+    handler = show_progress_lines()
+    assert show_progress_lines() is handler  # once, however often asked
+    log("with the handler")
+    assert capsys.readouterr().err == "lrquant: with the handler\n"
+    LOGGER.removeHandler(handler)
+    caplog.clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="lrquant"):
+            log("without it")
+        assert capsys.readouterr().err == ""
+        assert [r.getMessage() for r in caplog.records] == ["without it"]
+    finally:
+        LOGGER.addHandler(handler)

@@ -379,7 +379,8 @@ def test_best_initialisation_keeps_the_lower_calibration_loss() -> None:
 
 def test_quantize_holds_out_crops_of_other_photos(vit_folder, tmp_path, monkeypatch) -> None:
     """With holdout, api.quantize asks the built-in photos for held-out crops of other photos,
-    scores each block on them, and image models train with lr_by_bits on (the report says so)."""
+    scores each block on them, and the default recipe trains image models with lr_by_bits on (the
+    report says so)."""
     asked = []
     real = api.resolve_image_source
 
@@ -390,7 +391,7 @@ def test_quantize_holds_out_crops_of_other_photos(vit_folder, tmp_path, monkeypa
     monkeypatch.setattr(api, "resolve_image_source", spy)
     settings = {"epochs": 1, "compile": False, "holdout": 2}
     report = api.quantize(
-        str(vit_folder), tmp_path / "out", build_scheme(6, 6), "lrquant_plus", "fast", settings,
+        str(vit_folder), tmp_path / "out", build_scheme(6, 6), "auto", "fast", settings,
         api.DataSettings(nsamples=6), run_eval=False,
     )  # fmt: skip
     assert asked == [("photos", 6, 2)]

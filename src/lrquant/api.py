@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from lrquant import __version__
+from lrquant.arch.registry import get_arch_spec
 from lrquant.checkpoint import REPORT_FILE, read_source, save_quantized
 from lrquant.config import QuantScheme
 from lrquant.console import log
@@ -51,9 +52,18 @@ from lrquant.models.builtin import builtin_folder, cache_root, is_builtin
 from lrquant.models.loading import LoadedModel, load_model, resolve_model_dir
 from lrquant.output_dir import AtomicOutputDir, AtomicOutputFile, disk_space_for, write_json
 from lrquant.quant.apply import head_linears, patch_embedding
-from lrquant.recipes import DEFAULT_METHOD, Recipe, build_recipe, check_image_recipe
+from lrquant.recipes import (
+    AUTO,
+    DEFAULT_METHOD,
+    Recipe,
+    Rule,
+    Situation,
+    build_recipe,
+    check_image_recipe,
+    default_rule,
+)
 from lrquant.report import PLOT_FILE, plot_blocks
-from lrquant.transforms.rotation import RUN_TIME_ROTATIONS, rotate_model
+from lrquant.transforms.rotation import RUN_TIME_ROTATIONS, check_rotatable, rotate_model
 
 TEXT_CALIB, TEXT_EVAL = "wikipedia:train", "wikipedia:test"
 IMAGE_CALIB = "photos"
@@ -401,7 +411,8 @@ def quantize(
     one grid for all: a mix gives some tensors more bits, and the learner uses them.
     """
     target = resolve_device(device)
-    recipe = build_recipe(method, preset, overrides)  # bad recipe settings fail before a model is loaded
+    # bad recipe settings fail before a model is loaded
+    recipe = build_recipe(method, preset, overrides, situation=situation(model, scheme, format))
     if format is not None:  # a wrong format, scheme or destination fails before any work
         fmt = export_format(format)
         check_options(fmt, scheme, gguf_type, _model_config(model))
@@ -434,7 +445,11 @@ def quantize(
         )
         if nsamples is not None:
             overrides = {**(overrides or {}), "nsamples": nsamples}
-        recipe = build_recipe(method, preset, overrides, loaded.arch.modality)
+        now = Situation.of(scheme, loaded.arch.modality, format is not None, rotatable(loaded.arch))
+        recipe = build_recipe(method, preset, overrides, situation=now)
+        rule = default_rule(now) if method == AUTO else None
+        if rule is not None:
+            log(f"recipe: LRQuant+ for a {rule.when}{_rule_summary(rule)}")
         if scheme.patch_embed:
             patch_embedding(loaded.model)  # a model without one stops here, before any work
         _note_whole_row_groups(loaded, scheme)
@@ -476,6 +491,7 @@ def quantize(
             lap("save")
             report = {
                 "method": method,
+                **({"rule": {"when": rule.when, "why": rule.why}} if rule is not None else {}),
                 "preset": preset,
                 "scheme": scheme.name,
                 "settings": scheme.model_dump(),
@@ -516,6 +532,66 @@ def quantize(
     if format is not None:
         report["export"] = export(output, format, overwrite=overwrite, gguf_type=gguf_type)
     return report
+
+
+def explain(
+    model: str,
+    scheme: QuantScheme,
+    method: str = DEFAULT_METHOD,
+    preset: str = "default",
+    overrides: dict | None = None,
+    format: str | None = None,
+    trust_remote_code: bool = False,
+) -> dict:
+    """The recipe :func:`quantize` would run with these arguments, and why, without running it:
+    ``method``, the default rule that chose it (``auto`` only), every recipe field, and those that
+    differ from LRQuant+ as published at the same budget."""
+    where = situation(model, scheme, format)
+    if _model_config(model) is None:  # e.g. a built-in model not converted yet: load it to know
+        arch = load_model(model, trust_remote_code=trust_remote_code).arch
+        where = Situation.of(scheme, arch.modality, format is not None, rotatable(arch))
+    recipe = build_recipe(method, preset, overrides, situation=where)
+    paper = build_recipe("lrquant_plus", preset).model_dump()
+    rule = default_rule(where) if method == AUTO else None
+    return {
+        "method": method,
+        **({"rule": {"when": rule.when, "fields": rule.fields, "why": rule.why}} if rule else {}),
+        "preset": preset,
+        "scheme": scheme.name,
+        "differs_from_lrquant_plus": {
+            key: value for key, value in recipe.model_dump().items() if paper[key] != value
+        },
+        "recipe": recipe.model_dump(),
+    }
+
+
+def situation(model: str, scheme: QuantScheme, format: str | None = None) -> Situation:
+    """What the default recipe of quantizing ``model`` at ``scheme`` is chosen by, read from its
+    config without loading weights (a model whose config cannot be read yet counts as a
+    rotatable language model until it is loaded)."""
+    config = _model_config(model)
+    arch = None
+    if config is not None:
+        try:
+            arch = get_arch_spec(str(config.get("model_type")))
+        except LrquantError:
+            pass  # loading says what is wrong with it
+    modality = arch.modality if arch is not None else "text"
+    return Situation.of(scheme, modality, format is not None, arch is None or rotatable(arch))
+
+
+def rotatable(arch) -> bool:
+    """Whether the Hadamard rotations of the residual stream cover ``arch``."""
+    try:
+        check_rotatable(arch)
+    except LrquantError:
+        return False
+    return True
+
+
+def _rule_summary(rule: Rule) -> str:
+    added = " ".join(f"{key}={value}" for key, value in rule.fields.items())
+    return f" ({added}): {rule.why}" if added else f": {rule.why}"
 
 
 def _model_config(model: str) -> dict | None:

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from typing import NoReturn
 
+from lrquant.console import show_progress_lines
 from lrquant.errors import LrquantError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -95,11 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and write a checkpoint with a run report")
     _add_model_args(q)
-    q.add_argument("--output", required=True, help="output folder (written atomically)")
+    q.add_argument("--output", help="output folder (written atomically; required unless --explain)")
     q.add_argument(
         "--method",
-        default="lrquant_plus",
-        help="rtn, gptq, smoothquant, omniquant, lrquant or lrquant_plus (default: lrquant_plus)",
+        default="auto",
+        help="auto (LRQuant+ with what measured best for the setting and the model, "
+        "src/lrquant/recipes.py DEFAULT_RULES), lrquant_plus (the paper's method exactly), lrquant, "
+        "omniquant, smoothquant, gptq or rtn (default: auto)",
+    )
+    q.add_argument(
+        "--explain",
+        action="store_true",
+        help="print the recipe that would run and why, and stop (nothing is written)",
     )
     q.add_argument("--preset", default="default", help="budget: fast, default or paper (default: default)")
     q.add_argument(
@@ -262,6 +270,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         head=args.quantize_head,
         patch_embed=args.quantize_patch_embed,
     )
+    if args.explain:
+        return _explain(args, scheme)
+    if args.output is None:
+        raise LrquantError("quantize needs --output FOLDER (or --explain to only print the recipe)")
     report = api.quantize(
         args.model,
         args.output,
@@ -294,6 +306,35 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         )
     if "export" in report and not args.json:
         print(_export_summary(report["export"]))
+    return 0
+
+
+def _explain(args: argparse.Namespace, scheme) -> int:
+    from lrquant import api
+    from lrquant.recipes import parse_overrides
+
+    plan = api.explain(
+        args.model,
+        scheme,
+        args.method,
+        args.preset,
+        parse_overrides(args.overrides),
+        args.export_format,
+        args.trust_remote_code,
+    )
+    if args.json:
+        print(json.dumps(plan, indent=2))
+        return 0
+    print(f"{plan['method']} at {plan['scheme']}, preset {plan['preset']}")
+    if "rule" in plan:
+        print(f"rule: {plan['rule']['when']}")
+        print(f"why: {plan['rule']['why']}")
+    changed = plan["differs_from_lrquant_plus"]
+    print(
+        "against LRQuant+ as published: "
+        + (" ".join(f"{key}={value}" for key, value in changed.items()) or "the same")
+    )
+    print("recipe: " + " ".join(f"{key}={value}" for key, value in plan["recipe"].items()))
     return 0
 
 
@@ -418,6 +459,7 @@ def stop_on_signals() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a subcommand; user errors print one line and exit with status 2."""
     args = build_parser().parse_args(argv)
+    show_progress_lines()
     try:
         with stop_on_signals():
             return args.func(args)

@@ -1,7 +1,13 @@
-"""Progress lines for people: one place that decides their prefix, stream and pace."""
+"""Progress lines for people: one place that decides their words and pace.
+
+They go through Python's :mod:`logging` (the ``lrquant`` logger, level INFO): the command line
+prints them on stderr as ``lrquant: <message>`` (:func:`show_progress_lines`); a program that
+imports :mod:`lrquant.api` sees them only if it configures logging itself.
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -12,9 +18,34 @@ from tqdm.auto import tqdm
 PROGRESS_EVERY = 30.0
 
 
+LOGGER = logging.getLogger("lrquant")
+
+
 def log(message: str) -> None:
-    """Print ``lrquant: <message>`` on stderr (stdout stays free for ``--json`` output)."""
-    print(f"lrquant: {message}", file=sys.stderr, flush=True)
+    """Report progress: an INFO record of the ``lrquant`` logger."""
+    LOGGER.info(message)
+
+
+def show_progress_lines() -> logging.Handler:
+    """Print the ``lrquant`` logger's records on stderr as ``lrquant: <message>`` (stdout stays
+    free for ``--json`` output), as the command line does; returns the handler."""
+    handler = next((h for h in LOGGER.handlers if isinstance(h, _Stderr)), None)
+    if handler is None:
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("lrquant: %(message)s"))
+        LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.INFO)
+    return handler
+
+
+class _Stderr(logging.Handler):
+    """Whatever ``sys.stderr`` is when a record comes (a test may have swapped it since)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - logging's own convention: report, never raise
+            self.handleError(record)
 
 
 class Progress:
