@@ -28,7 +28,7 @@ from pathlib import Path
 
 from llm_ppl import RESULTS, SETTINGS, code_version, cpu_name, load_rows, setting_arg, setting_kwargs
 
-E2E_FIELDS = ("e2e_epochs", "lr_e2e", "e2e_samples", "e2e_schedule", "e2e_norms")
+E2E_FIELDS = ("e2e_epochs", "lr_e2e", "e2e_samples", "e2e_schedule")
 
 
 def main() -> None:

@@ -163,7 +163,7 @@ def main() -> None:
     sets = image_eval.load_eval_sets(args.eval, loaded.preprocess, args.seed)
     with placed(loaded.model, device):
         reference = image_eval.reference_outputs(loaded.model, loaded.arch, sets)
-    calibrations: dict[tuple[int, int], torch.Tensor] = {}  # crops per (count, held-out count)
+    calibrations: dict[int, torch.Tensor] = {}  # crops per count
     variants = [v.split(",") for v in args.variants] if args.variants else [[]]
     jobs = [("fp", "FP", [])] + [(m, s, v) for s in args.settings for v in variants for m in args.methods]
     for method, setting, variant in jobs:
@@ -189,9 +189,9 @@ def main() -> None:
             overrides_now = {"nsamples": IMAGES, **parse_overrides(overrides)}
             recipe = build_recipe(method, args.preset, overrides_now, loaded.arch.modality)
             scheme = build_scheme(**setting_kwargs(SETTINGS, setting))
-            n = (recipe.calibration_samples, recipe.holdout)
+            n = recipe.calibration_samples
             if method != "rtn" and n not in calibrations:  # RTN needs no calibration images
-                calibrations[n] = calibration_data(loaded, data.for_model(loaded), *n)
+                calibrations[n] = calibration_data(loaded, data.for_model(loaded), n)
             calib = None if method == "rtn" else calibrations[n]
             blocks = apply_method(loaded, scheme, method, recipe, calib, device=device)
             learned_in = training_matmuls(recipe, device)

@@ -17,6 +17,7 @@ from lrquant.recipes import (
     DEFAULT_RULES,
     PRESETS,
     RECIPES,
+    RETIRED,
     Recipe,
     Situation,
     build_recipe,
@@ -97,10 +98,16 @@ def test_overrides_win_and_clashing_rule_fields_yield() -> None:
     assert with_gptq.gptq and not with_gptq.rounding and with_gptq.clip_init == "search"
     unclipped = build_recipe("auto", "fast", {"clipping": False}, situation=text)
     assert (unclipped.clip_init, unclipped.lr_clipping) == ("minmax", 1e-2) and unclipped.rounding
-    w4a4 = Situation("text", 4, 4)
-    assert build_recipe("auto", "fast", {"down_smoothing": True}, situation=w4a4).hadamard == "off"
     one_shot = build_recipe("auto", "fast", {"learn": False}, situation=text)
     assert not one_shot.learn and not one_shot.rounding and one_shot.e2e_epochs == 0
+
+
+@pytest.mark.parametrize("key", sorted(RETIRED))
+def test_retired_settings_are_refused_with_what_to_use_instead(key: str) -> None:
+    assert key not in Recipe.model_fields
+    with pytest.raises(LrquantError, match=f"the recipe setting {key} was retired: ") as err:
+        build_recipe("auto", "fast", {key: "true"})
+    assert RETIRED[key] in str(err.value)
 
 
 def test_unknown_method_names_the_default_too() -> None:

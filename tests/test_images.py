@@ -21,7 +21,6 @@ from lrquant.data.images import (
     digits_set,
     lfw_set,
     load_image_folder,
-    photo_disjoint_crops,
     photo_split,
     random_crops,
     resolve_image_source,
@@ -284,42 +283,6 @@ def test_random_crops_are_seeded() -> None:
     assert len({_pixels(x) for x in a}) == 20
     with pytest.raises(LrquantError, match="min_scale"):
         random_crops(photos, 2, 0, min_scale=0)
-
-
-def test_held_out_crops_come_from_photos_no_training_crop_comes_from() -> None:
-    """With a holdout, the last crops show other photos: solid-coloured photos tell which is which."""
-    photos = [Image.new("RGB", (60 + 7 * i, 50 + 3 * i), (20 * i, 255 - 20 * i, 7)) for i in range(13)]
-    crops = photo_disjoint_crops(photos, 32, 8, seed=3)
-    assert len(crops) == 32
-    colour = [crop.getpixel((0, 0)) for crop in crops]
-    train, held = set(colour[:24]), set(colour[24:])
-    assert not train & held
-    assert len(held) == 3 and len(train) == 10  # 13 photos split like the crops, 8/32 -> 3
-    again = photo_disjoint_crops(photos, 32, 8, seed=3)
-    assert [_pixels(x) for x in again] == [_pixels(x) for x in crops]
-    assert [c.getpixel((0, 0)) for c in photo_disjoint_crops(photos, 32, 8, seed=4)] != colour
-    # one photo is held out at the least, one kept for training at the most
-    assert len({c.getpixel((0, 0)) for c in photo_disjoint_crops(photos, 32, 1, seed=0)[31:]}) == 1
-    few = photo_disjoint_crops(photos[:2], 10, 9, seed=0)
-    assert len({c.getpixel((0, 0)) for c in few[:1]} | {c.getpixel((0, 0)) for c in few[1:]}) == 2
-    with pytest.raises(LrquantError, match="at least two photos"):
-        photo_disjoint_crops(photos[:1], 4, 1, seed=0)
-    with pytest.raises(LrquantError, match="hold out between 1 and 3"):
-        photo_disjoint_crops(photos, 4, 4, seed=0)
-
-
-def test_builtin_photos_with_a_holdout() -> None:
-    """``photos`` with holdout=8: 32 crops, the first 24 as without a holdout would not be (other
-    photos), the last 8 from photos none of the 24 shows; too large a holdout is one message."""
-    held = resolve_image_source("photos", 32, 0, holdout=8)
-    plain = resolve_image_source("photos", 32, 0)
-    assert len(held) == 32 and held.source == "photos"
-    calib = [image for _, image in photo_split("calib")]
-    expected = photo_disjoint_crops(calib, 32, 8, 0)
-    assert [_pixels(x) for x in held.images] == [_pixels(x) for x in expected]
-    assert [_pixels(x) for x in held.images] != [_pixels(x) for x in plain.images]
-    with pytest.raises(LrquantError, match="holding out 32 of 32"):
-        resolve_image_source("photos", 32, 0, holdout=32)
 
 
 def test_digits_set() -> None:

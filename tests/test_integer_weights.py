@@ -20,7 +20,7 @@ CASES = [
     ("gptq", build_scheme(4, group_size=16), {}),
     ("lrquant_plus", build_scheme(4, 4, group_size=16), {"epochs": 2}),
     ("lrquant_plus", build_scheme(3, group_size=16), {"epochs": 2, "rounding": True, "clip_init": "search"}),
-    ("lrquant_plus", build_scheme(4), {"epochs": 1, "gptq": True, "gptq_sequential": True}),
+    ("lrquant_plus", build_scheme(4), {"epochs": 1, "gptq": True}),
     ("lrquant_plus", build_scheme(4, group_size=32), {"epochs": 1, "e2e_epochs": 1}),
     ("omniquant", build_scheme(2, group_size=16), {"epochs": 1}),
 ]
@@ -40,7 +40,7 @@ def data(text_file: Path) -> api.DataSettings:
         "gptq",
         "lrquant_plus-w4a4",
         "rounding",
-        "gptq-seq",
+        "lrquant_plus-gptq",
         "e2e",
         "omni-w2",
     ],

@@ -29,7 +29,6 @@ from lrquant.quant.apply import (
     use_quantized_attention,
 )
 from lrquant.quant.hadamard import hadamard, randomized_hadamard
-from lrquant.recipes import build_recipe
 from lrquant.transforms.block import (
     AttentionLayout,
     TransformOptions,
@@ -147,11 +146,6 @@ def test_other_layouts_are_refused(model_type: str) -> None:
     ):
         model = tiny_vision_model(model_type) if model_type == "dinov2" else tiny_model(model_type)
         rotate_model(model, get_arch_spec(model_type), "folded")
-
-
-def test_online_rotation_and_down_smoothing_exclude_each_other() -> None:
-    with pytest.raises(LrquantError, match="down_smoothing.*hadamard=online"):
-        build_recipe("lrquant_plus", overrides={"hadamard": "online", "down_smoothing": True})
 
 
 @pytest.fixture(scope="module")

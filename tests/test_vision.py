@@ -377,23 +377,21 @@ def test_best_initialisation_keeps_the_lower_calibration_loss() -> None:
     assert reports["lae"].mse != pytest.approx(reports["smoothquant"].mse, rel=1e-3)  # a real choice
 
 
-def test_quantize_holds_out_crops_of_other_photos(vit_folder, tmp_path, monkeypatch) -> None:
-    """With holdout, api.quantize asks the built-in photos for held-out crops of other photos,
-    scores each block on them, and the default recipe trains image models with lr_by_bits on (the
-    report says so)."""
+def test_quantize_calibrates_image_models_on_photo_crops(vit_folder, tmp_path, monkeypatch) -> None:
+    """api.quantize asks the built-in photos for the calibration crops, and the default recipe
+    trains image models with lr_by_bits on (the report says so)."""
     asked = []
     real = api.resolve_image_source
 
-    def spy(spec, n, seed, holdout=0):
-        asked.append((spec, n, holdout))
-        return real(spec, n, seed, holdout)
+    def spy(spec, n, seed):
+        asked.append((spec, n))
+        return real(spec, n, seed)
 
     monkeypatch.setattr(api, "resolve_image_source", spy)
-    settings = {"epochs": 1, "compile": False, "holdout": 2}
+    settings = {"epochs": 1, "compile": False}
     report = api.quantize(
         str(vit_folder), tmp_path / "out", build_scheme(6, 6), "auto", "fast", settings,
         api.DataSettings(nsamples=6), run_eval=False,
     )  # fmt: skip
-    assert asked == [("photos", 6, 2)]
-    assert report["recipe"]["lr_by_bits"] is True and report["recipe"]["holdout"] == 2
-    assert all(len(block["holdout_losses"]) == 2 for block in report["blocks"])
+    assert asked == [("photos", 6)]
+    assert report["recipe"]["lr_by_bits"] is True

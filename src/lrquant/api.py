@@ -59,7 +59,6 @@ from lrquant.recipes import (
     Rule,
     Situation,
     build_recipe,
-    check_image_recipe,
     default_rule,
 )
 from lrquant.report import PLOT_FILE, plot_blocks
@@ -149,17 +148,11 @@ def _preprocess(loaded: LoadedModel, data: DataSettings):
     return prep if data.image_size is None else prep.with_size(data.image_size)
 
 
-def calibration_data(
-    loaded: LoadedModel, data: DataSettings, nsamples: int, holdout: int = 0
-) -> torch.Tensor:
-    """``nsamples`` seeded calibration windows ``[nsamples, seqlen]``, or images ``[n, 3, H, W]``.
-
-    ``holdout`` (the recipe's): the last ``holdout`` images show pictures the others do not
-    (text windows are distinct text already).
-    """
+def calibration_data(loaded: LoadedModel, data: DataSettings, nsamples: int) -> torch.Tensor:
+    """``nsamples`` seeded calibration windows ``[nsamples, seqlen]``, or images ``[n, 3, H, W]``."""
     data = data.for_model(loaded)
     if loaded.arch.modality == "image":
-        images = resolve_image_source(data.calib, nsamples, data.seed, holdout)
+        images = resolve_image_source(data.calib, nsamples, data.seed)
         return _preprocess(loaded, data)(images.images)
     _check_seqlen(loaded, data.seqlen)
     ids = tokenize_documents(load_documents(data.calib, "train", data.text_field), loaded.tokenizer)
@@ -358,8 +351,6 @@ def _e2e_extra(
             f"e2e_samples={recipe.e2e_samples} needs that many calibration windows, got "
             f"{calibration.shape[0]}: pass recipe.calibration_samples windows"
         )
-    if loaded.arch.modality == "image":
-        check_image_recipe(recipe)
     extra = extra[: recipe.e2e_samples - recipe.nsamples]
     device = device or torch.device("cpu")
     log(f"full-precision targets for {extra.shape[0]} more end-to-end samples")
@@ -458,7 +449,7 @@ def quantize(
         lap("load")
         calibration = None
         if method != "rtn":
-            calibration = calibration_data(loaded, data, recipe.calibration_samples, recipe.holdout)
+            calibration = calibration_data(loaded, data, recipe.calibration_samples)
         evaluation: dict[str, object] = {}
         if run_eval:
             run_fp_eval, run_quant_eval, eval_details, fidelity = _evaluation_stages(

@@ -33,8 +33,6 @@ class Recipe(BaseModel):
     init_samples: int = Field(8, ge=1)
     shifts: Literal["auto", "on", "off"] = "auto"
     qk_smoothing: bool = True
-    # up_proj -> down_proj in gated MLPs (SwiGLU, GeGLU): not one of the paper's pairs
-    down_smoothing: bool = False
     clipping: bool = True
     # where the clipping bounds start: just inside min/max (the paper's sigmoid(4)), or per group at
     # the shrink factor with the lowest input-weighted rounding error ("search")
@@ -47,13 +45,6 @@ class Recipe(BaseModel):
     # weights on the grid the learned clipping and rotation chose, instead of to nearest
     gptq: bool = False
     gptq_damp: float = Field(0.01, gt=0)
-    # round the block's linears stage by stage in forward order (Q/K/V, output, gate/up, down), each
-    # against inputs from the stages already rounded, as GPTQ's reference does ("true sequential");
-    # off: every Hessian from one pass with the round-to-nearest weights training ended on.
-    # SmolLM2 with hadamard=inputs at fast (docs/results.md):
-    # one-shot GPTQ W3A16 g128 25.00 against 25.99, W4A16 18.48 against 18.38; LRQuant+ with gptq
-    # 17.40 against 17.38 and 22.18 against 22.01, in 40-50 % more time
-    gptq_sequential: bool = False
     # orthogonal rotations before learning (transforms/rotation.py): "folded" rotates the residual
     # stream and each value head, folded into the weights; "online" also rotates the down
     # projection's input at run time; "down" rotates only that; "inputs" rotates every linear's
@@ -72,15 +63,6 @@ class Recipe(BaseModel):
     e2e_samples: int = Field(0, ge=0)
     # the end-to-end learning rate: constant, or cosine-decayed to 0 over all its steps
     e2e_schedule: Literal["constant", "cosine"] = "constant"
-    # the end-to-end step also trains the full-precision parameters between the quantized weights:
-    # the blocks' and the final norm's weights and biases and the quantized linears' biases
-    # (Norm Tweaking, Li et al., 2023, does this for the norms alone); they stay 16-bit, so any
-    # engine runs the result
-    e2e_norms: bool = False
-    # calibration samples (the last ones) kept out of block training: per block, the transforms are
-    # scored on them at the start and after every epoch, and the best-scoring state is kept
-    # (early stopping against fitting the calibration set); 0: train on every sample, keep the last
-    holdout: int = Field(0, ge=0)
     mse: bool = True
     nlc: bool = True
     dynamic_weighting: bool = True
@@ -92,12 +74,6 @@ class Recipe(BaseModel):
     lr_transform: float = Field(5e-3, gt=0)
     lr_clipping: float = Field(1e-2, gt=0)
     lr_rounding: float = Field(5e-3, gt=0)
-    # the block-wise learning rates: constant (the paper, OmniQuant), or cosine-decayed to 0 over
-    # each block's steps, so a block ends on small steps instead of the last sample's full one.
-    # DINOv2 W4A4-rqkv at --preset default, six seeds (docs/results.md): held-out photo cosine 0.9365
-    # against 0.9199, probe a tie; at fast it is no better (W4A4 probe 63.0 against 65.5 %), nor unrotated
-    # at default (W4A4 probe 64.8 against 66.5 %, three seeds)
-    schedule: Literal["constant", "cosine"] = "constant"
     # lr_transform is for 4-bit grids: with wider ones it halves for every bit the narrowest
     # quantized tensor has above 4 (W6A6: a quarter). Adam moves each parameter by about the rate
     # per step whatever the size of the error, while the error the smoothing can trade between
@@ -121,13 +97,6 @@ class Recipe(BaseModel):
             raise ValueError(
                 "clip_init=search sets where the learned clipping bounds start: needs learn and clipping on"
             )
-        if self.holdout and not self.learn:
-            raise ValueError("holdout scores learned transforms: it needs learn on (leave holdout at 0)")
-        if self.holdout >= self.nsamples:
-            raise ValueError(
-                f"holdout={self.holdout} keeps every one of the {self.nsamples} calibration samples out of "
-                "training: hold out fewer than nsamples"
-            )
         if self.rounding and not self.learn:
             raise ValueError("rounding offsets are learned: rounding needs learn on")
         if self.rounding and self.gptq:
@@ -137,20 +106,10 @@ class Recipe(BaseModel):
                 "rounding and gptq both decide which way each weight rounds: keep one of them "
                 "(rounding=true measured better on SmolLM2 at 2, 3 and 4 bits)"
             )
-        if self.gptq_sequential and not self.gptq:
-            raise ValueError("gptq_sequential says how GPTQ rounds a block: set gptq=true as well")
-        tuned = [
-            name
-            for name, off in (("e2e_samples", 0), ("e2e_schedule", "constant"), ("e2e_norms", False))
-            if getattr(self, name) != off
-        ]
+        shaping = (("e2e_samples", 0), ("e2e_schedule", "constant"))
+        tuned = [name for name, off in shaping if getattr(self, name) != off]
         if tuned and not self.e2e_epochs:
             raise ValueError(f"{', '.join(tuned)} shape the end-to-end step: set e2e_epochs as well")
-        if self.hadamard in ("online", "down") and self.down_smoothing:
-            raise ValueError(
-                f"down_smoothing scales the down projection's input channels, which hadamard={self.hadamard} "
-                "mixes: keep one of them"
-            )
         return self
 
     @property
@@ -306,7 +265,6 @@ DEFAULT_RULES: tuple[Rule, ...] = (
 # A rule's field yields to an override that clashes with it: setting the key drops these fields.
 YIELDS: dict[str, tuple[str, ...]] = {
     "gptq": ("rounding",),  # both decide which way each weight rounds
-    "down_smoothing": ("hadamard",),  # the run-time rotation mixes the channels it scales
     "clipping": ("clip_init", "lr_clipping"),
 }
 
@@ -328,6 +286,16 @@ def _rule_fields(rule: Rule, overrides: dict) -> dict:
 RETIRED: dict[str, str] = {
     "gptq_target": "GPTQ's own target (gptq=true alone) measured better than gptq_target=fp "
     '(docs/results.md, "GPTQ rounding"); drop it',
+    "gptq_sequential": "rounding a block's linears stage by stage measured no better and took "
+    '40-50 % more time (docs/results.md, "GPTQ rounding"); use gptq=true alone',
+    "schedule": "the cosine block-wise schedule measured no better than a constant rate "
+    '(docs/results.md, "DINOv2-small backbone"); drop it',
+    "holdout": "keeping each block's best state on held-out crops measured no better "
+    '(docs/results.md, "DINOv2-small backbone"); drop it',
+    "e2e_norms": "also tuning the norms and biases end to end helped W4A16 by 0.5 % and hurt W3A16 g128 "
+    '(docs/results.md, "End-to-end step sizes"); drop it',
+    "down_smoothing": "smoothing the down projection's input made W4A4 worse "
+    '(docs/results.md, "Smoothing the down projection"); drop it',
 }
 
 
@@ -363,18 +331,4 @@ def build_recipe(
         raise LrquantError(
             describe_validation_error(err, f"invalid recipe settings for '{method}'")
         ) from None
-    if modality == "image":
-        check_image_recipe(recipe)
     return recipe
-
-
-def check_image_recipe(recipe: Recipe) -> None:
-    """Refuse settings that only clash for image models: the crops from held-out photos are the
-    last of all calibration images, so with more end-to-end images than block-wise ones the
-    block-wise pass would hold out crops of its training photos."""
-    if recipe.holdout and recipe.e2e_epochs and recipe.e2e_samples > recipe.nsamples:
-        raise LrquantError(
-            f"holdout={recipe.holdout} with e2e_samples={recipe.e2e_samples} above "
-            f"nsamples={recipe.nsamples} would hold out crops of training photos for an image model: "
-            "use one of the two"
-        )

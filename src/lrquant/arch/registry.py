@@ -22,19 +22,17 @@ NormKind = Literal["rms", "rms_plus_one", "layer"]
 class SmoothPair:
     """A channel-wise equivalence: ``source``'s output channels are the input channels of ``targets``.
 
-    ``source`` is a norm (``kind="norm"``), a linear whose output rows feed the targets
-    (``kind="linear"``, e.g. v_proj -> o_proj, one scale per key/value channel), or the linear
-    whose output a gated MLP multiplies by the activated gate (``kind="gated"``: up_proj ->
-    down_proj; ``act(gate)·(up/s)`` is ``act(gate)·up/s``, so a scale, never a shift, passes
-    through). ``source_rows`` selects the rows of a fused source projection that feed the
-    targets (Phi-3's qkv_proj holds v in its last rows, its gate_up_proj up in its second half).
+    ``source`` is a norm (``kind="norm"``) or a linear whose output rows feed the targets
+    (``kind="linear"``, e.g. v_proj -> o_proj, one scale per key/value channel). ``source_rows``
+    selects the rows of a fused source projection that feed the targets (Phi-3's qkv_proj holds
+    v in its last rows).
     """
 
     name: str
     source: str
     targets: tuple[str, ...]
-    kind: Literal["norm", "linear", "gated"] = "norm"
-    source_rows: Literal["all", "v_of_fused_qkv", "up_of_fused_gate_up"] = "all"
+    kind: Literal["norm", "linear"] = "norm"
+    source_rows: Literal["all", "v_of_fused_qkv"] = "all"
 
 
 Modality = Literal["text", "image"]
@@ -155,7 +153,6 @@ def _llama_like(*model_types: str, qk_norm: bool = False) -> ArchSpec:
             ),
             SmoothPair("mlp_in", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
             SmoothPair("out", "self_attn.v_proj", ("self_attn.o_proj",), kind="linear"),
-            SmoothPair("down", "mlp.up_proj", ("mlp.down_proj",), kind="gated"),
         ),
     )
 
@@ -178,7 +175,6 @@ def _gemma(*model_types: str, qk_norm: bool) -> ArchSpec:
             ),
             SmoothPair("mlp_in", "pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
             SmoothPair("out", "self_attn.v_proj", ("self_attn.o_proj",), kind="linear"),
-            SmoothPair("down", "mlp.up_proj", ("mlp.down_proj",), kind="gated"),
         ),
     )
 
@@ -297,13 +293,6 @@ _SPECS: tuple[ArchSpec, ...] = (
                 ("self_attn.o_proj",),
                 kind="linear",
                 source_rows="v_of_fused_qkv",
-            ),
-            SmoothPair(
-                "down",
-                "mlp.gate_up_proj",
-                ("mlp.down_proj",),
-                kind="gated",
-                source_rows="up_of_fused_gate_up",
             ),
         ),
     ),

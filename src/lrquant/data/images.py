@@ -533,29 +533,22 @@ def lfw_set() -> ImageSet:
 # --- command-line sources -----------------------------------------------------------------------
 
 
-def resolve_image_source(spec: str, n: int | None, seed: int, holdout: int = 0) -> ImageSet:
+def resolve_image_source(spec: str, n: int | None, seed: int) -> ImageSet:
     """The image set a command-line ``spec`` names: a built-in set or a folder path.
 
     ``photos`` (also ``photos:calib``) gives ``n`` (default 32) random crops of the calibration
     photos; ``photos:heldout`` / ``photos:all`` give ``n`` crops (seed + 1 for held-out) or the
     whole photos when ``n`` is None. ``digits``, ``lfw`` and folders give a seeded random ``n`` of
     their images, or all of them in order. An existing path wins over a built-in name.
-
-    ``holdout``: the last ``holdout`` of the ``n`` images are kept for scoring (the recipe's
-    ``holdout``), so they must show pictures the others do not. Distinct files and the built-in
-    labelled sets already do; the built-in photos' crops then come from disjoint photos
-    (:func:`photo_disjoint_crops`).
     """
     if n is not None:
         _positive(n, "image count")
-    if holdout and (n is None or holdout >= n):
-        raise LrquantError(f"holding out {holdout} of {n} calibration images leaves none to train on")
     path = Path(spec).expanduser() if spec else None
     if path is not None and path.exists():
         return load_image_folder(spec, limit=n, seed=seed if n is not None else None)
     name, _, split = spec.partition(":")
     if name == "photos" and split in ("", *PHOTO_SPLITS):
-        return _photo_source(split or "calib", n, seed, holdout)
+        return _photo_source(split or "calib", n, seed)
     if spec in ("digits", "lfw"):
         images = digits_set() if spec == "digits" else lfw_set()
         return images if n is None else _sample(images, n, seed)
@@ -565,7 +558,7 @@ def resolve_image_source(spec: str, n: int | None, seed: int, holdout: int = 0) 
     )
 
 
-def _photo_source(split: str, n: int | None, seed: int, holdout: int = 0) -> ImageSet:
+def _photo_source(split: str, n: int | None, seed: int) -> ImageSet:
     """Crops (or whole photos) of one built-in photo split."""
     photos = [image for _, image in photo_split(split)]
     source = "photos" if split == "calib" else f"photos:{split}"
@@ -573,29 +566,7 @@ def _photo_source(split: str, n: int | None, seed: int, holdout: int = 0) -> Ima
         return ImageSet(images=photos, labels=None, classes=None, source=source)
     crop_seed = seed + 1 if split == "heldout" else seed
     n = DEFAULT_PHOTO_CROPS if n is None else n
-    if holdout:
-        crops = photo_disjoint_crops(photos, n, holdout, crop_seed)
-    else:
-        crops = random_crops(photos, n, crop_seed)
-    return ImageSet(images=crops, labels=None, classes=None, source=source)
-
-
-def photo_disjoint_crops(photos: list[Image.Image], n: int, holdout: int, seed: int) -> list[Image.Image]:
-    """``n`` seeded crops whose last ``holdout`` come from photos none of the others come from.
-
-    The photos are split in a seeded order, in proportion to the crops (at least one photo on
-    each side): crops of the same photo look alike, so held-out crops of training photos would
-    score how well the training crops are fitted, not how well other pictures are served.
-    """
-    if not 0 < holdout < n:
-        raise LrquantError(f"hold out between 1 and {n - 1} of {n} crops, got {holdout}")
-    if len(photos) < 2:
-        raise LrquantError("held-out crops from other photos need at least two photos")
-    order = [int(i) for i in np.random.default_rng(seed).permutation(len(photos))]
-    held = min(len(photos) - 1, max(1, round(len(photos) * holdout / n)))
-    train = [photos[i] for i in order[:-held]]
-    scoring = [photos[i] for i in order[-held:]]
-    return random_crops(train, n - holdout, seed) + random_crops(scoring, holdout, seed + 1)
+    return ImageSet(images=random_crops(photos, n, crop_seed), labels=None, classes=None, source=source)
 
 
 def _sample(images: ImageSet, n: int, seed: int) -> ImageSet:

@@ -69,9 +69,6 @@ class BlockReport:
     retries: int = 0
     lr_scale: float = 1.0
     init: str | None = None  # the initialisation chosen by smoothing="best"
-    # with a holdout: the held-out loss at the start and after each epoch, and the epoch kept (0: start)
-    holdout_losses: list[float] = field(default_factory=list)
-    kept_epoch: int | None = None
 
 
 @dataclass
@@ -94,18 +91,11 @@ def transform_options(recipe: Recipe, arch: ArchSpec) -> TransformOptions:
             f"shifts=on needs LayerNorm models (e.g. opt); '{arch.model_types[0]}' uses RMSNorm: "
             "use shifts=auto or shifts=off"
         )
-    if recipe.down_smoothing and recipe.smoothing is not None:
-        if not any(pair.kind == "gated" for pair in arch.smooth_pairs):
-            raise LrquantError(
-                f"down_smoothing needs a gated MLP (LLaMA, Qwen, Mistral, Gemma, Phi-3); "
-                f"'{arch.model_types[0]}' has none: leave down_smoothing off"
-            )
     return TransformOptions(
         smoothing=recipe.smoothing,
         alpha=recipe.alpha,
         shifts=shifts,
         qk_smoothing=recipe.qk_smoothing,
-        down_smoothing=recipe.down_smoothing,
         clipping=recipe.clipping,
         rotation=recipe.rotation,
         rounding=recipe.rounding,
@@ -135,14 +125,11 @@ def _targets_and_stats(
 
     names = {pair.targets[0] for pair in active_pairs(arch, options)}
     handles = [block.get_submodule(n).register_forward_pre_hook(observe(n)) for n in names]
-    trained = state.fp.shape[0] - recipe.holdout  # held-out samples set nothing
     try:
-        fp_out = run_block(block, state.fp[:trained], kwargs, recipe.batch_size)
+        fp_out = run_block(block, state.fp, kwargs, recipe.batch_size)
     finally:
         for handle in handles:
             handle.remove()
-    if trained < state.fp.shape[0]:
-        fp_out = torch.cat([fp_out, run_block(block, state.fp[trained:], kwargs, recipe.batch_size)])
     homologous = recipe.homologous and recipe.learn  # a one-shot recipe needs no training targets
     hom_out = run_block(block, state.quant, kwargs, recipe.batch_size) if homologous else None
     return fp_out, hom_out, stats
@@ -228,22 +215,15 @@ def _train_block(
     bits_factor: float = 1.0,
 ) -> None:
     initial = copy.deepcopy(bt.state_dict())
-    n = state.quant.shape[0] - recipe.holdout  # the last ``holdout`` samples only score
-    held_inputs, held_targets = state.quant[n:], [t[n:] for t in targets]
+    n = state.quant.shape[0]
     for attempt in range(recipe.max_retries + 1):
         lr_scale = 0.5**attempt
         bt.load_state_dict(initial)
         optimizer = optimizer_for(bt, recipe, lr_scale, bits_factor)
         steps = math.ceil(n / recipe.batch_size)
-        schedule = (
-            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, recipe.epochs * steps))
-            if recipe.schedule == "cosine"
-            else None
-        )
         weighting = losses.DynamicWeighting(2) if recipe.dynamic_weighting else None
         generator = torch.Generator().manual_seed(seed)
         report.losses, report.terms = [], {}
-        best = _HeldOutBest(block, bt, held_inputs, held_targets, kwargs, recipe, report)
         finite = True
         for epoch in range(recipe.epochs):
             totals: dict[str, float] = {}
@@ -257,8 +237,6 @@ def _train_block(
                     finite = False
                     break
                 bt.project_()
-                if schedule is not None:
-                    schedule.step()
                 for name, value in terms.items():
                     totals[name] = totals.get(name, 0.0) + value
             if not finite:
@@ -266,11 +244,9 @@ def _train_block(
             report.losses.append(sum(totals.values()) / steps)
             for name, value in totals.items():
                 report.terms.setdefault(name, []).append(value / steps)
-            best.score(epoch + 1)
             if bar is not None:
                 bar.set_postfix(block=report.index, epoch=epoch + 1, loss=f"{report.losses[-1]:.4g}")
         if finite:
-            best.restore()
             report.retries, report.lr_scale = attempt, lr_scale
             return
     # Every retry diverged: keep the initial transforms (smoothing init, no clipping learned).
@@ -283,43 +259,9 @@ def _plain_loss(
     block: nn.Module, inputs: torch.Tensor, targets: list[torch.Tensor], kwargs: dict, recipe: Recipe
 ) -> float:
     """The block's loss terms on ``inputs``, summed without dynamic weighting: a score that
-    compares states of one block (candidate inits, epochs)."""
+    compares states of one block (candidate inits)."""
     out = run_block(block, inputs, kwargs, recipe.batch_size)
     return sum(_loss(out, targets, recipe, None)[1].values())
-
-
-class _HeldOutBest:
-    """``holdout``: scores the transforms on the held-out calibration samples (unweighted loss
-    terms, summed) and remembers the best-scoring state; without a holdout it does nothing, so
-    the last state is kept."""
-
-    def __init__(
-        self,
-        block: nn.Module,
-        bt: BlockTransforms,
-        inputs: torch.Tensor,
-        targets: list[torch.Tensor],
-        kwargs: dict,
-        recipe: Recipe,
-        report: BlockReport,
-    ) -> None:
-        self.block, self.bt, self.inputs, self.targets = block, bt, inputs, targets
-        self.kwargs, self.recipe, self.report = kwargs, recipe, report
-        self.state: dict | None = None
-        report.holdout_losses, report.kept_epoch = [], None
-        self.score(0)
-
-    def score(self, epoch: int) -> None:
-        if not self.recipe.holdout:
-            return
-        loss = _plain_loss(self.block, self.inputs, self.targets, self.kwargs, self.recipe)
-        self.report.holdout_losses.append(loss)
-        if self.state is None or loss < min(self.report.holdout_losses[:-1]):
-            self.state, self.report.kept_epoch = copy.deepcopy(self.bt.state_dict()), epoch
-
-    def restore(self) -> None:
-        if self.state is not None:
-            self.bt.load_state_dict(self.state)
 
 
 @torch.no_grad()
@@ -383,22 +325,6 @@ def _hooked(block: nn.Module, linears: list[QuantLinear], hook, inputs: torch.Te
             handle.remove()
 
 
-def _stages(block: nn.Module, linears: list[QuantLinear], sample: torch.Tensor, kwargs, recipe) -> list[list]:
-    """``linears`` in the order the forward calls them, those fed one same input together
-    (Q, K and V; gate and up)."""
-    # The inputs themselves are kept, not their id(): a freed input's id can come back as the
-    # next linear's input, which would put that linear in the wrong stage now and then.
-    calls: list[tuple[QuantLinear, torch.Tensor]] = []
-    _hooked(block, linears, lambda m, args: calls.append((m, args[0])), sample, kwargs, recipe)
-    stages: list[list[QuantLinear]] = []
-    for i, (module, source) in enumerate(calls):
-        if i and source is calls[i - 1][1]:
-            stages[-1].append(module)
-        else:
-            stages.append([module])
-    return stages
-
-
 @torch.no_grad()
 def _gptq_statistics(
     block: nn.Module,
@@ -408,28 +334,18 @@ def _gptq_statistics(
 ) -> None:
     """``gptq``: gives every quantized linear's transform the mean ``x xᵀ`` of its inputs as the
     block sees them on the quantized chain (rotated and quantized as its forward does), for
-    :mod:`lrquant.quant.gptq` to round against at the fold.
-
-    With ``gptq_sequential`` the linears are rounded stage by stage in forward order, each
-    stage's statistics taken with the stages before it already at their final weights, so that
-    each sees the inputs it will really get; otherwise all from one pass of the block as training
-    left it (round-to-nearest weights)."""
+    :mod:`lrquant.quant.gptq` to round against at the fold: all from one pass of the block as
+    training left it (round-to-nearest weights)."""
     linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.transform is not None]
-    sequential = recipe.gptq_sequential
-    stages = _stages(block, linears, inputs[:1], kwargs, recipe) if sequential else [linears]
+    acc = {m: HessianAccumulator() for m in linears}
 
     def observe(module, args):
         acc[module].add(module.quantized_input(args[0].float()))
 
-    for stage in stages:
-        acc = {m: HessianAccumulator() for m in stage}
-        _hooked(block, stage, observe, inputs, kwargs, recipe)
-        for module in stage:
-            transform = module.transform
-            transform.hessian = acc[module].hessian()
-            transform.gptq_damp = recipe.gptq_damp
-            if sequential:
-                transform.fix_final(module.weight, module.bias, module.weight_spec)
+    _hooked(block, linears, observe, inputs, kwargs, recipe)
+    for module in linears:
+        module.transform.hessian = acc[module].hessian()
+        module.transform.gptq_damp = recipe.gptq_damp
 
 
 def quantize_blockwise(
@@ -458,11 +374,6 @@ def quantize_blockwise(
     device = device or torch.device("cpu")
     options = transform_options(recipe, arch)  # refuses impossible settings before any work
     bits_factor = bits_lr_factor(recipe, scheme)  # the same for every block
-    if recipe.holdout >= calibration.shape[0]:
-        raise LrquantError(
-            f"holdout={recipe.holdout} keeps all {calibration.shape[0]} calibration samples out of "
-            "training: hold out fewer, or calibrate on more samples"
-        )
     if recipe.e2e_epochs and scheme.weight.enabled:
         check_supported(model, arch)
     block_names, blocks = zip(*arch.named_blocks(model), strict=True)
@@ -503,19 +414,18 @@ def quantize_blockwise(
             learn = recipe.learn and targets and learnable
             # Folding and the quantized chain use the same (compiled or eager) quantizer as training,
             # so the finished block computes what the last training step computed.
-            trained = state.quant[: state.quant.shape[0] - recipe.holdout]  # never the held-out ones
             with compiled_quantizer(bool(learn) and recipe.compile):
                 if bt.inits and targets:
-                    report.init = _choose_init(block, bt, trained, targets, kwargs, recipe)
+                    report.init = _choose_init(block, bt, state.quant, targets, kwargs, recipe)
                 if learn and recipe.clip_init == "search" and bt.clipping:
-                    _search_clipping(block, trained, kwargs, recipe.batch_size)
+                    _search_clipping(block, state.quant, kwargs, recipe.batch_size)
                 if learn:
                     block_seed = seed * 1000 + index
                     _train_block(
                         block, bt, state, targets, kwargs, recipe, block_seed, report, bar, bits_factor
                     )
                 if recipe.gptq and scheme.weight.enabled:  # GPTQ rounds the folded weights
-                    _gptq_statistics(block, trained, kwargs, recipe)
+                    _gptq_statistics(block, state.quant, kwargs, recipe)
                 with torch.no_grad():
                     fold_block_transforms(block, arch)  # also freezes every linear's quantized weight
                     quant_out = run_block(block, state.quant, kwargs, recipe.batch_size)
@@ -563,7 +473,6 @@ def _log_block(report: BlockReport, total: int, elapsed: float, done_now: int) -
         loss += " (" + ", ".join(f"{k} {v[0]:.4g} -> {v[-1]:.4g}" for k, v in report.terms.items()) + ")"
     retry = f", {report.retries} retries (lr x{report.lr_scale:g})" if report.retries else ""
     retry += f", init {report.init}" if report.init else ""
-    retry += f", kept epoch {report.kept_epoch} (held-out loss)" if report.kept_epoch is not None else ""
     log(
         f"block {report.index + 1}/{total}: cosine {report.cosine:.5f}{loss}{retry}, "
         f"{report.seconds:.1f} s, about {left / 60:.1f} min left"

@@ -5,8 +5,8 @@ the model's output are never seen. Here every quantized weight keeps its integer
 zero point, and only each group's step size is multiplied by a learned factor ``α`` (starting
 at 1), trained for ``e2e_epochs`` over the calibration samples on the KL divergence from the
 full-precision model's next-token distribution to the quantized model's (for an image model: on
-the relative squared error of its features: the last hidden states through a frozen copy of
-the model's final norm, affine part included). ``(q - z)·Δ·α`` is again
+the relative squared error of its features: the last hidden states through the model's final
+norm, affine part included). ``(q - z)·Δ·α`` is again
 a point of an affine grid, so the saved weights stay on a per-group grid any packed format
 takes. This is the E2E-QP step of EfficientQAT (Chen et al., 2024, "EfficientQAT: Efficient
 Quantization-Aware Training for Large Language Models"), here with a distillation target instead
@@ -14,14 +14,10 @@ of the labels, as calibration sets are small.
 
 Options: ``e2e_samples`` trains on more windows than the block-wise pass (their full-precision
 targets come from one forward of the full-precision model each, before anything is quantized),
-``e2e_schedule="cosine"`` decays the learning rate to 0 over the steps, and ``e2e_norms`` also
-trains the full-precision parameters around the quantized weights (norm weights and biases, the
-linears' biases), at the same rate.
+and ``e2e_schedule="cosine"`` decays the learning rate to 0 over the steps.
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 import torch.nn as nn
@@ -70,7 +66,7 @@ class StepScale(nn.Module):
 
 def _logits_target(model: nn.Module, norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Full-precision log-probabilities from the full-precision chain's last hidden states, through
-    the final norm as it was before tuning (``norm``: a copy, as ``e2e_norms`` trains the model's)."""
+    the final norm ``norm``."""
     return F.log_softmax(model.get_output_embeddings()(norm(hidden)).float(), dim=-1)
 
 
@@ -147,24 +143,6 @@ def check_supported(model: nn.Module, arch: ArchSpec) -> None:
         )
 
 
-def _full_precision_around(model: nn.Module, arch: ArchSpec) -> list[nn.Parameter]:
-    """The 16-bit parameters that scale or shift what the quantized linears see and give: every
-    norm's weight and bias in the blocks and the final norm, and the quantized linears' biases."""
-    modules = [m for block in arch.block_list(model) for m in block.modules()]
-    if arch.final_norm is not None:
-        modules.append(model.get_submodule(arch.final_norm))
-    found: dict[int, nn.Parameter] = {}
-    for module in modules:
-        if isinstance(module, QuantLinear):
-            owned = [module.bias]
-        elif "norm" in type(module).__name__.lower():
-            owned = list(module.parameters(recurse=False))
-        else:
-            continue
-        found.update((id(p), p) for p in owned if p is not None)
-    return list(found.values())
-
-
 def tune_step_sizes(
     model: nn.Module,
     arch: ArchSpec,
@@ -184,22 +162,12 @@ def tune_step_sizes(
         for m in block.modules()
         if isinstance(m, QuantLinear) and m.weight_spec.enabled
     ]
-    model.requires_grad_(False)  # no gradients for the embedding and head
+    model.requires_grad_(False)  # only the step factors learn
     for module in linears:
         module.transform = StepScale(module.weight, module.weight_spec)
     params = [module.transform.alpha for module in linears]
     text = arch.modality == "text"
-    if text:
-        target_norm = copy.deepcopy(model.get_submodule(arch.final_norm))
-    else:  # frozen copy: e2e_norms must not train the features' own norm
-        target_norm = copy.deepcopy(arch.feature_norm_module(model))
-        if target_norm is not None:
-            target_norm.float().requires_grad_(False)
-    around = _full_precision_around(model, arch) if recipe.e2e_norms else []
-    start = [p.detach().clone() for p in around]
-    for p in around:
-        p.requires_grad_(True)
-    params += around
+    norm = model.get_submodule(arch.final_norm) if text else arch.feature_norm_module(model)
     optimizer = torch.optim.AdamW(params, lr=recipe.lr_e2e, weight_decay=0.0)
     steps_in_all = recipe.e2e_epochs * calibration.shape[0]
     schedule = (
@@ -217,7 +185,7 @@ def tune_step_sizes(
                 inputs = model_inputs(arch, calibration[i].to(device))
                 if text:
                     with torch.no_grad():
-                        target = _logits_target(model, target_norm, fp_hidden[i : i + 1])
+                        target = _logits_target(model, norm, fp_hidden[i : i + 1])
                     with torch.autocast(device.type, torch.bfloat16, bf16):
                         logits = model(**inputs).logits
                     log_q = F.log_softmax(logits.float(), dim=-1)
@@ -225,7 +193,7 @@ def tune_step_sizes(
                 else:
                     with _LastHidden(model, arch) as last, torch.autocast(device.type, torch.bfloat16, bf16):
                         model(**inputs)
-                    loss = _feature_error(last.value, fp_hidden[i : i + 1], target_norm, arch.cls_token)
+                    loss = _feature_error(last.value, fp_hidden[i : i + 1], norm, arch.cls_token)
                 if not torch.isfinite(loss):
                     raise FloatingPointError
                 optimizer.zero_grad(set_to_none=True)
@@ -241,10 +209,6 @@ def tune_step_sizes(
         log("end-to-end step sizes: non-finite loss, keeping the block-wise step sizes")
         for module in linears:
             module.transform.alpha.data.fill_(1.0)
-        for p, value in zip(around, start, strict=True):
-            p.data.copy_(value)
-    for p in around:
-        p.requires_grad_(False)
     with torch.no_grad():
         for module in linears:
             module.fold_transform()

@@ -91,7 +91,6 @@ class TransformOptions:
     alpha: float = 0.5
     shifts: bool = False
     qk_smoothing: bool = True
-    down_smoothing: bool = False
     clipping: bool = True
     rotation: bool = True
     rounding: bool = False
@@ -191,10 +190,8 @@ def attach_block_transforms(
 
 
 def active_pairs(arch: ArchSpec, options: TransformOptions) -> tuple[SmoothPair, ...]:
-    """The smoothing pairs that ``options`` wires (the gated MLP's only with ``down_smoothing``)."""
-    if options.smoothing is None:
-        return ()
-    return tuple(p for p in arch.smooth_pairs if p.kind != "gated" or options.down_smoothing)
+    """The smoothing pairs that ``options`` wires: all of them, or none without smoothing."""
+    return () if options.smoothing is None else arch.smooth_pairs
 
 
 def _wire_pair(block, pair: SmoothPair, arch, layout, stat, options, linears, transforms, bt) -> None:
@@ -205,7 +202,7 @@ def _wire_pair(block, pair: SmoothPair, arch, layout, stat, options, linears, tr
     if pair.kind == "linear":  # v -> o: one scale per kv channel, shared by the query heads reading it
         act_absmax, mid = layout.query_to_kv_max(act_absmax), layout.query_to_kv_max(mid)
         weight_absmax = layout.query_to_kv_max(weight_absmax)
-    shift = mid if options.shifts and pair.kind != "gated" else None  # a shift cannot pass a product
+    shift = mid if options.shifts else None
     factor = SmoothingFactor(_init_scale(options.smoothing, act_absmax, weight_absmax, options.alpha), shift)
     bt.factors[pair.name] = factor
     if options.smoothing == "best":
@@ -226,11 +223,9 @@ def _wire_pair(block, pair: SmoothPair, arch, layout, stat, options, linears, tr
         if factor.shift is not None:
             source.row_shift = lambda f=factor: f.shift
         return
-    # A fused source: the rows before the ones that feed the targets keep scale 1 and shift 0.
-    if pair.source_rows == "up_of_fused_gate_up":  # [gate; up], up second
-        lead = factor.scale.numel()
-    else:  # [q; k; v], v last
-        lead = (layout.heads + layout.kv_heads) * layout.head_dim
+    # A fused source ([q; k; v], v last): the rows before the ones that feed the targets keep scale
+    # 1 and shift 0.
+    lead = (layout.heads + layout.kv_heads) * layout.head_dim
     source.row_scale.append(lambda f=factor: torch.cat([f.value().new_ones(lead), f.value()]))
     if factor.shift is not None:
         source.row_shift = lambda f=factor: torch.cat([f.shift.new_zeros(lead), f.shift])

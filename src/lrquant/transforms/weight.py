@@ -78,9 +78,6 @@ class WeightTransform:
         # (the mean x xᵀ of the linear's inputs); gptq_damp is GPTQ's relative damping
         self.hessian: torch.Tensor | None = None
         self.gptq_damp = 0.01
-        # the folded weight and bias, fixed before folding (gptq_sequential rounds the block's
-        # linears in forward order, each against inputs from the ones already rounded)
-        self.final: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def unrotated(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` in the basis of the linear's input before its run-time rotation (if any)."""
@@ -127,17 +124,10 @@ class WeightTransform:
             w = w * self.rotation
         return w
 
-    @torch.no_grad()
-    def fix_final(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec) -> None:
-        """Compute the folded weight and bias now; from here on the linear computes with them."""
-        self.final = self.final_weight_and_bias(weight, bias, spec)
-
     def weight_and_bias(
         self, weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What the linear computes with: quantized transformed weight, transformed bias."""
-        if self.final is not None:
-            return self.final
         w, b = self.transformed(weight, bias)
         return self.quantize(w, spec), b
 
@@ -161,7 +151,7 @@ class WeightTransform:
         """What folding writes: :meth:`weight_and_bias`, or, with a :attr:`hessian`, the
         transformed weight rounded by GPTQ on the same grid (learned clipping bounds, step times
         the rotation vector) instead of to nearest."""
-        if self.final is not None or self.hessian is None or not spec.enabled:
+        if self.hessian is None or not spec.enabled:
             return self.weight_and_bias(weight, bias, spec)
         w, b = self.transformed(weight, bias)
         scale, zero = weight_grid(w, spec, *self._clip_factors())
