@@ -41,14 +41,14 @@ def main() -> None:
     overrides = dict(item.split("=", 1) for item in args.set)
 
     search_seconds: list[float] = []
-    search = blockwise._search_clipping
+    search = blockwise.search_clipping
 
     def timed_search(*a, **k) -> None:
         start = time.perf_counter()
         search(*a, **k)
         search_seconds.append(time.perf_counter() - start)
 
-    blockwise._search_clipping = timed_search
+    blockwise.search_clipping = timed_search
     setting = f"W{args.wbits}A{args.abits}{f'g{args.group_size}' if args.group_size else ''}"
     print(
         f"{args.model}, {setting}, {args.nsamples} windows x {args.seqlen} tokens (seed 0), epochs=0, "
@@ -61,7 +61,7 @@ def main() -> None:
         recipe = build_recipe("lrquant_plus", "fast", {**overrides, "epochs": 0, "clip_init": clip_init})
         search_seconds.clear()
         start = time.perf_counter()
-        reports = blockwise.quantize_blockwise(model, loaded.arch, scheme, recipe, calibration)
+        reports = blockwise.quantize_blockwise(model, loaded.arch, scheme, recipe, calibration).reports
         total = time.perf_counter() - start
         print(
             f"| {clip_init} | {total:.1f} | {sum(search_seconds):.1f} | {len(search_seconds)} "

@@ -102,9 +102,9 @@ def run_one(job: dict) -> dict:
         apply_method,
         calibration_data,
         evaluation_data,
+        hadamard_supported,
         peak_device_memory,
         peak_rss_mb,
-        rotatable,
     )
     from lrquant.config import build_scheme
     from lrquant.device import placed, resolve_device
@@ -127,7 +127,7 @@ def run_one(job: dict) -> dict:
         )
     elif job["setting"] != "FP":
         scheme = build_scheme(**setting_kwargs(SETTINGS, job["setting"]))
-        where = Situation.of(scheme, loaded.arch.modality, rotatable=rotatable(loaded.arch))
+        where = Situation.of(scheme, loaded.arch.modality, rotatable=hadamard_supported(loaded.arch))
         recipe = build_recipe(
             job["method"], job["preset"], parse_overrides(job["overrides"]), situation=where
         )

@@ -70,7 +70,9 @@ def test_folded_model_equals_last_training_forward(
     generator = torch.Generator().manual_seed(2)
     layout = AttentionLayout.from_config(model.config)
     # Shifts where the norm has a bias to fold them into (OPT's LayerNorm); every pair.
-    options = TransformOptions(shifts=arch.norm_kind == "layer", clipping=True, rotation=True, rounding=True)
+    options = TransformOptions(
+        shifts=arch.norm_kind == "layer", clipping=True, rotation_vectors=True, rounding=True
+    )
     use_quantized_attention(model)
     transforms = []
     for block in arch.block_list(model):
@@ -85,7 +87,7 @@ def test_folded_model_equals_last_training_forward(
             stats[pair.targets[0]] = ChannelStats(lo, hi)
         bt = attach_block_transforms(block, arch, layout, stats, options)
         linears = [m for m in block.modules() if isinstance(m, QuantLinear)]
-        assert len(bt.clipping) == len(bt.rotation) == len(bt.rounding) == len(linears) >= 6
+        assert len(bt.clipping) == len(bt.rotation_vectors) == len(bt.rounding) == len(linears) >= 6
         transforms.append(bt)
     untrained = logits(model, ids)
     with torch.no_grad():  # what training would have done
@@ -96,7 +98,7 @@ def test_folded_model_equals_last_training_forward(
                     factor.shift.copy_(0.1 * torch.randn(factor.shift.shape, generator=generator))
             for p in bt.clipping_parameters():
                 p.copy_(4 + 1.5 * torch.randn(p.shape, generator=generator))
-            for p in bt.rotation.values():
+            for p in bt.rotation_vectors.values():
                 p.mul_(torch.exp(0.2 * torch.randn(p.shape, generator=generator)))
             for p in bt.rounding_parameters():
                 p.copy_(torch.rand(p.shape, generator=generator) - 0.5)
@@ -151,7 +153,7 @@ def _learned(outlier_llama, method: str, epochs: int) -> tuple[float, list]:
     model = copy.deepcopy(base)
     # bf16 pinned: "auto" would pick fp32 or bf16 by the CPU, and these bounds were observed in bf16.
     recipe = build_recipe(method, "fast", {"epochs": epochs, "bf16": True})
-    reports = quantize_blockwise(model, LLAMA, W4A4, recipe, calibration, seed=0)
+    reports = quantize_blockwise(model, LLAMA, W4A4, recipe, calibration, seed=0).reports
     return rel_err(logits(model, held_out), ref), reports
 
 
@@ -209,7 +211,7 @@ def test_lr_by_bits_trains_as_the_scaled_rates_do(outlier_llama) -> None:
     assert (plain.lr_transform, plain.lr_clipping) == (5e-3, 1e-2)
     models = [copy.deepcopy(base) for _ in range(3)]
     reports = [
-        quantize_blockwise(m, LLAMA, w6a6, r, calibration, seed=0)
+        quantize_blockwise(m, LLAMA, w6a6, r, calibration, seed=0).reports
         for m, r in zip(models, (by_bits, scaled, plain), strict=True)
     ]
     assert [r.losses for r in reports[0]] == [r.losses for r in reports[1]]
@@ -241,13 +243,13 @@ def test_learned_rounding_beats_round_to_nearest(outlier_llama, monkeypatch: pyt
     errors, offsets = {}, []
     fold = blockwise.fold_block_transforms
 
-    def record_offsets_then_fold(block, arch):  # each block's offsets, just before they are folded
+    def record_offsets_then_fold(block, arch, gptq=None):  # each block's offsets, just before the fold
         offsets.extend(
             m.transform.rounding.detach().clone()
             for m in block.modules()
             if isinstance(m, QuantLinear) and m.transform.rounding is not None
         )
-        return fold(block, arch)
+        return fold(block, arch, gptq)
 
     monkeypatch.setattr(blockwise, "fold_block_transforms", record_offsets_then_fold)
     for rounding in (False, True):
@@ -319,7 +321,7 @@ def test_nan_loss_is_retried_at_a_lower_learning_rate(monkeypatch: pytest.Monkey
     calibration = random_ids(model, 4, 32, seed=0)
     _nan_after(monkeypatch, good_calls=0, bad_calls=1)
     recipe = build_recipe("lrquant_plus", "fast", {"epochs": 2})
-    reports = quantize_blockwise(model, LLAMA, W4A4, recipe, calibration, seed=0)
+    reports = quantize_blockwise(model, LLAMA, W4A4, recipe, calibration, seed=0).reports
     assert reports[0].retries >= 1 and reports[0].lr_scale < 1
     assert (reports[0].retries, reports[0].lr_scale) == (1, 0.5)
     assert len(reports[0].losses) == 2  # the retry trained to the end
@@ -337,7 +339,7 @@ def test_always_nan_falls_back_to_the_initial_transforms(monkeypatch: pytest.Mon
     model = copy.deepcopy(base)
     # A few good steps first, so the transforms have moved away from their start when NaN strikes.
     _nan_after(monkeypatch, good_calls=6, bad_calls=None)
-    reports = quantize_blockwise(model, LLAMA, W4A4, recipe, calibration, seed=0)
+    reports = quantize_blockwise(model, LLAMA, W4A4, recipe, calibration, seed=0).reports
     for report in reports:
         assert report.retries == recipe.max_retries + 1 == 3
         assert report.lr_scale == 0.0

@@ -23,7 +23,7 @@ from lrquant.recipes import (
     build_recipe,
     default_rule,
 )
-from lrquant.transforms.rotation import RUN_TIME_ROTATIONS
+from lrquant.transforms.hadamard import RUN_TIME_HADAMARD
 
 WEIGHT_ONLY = dict(rounding=True, clip_init="search", lr_clipping=0.1, e2e_epochs=2)
 W4A4_UNPACKED = dict(
@@ -86,7 +86,7 @@ def test_every_situation_has_a_rule_and_packed_ones_rotate_nothing_at_run_time()
         recipe = build_recipe("auto", "fast", situation=where)
         assert rule in DEFAULT_RULES
         if packed:
-            assert recipe.hadamard not in RUN_TIME_ROTATIONS
+            assert recipe.hadamard not in RUN_TIME_HADAMARD
         if not rotatable:
             assert recipe.hadamard not in ("folded", "online")
 

@@ -139,7 +139,7 @@ def test_blocks_learned_on_the_device_match_the_cpu(model_type: str, options: di
             model = copy.deepcopy(base)
             reports = quantize_blockwise(
                 model, arch, W4A4, recipe, calibration, seed=0, device=torch.device(where)
-            )
+            ).reports
             assert _on_cpu(model)
             assert all(len(r.losses) == epochs and r.retries == 0 for r in reports)
             out[epochs, where] = forward(model)

@@ -16,7 +16,6 @@ from lrquant.arch import get_arch_spec
 from lrquant.config import build_scheme
 from lrquant.errors import LrquantError
 from lrquant.methods import blockwise, e2e
-from lrquant.methods.blockwise import quantize_blockwise
 from lrquant.models.loading import LoadedModel
 from lrquant.models.tiny import tiny_model
 from lrquant.models.tiny_vision import TINY_VISION_ARCHS, tiny_vision_model
@@ -37,12 +36,12 @@ def test_tuning_step_sizes_end_to_end_brings_the_model_closer(monkeypatch: pytes
         kl_per_epoch.append(tune(*args, **kwargs))
         return kl_per_epoch[-1]
 
-    monkeypatch.setattr("lrquant.methods.blockwise.tune_step_sizes", recording)
+    monkeypatch.setattr("lrquant.methods.e2e.tune_step_sizes", recording)
     errors, models = {}, {}
     for epochs in (0, 4):
         model = copy.deepcopy(base)
         recipe = build_recipe("lrquant_plus", "fast", {"bf16": False, "e2e_epochs": epochs, "lr_e2e": 3e-3})
-        quantize_blockwise(model, LLAMA, W2G16, recipe, calibration, seed=0)
+        apply_method(_loaded(model), W2G16, "lrquant_plus", recipe, calibration, seed=0)
         errors[epochs], models[epochs] = rel_err(logits(model, held_out), ref), model
     # Observed (seed 0, CPU): relative logits error 0.150 -> 0.131; KL 2.7e-4 -> 2.3e-4 per token.
     print(errors, kl_per_epoch)
@@ -67,14 +66,15 @@ def test_language_models_without_a_known_final_norm_are_refused_before_any_work(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model = tiny_model("opt", seed=0)
+    loaded = LoadedModel(
+        model=model, tokenizer=None, arch=get_arch_spec("opt"), name="tiny", path=Path("tiny")
+    )
     recipe = build_recipe("lrquant_plus", "fast", {"epochs": 0, "e2e_epochs": 1})
-    learned = []
-    monkeypatch.setattr("lrquant.methods.blockwise._train_block", lambda *a, **k: learned.append(1))
+    started = []
+    monkeypatch.setattr("lrquant.methods.blockwise.initialise", lambda *a, **k: started.append(1))
     with pytest.raises(LrquantError, match="e2e_epochs needs an image model or a causal language model"):
-        quantize_blockwise(
-            model, get_arch_spec("opt"), build_scheme(4, 16), recipe, torch.randint(0, 100, (2, 16))
-        )
-    assert learned == []
+        apply_method(loaded, build_scheme(4, 16), "lrquant_plus", recipe, torch.randint(0, 100, (2, 16)))
+    assert started == []
 
 
 @pytest.mark.parametrize("model_type", TINY_VISION_ARCHS)
@@ -154,12 +154,28 @@ def _recorded_tuning(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
         calls.append(call)
         return call["kl"]
 
-    monkeypatch.setattr("lrquant.methods.blockwise.tune_step_sizes", recording)
+    monkeypatch.setattr("lrquant.methods.e2e.tune_step_sizes", recording)
     return calls
 
 
 def _loaded(model: torch.nn.Module) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=None, arch=LLAMA, name="tiny", path=Path("tiny"))
+
+
+def test_the_blockwise_pass_hands_the_end_to_end_step_its_targets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``quantize_blockwise`` runs no end-to-end step; its result holds the full-precision last
+    hidden states, on which :func:`e2e.run_end_to_end` (what ``apply_method`` calls) then trains."""
+    base, calibration, _ = correlated_llama()
+    calls = _recorded_tuning(monkeypatch)
+    recipe = build_recipe("lrquant_plus", "fast", {"bf16": False, "epochs": 0, "e2e_epochs": 1})
+    model = copy.deepcopy(base)
+    result = blockwise.quantize_blockwise(model, LLAMA, W2G16, recipe, calibration)
+    assert calls == [] and [r.index for r in result.reports] == [0, 1]
+    fp_hidden = e2e.fp_final_hidden(base, LLAMA, calibration, torch.device("cpu"))
+    assert rel_err(result.fp_hidden, fp_hidden) < 1e-5
+    kl = e2e.run_end_to_end(model, LLAMA, recipe, calibration, result.fp_hidden)
+    assert len(calls) == 1 and kl == calls[0]["kl"] and len(kl) == 1
+    assert torch.equal(calls[0]["hidden"], result.fp_hidden)
 
 
 def test_more_end_to_end_windows_get_full_precision_targets(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -204,7 +220,7 @@ def test_cosine_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
     for extra in ({}, {"e2e_schedule": "cosine"}):
         overrides = {"bf16": False, "e2e_epochs": 3, "lr_e2e": 3e-3, **extra}
         recipe = build_recipe("lrquant_plus", "fast", overrides)
-        quantize_blockwise(copy.deepcopy(base), LLAMA, W2G16, recipe, calibration)
+        apply_method(_loaded(copy.deepcopy(base)), W2G16, "lrquant_plus", recipe, calibration)
     plain, cosine = calls
     assert plain["lrs"] == [3e-3] * 24
     assert cosine["lrs"][0] == pytest.approx(3e-3)

@@ -97,9 +97,10 @@ def test_a_singular_hessian_is_damped_until_it_factors() -> None:
     assert torch.isfinite(q).all()
 
 
-def _transformed_block(scheme):
+def _transformed_block(scheme, recipe):
     """Block 0 of a one-block tiny llama with quantizers for ``scheme`` and learned-looking
-    transforms; its inputs and keyword arguments for 2 x 24 tokens, and its original output."""
+    transforms, as the learner holds it between its stages (with ``recipe``), and its inputs for
+    2 x 24 tokens."""
     arch = get_arch_spec("llama")
     model = tiny_model("llama", seed=0, num_layers=1)
     block = arch.block_list(model)[0]
@@ -122,26 +123,31 @@ def _transformed_block(scheme):
     with torch.no_grad():
         for p in bt.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=generator))
-    return block, inputs, kwargs, ref
+    learner = blockwise.Learner.of(model, arch, scheme, recipe)
+    work = blockwise.BlockWork(block, kwargs, blockwise.BlockReport(0), ref, [ref], bt)
+    return learner, work, blockwise.ChainState(fp=inputs, quant=inputs)
 
 
 def test_gptq_statistics_are_the_inputs_of_the_block_as_training_left_it() -> None:
     """``gptq``: every linear's Hessian is the mean ``x xᵀ`` of its inputs, rotated and quantized as
     its forward does, in one pass of the block with the weights training ended on."""
     scheme = build_scheme(3, 16, group_size=16)
-    block, inputs, kwargs, _ = _transformed_block(scheme)
-    recipe = build_recipe("lrquant_plus", "fast", {"gptq": True})
-    blockwise._gptq_statistics(block, inputs, kwargs, recipe)
+    recipe = build_recipe("lrquant_plus", "fast", {"gptq": True, "gptq_damp": 0.02})
+    learner, work, state = _transformed_block(scheme, recipe)
+    statistics = blockwise.collect_statistics(learner, work, state)
+    block = work.block
     linears = {name: m for name, m in block.named_modules() if isinstance(m, blockwise.QuantLinear)}
     acc = {m: HessianAccumulator() for m in linears.values()}
 
     def observe(module, args):
         acc[module].add(module.quantized_input(args[0].float()))
 
-    blockwise._hooked(block, list(acc), observe, inputs, kwargs, recipe)
+    blockwise._hooked(block, list(acc), observe, state.quant, work.kwargs, recipe)
+    assert statistics.hessians.keys() == linears.keys() and statistics.damp == 0.02
     for name, module in linears.items():
-        assert torch.allclose(module.transform.hessian, acc[module].hessian(), rtol=1e-4, atol=1e-6), name
-        assert module.transform.gptq_damp == recipe.gptq_damp
+        assert torch.allclose(statistics.hessians[name], acc[module].hessian(), rtol=1e-4, atol=1e-6), name
+        assert not hasattr(module.transform, "hessian")  # the weight transform holds no GPTQ state
+    assert statistics.rounding("no_such_linear") is None  # rounded to nearest
 
 
 # ------------------------------------------------------------------------------ inside the learner

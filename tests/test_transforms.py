@@ -73,7 +73,7 @@ def test_transforms_are_exact_in_full_precision_before_and_after_fold(model_type
 
     layout = AttentionLayout.from_config(model.config)
     shifts = arch.norm_kind == "layer"
-    options = TransformOptions(shifts=shifts, clipping=False, rotation=False)
+    options = TransformOptions(shifts=shifts, clipping=False, rotation_vectors=False)
     use_quantized_attention(model)
     transforms = []
     for block in arch.block_list(model):
@@ -82,7 +82,7 @@ def test_transforms_are_exact_in_full_precision_before_and_after_fold(model_type
         assert set(bt.factors) == {"qkv", "mlp_in", "out"} | (set() if arch.qk_norm else {"qk"})
         assert ("qk" in bt.factors) == (model_type not in ("qwen3", "gemma3_text"))
         assert all((f.shift is not None) == shifts for n, f in bt.factors.items() if n != "qk")
-        assert not bt.clipping and not bt.rotation  # 16-bit weights: nothing to clip or rotate
+        assert not bt.clipping and not bt.rotation_vectors  # 16-bit weights: nothing to clip or rotate
         assert sum(isinstance(m, SmoothedNorm) for m in block.modules()) == 2
         transforms.append(bt)
 
@@ -120,7 +120,7 @@ def test_full_precision_learned_pipeline_is_identity(model_type: str) -> None:
     before = copy.deepcopy(model)
 
     recipe = build_recipe("lrquant_plus", "fast", {"epochs": 0})
-    reports = quantize_blockwise(model, arch, FP, recipe, calibration, seed=0)
+    reports = quantize_blockwise(model, arch, FP, recipe, calibration, seed=0).reports
 
     assert [r.index for r in reports] == [0, 1]
     assert all(r.cosine > 1 - 1e-6 and r.mse < 1e-10 for r in reports)

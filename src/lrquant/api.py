@@ -45,7 +45,7 @@ from lrquant.export import check_options, default_destination, export_format, re
 from lrquant.file_checks import read_json_object
 from lrquant.inference import apply_backend, generate_text
 from lrquant.methods.blockwise import quantize_blockwise, report_dict
-from lrquant.methods.e2e import fp_final_hidden
+from lrquant.methods.e2e import check_supported, end_to_end_wanted, fp_final_hidden, run_end_to_end
 from lrquant.methods.resume import ResumeStore
 from lrquant.methods.rtn import quantize_rtn
 from lrquant.models.builtin import builtin_folder, cache_root, is_builtin
@@ -62,7 +62,7 @@ from lrquant.recipes import (
     default_rule,
 )
 from lrquant.report import PLOT_FILE, plot_blocks
-from lrquant.transforms.rotation import RUN_TIME_ROTATIONS, check_rotatable, rotate_model
+from lrquant.transforms.hadamard import RUN_TIME_HADAMARD, apply_hadamard, check_hadamard_supported
 
 TEXT_CALIB, TEXT_EVAL = "wikipedia:train", "wikipedia:test"
 IMAGE_CALIB = "photos"
@@ -295,10 +295,12 @@ def apply_method(
 
     ``rtn`` needs no calibration; every other method learns (or, for ``smoothquant``, sets) its
     transforms block by block on the first ``recipe.nsamples`` ``calibration`` windows, resuming
-    from ``store`` when it holds finished blocks of the same run. An end-to-end step with more
-    windows (``e2e_samples``) takes them from the rest: pass ``recipe.calibration_samples``.
+    from ``store`` when it holds finished blocks of the same run, then, with ``e2e_epochs``, runs
+    the end-to-end step (:func:`lrquant.methods.e2e.run_end_to_end`; also after a resumed run
+    that had every block finished). An end-to-end step with more windows (``e2e_samples``) takes
+    them from the rest: pass ``recipe.calibration_samples``.
     """
-    rotate_model(loaded.model, loaded.arch, recipe.hadamard, seed)  # before resuming: same seed, same Q
+    apply_hadamard(loaded.model, loaded.arch, recipe.hadamard, seed)  # before resuming: same seed, same Q
     if method == "rtn":
         if recipe.e2e_epochs:
             raise LrquantError(
@@ -309,12 +311,14 @@ def apply_method(
         return []
     if calibration is None:
         raise LrquantError(f"method '{method}' needs calibration data")
+    end_to_end = end_to_end_wanted(recipe, scheme)
+    if end_to_end:
+        check_supported(loaded.model, loaded.arch)  # before any work
     calibration, e2e_extra = _e2e_extra(loaded, scheme, recipe, calibration, device)
     start = store.load(loaded.model, loaded.arch, scheme) if store is not None else None
     if start is not None:
         log(f"resuming at block {start[0] + 1} from {store.folder}")
-    e2e: list[list[float]] = []
-    reports = quantize_blockwise(
+    result = quantize_blockwise(
         loaded.model,
         loaded.arch,
         scheme,
@@ -324,12 +328,16 @@ def apply_method(
         start,
         store.save_block if store is not None else None,
         device,
-        e2e.append,
-        e2e_extra,
     )
-    blocks = store.reports if store is not None else [report_dict(r) for r in reports]
-    if e2e and blocks:
-        blocks[-1] = {**blocks[-1], "e2e_kl": e2e[0]}
+    blocks = store.reports if store is not None else [report_dict(r) for r in result.reports]
+    if end_to_end:
+        # after every block (also on a resumed run that had finished them all): rerun in full
+        # when interrupted, from the saved blocks and chain
+        kl = run_end_to_end(
+            loaded.model, loaded.arch, recipe, calibration, result.fp_hidden, seed, device, e2e_extra
+        )
+        if blocks:
+            blocks[-1] = {**blocks[-1], "e2e_kl": kl}
     return blocks
 
 
@@ -344,7 +352,7 @@ def _e2e_extra(
     hidden states (computed now, while the model is still in full precision; also on a resumed
     run, which restores its finished blocks afterwards)."""
     blockwise, extra = calibration[: recipe.nsamples], calibration[recipe.nsamples :]
-    if not (recipe.e2e_epochs and scheme.weight.enabled) or recipe.e2e_samples <= recipe.nsamples:
+    if not end_to_end_wanted(recipe, scheme) or recipe.e2e_samples <= recipe.nsamples:
         return blockwise, None
     if calibration.shape[0] < recipe.e2e_samples:
         raise LrquantError(
@@ -407,7 +415,7 @@ def quantize(
     if format is not None:  # a wrong format, scheme or destination fails before any work
         fmt = export_format(format)
         check_options(fmt, scheme, gguf_type, _model_config(model))
-        if recipe.hadamard in RUN_TIME_ROTATIONS:
+        if recipe.hadamard in RUN_TIME_HADAMARD:
             raise LrquantError(
                 f"hadamard={recipe.hadamard} rotates linear inputs at run time, which packed formats "
                 "cannot hold exactly: use --set hadamard=folded, or quantize without --format"
@@ -436,7 +444,7 @@ def quantize(
         )
         if nsamples is not None:
             overrides = {**(overrides or {}), "nsamples": nsamples}
-        now = Situation.of(scheme, loaded.arch.modality, format is not None, rotatable(loaded.arch))
+        now = Situation.of(scheme, loaded.arch.modality, format is not None, hadamard_supported(loaded.arch))
         recipe = build_recipe(method, preset, overrides, situation=now)
         rule = default_rule(now) if method == AUTO else None
         if rule is not None:
@@ -520,6 +528,11 @@ def quantize(
         if store is not None:
             store.clear()  # under the output lock, which a second run waits on
     log(f"wrote {out.final}")
+    if recipe.hadamard in RUN_TIME_HADAMARD:
+        log(
+            f"hadamard={recipe.hadamard} rotates linear inputs at run time: lrquant eval and lrquant's "
+            "loader apply it, plain from_pretrained does not (for an engine, quantize with --format)"
+        )
     if format is not None:
         report["export"] = export(output, format, overwrite=overwrite, gguf_type=gguf_type)
     return report
@@ -540,7 +553,7 @@ def explain(
     where = situation(model, scheme, format)
     if _model_config(model) is None:  # e.g. a built-in model not converted yet: load it to know
         arch = load_model(model, trust_remote_code=trust_remote_code).arch
-        where = Situation.of(scheme, arch.modality, format is not None, rotatable(arch))
+        where = Situation.of(scheme, arch.modality, format is not None, hadamard_supported(arch))
     recipe = build_recipe(method, preset, overrides, situation=where)
     paper = build_recipe("lrquant_plus", preset).model_dump()
     rule = default_rule(where) if method == AUTO else None
@@ -559,7 +572,7 @@ def explain(
 def situation(model: str, scheme: QuantScheme, format: str | None = None) -> Situation:
     """What the default recipe of quantizing ``model`` at ``scheme`` is chosen by, read from its
     config without loading weights (a model whose config cannot be read yet counts as a
-    rotatable language model until it is loaded)."""
+    language model the Hadamard rotations cover until it is loaded)."""
     config = _model_config(model)
     arch = None
     if config is not None:
@@ -568,13 +581,14 @@ def situation(model: str, scheme: QuantScheme, format: str | None = None) -> Sit
         except LrquantError:
             pass  # loading says what is wrong with it
     modality = arch.modality if arch is not None else "text"
-    return Situation.of(scheme, modality, format is not None, arch is None or rotatable(arch))
+    return Situation.of(scheme, modality, format is not None, arch is None or hadamard_supported(arch))
 
 
-def rotatable(arch) -> bool:
-    """Whether the Hadamard rotations of the residual stream cover ``arch``."""
+def hadamard_supported(arch) -> bool:
+    """Whether the Hadamard rotations of the residual stream (``hadamard=folded`` or ``online``)
+    cover ``arch`` (:func:`lrquant.transforms.hadamard.check_hadamard_supported`)."""
     try:
-        check_rotatable(arch)
+        check_hadamard_supported(arch)
     except LrquantError:
         return False
     return True

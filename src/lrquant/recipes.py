@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from lrquant.config import describe_validation_error
 from lrquant.errors import LrquantError
-from lrquant.transforms.rotation import HadamardMode
+from lrquant.transforms.hadamard import HadamardMode
 
 
 class Recipe(BaseModel):
@@ -37,15 +37,17 @@ class Recipe(BaseModel):
     # where the clipping bounds start: just inside min/max (the paper's sigmoid(4)), or per group at
     # the shrink factor with the lowest input-weighted rounding error ("search")
     clip_init: Literal["minmax", "search"] = "minmax"
+    # LRQuant+'s rotation vectors: a learned multiplier per weight row (not the Hadamard rotations of
+    # ``hadamard`` below)
     rotation: bool = True
     # learnable rounding (not part of LRQuant+; SignRound's idea): an offset per weight, within half a
     # grid step, added before rounding, so each weight may round the other way
     rounding: bool = False
     # GPTQ (error feedback through the inputs' Hessian; not part of LRQuant+): rounds the final
-    # weights on the grid the learned clipping and rotation chose, instead of to nearest
+    # weights on the grid the learned clipping and rotation vectors chose, instead of to nearest
     gptq: bool = False
     gptq_damp: float = Field(0.01, gt=0)
-    # orthogonal rotations before learning (transforms/rotation.py): "folded" rotates the residual
+    # Hadamard rotations before learning (transforms/hadamard.py): "folded" rotates the residual
     # stream and each value head, folded into the weights; "online" also rotates the down
     # projection's input at run time; "down" rotates only that; "inputs" rotates every linear's
     # input in the blocks at run time (any architecture, vision transformers included)
@@ -189,8 +191,9 @@ class Situation:
     modality: str  # "text" or "image"
     wbits: int  # 16: weights not quantized
     abits: int  # 16: activations not quantized
-    packed: bool = False  # a packed format was asked for: no rotation at run time
-    rotatable: bool = True  # the residual stream can be rotated (decoders with plain RMSNorm)
+    packed: bool = False  # a packed format was asked for: no Hadamard rotation at run time
+    # the residual stream can be Hadamard-rotated (decoders with plain RMSNorm)
+    rotatable: bool = True
 
     @classmethod
     def of(cls, scheme, modality: str = "text", packed: bool = False, rotatable: bool = True) -> Situation:

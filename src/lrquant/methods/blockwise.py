@@ -1,16 +1,22 @@
 """The block-wise learner behind OmniQuant, LRQuant and LRQuant+.
 
-For each transformer block in turn:
+For each transformer block in turn, one stage function after the other:
 
-1. run the full-precision block on the full-precision chain's input (target of the
-   error-propagation branch) and on the quantized chain's input (target of the homologous
-   branch), recording input statistics for the smoothing initialisation;
-2. quantize the block and attach its learnable transforms (smoothing scales and shifts,
-   clipping bounds, rotation vectors);
-3. train them so the quantized block on the quantized input matches both targets
-   (MSE plus negative log cosine, dynamically weighted);
-4. fold the transforms into the block's weights and quantize them for good;
-5. feed the quantized chain forward through the finished block.
+1. :func:`initialise`: run the full-precision block on the full-precision chain's input (target
+   of the error-propagation branch) and on the quantized chain's input (target of the homologous
+   branch), recording input statistics for the smoothing initialisation; quantize the block and
+   attach its learnable transforms (smoothing scales and shifts, clipping bounds, rotation
+   vectors); with ``smoothing="best"``, choose the smoothing initialisation;
+2. :func:`search_clipping` (``clip_init="search"``): start the clipping bounds where the
+   input-weighted rounding error is lowest;
+3. :func:`train`: train the transforms so the quantized block on the quantized input matches
+   both targets (MSE plus negative log cosine, dynamically weighted);
+4. :func:`collect_statistics` (``gptq``): record each linear's input Hessian for GPTQ;
+5. :func:`fold`: fold the transforms into the block's weights and quantize them for good (to
+   nearest, or by GPTQ), then feed the quantized chain forward through the finished block.
+
+The end-to-end step that may follow (``e2e_epochs``) is the caller's:
+:func:`lrquant.methods.e2e.run_end_to_end`, on what :func:`quantize_blockwise` returns.
 """
 
 from __future__ import annotations
@@ -32,14 +38,13 @@ from lrquant.device import placed, to_device
 from lrquant.errors import LrquantError
 from lrquant.methods import losses
 from lrquant.methods.capture import capture_block_inputs, capture_block_kwargs, run_block
-from lrquant.methods.e2e import check_supported, tune_step_sizes
 from lrquant.quant.apply import (
     attach_block_quantizers,
     attach_head_quantizers,
     quantize_patch_embedding,
     use_quantized_attention,
 )
-from lrquant.quant.gptq import HessianAccumulator
+from lrquant.quant.gptq import GPTQStatistics, HessianAccumulator
 from lrquant.quant.linear import QuantLinear, rotate_input
 from lrquant.quant.quantizer import compiled_quantizer
 from lrquant.recipes import Recipe, use_bf16
@@ -82,6 +87,17 @@ class ChainState:
 BlockDone = Callable[[int, nn.Module, ChainState, BlockReport], None]
 
 
+@dataclass
+class BlockwiseResult:
+    """What the block-wise pass hands on (to the end-to-end step, :mod:`lrquant.methods.e2e`)."""
+
+    # the blocks learned in this call (on a resumed run, those after the saved ones)
+    reports: list[BlockReport]
+    # the full-precision chain's last hidden states (after the last block and what runs after it),
+    # on the learning device
+    fp_hidden: torch.Tensor
+
+
 def transform_options(recipe: Recipe, arch: ArchSpec) -> TransformOptions:
     """The transforms a recipe asks for. Shifts (``auto``) are used where the norm has a bias."""
     shifts = recipe.shifts == "on" or (recipe.shifts == "auto" and arch.norm_kind == "layer")
@@ -97,9 +113,45 @@ def transform_options(recipe: Recipe, arch: ArchSpec) -> TransformOptions:
         shifts=shifts,
         qk_smoothing=recipe.qk_smoothing,
         clipping=recipe.clipping,
-        rotation=recipe.rotation,
+        rotation_vectors=recipe.rotation,
         rounding=recipe.rounding,
     )
+
+
+@dataclass(frozen=True)
+class Learner:
+    """What every block of one run is learned with."""
+
+    arch: ArchSpec
+    config: object  # the model's config (the attention layout)
+    scheme: QuantScheme
+    recipe: Recipe
+    options: TransformOptions
+    seed: int = 0
+    bits_factor: float = 1.0  # scales the smoothing learning rate (:func:`bits_lr_factor`)
+
+    @classmethod
+    def of(
+        cls, model: nn.Module, arch: ArchSpec, scheme: QuantScheme, recipe: Recipe, seed: int = 0
+    ) -> Learner:
+        """The learner for ``recipe``; refuses impossible settings before any work."""
+        options = transform_options(recipe, arch)
+        return cls(arch, model.config, scheme, recipe, options, seed, bits_lr_factor(recipe, scheme))
+
+
+@dataclass
+class BlockWork:
+    """One block between its stages, as :func:`initialise` set it up."""
+
+    block: nn.Module
+    kwargs: dict
+    report: BlockReport
+    fp_out: torch.Tensor  # the full-precision block's output on the full-precision chain
+    targets: list[torch.Tensor]  # what training matches: one per branch that is on
+    transforms: BlockTransforms
+    learn: bool = False  # a learning recipe, a target and something learnable
+    # fake quantization runs through torch.compile (while learning, with ``compile``)
+    compiled: bool = False
 
 
 @torch.no_grad()
@@ -202,18 +254,110 @@ def training_step(
     return terms
 
 
-def _train_block(
+@torch.no_grad()
+def _plain_loss(
+    block: nn.Module, inputs: torch.Tensor, targets: list[torch.Tensor], kwargs: dict, recipe: Recipe
+) -> float:
+    """The block's loss terms on ``inputs``, summed without dynamic weighting: a score that
+    compares states of one block (candidate inits)."""
+    out = run_block(block, inputs, kwargs, recipe.batch_size)
+    return sum(_loss(out, targets, recipe, None)[1].values())
+
+
+@torch.no_grad()
+def _choose_init(
     block: nn.Module,
     bt: BlockTransforms,
-    state: ChainState,
+    inputs: torch.Tensor,
     targets: list[torch.Tensor],
     kwargs: dict,
     recipe: Recipe,
-    seed: int,
-    report: BlockReport,
-    bar: tqdm | None,
-    bits_factor: float = 1.0,
-) -> None:
+) -> str:
+    """Try each candidate initialisation of the smoothing scales; keep the one whose quantized
+    block has the lowest unweighted loss on the first calibration samples."""
+    n = min(recipe.init_samples, inputs.shape[0])
+    scores = {}
+    for how in SEARCHED_INITS:
+        bt.use_init(how)
+        scores[how] = _plain_loss(block, inputs[:n], [t[:n] for t in targets], kwargs, recipe)
+    best = min(scores, key=scores.__getitem__)
+    bt.use_init(best)
+    return best
+
+
+def _hooked(block: nn.Module, linears: list[QuantLinear], hook, inputs: torch.Tensor, kwargs, recipe) -> None:
+    """Run ``block`` on ``inputs`` with ``hook`` as a forward pre-hook on each of ``linears``."""
+    handles = [m.register_forward_pre_hook(hook) for m in linears]
+    try:
+        run_block(block, inputs, kwargs, recipe.batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ------------------------------------------------------------------------------------ the stages
+
+
+def initialise(
+    learner: Learner, block: nn.Module, name: str, kwargs: dict, state: ChainState, report: BlockReport
+) -> BlockWork:
+    """Stage 1: the full-precision targets and the input statistics, then the block's quantizers
+    and learnable transforms (smoothing initialised from the statistics); with
+    ``smoothing="best"``, the initialisation whose quantized block scores best
+    (:func:`_choose_init`, recorded in ``report.init``). ``name`` is the block's path in the model."""
+    recipe, arch = learner.recipe, learner.arch
+    for p in block.parameters():
+        p.requires_grad_(False)
+    fp_out, hom_out, stats = _targets_and_stats(block, arch, state, kwargs, recipe, learner.options)
+    attach_block_quantizers(block, arch, learner.scheme, prefix=name)
+    layout = AttentionLayout.of_block(block, arch, learner.config)
+    bt = attach_block_transforms(block, arch, layout, stats, learner.options)
+    branches = ((fp_out, recipe.error_propagation), (hom_out, recipe.homologous))
+    targets = [target for target, on in branches if on]
+    learnable = bt.smoothing_parameters() or bt.clipping_parameters() or bt.rounding_parameters()
+    learn = bool(recipe.learn and targets and learnable)
+    work = BlockWork(block, kwargs, report, fp_out, targets, bt, learn, learn and recipe.compile)
+    if bt.inits and targets:
+        with compiled_quantizer(work.compiled):  # scored with the quantizer training will use
+            report.init = _choose_init(block, bt, state.quant, targets, kwargs, recipe)
+    return work
+
+
+@torch.no_grad()
+def search_clipping(learner: Learner, work: BlockWork, state: ChainState) -> None:
+    """Stage 2 (``clip_init="search"``): start every linear's clipping bounds at the shrink
+    factors that :meth:`LearnableClipping.search` picks, weighting each input channel by its mean
+    square over the calibration inputs as that linear sees them (after the chosen smoothing)."""
+    block = work.block
+    clipped = [
+        m
+        for m in block.modules()
+        if isinstance(m, QuantLinear) and m.transform is not None and m.transform.clipping is not None
+    ]
+    square_sums: dict[QuantLinear, torch.Tensor] = {}
+    tokens: dict[QuantLinear, int] = {}
+
+    def observe(module, args):
+        # the weight sees the input after its run-time Hadamard rotation (if any)
+        x = rotate_input(args[0].detach().flatten(0, -2).float(), module.input_rotation)
+        square_sums[module] = square_sums.get(module, 0.0) + x.square().sum(dim=0)
+        tokens[module] = tokens.get(module, 0) + x.shape[0]
+
+    _hooked(block, clipped, observe, state.quant, work.kwargs, learner.recipe)
+    for module in clipped:
+        weight = module.transform.transformed(module.weight, module.bias)[0]
+        module.transform.clipping.search(weight, module.weight_spec, square_sums[module] / tokens[module])
+
+
+def train(learner: Learner, work: BlockWork, state: ChainState, bar: tqdm | None = None) -> None:
+    """Stage 3: train the block's transforms (AdamW, :func:`optimizer_for`) for ``epochs`` passes
+    over the quantized chain's inputs in a seeded order, so the quantized block matches the
+    targets. A non-finite loss restarts from the initial transforms at half the learning rate, up
+    to ``max_retries`` times; if every try diverges the initial transforms stay. The losses and
+    tries go to the block's report."""
+    block, bt, targets, kwargs, report = work.block, work.transforms, work.targets, work.kwargs, work.report
+    recipe, bits_factor = learner.recipe, learner.bits_factor
+    seed = learner.seed * 1000 + report.index
     initial = copy.deepcopy(bt.state_dict())
     n = state.quant.shape[0]
     for attempt in range(recipe.max_retries + 1):
@@ -255,97 +399,42 @@ def _train_block(
 
 
 @torch.no_grad()
-def _plain_loss(
-    block: nn.Module, inputs: torch.Tensor, targets: list[torch.Tensor], kwargs: dict, recipe: Recipe
-) -> float:
-    """The block's loss terms on ``inputs``, summed without dynamic weighting: a score that
-    compares states of one block (candidate inits)."""
-    out = run_block(block, inputs, kwargs, recipe.batch_size)
-    return sum(_loss(out, targets, recipe, None)[1].values())
-
-
-@torch.no_grad()
-def _choose_init(
-    block: nn.Module,
-    bt: BlockTransforms,
-    inputs: torch.Tensor,
-    targets: list[torch.Tensor],
-    kwargs: dict,
-    recipe: Recipe,
-) -> str:
-    """Try each candidate initialisation of the smoothing scales; keep the one whose quantized
-    block has the lowest unweighted loss on the first calibration samples."""
-    n = min(recipe.init_samples, inputs.shape[0])
-    scores = {}
-    for how in SEARCHED_INITS:
-        bt.use_init(how)
-        scores[how] = _plain_loss(block, inputs[:n], [t[:n] for t in targets], kwargs, recipe)
-    best = min(scores, key=scores.__getitem__)
-    bt.use_init(best)
-    return best
-
-
-@torch.no_grad()
-def _search_clipping(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch_size: int) -> None:
-    """``clip_init="search"``: start every linear's clipping bounds at the shrink factors that
-    :meth:`LearnableClipping.search` picks, weighting each input channel by its mean square over the
-    calibration inputs as that linear sees them (after the chosen smoothing)."""
-    clipped = [
-        m
-        for m in block.modules()
-        if isinstance(m, QuantLinear) and m.transform is not None and m.transform.clipping is not None
-    ]
-    square_sums: dict[QuantLinear, torch.Tensor] = {}
-    tokens: dict[QuantLinear, int] = {}
-
-    def observe(module, args):
-        # the weight sees the rotated input
-        x = rotate_input(args[0].detach().flatten(0, -2).float(), module.input_rotation)
-        square_sums[module] = square_sums.get(module, 0.0) + x.square().sum(dim=0)
-        tokens[module] = tokens.get(module, 0) + x.shape[0]
-
-    handles = [m.register_forward_pre_hook(observe) for m in clipped]
-    try:
-        run_block(block, inputs, kwargs, batch_size)
-    finally:
-        for handle in handles:
-            handle.remove()
-    for module in clipped:
-        weight = module.transform.transformed(module.weight, module.bias)[0]
-        module.transform.clipping.search(weight, module.weight_spec, square_sums[module] / tokens[module])
-
-
-def _hooked(block: nn.Module, linears: list[QuantLinear], hook, inputs: torch.Tensor, kwargs, recipe) -> None:
-    """Run ``block`` on ``inputs`` with ``hook`` as a forward pre-hook on each of ``linears``."""
-    handles = [m.register_forward_pre_hook(hook) for m in linears]
-    try:
-        run_block(block, inputs, kwargs, recipe.batch_size)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@torch.no_grad()
-def _gptq_statistics(
-    block: nn.Module,
-    inputs: torch.Tensor,
-    kwargs: dict,
-    recipe: Recipe,
-) -> None:
-    """``gptq``: gives every quantized linear's transform the mean ``x xᵀ`` of its inputs as the
-    block sees them on the quantized chain (rotated and quantized as its forward does), for
-    :mod:`lrquant.quant.gptq` to round against at the fold: all from one pass of the block as
-    training left it (round-to-nearest weights)."""
-    linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.transform is not None]
-    acc = {m: HessianAccumulator() for m in linears}
+def collect_statistics(learner: Learner, work: BlockWork, state: ChainState) -> GPTQStatistics:
+    """Stage 4 (``gptq``): every quantized linear's input Hessian, the mean ``x xᵀ`` of its inputs
+    as the block sees them on the quantized chain (rotated and quantized as its forward does), for
+    GPTQ to round against at the fold: all from one pass of the block as training left it
+    (round-to-nearest weights)."""
+    linears = {
+        name: m
+        for name, m in work.block.named_modules()
+        if isinstance(m, QuantLinear) and m.transform is not None
+    }
+    acc = {m: HessianAccumulator() for m in linears.values()}
 
     def observe(module, args):
         acc[module].add(module.quantized_input(args[0].float()))
 
-    _hooked(block, linears, observe, inputs, kwargs, recipe)
-    for module in linears:
-        module.transform.hessian = acc[module].hessian()
-        module.transform.gptq_damp = recipe.gptq_damp
+    _hooked(work.block, list(acc), observe, state.quant, work.kwargs, learner.recipe)
+    hessians = {name: acc[m].hessian() for name, m in linears.items()}
+    return GPTQStatistics(hessians, learner.recipe.gptq_damp)
+
+
+@torch.no_grad()
+def fold(
+    learner: Learner, work: BlockWork, state: ChainState, gptq: GPTQStatistics | None = None
+) -> ChainState:
+    """Stage 5: fold the transforms into the block's weights and quantize them for good (to
+    nearest, or by GPTQ against ``gptq``), then run the finished block on the quantized chain.
+    Records in the report how close its output is to the full-precision block's; returns both
+    chains' outputs."""
+    fold_block_transforms(work.block, learner.arch, gptq)  # also freezes every linear's quantized weight
+    quant_out = run_block(work.block, state.quant, work.kwargs, learner.recipe.batch_size)
+    work.report.cosine = float(losses.token_cosine(quant_out, work.fp_out))
+    work.report.mse = float(losses.mse(quant_out, work.fp_out))
+    return ChainState(fp=work.fp_out, quant=quant_out)
+
+
+# -------------------------------------------------------------------------------------- the loop
 
 
 def quantize_blockwise(
@@ -358,24 +447,19 @@ def quantize_blockwise(
     start: tuple[int, ChainState] | None = None,
     on_block_done: BlockDone | None = None,
     device: torch.device | None = None,
-    on_e2e_done: Callable[[list[float]], None] | None = None,
-    e2e_extra: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> list[BlockReport]:
-    """Quantize every block of ``model`` in place with ``recipe``; returns per-block reports.
+) -> BlockwiseResult:
+    """Quantize every block of ``model`` in place with ``recipe``; returns the per-block reports
+    and the full-precision chain's last hidden states (which the end-to-end step,
+    :func:`lrquant.methods.e2e.run_end_to_end`, needs; it is not run here).
 
     ``start`` resumes at a block with the chain inputs saved when the previous one finished
-    (blocks before it must already hold their finished weights). ``on_block_done`` is called
-    after each block (back in host memory), e.g. to checkpoint it. The model stays on the CPU;
-    each block is learned on ``device`` (default: the CPU) with both chains kept there. With
-    ``e2e_epochs``, the step sizes are then tuned end to end and ``on_e2e_done`` gets the KL per
-    epoch; ``e2e_extra`` holds the windows after ``calibration`` that step also trains on
-    (``e2e_samples``) and the full-precision model's last hidden states for them.
+    (blocks before it must already hold their finished weights; all of them, on a run that
+    finished every block). ``on_block_done`` is called after each block (back in host memory),
+    e.g. to checkpoint it. The model stays on the CPU; each block is learned on ``device``
+    (default: the CPU) with both chains kept there.
     """
     device = device or torch.device("cpu")
-    options = transform_options(recipe, arch)  # refuses impossible settings before any work
-    bits_factor = bits_lr_factor(recipe, scheme)  # the same for every block
-    if recipe.e2e_epochs and scheme.weight.enabled:
-        check_supported(model, arch)
+    learner = Learner.of(model, arch, scheme, recipe, seed)  # refuses impossible settings before any work
     block_names, blocks = zip(*arch.named_blocks(model), strict=True)
     transitions = arch.transitions(model)
     kwargs_per_block, transition_kwargs = to_device(capture_block_kwargs(model, arch, calibration[0]), device)
@@ -400,38 +484,20 @@ def quantize_blockwise(
     bar = tqdm(total=len(blocks), initial=first, desc="blocks", unit="block", disable=None)
     for index in range(first, len(blocks)):
         began = time.perf_counter()
-        kwargs, report = kwargs_per_block[index], BlockReport(index)
+        report = BlockReport(index)
         with placed(blocks[index], device) as block:  # back in host memory afterwards, also on errors
-            for p in block.parameters():
-                p.requires_grad_(False)
-            fp_out, hom_out, stats = _targets_and_stats(block, arch, state, kwargs, recipe, options)
-            attach_block_quantizers(block, arch, scheme, prefix=block_names[index])
-            layout = AttentionLayout.of_block(block, arch, model.config)
-            bt = attach_block_transforms(block, arch, layout, stats, options)
-            branches = ((fp_out, recipe.error_propagation), (hom_out, recipe.homologous))
-            targets = [target for target, on in branches if on]
-            learnable = bt.smoothing_parameters() or bt.clipping_parameters() or bt.rounding_parameters()
-            learn = recipe.learn and targets and learnable
+            work = initialise(learner, block, block_names[index], kwargs_per_block[index], state, report)
             # Folding and the quantized chain use the same (compiled or eager) quantizer as training,
             # so the finished block computes what the last training step computed.
-            with compiled_quantizer(bool(learn) and recipe.compile):
-                if bt.inits and targets:
-                    report.init = _choose_init(block, bt, state.quant, targets, kwargs, recipe)
-                if learn and recipe.clip_init == "search" and bt.clipping:
-                    _search_clipping(block, state.quant, kwargs, recipe.batch_size)
-                if learn:
-                    block_seed = seed * 1000 + index
-                    _train_block(
-                        block, bt, state, targets, kwargs, recipe, block_seed, report, bar, bits_factor
-                    )
+            with compiled_quantizer(work.compiled):
+                if work.learn and recipe.clip_init == "search" and work.transforms.clipping:
+                    search_clipping(learner, work, state)
+                if work.learn:
+                    train(learner, work, state, bar)
+                gptq = None
                 if recipe.gptq and scheme.weight.enabled:  # GPTQ rounds the folded weights
-                    _gptq_statistics(block, state.quant, kwargs, recipe)
-                with torch.no_grad():
-                    fold_block_transforms(block, arch)  # also freezes every linear's quantized weight
-                    quant_out = run_block(block, state.quant, kwargs, recipe.batch_size)
-            report.cosine = float(losses.token_cosine(quant_out, fp_out))
-            report.mse = float(losses.mse(quant_out, fp_out))
-        state = ChainState(fp=fp_out, quant=quant_out)
+                    gptq = collect_statistics(learner, work, state)
+                state = fold(learner, work, state, gptq)
         if index in transitions:  # e.g. Swin's patch merging, kept in full precision
             with placed(transitions[index], device):
                 state = _through(transitions[index], state, transition_kwargs[index], recipe.batch_size)
@@ -443,18 +509,7 @@ def quantize_blockwise(
         bar.set_postfix(block=index, cos=f"{report.cosine:.4f}")
         _log_block(report, len(blocks), time.perf_counter() - run_start, index - first + 1)
     bar.close()
-    if recipe.e2e_epochs and scheme.weight.enabled:
-        # after every block (also on a resumed run that had finished them all): rerun in full
-        # when interrupted, from the saved blocks and chain
-        windows, hidden = calibration, state.fp
-        if e2e_extra is not None:
-            windows, hidden = torch.cat([windows, e2e_extra[0]]), torch.cat([hidden, e2e_extra[1].to(device)])
-        n = recipe.e2e_samples or calibration.shape[0]
-        with placed(model, device):
-            kl = tune_step_sizes(model, arch, windows[:n], hidden[:n], recipe, seed, device)
-        if on_e2e_done is not None:
-            on_e2e_done(kl)
-    return reports
+    return BlockwiseResult(reports, state.fp)
 
 
 @torch.no_grad()

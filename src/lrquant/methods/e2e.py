@@ -15,6 +15,10 @@ of the labels, as calibration sets are small.
 Options: ``e2e_samples`` trains on more windows than the block-wise pass (their full-precision
 targets come from one forward of the full-precision model each, before anything is quantized),
 and ``e2e_schedule="cosine"`` decays the learning rate to 0 over the steps.
+
+:func:`lrquant.api.apply_method` runs this step through :func:`run_end_to_end` after
+:func:`lrquant.methods.blockwise.quantize_blockwise`, whose result holds the full-precision
+chain's last hidden states it needs.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lrquant.arch import ArchSpec
-from lrquant.config import QuantSpec
+from lrquant.config import QuantScheme, QuantSpec
 from lrquant.console import log
+from lrquant.device import placed
 from lrquant.errors import LrquantError
 from lrquant.methods.capture import model_inputs
+from lrquant.quant.gptq import WeightRounding
 from lrquant.quant.linear import QuantLinear
 from lrquant.quant.quantizer import group_for_stats, ungroup
 from lrquant.recipes import Recipe, use_bf16
@@ -38,7 +44,7 @@ class StepScale(nn.Module):
 
     Takes the place of a :class:`~lrquant.transforms.weight.WeightTransform` on a
     :class:`QuantLinear` (same ``weight_and_bias`` / ``final_weight_and_bias`` interface), so
-    folding it writes the rescaled weight.
+    folding it writes the rescaled weight (its integer codes unchanged: nothing is rounded again).
     """
 
     def __init__(self, weight: torch.Tensor, spec: QuantSpec) -> None:
@@ -52,7 +58,17 @@ class StepScale(nn.Module):
         grouped, pad = group_for_stats(weight.float(), spec)
         return ungroup(grouped * self.alpha, weight, pad), bias
 
-    final_weight_and_bias = weight_and_bias
+    def final_weight_and_bias(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        spec: QuantSpec,
+        round_weight: WeightRounding | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What folding writes: :meth:`weight_and_bias`."""
+        if round_weight is not None:
+            raise ValueError("end-to-end step sizes keep every weight's integer code: nothing to round")
+        return self.weight_and_bias(weight, bias, spec)
 
     def final_grid(
         self, weight: torch.Tensor, spec: QuantSpec, current: tuple[torch.Tensor, torch.Tensor] | None
@@ -129,6 +145,11 @@ def fp_final_hidden(
             model(**model_inputs(arch, sample.to(device)))
             captured.append(last.value.detach().cpu())
     return torch.cat(captured)
+
+
+def end_to_end_wanted(recipe: Recipe, scheme: QuantScheme) -> bool:
+    """Whether a run has an end-to-end step: ``e2e_epochs`` and quantized weights."""
+    return bool(recipe.e2e_epochs and scheme.weight.enabled)
 
 
 def check_supported(model: nn.Module, arch: ArchSpec) -> None:
@@ -213,3 +234,31 @@ def tune_step_sizes(
         for module in linears:
             module.fold_transform()
     return losses
+
+
+def run_end_to_end(
+    model: nn.Module,
+    arch: ArchSpec,
+    recipe: Recipe,
+    calibration: torch.Tensor,
+    fp_hidden: torch.Tensor,
+    seed: int = 0,
+    device: torch.device | None = None,
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[float]:
+    """The end-to-end step after the block-wise pass: :func:`tune_step_sizes` on the first
+    ``e2e_samples`` windows (all of ``calibration`` when 0), with ``model`` on ``device`` (default:
+    the CPU) meanwhile; returns the KL (image models: feature error) per epoch.
+
+    ``calibration`` are the block-wise pass's windows and ``fp_hidden`` its full-precision chain's
+    last hidden states for them (:attr:`lrquant.methods.blockwise.BlockwiseResult.fp_hidden`);
+    ``extra`` holds the windows after them that this step also trains on (``e2e_samples``) and
+    the full-precision model's last hidden states for those (:func:`fp_final_hidden`).
+    """
+    device = device or torch.device("cpu")
+    windows, hidden = calibration, fp_hidden
+    if extra is not None:
+        windows, hidden = torch.cat([windows, extra[0]]), torch.cat([hidden, extra[1].to(device)])
+    n = recipe.e2e_samples or calibration.shape[0]
+    with placed(model, device):
+        return tune_step_sizes(model, arch, windows[:n], hidden[:n], recipe, seed, device)

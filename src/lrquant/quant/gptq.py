@@ -7,9 +7,16 @@ min/max, "static groups"), so it composes with learned clipping bounds and rotat
 choose the grid, GPTQ chooses which grid point each weight takes. Columns are visited in order of
 falling input energy (``diag(H)``, "act order"), which the fixed grid makes free for group-wise
 quantization.
+
+Inside the block-wise learner, :class:`GPTQStatistics` holds what one block's linears are rounded
+against (their input Hessians and the damping): collected after the block is learned, passed to
+its folding.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -18,6 +25,9 @@ from lrquant.console import log
 from lrquant.quant.quantizer import group_for_stats, group_grid, integer_range, ungroup
 
 BLOCK_COLUMNS = 128  # columns updated together (the lazy batch update of the paper)
+
+# rounds a weight onto the grid ``scale``/``zero`` (both shaped like it); returns the dequantized weight
+WeightRounding = Callable[[torch.Tensor, QuantSpec, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class HessianAccumulator:
@@ -114,3 +124,25 @@ def gptq_quantize(
         w[:, end:] -= errors @ hinv[start:end, end:]
     restore = torch.argsort(order)
     return out[:, restore].to(weight.dtype)
+
+
+@dataclass(frozen=True)
+class GPTQStatistics:
+    """What GPTQ rounds one block's folded weights against (``gptq``): the input Hessian of each
+    quantized linear (the mean ``x xᵀ`` of its inputs, by the linear's name in the block) and
+    GPTQ's relative damping (``gptq_damp``)."""
+
+    hessians: dict[str, torch.Tensor]
+    damp: float = 0.01
+
+    def rounding(self, name: str) -> WeightRounding | None:
+        """How folding rounds the weight of the linear ``name``: by :func:`gptq_quantize` against its
+        Hessian; None (round to nearest) for a linear without one."""
+        hessian = self.hessians.get(name)
+        if hessian is None:
+            return None
+
+        def round_onto(weight: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor):
+            return gptq_quantize(weight, hessian, spec, scale, zero, self.damp)
+
+        return round_onto

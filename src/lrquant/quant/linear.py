@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lrquant.config import QuantSpec
+from lrquant.quant.gptq import WeightRounding
 from lrquant.quant.quantizer import fake_quantize, weight_groups_grid
 from lrquant.transforms.weight import WeightTransform
 
@@ -39,7 +40,7 @@ class QuantLinear(nn.Linear):
     The forward quantizes the input with ``act_spec`` (dynamic: statistics of this very input)
     and the weight with ``weight_spec``. After :meth:`freeze_weight` the stored weight already lies
     on the grid and is used as it is. While a block is being learned, ``transform`` (smoothing,
-    clipping, rotation) decides the weight; :meth:`fold_transform` writes its result in place.
+    clipping, rotation vector) decides the weight; :meth:`fold_transform` writes its result in place.
     State-dict keys are those of the wrapped linear. A wrapped :class:`RotatedInputLinear` keeps its
     ``input_rotation``, applied before the input is quantized.
     """
@@ -83,14 +84,17 @@ class QuantLinear(nn.Linear):
         self.register_buffer("weight_zero", zero.detach().float().contiguous(), persistent=False)
 
     @torch.no_grad()
-    def fold_transform(self) -> None:
+    def fold_transform(self, round_weight: WeightRounding | None = None) -> None:
         """Write what the transform computes into ``weight``/``bias``, record its grid and drop
-        the transform."""
+        the transform. ``round_weight`` (GPTQ's) rounds the weight onto that grid instead of
+        rounding to nearest."""
         if self.transform is None:
             return
         if self.weight_spec.enabled:
             self.set_grid(*self.transform.final_grid(self.weight, self.weight_spec, self.grid))
-        weight, bias = self.transform.final_weight_and_bias(self.weight, self.bias, self.weight_spec)
+        weight, bias = self.transform.final_weight_and_bias(
+            self.weight, self.bias, self.weight_spec, round_weight
+        )
         self.weight.copy_(weight)
         if bias is not None:
             if self.bias is None:

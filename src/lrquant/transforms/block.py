@@ -2,8 +2,9 @@
 
 Each smoothing pair of the map becomes one :class:`SmoothingFactor`; each quantized linear gets a
 :class:`WeightTransform` listing the factors acting on its columns and rows, its clipping bounds
-and its rotation vector. Grouped-query attention and rotary embeddings decide how a factor's
-entries map onto channels, so that every transform stays an exact equivalence.
+and its rotation vector (a learned per-row multiplier). Grouped-query attention and rotary
+embeddings decide how a factor's entries map onto channels, so that every transform stays an
+exact equivalence.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn as nn
 
 from lrquant.arch import ArchSpec, SmoothPair
 from lrquant.quant.apply import replace_module
+from lrquant.quant.gptq import GPTQStatistics
 from lrquant.quant.linear import QuantLinear
 from lrquant.transforms.smoothing import (
     SmoothedNorm,
@@ -92,7 +94,7 @@ class TransformOptions:
     shifts: bool = False
     qk_smoothing: bool = True
     clipping: bool = True
-    rotation: bool = True
+    rotation_vectors: bool = True  # the recipe's ``rotation``
     rounding: bool = False
 
 
@@ -103,7 +105,7 @@ class BlockTransforms(nn.Module):
         super().__init__()
         self.factors = nn.ModuleDict()
         self.clipping = nn.ModuleDict()
-        self.rotation = nn.ParameterDict()
+        self.rotation_vectors = nn.ParameterDict()
         self.rounding = nn.ParameterDict()
         # smoothing="best": each pair's candidate initial scales, by initialisation name
         self.inits: dict[str, dict[str, torch.Tensor]] = {}
@@ -117,7 +119,7 @@ class BlockTransforms(nn.Module):
     def smoothing_parameters(self) -> list[nn.Parameter]:
         """Scales, shifts and rotation vectors (trained at the transform learning rate)."""
         params = [p for p in self.factors.parameters() if p.requires_grad]
-        return params + list(self.rotation.values())
+        return params + list(self.rotation_vectors.values())
 
     def clipping_parameters(self) -> list[nn.Parameter]:
         """Clipping bounds (trained at the clipping learning rate)."""
@@ -179,10 +181,10 @@ def attach_block_transforms(
             transforms[name].clipping = bt.clipping[_key(name)] = LearnableClipping(
                 linear.weight, linear.weight_spec
             )
-        if options.rotation:
+        if options.rotation_vectors:
             ones = torch.ones(linear.out_features, 1, device=linear.weight.device)
-            bt.rotation[_key(name)] = nn.Parameter(ones)
-            transforms[name].rotation = bt.rotation[_key(name)]
+            bt.rotation_vectors[_key(name)] = nn.Parameter(ones)
+            transforms[name].rotation_vector = bt.rotation_vectors[_key(name)]
         if options.rounding:
             zeros = torch.zeros_like(linear.weight, dtype=torch.float32)
             transforms[name].rounding = bt.rounding[_key(name)] = nn.Parameter(zeros)
@@ -259,12 +261,13 @@ def _wire_qk(
 
 
 @torch.no_grad()
-def fold_block_transforms(block: nn.Module, arch: ArchSpec) -> None:
-    """Write every transform into the block's own weights, quantized, and unwrap the norms."""
+def fold_block_transforms(block: nn.Module, arch: ArchSpec, gptq: GPTQStatistics | None = None) -> None:
+    """Write every transform into the block's own weights, quantized (rounded to nearest, or by
+    GPTQ against ``gptq``'s statistics where it has a linear's), and unwrap the norms."""
     for name, module in list(block.named_modules()):
         if isinstance(module, SmoothedNorm):
             fold_into_norm(module.norm, module.factor, plus_one=arch.norm_kind == "rms_plus_one")
             replace_module(block, name, module.norm)
-    for module in block.modules():
+    for name, module in block.named_modules():
         if isinstance(module, QuantLinear):
-            module.fold_transform()
+            module.fold_transform(None if gptq is None else gptq.rounding(name))

@@ -5,7 +5,8 @@ on its input columns (``c``, ``δc``) and output rows (``r``, ``δr``); a linear
 input at run time by ``R`` stores ``W R`` and gets ``diag(1/r) · W · diag(c) · R`` (its input is
 smoothed, then rotated); then the learnable clipping
 bounds pick the quantization range, the learnable rounding offsets (optional, ``rounding``) move
-each weight's rounding point, and the rotation vector multiplies each dequantized row.
+each weight's rounding point, and the rotation vector (LRQuant+'s learned per-row multiplier, not
+a Hadamard rotation) multiplies each dequantized row.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from lrquant.config import QuantSpec
-from lrquant.quant.gptq import gptq_quantize, weight_grid
+from lrquant.quant.gptq import WeightRounding, weight_grid
 from lrquant.quant.quantizer import fake_quantize, group_for_stats, group_sums, weight_groups_grid
 
 Vector = Callable[[], torch.Tensor]
@@ -70,14 +71,11 @@ class WeightTransform:
         self.row_scale: list[Vector] = []
         self.row_shift: Vector | None = None
         self.clipping: LearnableClipping | None = None
-        self.rotation: nn.Parameter | None = None
+        self.rotation_vector: nn.Parameter | None = None  # per output row, shape (out_features, 1)
         self.rounding: nn.Parameter | None = None  # per weight, in grid steps, within ±ROUNDING_LIMIT
-        # the linear's run-time input rotation (``hadamard``), which the column factors act before
+        # the linear's run-time Hadamard rotation of its input (``hadamard``), which the column
+        # factors act before
         self.input_rotation: torch.Tensor | None = None
-        # set before folding to round the final weight with GPTQ against these input statistics
-        # (the mean x xᵀ of the linear's inputs); gptq_damp is GPTQ's relative damping
-        self.hessian: torch.Tensor | None = None
-        self.gptq_damp = 0.01
 
     def unrotated(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` in the basis of the linear's input before its run-time rotation (if any)."""
@@ -93,16 +91,16 @@ class WeightTransform:
         b = None if bias is None else bias.float()
         # a run-time input rotation R comes after the smoothing: the stored weight is W R, and the
         # columns the factors act on are those of W
-        rotation = self.input_rotation if self.col_scale or self.col_shift is not None else None
-        if rotation is not None:
+        input_rotation = self.input_rotation if self.col_scale or self.col_shift is not None else None
+        if input_rotation is not None:
             w = self.unrotated(w)
         if self.col_shift is not None:
             shifted = w @ self.col_shift()
             b = shifted if b is None else b + shifted
         for col in self.col_scale:
             w = w * col()
-        if rotation is not None:
-            w = w @ rotation.to(w.dtype)
+        if input_rotation is not None:
+            w = w @ input_rotation.to(w.dtype)
         if self.row_shift is not None:
             b = -self.row_shift() if b is None else b - self.row_shift()
         for row in self.row_scale:
@@ -120,8 +118,8 @@ class WeightTransform:
         rotation vector."""
         upper, lower = self._clip_factors()
         w = fake_quantize(weight, spec, upper, lower, self.rounding)
-        if self.rotation is not None:
-            w = w * self.rotation
+        if self.rotation_vector is not None:
+            w = w * self.rotation_vector
         return w
 
     def weight_and_bias(
@@ -140,21 +138,26 @@ class WeightTransform:
         step times the row's rotation vector."""
         w, _ = self.transformed(weight, None)
         scale, zero = weight_groups_grid(w, spec, *self._clip_factors())
-        if self.rotation is not None:
-            scale = scale * self.rotation.reshape(-1, *[1] * (scale.dim() - 1))
+        if self.rotation_vector is not None:
+            scale = scale * self.rotation_vector.reshape(-1, *[1] * (scale.dim() - 1))
         return scale, zero
 
     @torch.no_grad()
     def final_weight_and_bias(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        spec: QuantSpec,
+        round_weight: WeightRounding | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What folding writes: :meth:`weight_and_bias`, or, with a :attr:`hessian`, the
-        transformed weight rounded by GPTQ on the same grid (learned clipping bounds, step times
-        the rotation vector) instead of to nearest."""
-        if self.hessian is None or not spec.enabled:
+        """What folding writes: :meth:`weight_and_bias`, or, with ``round_weight`` (GPTQ's, from
+        :meth:`lrquant.quant.gptq.GPTQStatistics.rounding`), the transformed weight rounded by it
+        on the same grid (learned clipping bounds, step times the rotation vector) instead of to
+        nearest."""
+        if round_weight is None or not spec.enabled:
             return self.weight_and_bias(weight, bias, spec)
         w, b = self.transformed(weight, bias)
         scale, zero = weight_grid(w, spec, *self._clip_factors())
-        if self.rotation is not None:
-            scale = scale * self.rotation
-        return gptq_quantize(w, self.hessian, spec, scale, zero, self.gptq_damp), b
+        if self.rotation_vector is not None:
+            scale = scale * self.rotation_vector
+        return round_weight(w, spec, scale, zero), b

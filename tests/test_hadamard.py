@@ -35,7 +35,7 @@ from lrquant.transforms.block import (
     attach_block_transforms,
     fold_block_transforms,
 )
-from lrquant.transforms.rotation import rotate_model
+from lrquant.transforms.hadamard import apply_hadamard
 
 IDS = torch.randint(3, 60, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -63,7 +63,7 @@ def test_rotation_without_quantization_is_exact(model_type: str, mode: str) -> N
     model = tiny_model(model_type, num_layers=2)
     arch = get_arch_spec(model_type)
     ref = logits(model, IDS)
-    rotate_model(model, arch, mode, seed=0)
+    apply_hadamard(model, arch, mode, seed=0)
     assert rel_err(logits(model, IDS), ref) < 1e-5
     attach_quantizers(model, arch, build_scheme(wbits=16, abits=16))  # the wrappers keep the rotations
     assert rel_err(logits(model, IDS), ref) < 1e-5
@@ -82,7 +82,7 @@ def test_run_time_input_rotations_are_exact_for_any_decoder(model_type: str, mod
     model = tiny_model(model_type, num_layers=2)
     arch = get_arch_spec(model_type)
     ref = logits(model, IDS)
-    rotate_model(model, arch, mode, seed=0)
+    apply_hadamard(model, arch, mode, seed=0)
     assert rel_err(logits(model, IDS), ref) < 1e-5
     attach_quantizers(model, arch, build_scheme(wbits=16, abits=16))
     assert rel_err(logits(model, IDS), ref) < 1e-5
@@ -97,7 +97,7 @@ def test_down_rotation_of_vision_mlps_is_exact(model_type: str) -> None:
     pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(pixel_values=pixels).last_hidden_state
-        rotate_model(model, get_arch_spec(model_type), "down")
+        apply_hadamard(model, get_arch_spec(model_type), "down")
         assert rel_err(model(pixel_values=pixels).last_hidden_state, ref) < 1e-5
 
 
@@ -111,10 +111,10 @@ def test_smoothing_before_every_input_rotation_is_exact(model_type: str) -> None
     x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(pixel_values=x).last_hidden_state
-    rotate_model(model, arch, "inputs", seed=0)
+    apply_hadamard(model, arch, "inputs", seed=0)
     use_quantized_attention(model)
     generator = torch.Generator().manual_seed(1)
-    options = TransformOptions(shifts=True, clipping=False, rotation=False)
+    options = TransformOptions(shifts=True, clipping=False, rotation_vectors=False)
     for block in arch.block_list(model):
         attach_block_quantizers(block, arch, build_scheme(16, 16))
         layout = AttentionLayout.of_block(block, arch, model.config)
@@ -133,7 +133,7 @@ def test_tied_head_is_untied() -> None:
     model.lm_head.weight = model.model.embed_tokens.weight
     model.config.tie_word_embeddings = True
     ref = logits(model, IDS)
-    rotate_model(model, get_arch_spec("llama"), "folded")
+    apply_hadamard(model, get_arch_spec("llama"), "folded")
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     assert model.config.tie_word_embeddings is False
     assert rel_err(logits(model, IDS), ref) < 1e-5
@@ -145,7 +145,7 @@ def test_other_layouts_are_refused(model_type: str) -> None:
         LrquantError, match="hadamard rotations cover decoders with plain RMSNorm.*hadamard=off"
     ):
         model = tiny_vision_model(model_type) if model_type == "dinov2" else tiny_model(model_type)
-        rotate_model(model, get_arch_spec(model_type), "folded")
+        apply_hadamard(model, get_arch_spec(model_type), "folded")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,6 @@
-"""Orthogonal rotations of a decoder's residual stream (QuaRot, SpinQuant's R1/R2/R4), before learning.
+"""Hadamard rotations (``hadamard``): fixed orthogonal rotations of a decoder's residual stream
+(QuaRot, SpinQuant's R1/R2/R4) and of linear inputs, before learning. Not LRQuant+'s learned
+rotation vectors (per-row multipliers, :mod:`lrquant.transforms.weight`).
 
 An orthogonal ``Q`` spreads an outlier channel over all channels, so per-token activation grids get
 much finer, and without quantization the rotated model computes exactly what the original did:
@@ -39,13 +41,15 @@ from lrquant.quant.hadamard import randomized_hadamard
 from lrquant.quant.linear import RotatedInputLinear
 
 HadamardMode = Literal["off", "folded", "online", "down", "inputs"]
-# the modes that leave a rotation of some linear inputs in the forward (not an ordinary checkpoint)
-RUN_TIME_ROTATIONS: tuple[HadamardMode, ...] = ("online", "down", "inputs")
+# the modes that leave a Hadamard rotation of some linear inputs in the forward (not an ordinary
+# checkpoint)
+RUN_TIME_HADAMARD: tuple[HadamardMode, ...] = ("online", "down", "inputs")
 HADAMARD_MODES: tuple[str, ...] = get_args(HadamardMode)
 
 
-def check_rotatable(arch: ArchSpec) -> None:
-    """Refuse, with what to do, a model whose layout the rotations do not cover."""
+def check_hadamard_supported(arch: ArchSpec) -> None:
+    """Refuse, with what to do, a model whose layout the residual-stream Hadamard rotations
+    (``folded``, ``online``) do not cover."""
     if arch.embedding is None or arch.final_norm is None or not arch.residual_writers:
         raise LrquantError(
             f"hadamard rotations cover decoders with plain RMSNorm (Llama, Mistral, Qwen, ...), "
@@ -62,12 +66,12 @@ def _norm_pairs(arch: ArchSpec):
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, arch: ArchSpec, mode: str, seed: int = 0) -> None:
-    """Rotate ``model`` in place: ``folded`` (residual stream and value heads), ``online`` (those
-    and the down projection's input), ``down`` (the down projection's input only) or ``inputs``
-    (every linear's input in the blocks); see the
-    module docstring. Deterministic in ``seed``, so a resumed run rebuilds the same rotations
-    before it loads its finished blocks.
+def apply_hadamard(model: nn.Module, arch: ArchSpec, mode: str, seed: int = 0) -> None:
+    """Rotate ``model`` in place by randomised Hadamard matrices: ``folded`` (residual stream and
+    value heads), ``online`` (those and the down projection's input), ``down`` (the down
+    projection's input only) or ``inputs`` (every linear's input in the blocks); see the module
+    docstring. Deterministic in ``seed``, so a resumed run rebuilds the same rotations before it
+    loads its finished blocks.
     """
     if mode == "off":
         return
@@ -75,7 +79,7 @@ def rotate_model(model: nn.Module, arch: ArchSpec, mode: str, seed: int = 0) -> 
         raise LrquantError(f"hadamard must be one of {', '.join(HADAMARD_MODES)}, not '{mode}'")
     generator = torch.Generator().manual_seed(seed)
     if mode in ("folded", "online"):
-        check_rotatable(arch)
+        check_hadamard_supported(arch)
         config = model.config
         dim = config.hidden_size
         q = randomized_hadamard(dim, generator)
