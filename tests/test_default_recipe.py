@@ -100,6 +100,11 @@ def test_overrides_win_and_clashing_rule_fields_yield() -> None:
     assert (unclipped.clip_init, unclipped.lr_clipping) == ("minmax", 1e-2) and unclipped.rounding
     one_shot = build_recipe("auto", "fast", {"learn": False}, situation=text)
     assert not one_shot.learn and not one_shot.rounding and one_shot.e2e_epochs == 0
+    # a switch set to the value that does not clash drops nothing; words read as the recipe reads them
+    assert build_recipe("auto", "fast", {"gptq": "false"}, situation=text).rounding
+    assert build_recipe("auto", "fast", {"clipping": "true"}, situation=text).clip_init == "search"
+    assert not build_recipe("auto", "fast", {"learn": "off"}, situation=text).rounding
+    assert not build_recipe("auto", "fast", {"gptq": "on"}, situation=text).rounding
 
 
 @pytest.mark.parametrize("key", sorted(RETIRED))

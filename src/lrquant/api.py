@@ -444,7 +444,7 @@ def quantize(
         )
         if nsamples is not None:
             overrides = {**(overrides or {}), "nsamples": nsamples}
-        now = Situation.of(scheme, loaded.arch.modality, format is not None, hadamard_supported(loaded.arch))
+        now = _situation(loaded.arch, scheme, format)
         recipe = build_recipe(method, preset, overrides, situation=now)
         rule = default_rule(now) if method == AUTO else None
         if rule is not None:
@@ -550,10 +550,10 @@ def explain(
     """The recipe :func:`quantize` would run with these arguments, and why, without running it:
     ``method``, the default rule that chose it (``auto`` only), every recipe field, and those that
     differ from LRQuant+ as published at the same budget."""
-    where = situation(model, scheme, format)
-    if _model_config(model) is None:  # e.g. a built-in model not converted yet: load it to know
+    arch = _config_arch(model)
+    if arch is None:  # e.g. a built-in model not converted yet: load it to know
         arch = load_model(model, trust_remote_code=trust_remote_code).arch
-        where = Situation.of(scheme, arch.modality, format is not None, hadamard_supported(arch))
+    where = _situation(arch, scheme, format)
     recipe = build_recipe(method, preset, overrides, situation=where)
     paper = build_recipe("lrquant_plus", preset).model_dump()
     rule = default_rule(where) if method == AUTO else None
@@ -573,15 +573,26 @@ def situation(model: str, scheme: QuantScheme, format: str | None = None) -> Sit
     """What the default recipe of quantizing ``model`` at ``scheme`` is chosen by, read from its
     config without loading weights (a model whose config cannot be read yet counts as a
     language model the Hadamard rotations cover until it is loaded)."""
+    arch = _config_arch(model)
+    if arch is None:
+        return Situation.of(scheme, "text", format is not None)
+    return _situation(arch, scheme, format)
+
+
+def _situation(arch, scheme: QuantScheme, format: str | None) -> Situation:
+    return Situation.of(scheme, arch.modality, format is not None, hadamard_supported(arch))
+
+
+def _config_arch(model: str):
+    """The architecture ``model``'s config names, when the config can be read before loading
+    and names a supported one; None otherwise (loading says what is wrong)."""
     config = _model_config(model)
-    arch = None
-    if config is not None:
-        try:
-            arch = get_arch_spec(str(config.get("model_type")))
-        except LrquantError:
-            pass  # loading says what is wrong with it
-    modality = arch.modality if arch is not None else "text"
-    return Situation.of(scheme, modality, format is not None, arch is None or hadamard_supported(arch))
+    if config is None:
+        return None
+    try:
+        return get_arch_spec(str(config.get("model_type")))
+    except LrquantError:
+        return None
 
 
 def hadamard_supported(arch) -> bool:

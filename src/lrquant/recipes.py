@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from lrquant.config import describe_validation_error
 from lrquant.errors import LrquantError
@@ -265,11 +265,14 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("anything else", lambda s: True, {}, "LRQuant+ as published: nothing measured better"),
 )
 
-# A rule's field yields to an override that clashes with it: setting the key drops these fields.
-YIELDS: dict[str, tuple[str, ...]] = {
-    "gptq": ("rounding",),  # both decide which way each weight rounds
-    "clipping": ("clip_init", "lr_clipping"),
+# A rule's fields yield to an override that clashes with them: (switch, the value it is set to)
+# -> the rule fields dropped (None: all of them).
+YIELDS: dict[tuple[str, bool], tuple[str, ...] | None] = {
+    ("gptq", True): ("rounding",),  # both decide which way each weight rounds
+    ("clipping", False): ("clip_init", "lr_clipping"),
+    ("learn", False): None,  # nothing learned: the rule's learning switches do not apply
 }
+_SWITCH = TypeAdapter(bool)
 
 
 def default_rule(situation: Situation) -> Rule:
@@ -278,10 +281,18 @@ def default_rule(situation: Situation) -> Rule:
 
 
 def _rule_fields(rule: Rule, overrides: dict) -> dict:
-    if str(overrides.get("learn", "true")).lower() in ("false", "0"):
-        return {}  # nothing learned: the rule's learning switches do not apply
-    dropped = {field for key, fields in YIELDS.items() if key in overrides for field in fields}
-    return {key: value for key, value in rule.fields.items() if key not in dropped}
+    """``rule``'s fields less those that yield to ``overrides`` (:data:`YIELDS`; a switch's value
+    read as the recipe reads it, so ``off`` and ``false`` alike)."""
+    fields = dict(rule.fields)
+    for (switch, clash), dropped in YIELDS.items():
+        try:
+            if switch not in overrides or _SWITCH.validate_python(overrides[switch]) != clash:
+                continue
+        except ValidationError:
+            continue  # not a bool: the recipe's validation says so
+        for key in rule.fields if dropped is None else dropped:
+            fields.pop(key, None)
+    return fields
 
 
 # Recipe fields taken out after they measured worse and joined no recipe or default (their
