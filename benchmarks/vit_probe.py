@@ -57,6 +57,20 @@ COLUMNS = (
 )
 
 
+def columns(spec: str) -> tuple[tuple[str, str, str], ...]:
+    """The metric columns for the evaluation sets ``spec`` names: :data:`COLUMNS` for the default
+    sets, else each set's cosine and (where it has labels) probe accuracy."""
+    if spec == EVAL:
+        return COLUMNS
+    out = []
+    for name, size in image_eval.parse_sources(spec):
+        label = name if size is None else f"{name}@{size}"
+        out.append((f"{label} cosine", label, "cosine"))
+        if not name.startswith("photos"):
+            out.append((f"{label} probe %", label, "probe_accuracy"))
+    return tuple(out)
+
+
 def _key(row: dict) -> tuple:
     return (
         row["model"],
@@ -77,30 +91,30 @@ def _cell(row: dict, set_name: str, metric: str) -> str:
     return f"{value:.4f}" if metric == "cosine" else f"{value:.1f}"
 
 
-def _header(*first: str) -> list[str]:
-    names = (*first, *(name for name, _, _ in COLUMNS), "s")
-    aligns = ("---",) * len(first) + ("---:",) * (len(COLUMNS) + 1)
+def _header(cols, *first: str) -> list[str]:
+    names = (*first, *(name for name, _, _ in cols), "s")
+    aligns = ("---",) * len(first) + ("---:",) * (len(cols) + 1)
     return [f"| {' | '.join(names)} |", f"|{'|'.join(aligns)}|"]
 
 
-def _table(rows: list[dict]) -> list[str]:
-    lines = _header("method", "setting", "overrides")
+def _table(rows: list[dict], cols=COLUMNS) -> list[str]:
+    lines = _header(cols, "method", "setting", "overrides")
     for row in rows:
-        cells = " | ".join(_cell(row, set_name, metric) for _, set_name, metric in COLUMNS)
+        cells = " | ".join(_cell(row, set_name, metric) for _, set_name, metric in cols)
         label = " ".join(row["overrides"]) or "-"
         lines.append(f"| {row['method']} | {row['setting']} | {label} | {cells} | {row['quantize_s']:.0f} |")
     return lines
 
 
-def _means(rows: list[dict]) -> list[str]:
+def _means(rows: list[dict], cols=COLUMNS) -> list[str]:
     """Each (method, setting, overrides) averaged over the seeds it has rows for, FP included."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["method"], row["setting"], tuple(row["overrides"])), []).append(row)
-    lines = _header("method", "setting", "overrides", "seeds")
+    lines = _header(cols, "method", "setting", "overrides", "seeds")
     for (method, setting, overrides), group in groups.items():
         cells = []
-        for _, set_name, metric in COLUMNS:
+        for _, set_name, metric in cols:
             values = [r["images"].get(set_name, {}).get(metric) for r in group]
             if any(v is None for v in values):
                 cells.append("-")
@@ -150,7 +164,7 @@ def main() -> None:
             and r["preset"] == args.preset
             and r.get("eval", EVAL) == args.eval
         ]
-        print("\n".join(_means(chosen)))
+        print("\n".join(_means(chosen, columns(args.eval))))
         return
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -212,12 +226,15 @@ def main() -> None:
         }
         with path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
-        print(" | ".join(_table([row])[-1:]), flush=True)
+        print(" | ".join(_table([row], columns(args.eval))[-1:]), flush=True)
 
     rows = [
         r
         for r in load_rows(args.name)
-        if r["model"] == args.model and r["preset"] == args.preset and r["seed"] == args.seed
+        if r["model"] == args.model
+        and r["preset"] == args.preset
+        and r["seed"] == args.seed
+        and r.get("eval", EVAL) == args.eval
     ]
     info = (
         f"Model `{args.model}`; calibration: {IMAGES} seeded crops of the built-in photos (unless "
@@ -228,7 +245,7 @@ def main() -> None:
     if device.type == "cuda":
         info += f" Blocks learned and evaluated on {torch.cuda.get_device_name()}."
 
-    (RESULTS / f"{args.name}.md").write_text("\n".join([info, "", *_table(rows)]) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join([info, "", *_table(rows, columns(args.eval))]) + "\n")
     print(info)
 
 
