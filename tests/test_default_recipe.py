@@ -13,8 +13,8 @@ from lrquant import api
 from lrquant.cli import main
 from lrquant.config import build_scheme
 from lrquant.errors import LrquantError
+from lrquant.modalities import modality_named
 from lrquant.recipes import (
-    DEFAULT_RULES,
     PRESETS,
     RECIPES,
     RETIRED,
@@ -84,7 +84,7 @@ def test_every_situation_has_a_rule_and_packed_ones_rotate_nothing_at_run_time()
         where = Situation(modality, wbits, abits, packed, rotatable)
         rule = default_rule(where)
         recipe = build_recipe("auto", "fast", situation=where)
-        assert rule in DEFAULT_RULES
+        assert rule in modality_named(modality).rules
         if packed:
             assert recipe.hadamard not in RUN_TIME_HADAMARD
         if not rotatable:
@@ -153,6 +153,7 @@ def test_the_report_names_the_rule(tiny_llama: Path, text_file: Path, tmp_path: 
     )
     assert report["method"] == "auto"
     assert report["rule"]["when"] == "language model, weights of 4 bits or fewer only"
+    assert report["rule"]["fields"]["rounding"] is True  # the rule's own fields, beside the recipe
     recipe = report["recipe"]
     assert (recipe["rounding"], recipe["clip_init"], recipe["lr_clipping"], recipe["e2e_epochs"]) == (
         True,

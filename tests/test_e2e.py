@@ -16,6 +16,7 @@ from lrquant.arch import get_arch_spec
 from lrquant.config import build_scheme
 from lrquant.errors import LrquantError
 from lrquant.methods import blockwise, e2e
+from lrquant.modalities import LastHidden
 from lrquant.models.loading import LoadedModel
 from lrquant.models.tiny import tiny_model
 from lrquant.models.tiny_vision import TINY_VISION_ARCHS, tiny_vision_model
@@ -85,7 +86,7 @@ def test_feature_norm_turns_the_last_block_output_into_the_features(model_type: 
     model = tiny_vision_model(model_type, seed=0)
     arch = get_arch_spec(model_type)
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad(), e2e._LastHidden(model, arch) as last:
+    with torch.no_grad(), LastHidden(model, arch) as last:
         features = model(pixel_values=pixels).last_hidden_state
     norm = arch.feature_norm_module(model)
     assert (norm is None) == (model_type == "clip_vision_model")

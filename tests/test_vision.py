@@ -20,6 +20,7 @@ from lrquant.cli import main
 from lrquant.config import build_scheme
 from lrquant.methods.blockwise import quantize_blockwise
 from lrquant.methods.rtn import quantize_rtn
+from lrquant.modalities import image as image_modality
 from lrquant.models.tiny_vision import TINY_VISION_ARCHS, save_tiny_vision_model, tiny_vision_model
 from lrquant.quant.apply import attach_block_quantizers, use_quantized_attention
 from lrquant.quant.linear import QuantLinear
@@ -381,13 +382,13 @@ def test_quantize_calibrates_image_models_on_photo_crops(vit_folder, tmp_path, m
     """api.quantize asks the built-in photos for the calibration crops, and the default recipe
     trains image models with lr_by_bits on (the report says so)."""
     asked = []
-    real = api.resolve_image_source
+    real = image_modality.resolve_image_source
 
     def spy(spec, n, seed):
         asked.append((spec, n))
         return real(spec, n, seed)
 
-    monkeypatch.setattr(api, "resolve_image_source", spy)
+    monkeypatch.setattr(image_modality, "resolve_image_source", spy)
     settings = {"epochs": 1, "compile": False}
     report = api.quantize(
         str(vit_folder), tmp_path / "out", build_scheme(6, 6), "auto", "fast", settings,

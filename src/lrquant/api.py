@@ -15,32 +15,18 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from lrquant import __version__
 from lrquant.arch.registry import get_arch_spec
 from lrquant.checkpoint import REPORT_FILE, read_source, save_quantized
 from lrquant.config import QuantScheme
 from lrquant.console import log
-from lrquant.data.images import resolve_image_source
-from lrquant.data.text import (
-    calibration_windows,
-    evaluation_windows,
-    load_documents,
-    prepended_bos,
-    tokenize_documents,
-)
 from lrquant.device import placed, resolve_device
 from lrquant.errors import LrquantError
-from lrquant.eval import images as image_eval
-from lrquant.eval.images import DEFAULT_IMAGE_EVAL
-from lrquant.eval.perplexity import perplexity, score_windows
 from lrquant.export import check_options, default_destination, export_format, read_output, write_format
 from lrquant.file_checks import read_json_object
 from lrquant.inference import apply_backend, generate_text
@@ -48,6 +34,7 @@ from lrquant.methods.blockwise import quantize_blockwise, report_dict
 from lrquant.methods.e2e import check_supported, end_to_end_wanted, fp_final_hidden, run_end_to_end
 from lrquant.methods.resume import ResumeStore
 from lrquant.methods.rtn import quantize_rtn
+from lrquant.modalities import modality_named, modality_of
 from lrquant.models.builtin import builtin_folder, cache_root, is_builtin
 from lrquant.models.loading import LoadedModel, load_model, resolve_model_dir
 from lrquant.output_dir import AtomicOutputDir, AtomicOutputFile, disk_space_for, write_json
@@ -64,19 +51,16 @@ from lrquant.recipes import (
 from lrquant.report import PLOT_FILE, plot_blocks
 from lrquant.transforms.hadamard import RUN_TIME_HADAMARD, apply_hadamard, check_hadamard_supported
 
-TEXT_CALIB, TEXT_EVAL = "wikipedia:train", "wikipedia:test"
-IMAGE_CALIB = "photos"
-IMAGE_CALIBRATION_SAMPLES = 32
-
 
 @dataclass(frozen=True)
 class DataSettings:
     """Where calibration and evaluation data come from, and how text is windowed.
 
-    ``calib``/``eval`` left as None take the model's modality defaults: Wikipedia text for a
-    language model; for a vision model the built-in photos for calibration and
-    :data:`DEFAULT_IMAGE_EVAL` for evaluation. ``nsamples`` None: the preset's count of text
-    windows, or 32 images. ``image_size`` overrides the model's input resolution.
+    ``calib``/``eval`` left as None take the model's modality defaults
+    (:mod:`lrquant.modalities`): Wikipedia text for a language model; for a vision model the
+    built-in photos for calibration and :data:`~lrquant.eval.images.DEFAULT_IMAGE_EVAL` for
+    evaluation. ``nsamples`` None: the preset's count of text windows, or 32 images.
+    ``image_size`` overrides the model's input resolution.
     """
 
     calib: str | None = None
@@ -103,16 +87,7 @@ class DataSettings:
 
     def for_model(self, loaded: LoadedModel) -> DataSettings:
         """These settings with the modality's defaults filled in."""
-        image = loaded.arch.modality == "image"
-        if self.image_size is not None and not image:
-            raise LrquantError(
-                f"--image-size sets a vision model's input resolution; '{loaded.name}' is a language model"
-            )
-        return replace(
-            self,
-            calib=self.calib or (IMAGE_CALIB if image else TEXT_CALIB),
-            eval=self.eval or (DEFAULT_IMAGE_EVAL if image else TEXT_EVAL),
-        )
+        return modality_of(loaded.arch).settings(self, loaded)
 
 
 def peak_device_memory(device: torch.device) -> dict:
@@ -128,35 +103,15 @@ def peak_rss_mb() -> float:
     return peak / 1024 if sys.platform != "darwin" else peak / 2**20
 
 
-def _check_seqlen(loaded: LoadedModel, seqlen: int) -> None:
-    # Learned position embeddings (OPT) fail with an IndexError past the model's context.
-    limit = getattr(loaded.model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and seqlen > limit:
-        raise LrquantError(f"--seqlen {seqlen} is longer than the model's context of {limit} tokens")
-
-
 def evaluation_data(loaded: LoadedModel, data: DataSettings) -> torch.Tensor:
-    """The evaluation windows ``[n, seqlen]`` for ``loaded``'s tokenizer."""
-    data = data.for_model(loaded)
-    _check_seqlen(loaded, data.seqlen)
-    ids = tokenize_documents(load_documents(data.eval, "test", data.text_field), loaded.tokenizer)
-    return evaluation_windows(ids, data.seqlen, prepended_bos(loaded.tokenizer), data.eval_windows)
-
-
-def _preprocess(loaded: LoadedModel, data: DataSettings):
-    prep = loaded.preprocess
-    return prep if data.image_size is None else prep.with_size(data.image_size)
+    """The evaluation windows ``[n, seqlen]`` of a language model, for its tokenizer."""
+    return modality_named("text").windows(loaded, data.for_model(loaded))
 
 
 def calibration_data(loaded: LoadedModel, data: DataSettings, nsamples: int) -> torch.Tensor:
-    """``nsamples`` seeded calibration windows ``[nsamples, seqlen]``, or images ``[n, 3, H, W]``."""
-    data = data.for_model(loaded)
-    if loaded.arch.modality == "image":
-        images = resolve_image_source(data.calib, nsamples, data.seed)
-        return _preprocess(loaded, data)(images.images)
-    _check_seqlen(loaded, data.seqlen)
-    ids = tokenize_documents(load_documents(data.calib, "train", data.text_field), loaded.tokenizer)
-    return calibration_windows(ids, data.seqlen, prepended_bos(loaded.tokenizer), nsamples, data.seed)
+    """``nsamples`` seeded calibration samples of ``loaded``'s modality: windows ``[nsamples,
+    seqlen]`` of text, or images ``[nsamples, 3, H, W]``."""
+    return modality_of(loaded.arch).calibration(loaded, data.for_model(loaded), nsamples)
 
 
 def _environment() -> dict:
@@ -206,16 +161,8 @@ def evaluate(
         "backend": apply_backend(loaded, backend, target),
     }
     reference = reference or _source_model(loaded)
-    if loaded.arch.modality == "image":
-        result.update(
-            reference=reference, images=_evaluate_images(loaded, data, reference, trust_remote_code, target)
-        )
-    else:
-        windows = evaluation_data(loaded, data)
-        fp = None if reference is None else load_model(reference, trust_remote_code=trust_remote_code).model
-        with placed(loaded.model, target), placed(fp, target) if fp is not None else nullcontext():
-            scores = score_windows(loaded.model, windows, data.batch_size, "perplexity", fp)
-        result.update(seqlen=data.seqlen, windows=windows.shape[0], reference=reference, **scores)
+    fp = None if reference is None else load_model(reference, trust_remote_code=trust_remote_code).model
+    result.update(reference=reference, **modality_of(loaded.arch).evaluate(loaded, data, fp, target))
     return {
         **result,
         "seconds": round(time.perf_counter() - start, 2),
@@ -260,24 +207,6 @@ def _source_model(loaded: LoadedModel) -> str | None:
         log(f"the source model '{source}' is gone: there is no full-precision model to compare with")
         return None
     return source
-
-
-def _evaluate_images(
-    loaded: LoadedModel,
-    data: DataSettings,
-    reference: str | None,
-    trust_remote_code: bool,
-    device: torch.device,
-) -> dict[str, dict]:
-    sets = image_eval.load_eval_sets(data.eval, _preprocess(loaded, data), data.seed)
-    if reference is None:  # the model scored against itself
-        with placed(loaded.model, device):
-            return image_eval.reference_metrics(loaded.model, loaded.arch, sets, data.batch_size)[1]
-    ref_model = load_model(reference, trust_remote_code=trust_remote_code)
-    with placed(ref_model.model, device):
-        ref = image_eval.reference_outputs(ref_model.model, ref_model.arch, sets, data.batch_size)
-    with placed(loaded.model, device):
-        return image_eval.score(loaded.model, loaded.arch, sets, ref, data.batch_size)
 
 
 def apply_method(
@@ -437,11 +366,9 @@ def quantize(
     with AtomicOutputDir(output, overwrite, _input_paths(model, data)) as out:
         log(f"loading {model}")
         loaded = load_model(model, trust_remote_code=trust_remote_code)
+        modality = modality_of(loaded.arch)
         data = (data or DataSettings()).for_model(loaded)
-        image = loaded.arch.modality == "image"
-        nsamples = (
-            data.nsamples if data.nsamples is not None else IMAGE_CALIBRATION_SAMPLES if image else None
-        )
+        nsamples = data.nsamples if data.nsamples is not None else modality.default_samples
         if nsamples is not None:
             overrides = {**(overrides or {}), "nsamples": nsamples}
         now = _situation(loaded.arch, scheme, format)
@@ -460,10 +387,10 @@ def quantize(
             calibration = calibration_data(loaded, data, recipe.calibration_samples)
         evaluation: dict[str, object] = {}
         if run_eval:
-            run_fp_eval, run_quant_eval, eval_details, fidelity = _evaluation_stages(
+            stages = modality.evaluation(
                 loaded, data, target, lambda: load_model(model, trust_remote_code=trust_remote_code).model
             )
-            evaluation["fp"] = run_fp_eval()
+            evaluation["fp"] = stages.fp()
             lap("eval_fp")
         log(f"quantizing with {method} at {scheme.name}")
         store = None
@@ -472,7 +399,7 @@ def quantize(
         blocks = apply_method(loaded, scheme, method, recipe, calibration, data.seed, store, target)
         lap("quantize")
         if run_eval:
-            evaluation["quantized"] = run_quant_eval()
+            evaluation["quantized"] = stages.quantized()
             lap("eval_quantized")
         source_name = model if is_builtin(model) else str(loaded.path.resolve())
         kept = (
@@ -490,7 +417,7 @@ def quantize(
             lap("save")
             report = {
                 "method": method,
-                **({"rule": {"when": rule.when, "why": rule.why}} if rule is not None else {}),
+                **({"rule": rule.as_dict()} if rule is not None else {}),
                 "preset": preset,
                 "scheme": scheme.name,
                 "settings": scheme.model_dump(),
@@ -499,21 +426,20 @@ def quantize(
                     "name": model,
                     "path": str(loaded.path),
                     "model_type": loaded.model_type,
-                    "modality": loaded.arch.modality,
+                    "modality": modality.name,
                     "parameters": loaded.num_parameters,
                 },
                 "data": {
                     "calibration": None if calibration is None else data.calib,
                     "evaluation": data.eval if run_eval else None,
-                    "seqlen": None if image else data.seqlen,
-                    "image_size": None if not image or calibration is None else calibration.shape[-1],
+                    **modality.data_report(data, calibration),
                     "nsamples": None if calibration is None else min(calibration.shape[0], recipe.nsamples),
                     "eval_windows": None,
-                    **(eval_details if run_eval else {}),
+                    **(stages.details if run_eval else {}),
                 },
                 "seed": data.seed,
-                "images" if image else "perplexity": evaluation,
-                **({"fidelity": fidelity} if run_eval and fidelity else {}),
+                modality.report_key: evaluation,
+                **({"fidelity": stages.fidelity} if run_eval and stages.fidelity else {}),
                 "blocks": blocks,
                 "seconds": {**seconds, "total": round(sum(seconds.values()), 2)},
                 "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -559,7 +485,7 @@ def explain(
     rule = default_rule(where) if method == AUTO else None
     return {
         "method": method,
-        **({"rule": {"when": rule.when, "fields": rule.fields, "why": rule.why}} if rule else {}),
+        **({"rule": rule.as_dict()} if rule else {}),
         "preset": preset,
         "scheme": scheme.name,
         "differs_from_lrquant_plus": {
@@ -720,47 +646,3 @@ def _packed_bytes(source) -> int:
     """About the size of a packed export: the codes at their width, the rest as stored."""
     codes = sum(linear.codes.numel() * linear.bits // 8 for linear in source.linears.values())
     return codes + sum(t.numel() * t.element_size() for t in source.tensors.values())
-
-
-def _evaluation_stages(
-    loaded: LoadedModel, data: DataSettings, device: torch.device, full_precision: Callable[[], nn.Module]
-):
-    """Two functions: score the model now (full precision, also the reference) and after quantizing."""
-    if loaded.arch.modality == "image":
-        sets = image_eval.load_eval_sets(data.eval, _preprocess(loaded, data), data.seed)
-        ref: list[image_eval.Reference] = []
-
-        def fp() -> dict:
-            log(f"full-precision outputs on {', '.join(s.name for s in sets)}")
-            with placed(loaded.model, device):
-                reference, own = image_eval.reference_metrics(
-                    loaded.model, loaded.arch, sets, data.batch_size
-                )
-            ref.append(reference)
-            return own
-
-        def quantized() -> dict:
-            with placed(loaded.model, device):
-                return image_eval.score(loaded.model, loaded.arch, sets, ref[0], data.batch_size)
-
-        return fp, quantized, {"eval_images": {s.name: s.pixels.shape[0] for s in sets}}, {}
-
-    windows = evaluation_data(loaded, data)
-
-    def fp_ppl() -> float:
-        log(f"full-precision perplexity on {windows.shape[0]} windows of {data.seqlen} tokens")
-        with placed(loaded.model, device):
-            return perplexity(loaded.model, windows, data.batch_size, "fp perplexity")
-
-    fidelity: dict = {}
-
-    def quant_ppl() -> float:
-        """The quantized model's perplexity; its KL divergence from the full-precision model
-        (loaded again: the one in memory is now quantized) and top-1 agreement go to ``fidelity``."""
-        reference = full_precision()
-        with placed(loaded.model, device), placed(reference, device):
-            scores = score_windows(loaded.model, windows, data.batch_size, "quantized perplexity", reference)
-        fidelity.update(kl=scores["kl"], top1_agreement=scores["top1_agreement"])
-        return scores["perplexity"]
-
-    return fp_ppl, quant_ppl, {"eval_windows": windows.shape[0]}, fidelity

@@ -100,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--method",
         default="auto",
-        help="auto (LRQuant+ with what measured best for the setting and the model, "
-        "src/lrquant/recipes.py DEFAULT_RULES), lrquant_plus (the paper's method exactly), lrquant, "
-        "omniquant, smoothquant, gptq or rtn (default: auto)",
+        help="auto (LRQuant+ with what measured best for the setting and the model, by each "
+        "modality's rules in src/lrquant/modalities/), lrquant_plus (the paper's method exactly), "
+        "lrquant, omniquant, smoothquant, gptq or rtn (default: auto)",
     )
     q.add_argument(
         "--explain",

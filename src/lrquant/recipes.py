@@ -8,8 +8,6 @@ calibration samples and epochs.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -17,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from lrquant.config import describe_validation_error
 from lrquant.errors import LrquantError
+from lrquant.modalities import Rule, Situation, modality_named
 from lrquant.transforms.hadamard import HadamardMode
 
 
@@ -133,7 +132,8 @@ RECIPES: dict[str, dict] = {
     "lrquant": dict(rotation=False, dynamic_weighting=False, homologous=False),
     "lrquant_plus": dict(),
 }
-# No --method: LRQuant+ with what measured best for the setting and the model (DEFAULT_RULES)
+# No --method: LRQuant+ with what measured best for the setting and the model (each modality's
+# rules: src/lrquant/modalities/text.py TEXT_RULES, image.py IMAGE_RULES)
 AUTO = "auto"
 DEFAULT_METHOD = AUTO
 
@@ -184,87 +184,6 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
-@dataclass(frozen=True)
-class Situation:
-    """What the default recipe is chosen by."""
-
-    modality: str  # "text" or "image"
-    wbits: int  # 16: weights not quantized
-    abits: int  # 16: activations not quantized
-    packed: bool = False  # a packed format was asked for: no Hadamard rotation at run time
-    # the residual stream can be Hadamard-rotated (decoders with plain RMSNorm)
-    rotatable: bool = True
-
-    @classmethod
-    def of(cls, scheme, modality: str = "text", packed: bool = False, rotatable: bool = True) -> Situation:
-        return cls(modality, scheme.weight.bits, scheme.activation.bits, packed, rotatable)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One line of the default recipe: where it applies, what it adds to LRQuant+, and the
-    measurement that chose it (docs/results.md)."""
-
-    when: str
-    applies: Callable[[Situation], bool]
-    fields: dict
-    why: str
-
-
-# The default recipe (no --method): the first rule that applies adds its fields to LRQuant+'s.
-# Each is the best measured on the real models (SmolLM2-135M, DINOv2-small; docs/results.md);
-# --method lrquant_plus stays the paper's method.
-DEFAULT_RULES: tuple[Rule, ...] = (
-    Rule(
-        "vision transformer",
-        lambda s: s.modality == "image",
-        dict(smoothing="best", lr_by_bits=True),
-        "DINOv2-small: the smoothing start chosen per block beats LAE at W4A4 and W6A6, and a "
-        "smaller transform rate above 4 bits takes W6A6 past OmniQuant over six seeds",
-    ),
-    Rule(
-        "language model, weights of 4 bits or fewer only",
-        lambda s: s.abits >= 16 and s.wbits <= 4,
-        dict(rounding=True, clip_init="search", lr_clipping=0.1, e2e_epochs=2),
-        "SmolLM2-135M at fast: learned rounding, the searched clipping start and the larger "
-        "clipping rate take W2A16 g64 from 244 to 70.8, and the end-to-end step sizes to 47.2",
-    ),
-    Rule(
-        "language model, activations of 4 bits or fewer, unpacked",
-        lambda s: s.abits <= 4 and not s.packed,
-        dict(
-            hadamard="down",
-            clip_init="search",
-            lr_clipping=0.1,
-            lr_transform=1e-2,
-            rounding=True,
-            e2e_epochs=2,
-        ),
-        "SmolLM2-135M W4A4 at fast: 24.85 against 55.72 for LRQuant+ (the down projection's "
-        "input rotated at run time, so lrquant's loader runs the output; not with --format)",
-    ),
-    Rule(
-        "language model, activations of 4 bits or fewer, packed",
-        lambda s: s.abits <= 4,
-        dict(clip_init="search", lr_clipping=0.1, lr_transform=1e-2),
-        "SmolLM2-135M W4A4 at fast, without run-time rotations: 48.12 against 55.72 for LRQuant+",
-    ),
-    Rule(
-        "language model, activations of 5-6 bits, unpacked, rotatable",
-        lambda s: s.abits <= 6 and s.rotatable and not s.packed,
-        dict(hadamard="online"),
-        "SmolLM2-135M W6A6 at fast: 16.58 against 17.43 for LRQuant+ (rotated at run time, so "
-        "lrquant's loader runs the output; not with --format)",
-    ),
-    Rule(
-        "language model, weights of 4 bits or fewer, 8-bit activations",
-        lambda s: s.wbits <= 4 and s.abits < 16,
-        dict(lr_clipping=0.1),
-        "SmolLM2-135M W4A8 at fast: 20.61 against 20.84 for LRQuant+ (H200, fp32)",
-    ),
-    Rule("anything else", lambda s: True, {}, "LRQuant+ as published: nothing measured better"),
-)
-
 # A rule's fields yield to an override that clashes with them: (switch, the value it is set to)
 # -> the rule fields dropped (None: all of them).
 YIELDS: dict[tuple[str, bool], tuple[str, ...] | None] = {
@@ -276,8 +195,9 @@ _SWITCH = TypeAdapter(bool)
 
 
 def default_rule(situation: Situation) -> Rule:
-    """The rule of :data:`DEFAULT_RULES` that decides the default recipe in ``situation``."""
-    return next(rule for rule in DEFAULT_RULES if rule.applies(situation))
+    """The rule that decides the default recipe in ``situation``: the first of its modality's
+    :attr:`~lrquant.modalities.Modality.rules` that applies."""
+    return next(rule for rule in modality_named(situation.modality).rules if rule.applies(situation))
 
 
 def _rule_fields(rule: Rule, overrides: dict) -> dict:
@@ -322,8 +242,9 @@ def build_recipe(
 ) -> Recipe:
     """The recipe of ``method`` with ``preset``'s budget and explicit ``overrides`` on top.
 
-    ``auto`` (the default method) is LRQuant+ with the fields of the :data:`DEFAULT_RULES` line
-    for ``situation`` (by default: ``modality``, 4-bit weights only)."""
+    ``auto`` (the default method) is LRQuant+ with the fields of the first of the modality's
+    rules that applies to ``situation`` (:func:`default_rule`; by default: ``modality``, 4-bit
+    weights only)."""
     if method != AUTO and method not in RECIPES:
         raise LrquantError(f"unknown method '{method}'; available: {AUTO}, {', '.join(RECIPES)}")
     if preset not in PRESETS:

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from lrquant.arch import ArchSpec
+from lrquant.modalities import modality_of
 
 
 class _Stop(Exception):
@@ -15,10 +16,8 @@ class _Stop(Exception):
 
 
 def model_inputs(arch: ArchSpec, sample: torch.Tensor) -> dict:
-    """The keyword arguments that run the model on one calibration sample (token ids or an image)."""
-    if arch.modality == "image":
-        return {"pixel_values": sample[None]}
-    return {"input_ids": sample[None], "use_cache": False}
+    """The keyword arguments that run the model on one calibration sample (its modality's)."""
+    return modality_of(arch).model_inputs(sample)
 
 
 def call_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:

@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lrquant.arch import ArchSpec
 from lrquant.config import QuantScheme, QuantSpec
 from lrquant.console import log
 from lrquant.device import placed
-from lrquant.errors import LrquantError
-from lrquant.methods.capture import model_inputs
+from lrquant.modalities import LastHidden, modality_of
 from lrquant.quant.gptq import WeightRounding
 from lrquant.quant.linear import QuantLinear
 from lrquant.quant.quantizer import group_for_stats, ungroup
@@ -80,57 +78,6 @@ class StepScale(nn.Module):
         return scale * self.alpha.detach().reshape(scale.shape), zero
 
 
-def _logits_target(model: nn.Module, norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Full-precision log-probabilities from the full-precision chain's last hidden states, through
-    the final norm ``norm``."""
-    return F.log_softmax(model.get_output_embeddings()(norm(hidden)).float(), dim=-1)
-
-
-def _feature_error(
-    out: torch.Tensor, target: torch.Tensor, norm: nn.Module | None, cls_token: bool
-) -> torch.Tensor:
-    """Squared error of an image model's features per token, relative to the full-precision
-    features' size: the last hidden states through ``norm`` (the model's final norm, with its
-    affine part; standardized where the model has none). The affine part matters: DINOv2-small's
-    two largest residual channels get its final norm's two smallest weights, so an error measured
-    before it chases channels the features hardly show. With a class token, it counts as much as
-    all the other tokens together, as in the features a backbone is judged by (the class token
-    joined with the mean of the others) and the token a classifier's head reads."""
-    if norm is None:
-        shape = target.shape[-1:]
-        out, target = F.layer_norm(out.float(), shape), F.layer_norm(target.float(), shape)
-    else:
-        out, target = norm(out.float()), norm(target.float())
-    error = (out - target).square().mean(-1) / target.square().mean(-1).clamp_min(1e-12)
-    if cls_token:
-        return 0.5 * error[:, 0].mean() + 0.5 * error[:, 1:].mean()
-    return error.mean()
-
-
-def _last_module(model: nn.Module, arch: ArchSpec) -> nn.Module:
-    """The module whose output the chains hold at the end: the last block, or what runs after it
-    (Swin's patch merging, where a model has one there)."""
-    blocks = arch.block_list(model)
-    return arch.transitions(model).get(len(blocks) - 1, blocks[-1])
-
-
-class _LastHidden:
-    """Within ``with``: ``.value`` holds the last hidden state of the latest forward."""
-
-    def __init__(self, model: nn.Module, arch: ArchSpec) -> None:
-        self.module, self.value = _last_module(model, arch), None
-
-    def _keep(self, _module: nn.Module, _args: tuple, output) -> None:
-        self.value = output[0] if isinstance(output, tuple) else output
-
-    def __enter__(self) -> _LastHidden:
-        self.handle = self.module.register_forward_hook(self._keep)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.remove()
-
-
 @torch.no_grad()
 def fp_final_hidden(
     model: nn.Module, arch: ArchSpec, samples: torch.Tensor, device: torch.device
@@ -138,11 +85,12 @@ def fp_final_hidden(
     """The full-precision model's last hidden states (the last block's outputs, which the final
     norm reads) for ``samples``, one at a time; call before anything is quantized. Returned in
     host memory."""
-    check_supported(model, arch)
+    modality = modality_of(arch)
+    modality.check_end_to_end(model, arch)
     captured: list[torch.Tensor] = []
-    with _LastHidden(model, arch) as last:
+    with LastHidden(model, arch) as last:
         for sample in samples:
-            model(**model_inputs(arch, sample.to(device)))
+            model(**modality.model_inputs(sample.to(device)))
             captured.append(last.value.detach().cpu())
     return torch.cat(captured)
 
@@ -153,15 +101,9 @@ def end_to_end_wanted(recipe: Recipe, scheme: QuantScheme) -> bool:
 
 
 def check_supported(model: nn.Module, arch: ArchSpec) -> None:
-    """Refuse, before any work, a language model whose next-token distribution cannot be computed
-    here (image models are tuned on their last hidden states and need nothing more)."""
-    if arch.modality == "image":
-        return
-    if arch.final_norm is None or model.get_output_embeddings() is None:
-        raise LrquantError(
-            f"e2e_epochs needs an image model or a causal language model with a known final norm; "
-            f"'{arch.model_types[0]}' is neither: leave e2e_epochs at 0"
-        )
+    """Refuse, before any work, a model whose end-to-end loss cannot be computed here (a language
+    model needs its final norm and head; image models are tuned on their last hidden states)."""
+    modality_of(arch).check_end_to_end(model, arch)
 
 
 def tune_step_sizes(
@@ -176,7 +118,8 @@ def tune_step_sizes(
     """Train every quantized block linear's step factors end to end, then fold them; returns the
     mean KL (image models: feature error) per epoch. ``fp_hidden`` are the full-precision model's
     last hidden states for the ``calibration`` samples. The model must already sit on ``device``."""
-    check_supported(model, arch)
+    modality = modality_of(arch)
+    modality.check_end_to_end(model, arch)
     linears = [
         m
         for block in arch.block_list(model)
@@ -187,8 +130,7 @@ def tune_step_sizes(
     for module in linears:
         module.transform = StepScale(module.weight, module.weight_spec)
     params = [module.transform.alpha for module in linears]
-    text = arch.modality == "text"
-    norm = model.get_submodule(arch.final_norm) if text else arch.feature_norm_module(model)
+    norm = modality.end_to_end_norm(model, arch)
     optimizer = torch.optim.AdamW(params, lr=recipe.lr_e2e, weight_decay=0.0)
     steps_in_all = recipe.e2e_epochs * calibration.shape[0]
     schedule = (
@@ -198,23 +140,17 @@ def tune_step_sizes(
     )
     generator = torch.Generator().manual_seed(seed)
     bf16 = use_bf16(recipe, device)
+
+    def autocast():
+        return torch.autocast(device.type, torch.bfloat16, bf16)
+
     losses: list[float] = []
     try:
         for epoch in range(recipe.e2e_epochs):
             total, steps = 0.0, 0
             for i in torch.randperm(calibration.shape[0], generator=generator).tolist():
-                inputs = model_inputs(arch, calibration[i].to(device))
-                if text:
-                    with torch.no_grad():
-                        target = _logits_target(model, norm, fp_hidden[i : i + 1])
-                    with torch.autocast(device.type, torch.bfloat16, bf16):
-                        logits = model(**inputs).logits
-                    log_q = F.log_softmax(logits.float(), dim=-1)
-                    loss = F.kl_div(log_q, target, log_target=True, reduction="none").sum(-1).mean()
-                else:
-                    with _LastHidden(model, arch) as last, torch.autocast(device.type, torch.bfloat16, bf16):
-                        model(**inputs)
-                    loss = _feature_error(last.value, fp_hidden[i : i + 1], norm, arch.cls_token)
+                inputs = modality.model_inputs(calibration[i].to(device))
+                loss = modality.end_to_end_loss(model, arch, inputs, fp_hidden[i : i + 1], norm, autocast)
                 if not torch.isfinite(loss):
                     raise FloatingPointError
                 optimizer.zero_grad(set_to_none=True)
@@ -224,8 +160,10 @@ def tune_step_sizes(
                     schedule.step()
                 total, steps = total + loss.item(), steps + 1
             losses.append(total / steps)
-            measure = "KL" if text else "feature error"
-            log(f"end-to-end step sizes, epoch {epoch + 1}/{recipe.e2e_epochs}: {measure} {losses[-1]:.4g}")
+            log(
+                f"end-to-end step sizes, epoch {epoch + 1}/{recipe.e2e_epochs}: "
+                f"{modality.e2e_measure} {losses[-1]:.4g}"
+            )
     except FloatingPointError:
         log("end-to-end step sizes: non-finite loss, keeping the block-wise step sizes")
         for module in linears:

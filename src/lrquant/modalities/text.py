@@ -1,0 +1,187 @@
+"""Language models: token windows of text in, next-token distributions out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lrquant.console import log
+from lrquant.data.text import (
+    calibration_windows,
+    evaluation_windows,
+    load_documents,
+    prepended_bos,
+    tokenize_documents,
+)
+from lrquant.device import placed
+from lrquant.errors import LrquantError
+from lrquant.eval.perplexity import perplexity, score_windows
+from lrquant.modalities.base import Evaluation, Modality, Rule
+
+if TYPE_CHECKING:
+    from lrquant.api import DataSettings
+    from lrquant.arch import ArchSpec
+    from lrquant.models.loading import LoadedModel
+
+# The default recipe of a language model (no --method): the first rule that applies adds its
+# fields to LRQuant+'s. Each is the best measured on SmolLM2-135M (docs/results.md).
+TEXT_RULES: tuple[Rule, ...] = (
+    Rule(
+        "language model, weights of 4 bits or fewer only",
+        lambda s: s.abits >= 16 and s.wbits <= 4,
+        dict(rounding=True, clip_init="search", lr_clipping=0.1, e2e_epochs=2),
+        "SmolLM2-135M at fast: learned rounding, the searched clipping start and the larger "
+        "clipping rate take W2A16 g64 from 244 to 70.8, and the end-to-end step sizes to 47.2",
+    ),
+    Rule(
+        "language model, activations of 4 bits or fewer, unpacked",
+        lambda s: s.abits <= 4 and not s.packed,
+        dict(
+            hadamard="down",
+            clip_init="search",
+            lr_clipping=0.1,
+            lr_transform=1e-2,
+            rounding=True,
+            e2e_epochs=2,
+        ),
+        "SmolLM2-135M W4A4 at fast: 24.85 against 55.72 for LRQuant+ (the down projection's "
+        "input rotated at run time, so lrquant's loader runs the output; not with --format)",
+    ),
+    Rule(
+        "language model, activations of 4 bits or fewer, packed",
+        lambda s: s.abits <= 4,
+        dict(clip_init="search", lr_clipping=0.1, lr_transform=1e-2),
+        "SmolLM2-135M W4A4 at fast, without run-time rotations: 48.12 against 55.72 for LRQuant+",
+    ),
+    Rule(
+        "language model, activations of 5-6 bits, unpacked, rotatable",
+        lambda s: s.abits <= 6 and s.rotatable and not s.packed,
+        dict(hadamard="online"),
+        "SmolLM2-135M W6A6 at fast: 16.58 against 17.43 for LRQuant+ (rotated at run time, so "
+        "lrquant's loader runs the output; not with --format)",
+    ),
+    Rule(
+        "language model, weights of 4 bits or fewer, 8-bit activations",
+        lambda s: s.wbits <= 4 and s.abits < 16,
+        dict(lr_clipping=0.1),
+        "SmolLM2-135M W4A8 at fast: 20.61 against 20.84 for LRQuant+ (H200, fp32)",
+    ),
+    Rule(
+        "language model, anything else", lambda s: True, {}, "LRQuant+ as published: nothing measured better"
+    ),
+)
+
+
+class Text(Modality):
+    name = "text"
+    default_calib = "wikipedia:train"
+    default_eval = "wikipedia:test"
+    report_key = "perplexity"
+    e2e_measure = "KL"
+    rules = TEXT_RULES
+
+    def settings(self, data: DataSettings, loaded: LoadedModel) -> DataSettings:
+        if data.image_size is not None:
+            raise LrquantError(
+                f"--image-size sets a vision model's input resolution; '{loaded.name}' is a language model"
+            )
+        return super().settings(data, loaded)
+
+    def calibration(self, loaded: LoadedModel, data: DataSettings, n: int) -> torch.Tensor:
+        """``n`` seeded windows ``[n, seqlen]`` of the calibration text."""
+        _check_seqlen(loaded, data.seqlen)
+        ids = tokenize_documents(load_documents(data.calib, "train", data.text_field), loaded.tokenizer)
+        return calibration_windows(ids, data.seqlen, prepended_bos(loaded.tokenizer), n, data.seed)
+
+    def windows(self, loaded: LoadedModel, data: DataSettings) -> torch.Tensor:
+        """The evaluation windows ``[n, seqlen]`` of the evaluation text."""
+        _check_seqlen(loaded, data.seqlen)
+        ids = tokenize_documents(load_documents(data.eval, "test", data.text_field), loaded.tokenizer)
+        return evaluation_windows(ids, data.seqlen, prepended_bos(loaded.tokenizer), data.eval_windows)
+
+    def model_inputs(self, sample: torch.Tensor) -> dict:
+        return {"input_ids": sample[None], "use_cache": False}
+
+    def evaluation(
+        self,
+        loaded: LoadedModel,
+        data: DataSettings,
+        device: torch.device,
+        full_precision: Callable[[], nn.Module],
+    ) -> Evaluation:
+        """Perplexity before and after; after, also the mean KL divergence from the full-precision
+        model (loaded again: the one in memory is then quantized) and the top-1 agreement."""
+        windows = self.windows(loaded, data)
+        evaluation = Evaluation(lambda: None, lambda: None, {"eval_windows": windows.shape[0]})
+
+        def fp() -> float:
+            log(f"full-precision perplexity on {windows.shape[0]} windows of {data.seqlen} tokens")
+            with placed(loaded.model, device):
+                return perplexity(loaded.model, windows, data.batch_size, "fp perplexity")
+
+        def quantized() -> float:
+            reference = full_precision()
+            with placed(loaded.model, device), placed(reference, device):
+                scores = score_windows(
+                    loaded.model, windows, data.batch_size, "quantized perplexity", reference
+                )
+            evaluation.fidelity.update(kl=scores["kl"], top1_agreement=scores["top1_agreement"])
+            return scores["perplexity"]
+
+        evaluation.fp, evaluation.quantized = fp, quantized
+        return evaluation
+
+    def evaluate(
+        self, loaded: LoadedModel, data: DataSettings, reference: nn.Module | None, device: torch.device
+    ) -> dict:
+        """Perplexity; with ``reference``, KL divergence from it and top-1 agreement."""
+        windows = self.windows(loaded, data)
+        with (
+            placed(loaded.model, device),
+            placed(reference, device) if reference is not None else nullcontext(),
+        ):
+            scores = score_windows(loaded.model, windows, data.batch_size, "perplexity", reference)
+        return {"seqlen": data.seqlen, "windows": windows.shape[0], **scores}
+
+    def data_report(self, data: DataSettings, calibration: torch.Tensor | None) -> dict:
+        return {"seqlen": data.seqlen}
+
+    def check_end_to_end(self, model: nn.Module, arch: ArchSpec) -> None:
+        if arch.final_norm is None or model.get_output_embeddings() is None:
+            raise LrquantError(
+                f"e2e_epochs needs an image model or a causal language model with a known final norm; "
+                f"'{arch.model_types[0]}' is neither: leave e2e_epochs at 0"
+            )
+
+    def end_to_end_norm(self, model: nn.Module, arch: ArchSpec) -> nn.Module:
+        return model.get_submodule(arch.final_norm)
+
+    def end_to_end_loss(
+        self,
+        model: nn.Module,
+        arch: ArchSpec,
+        inputs: dict,
+        fp_hidden: torch.Tensor,
+        norm: nn.Module | None,
+        autocast,
+    ) -> torch.Tensor:
+        """KL divergence from the full-precision next-token distribution (from ``fp_hidden``
+        through the final norm and the head) to the quantized model's, per token, averaged."""
+        with torch.no_grad():
+            target = F.log_softmax(model.get_output_embeddings()(norm(fp_hidden)).float(), dim=-1)
+        with autocast():
+            logits = model(**inputs).logits
+        log_q = F.log_softmax(logits.float(), dim=-1)
+        return F.kl_div(log_q, target, log_target=True, reduction="none").sum(-1).mean()
+
+
+def _check_seqlen(loaded: LoadedModel, seqlen: int) -> None:
+    # Learned position embeddings (OPT) fail with an IndexError past the model's context.
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seqlen > limit:
+        raise LrquantError(f"--seqlen {seqlen} is longer than the model's context of {limit} tokens")
