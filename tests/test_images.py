@@ -317,6 +317,11 @@ def test_resolve_builtin_sources() -> None:
     assert len(digits) == 40 and digits.classes == [str(d) for d in range(10)]
     assert digits.labels == resolve_image_source("digits", 40, seed=3).labels
     assert len(resolve_image_source("lfw", None, seed=0)) == 200
+    # NAME:N is a seeded N of the set, whatever count the caller passes
+    assert resolve_image_source("digits:40", None, seed=3).labels == digits.labels
+    assert len(resolve_image_source("lfw:30", 5, seed=0)) == 30
+    with pytest.raises(LrquantError, match="image count must be"):
+        resolve_image_source("digits:0", None, seed=0)
 
 
 def test_resolve_folder_and_unknown(tmp_path: Path) -> None:

@@ -64,7 +64,8 @@ def _add_data_args(parser: argparse.ArgumentParser, eval_flag: str) -> None:
         default=None,
         help="evaluation data. Text: file, folder, .jsonl, or wikipedia[:train|:test] (default: "
         "wikipedia:test). Images: comma-separated sets, each a folder (class subfolders for "
-        "labels) or photos, photos:heldout, digits, lfw, with an optional @SIZE (default: "
+        "labels) or photos, photos:heldout, digits, lfw (digits:N, lfw:N: a seeded N of them), "
+        "with an optional @SIZE (default: "
         "photos:heldout,digits@112,lfw@112)",
     )
     parser.add_argument(

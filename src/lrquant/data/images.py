@@ -539,7 +539,8 @@ def resolve_image_source(spec: str, n: int | None, seed: int) -> ImageSet:
     ``photos`` (also ``photos:calib``) gives ``n`` (default 32) random crops of the calibration
     photos; ``photos:heldout`` / ``photos:all`` give ``n`` crops (seed + 1 for held-out) or the
     whole photos when ``n`` is None. ``digits``, ``lfw`` and folders give a seeded random ``n`` of
-    their images, or all of them in order. An existing path wins over a built-in name.
+    their images, or all of them in order; ``digits:N`` / ``lfw:N`` a seeded random ``N``. An
+    existing path wins over a built-in name.
     """
     if n is not None:
         _positive(n, "image count")
@@ -549,9 +550,12 @@ def resolve_image_source(spec: str, n: int | None, seed: int) -> ImageSet:
     name, _, split = spec.partition(":")
     if name == "photos" and split in ("", *PHOTO_SPLITS):
         return _photo_source(split or "calib", n, seed)
-    if spec in ("digits", "lfw"):
-        images = digits_set() if spec == "digits" else lfw_set()
-        return images if n is None else _sample(images, n, seed)
+    if name in ("digits", "lfw") and (not split or split.isdigit()):
+        images = digits_set() if name == "digits" else lfw_set()
+        count = int(split) if split else n  # "digits:300": a seeded 300 of them
+        if count is not None:
+            _positive(count, "image count")
+        return images if count is None else _sample(images, count, seed)
     raise LrquantError(
         f"image source '{spec}' not found: give a folder of images (class subfolders give labels) "
         f"or a built-in set: {', '.join(BUILTIN_SOURCES)}"
