@@ -239,6 +239,7 @@ _VISION_SPECS: tuple[ArchSpec, ...] = (
     _vit_like(
         "siglip_vision_model",
         "siglip",
+        "idefics3_vision",  # SmolVLM's tower: SigLIP's layout
         blocks=("vision_model.encoder.layers", "encoder.layers"),
         norms=("layer_norm1", "layer_norm2"),
         attention="self_attn",

@@ -1,0 +1,102 @@
+"""Tiny random vision-language models, built offline in milliseconds, for tests.
+
+Each joins a tiny decoder of :mod:`lrquant.models.tiny` and a tiny vision tower of
+:mod:`lrquant.models.tiny_vision` through its family's own transformers classes (32x32 images,
+patches of 8), with seeded weights and perturbed norms so equivalence transforms are really tested.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig
+
+from lrquant.errors import LrquantError
+from lrquant.models.tiny import _perturb_norms, tiny_config
+from lrquant.models.tiny_vision import HEADS, HIDDEN, IMAGE_SIZE, INTERMEDIATE, tiny_vision_config
+
+
+@dataclass(frozen=True)
+class TinyVLM:
+    """One tiny vision-language family: its transformers ``model_type``, the parts it joins, how
+    many tokens stand for one image, and config fields of its own."""
+
+    model_type: str
+    text: str
+    vision: str
+    image_tokens: int
+    extra: tuple[tuple[str, object], ...] = ()
+
+
+IMAGE_TOKEN = 511  # the last id of the tiny tokenizer's 512, kept out of random text
+TINY_VLMS: dict[str, TinyVLM] = {
+    # every patch of the SigLIP tower becomes a token (4 x 4 patches)
+    "llava": TinyVLM(
+        "llava", "llama", "siglip_vision_model", 16, (("vision_feature_select_strategy", "full"),)
+    ),
+    # CLIP's class token dropped ("default" strategy), the patches kept
+    "llava_clip": TinyVLM("llava", "llama", "clip_vision_model", 16),
+    # the patches pooled 2 x 2 into 4 tokens
+    "gemma3": TinyVLM("gemma3", "gemma3_text", "siglip_vision_model", 4, (("mm_tokens_per_image", 4),)),
+    # pixel shuffle by 2: 16 patches -> 4 tokens
+    "idefics3": TinyVLM("idefics3", "llama", "idefics3_vision", 4, (("scale_factor", 2),)),
+}
+
+
+def _vision_config(name: str) -> PretrainedConfig:
+    if name == "idefics3_vision":
+        return AutoConfig.for_model(
+            name,
+            hidden_size=HIDDEN,
+            intermediate_size=INTERMEDIATE,
+            num_hidden_layers=2,
+            num_attention_heads=HEADS,
+            image_size=IMAGE_SIZE,
+            patch_size=8,
+        )
+    return tiny_vision_config(name)
+
+
+def tiny_vlm_config(name: str) -> PretrainedConfig:
+    """The config of the tiny vision-language model ``name`` (a key of :data:`TINY_VLMS`)."""
+    if name not in TINY_VLMS:
+        raise LrquantError(f"no tiny vision-language model '{name}'; available: {', '.join(TINY_VLMS)}")
+    spec = TINY_VLMS[name]
+    token_key = "image_token_id" if spec.model_type == "idefics3" else "image_token_index"
+    config = AutoConfig.for_model(
+        spec.model_type,
+        text_config=tiny_config(spec.text).to_dict(),
+        vision_config=_vision_config(spec.vision).to_dict(),
+        vision_feature_layer=-1,
+        **{token_key: IMAGE_TOKEN},
+        **dict(spec.extra),
+    )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def tiny_vlm_model(name: str, seed: int = 0) -> nn.Module:
+    """A tiny random ``*ForConditionalGeneration`` of ``name`` in fp32, eval mode."""
+    config = tiny_vlm_config(name)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed + 1)
+    gemma = TINY_VLMS[name].text.startswith("gemma")  # Gemma's norms compute x * (1 + w)
+    for module in model.model.children():
+        _perturb_norms(module, plus_one=gemma and "Vision" not in type(module).__name__, generator=generator)
+    return model.eval()
+
+
+def tiny_vlm_inputs(name: str, batch: int, text_tokens: int, generator: torch.Generator) -> dict:
+    """Model inputs of ``batch`` samples: a BOS, one image's tokens, then ``text_tokens`` random
+    text tokens; and a random image per sample."""
+    spec = TINY_VLMS[name]
+    text = torch.randint(3, IMAGE_TOKEN, (batch, text_tokens), generator=generator)
+    image = torch.full((batch, spec.image_tokens), IMAGE_TOKEN)
+    ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), image, text], dim=1)
+    pixels = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    if spec.model_type == "idefics3":  # one image per sample, in a list of images
+        pixels = pixels[:, None]
+    return {"input_ids": ids, "pixel_values": pixels}
