@@ -1,18 +1,30 @@
-"""Vision-language models as data: each family's language model and vision tower found through
-the parts map, and LRQuant+'s transforms exact on both, run on image and text together."""
+"""Vision-language models: each family's language model and vision tower found through the parts
+map, LRQuant+'s transforms exact on both under image and text together; a tiny LLaVA quantized on
+image-text pairs, saved, reloaded, evaluated and resumed; bad pairs refused in one line."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from helpers import rel_err
+from PIL import Image
+from safetensors.torch import load_file
 from test_transforms import first_projection, perturb, random_stats
 
+from lrquant import api
 from lrquant.arch.vision_language import get_vision_language_spec
+from lrquant.cli import main
 from lrquant.config import build_scheme
 from lrquant.errors import LrquantError
-from lrquant.models.tiny_vlm import IMAGE_TOKEN, TINY_VLMS, tiny_vlm_inputs, tiny_vlm_model
+from lrquant.methods.capture import capture_block_inputs
+from lrquant.methods.resume import ResumeStore
+from lrquant.models.loading import load_model
+from lrquant.models.tiny_vlm import IMAGE_TOKEN, TINY_VLMS, save_tiny_vlm, tiny_vlm_inputs, tiny_vlm_model
 from lrquant.quant.apply import attach_block_quantizers, use_quantized_attention
+from lrquant.quant.linear import QuantLinear
 from lrquant.transforms.block import (
     AttentionLayout,
     TransformOptions,
@@ -40,7 +52,7 @@ def test_parts_are_found_where_the_spec_says(name: str) -> None:
         assert model.get_submodule(language.final_norm) is model.get_submodule(spec.language).norm
         assert model.get_submodule(language.embedding).num_embeddings == model.config.text_config.vocab_size
     assert isinstance(model.get_submodule(spec.projector), torch.nn.Module)
-    assert language.modality == "text" and vision.modality == "image" and vision.heads == ()
+    assert language.modality == "image-text" and vision.modality == "image" and vision.heads == ()
 
 
 @pytest.mark.parametrize("name", sorted(TINY_VLMS))
@@ -88,3 +100,152 @@ def test_unknown_family_is_refused_in_one_line() -> None:
         LrquantError, match="unsupported vision-language architecture 'blip'; supported: gemma3, idefics3"
     ):
         get_vision_language_spec("blip")
+
+
+# ------------------------------------------------------------------ the pipeline on a tiny LLaVA
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of 8 image-text pairs (random images, texts of words)."""
+    folder = tmp_path_factory.mktemp("pairs")
+    rng = np.random.default_rng(0)
+    words = "a red cat sits on the mat while the dog sleeps near a blue door".split()
+    for i in range(8):
+        Image.fromarray((rng.random((40, 48, 3)) * 255).astype(np.uint8)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(" ".join(rng.choice(words, 6 + i)))
+    return folder
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_clip"])
+def llava(request, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_vlm(request.param, tmp_path_factory.mktemp(request.param) / "model")
+
+
+def _data(pairs: Path, **kw) -> api.DataSettings:
+    return api.DataSettings(calib=str(pairs), eval=str(pairs), nsamples=4, seqlen=64, **kw)
+
+
+def test_blocks_learn_on_the_hidden_states_of_image_and_text(llava: Path, pairs: Path) -> None:
+    loaded = load_model(str(llava))
+    assert loaded.arch.modality == "image-text" and loaded.processor is not None
+    calibration = api.calibration_data(loaded, _data(pairs), 4)
+    ids = calibration["input_ids"]
+    assert ((ids == IMAGE_TOKEN).sum(dim=1) == 16).all()  # every sample holds its image's 16 tokens
+    hidden = capture_block_inputs(loaded.model, loaded.arch, calibration)
+    assert hidden.shape == (4, ids.shape[1], loaded.model.config.text_config.hidden_size)
+    # the image tokens' hidden states are the projected image features, not the marker's embedding
+    marker = loaded.model.get_input_embeddings().weight[IMAGE_TOKEN]
+    assert not torch.allclose(hidden[0, 1], marker)
+
+
+def test_quantize_save_reload_and_evaluate(llava: Path, pairs: Path, tmp_path: Path) -> None:
+    report = api.quantize(
+        str(llava), tmp_path / "out", build_scheme(4, 4), "auto", "fast", {"epochs": 1, "compile": False},
+        _data(pairs),
+    )  # fmt: skip
+    assert report["model"]["modality"] == "image-text" and report["rule"]["when"] == "vision-language model"
+    assert report["recipe"]["hadamard"] == "off"  # the projector is not covered by the rotations
+    assert report["data"]["eval_pairs"] == 8 and report["data"]["seqlen"] < 64
+    ppl = report["perplexity"]
+    assert ppl["quantized"] != ppl["fp"] and 0 < report["fidelity"]["kl"] < 1
+    assert [b["index"] for b in report["blocks"]] == [0, 1]
+    again = api.evaluate(str(tmp_path / "out"), api.DataSettings(eval=str(pairs)))
+    assert again["scheme"] == "W4A4" and again["reference"] == str(llava)
+    assert again["perplexity"] == pytest.approx(ppl["quantized"], rel=1e-5)
+    assert again["kl"] == pytest.approx(report["fidelity"]["kl"], rel=1e-4)
+    reloaded = load_model(str(tmp_path / "out"))
+    assert isinstance(reloaded.model.get_submodule(f"{reloaded.arch.blocks[0]}.0.mlp.up_proj"), QuantLinear)
+
+
+def test_an_interrupted_run_resumes_to_the_same_checkpoint(
+    llava: Path, pairs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def run(out: Path) -> dict:
+        return api.quantize(
+            str(llava), out, build_scheme(4, 16), "lrquant_plus", "fast", {"epochs": 1, "compile": False},
+            _data(pairs), run_eval=False,
+        )  # fmt: skip
+
+    run(tmp_path / "a")
+    original = ResumeStore.save_block
+
+    def save_then_stop(self, i, block, state, report) -> None:
+        original(self, i, block, state, report)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ResumeStore, "save_block", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+    run(tmp_path / "b")
+    expected, got = (
+        load_file(tmp_path / "a" / "model.safetensors"),
+        load_file(tmp_path / "b" / "model.safetensors"),
+    )
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[key], value) for key, value in expected.items())
+
+
+def _write(folder: Path, files: dict[str, str | None]) -> Path:
+    folder.mkdir()
+    for name, text in files.items():
+        if text is None:
+            Image.new("RGB", (8, 8), (10, 20, 30)).save(folder / name)
+        else:
+            (folder / name).write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"a.png": None}, "image '.*a.png' has no text: add 'a.txt' beside it"),
+        ({"a.png": None, "a.txt": "a cat", "b.txt": "a dog"}, "text '.*b.txt' has no image of the same name"),
+        ({"a.png": "not an image", "a.txt": "a cat"}, "cannot read image '.*a.png'"),
+        ({"a.png": None, "a.txt": "  "}, "'.*a.txt' is empty"),
+        ({"p.jsonl": '{"image": "gone.png", "text": "a cat"}'}, "line 1: image '.*gone.png' not found"),
+        ({"p.jsonl": '{"image": "x.png"}'}, "line 1 needs an \"image\" path and a \"text\""),
+        ({"p.jsonl": "{oops"}, "line 1 is not JSON"),
+    ],
+    ids=["image-without-text", "text-without-image", "corrupt-image", "empty-text", "jsonl-missing-image",
+         "jsonl-no-text", "jsonl-not-json"],
+)  # fmt: skip
+def test_bad_pairs_are_refused_in_one_line_and_nothing_is_written(
+    llava: Path, tmp_path: Path, files: dict, message: str
+) -> None:
+    folder = _write(tmp_path / "pairs", files)
+    source = folder / "p.jsonl" if "p.jsonl" in files else folder
+    with pytest.raises(LrquantError, match=message):
+        data = api.DataSettings(calib=str(source))
+        api.quantize(
+            str(llava), tmp_path / "out", build_scheme(4, 16), "lrquant_plus", data=data, run_eval=False
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_without_pairs_or_with_too_short_windows_is_refused(
+    llava: Path, pairs: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(LrquantError, match="calibrates on image-text pairs: give --calib-data"):
+        api.quantize(str(llava), tmp_path / "out", build_scheme(4, 16), "lrquant_plus", run_eval=False)
+    with pytest.raises(LrquantError, match="--seqlen 8 cuts into the image's tokens"):
+        api.quantize(str(llava), tmp_path / "out", build_scheme(4, 16), "lrquant_plus",
+                     data=api.DataSettings(calib=str(pairs), seqlen=8), run_eval=False)  # fmt: skip
+    with pytest.raises(LrquantError, match="evaluated on image-text pairs: give --eval-data"):
+        api.quantize(str(llava), tmp_path / "out", build_scheme(4, 16), "rtn")
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_quantizes_and_evaluates_a_vision_language_model(
+    llava: Path, pairs: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "out"
+    flags = ["--nsamples", "4", "--seqlen", "64", "--preset", "fast", "--set", "epochs=1"]
+    assert main(["quantize", "--model", str(llava), "--output", str(out), "--wbits", "4",
+                 "--calib-data", str(pairs), "--eval-data", str(pairs), *flags]) == 0  # fmt: skip
+    assert "auto W4A16: perplexity fp" in capsys.readouterr().out
+    assert main(["eval", "--model", str(out), "--data", str(pairs)]) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "on the texts of 8 image-text pairs" in printed and "KL" in printed

@@ -412,7 +412,14 @@ def quantize(
             f"any earlier output is unchanged and {kept}: free space and rerun the same command",
         ):
             save_quantized(
-                out.tmp, loaded.model, loaded.tokenizer, loaded.arch, scheme, method, loaded.path, source_name
+                out.tmp,
+                loaded.model,
+                loaded.processor or loaded.tokenizer,  # a processor saves its tokenizer too
+                loaded.arch,
+                scheme,
+                method,
+                loaded.path,
+                source_name,
             )
             lap("save")
             report = {

@@ -66,7 +66,8 @@ def _add_data_args(parser: argparse.ArgumentParser, eval_flag: str) -> None:
         "wikipedia:test). Images: comma-separated sets, each a folder (class subfolders for "
         "labels) or photos, photos:heldout, digits, lfw (digits:N, lfw:N: a seeded N of them), "
         "with an optional @SIZE (default: "
-        "photos:heldout,digits@112,lfw@112)",
+        "photos:heldout,digits@112,lfw@112). Vision-language models: image-text pairs, a folder "
+        '(each image with a .txt of the same name) or a .jsonl of {"image", "text"} lines',
     )
     parser.add_argument(
         "--image-size", type=int, default=None, help="input resolution of a vision model (default: its own)"
@@ -159,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--calib-data",
         default=None,
-        help="calibration data: text as for --eval-data (default: wikipedia:train), or images: a "
-        "folder or the built-in photos (default: photos)",
+        help="calibration data: text as for --eval-data (default: wikipedia:train), images: a "
+        "folder or the built-in photos (default: photos), or image-text pairs for a "
+        "vision-language model (a folder or .jsonl, as for --eval-data)",
     )
     q.add_argument(
         "--nsamples",
@@ -402,9 +404,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{result['model']} ({result['scheme']}) against {against}: {_image_summary(result['images'])}")
     else:
         against = f"; against {result['reference']}: {_fidelity(result)}" if "kl" in result else ""
+        scored = (
+            f"the texts of {result['pairs']} image-text pairs"
+            if "pairs" in result
+            else f"{result['windows']} windows of {result['seqlen']} tokens"
+        )
         print(
             f"{result['model']} ({result['scheme']}): perplexity {result['perplexity']:.3f} on "
-            f"{result['windows']} windows of {result['seqlen']} tokens from {result['data']}{against}"
+            f"{scored} from {result['data']}{against}"
         )
     return 0
 

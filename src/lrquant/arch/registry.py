@@ -35,7 +35,7 @@ class SmoothPair:
     source_rows: Literal["all", "v_of_fused_qkv"] = "all"
 
 
-Modality = Literal["text", "image"]
+Modality = Literal["text", "image", "image-text"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,13 @@ class ArchSpec:
     final_norm: str | None = None
     residual_writers: tuple[str, ...] = ()
     feature_norm: tuple[str, ...] = ()
+    # where the config of the mapped part sits in the model's (a vision-language model's
+    # "text_config"); None: the model's own config
+    config: str | None = None
+
+    def config_of(self, model: nn.Module):
+        """The config of the mapped part of ``model`` (attention heads, sizes)."""
+        return model.config if self.config is None else getattr(model.config, self.config)
 
     def named_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """Every transformer block in execution order, with its name relative to the model."""

@@ -37,7 +37,8 @@ class VisionLanguageSpec:
     def language_arch(self, config) -> ArchSpec:
         """The map of the language model (``config.text_config``'s family), re-rooted: a text
         map's paths start at its base model (``model.``), here at :attr:`language`; the head
-        stays at the top (``lm_head``)."""
+        stays at the top (``lm_head``). Its modality is ``image-text``: it learns on what images
+        and text produce together."""
         text = get_arch_spec(config.text_config.model_type)
         move = lambda path: _reroot(path, "model", self.language)  # noqa: E731
         return replace(
@@ -46,6 +47,8 @@ class VisionLanguageSpec:
             blocks=tuple(move(p) for p in text.blocks),
             embedding=None if text.embedding is None else move(text.embedding),
             final_norm=None if text.final_norm is None else move(text.final_norm),
+            modality="image-text",
+            config="text_config",
         )
 
     def vision_arch(self, config) -> ArchSpec:
@@ -59,6 +62,7 @@ class VisionLanguageSpec:
             blocks=tuple(move(p) for p in tower.blocks),
             feature_norm=tuple(move(p) for p in tower.feature_norm),
             heads=(),
+            config="vision_config",
         )
 
 
@@ -72,6 +76,7 @@ VISION_LANGUAGE_SPECS: tuple[VisionLanguageSpec, ...] = (
     VisionLanguageSpec(("idefics3", "smolvlm"), "model.text_model", "model.vision_model", "model.connector"),
 )
 _BY_TYPE = {t: spec for spec in VISION_LANGUAGE_SPECS for t in spec.model_types}
+VISION_LANGUAGE_TYPES = frozenset(_BY_TYPE)
 
 
 def get_vision_language_spec(model_type: str) -> VisionLanguageSpec:

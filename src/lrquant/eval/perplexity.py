@@ -18,6 +18,8 @@ def score_windows(
     batch_size: int = 1,
     desc: str = "perplexity",
     reference: torch.nn.Module | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
+    scored: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """``perplexity``: exp(mean next-token negative log-likelihood) over every predicted token of
     ``windows``; with a ``reference`` model (the full-precision one), also, on the same predicted
@@ -26,7 +28,10 @@ def score_windows(
     both put the same token first (what llama.cpp's users compare quantizations by).
 
     ``windows`` is ``[n, seqlen]``; each window is scored on its own (no state carried between
-    windows), and position 0 (the BOS token when present) is context only.
+    windows), and position 0 (the BOS token when present) is context only. ``extra`` holds more
+    model inputs per window (a vision-language model's ``pixel_values``); ``scored`` (``[n,
+    seqlen]``, bool) marks the tokens that count as predictions (a vision-language model's text,
+    not its image tokens or padding); by default every token after the first.
     """
     model.eval()
     device = module_device(model)
@@ -36,13 +41,23 @@ def score_windows(
     nll, kl, agree, count = 0.0, 0.0, 0, 0
     with Progress(windows.shape[0], desc, "windows") as bar:
         for start in range(0, windows.shape[0], batch_size):
-            batch = windows[start : start + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
-            count += batch[:, 1:].numel()
+            rows = slice(start, start + batch_size)
+            batch = windows[rows].to(device)
+            inputs = {name: t[rows] for name, t in (extra or {}).items()}
+            # the predictions that count, as [tokens, vocab], and their targets
+            pick = (
+                (lambda t: t.flatten(0, 1))
+                if scored is None
+                else (lambda t, m=scored[rows, 1:]: t[m.to(t.device)])
+            )
+            out = model(input_ids=batch, use_cache=False, **{k: v.to(device) for k, v in inputs.items()})
+            logits, targets = pick(out.logits[:, :-1].float()), pick(batch[:, 1:])
+            nll += F.cross_entropy(logits, targets, reduction="sum").item()
+            count += targets.numel()
             if reference is not None:
-                ref = reference(input_ids=batch.to(ref_device), use_cache=False).logits[:, :-1]
-                ref = ref.float().to(device)
+                ref_inputs = {k: v.to(ref_device) for k, v in inputs.items()}
+                ref = reference(input_ids=batch.to(ref_device), use_cache=False, **ref_inputs).logits[:, :-1]
+                ref = pick(ref.float().to(device))
                 log_p, log_q = F.log_softmax(ref, dim=-1), F.log_softmax(logits, dim=-1)
                 kl += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
                 agree += int((ref.argmax(-1) == logits.argmax(-1)).sum())

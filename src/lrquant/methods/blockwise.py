@@ -136,7 +136,7 @@ class Learner:
     ) -> Learner:
         """The learner for ``recipe``; refuses impossible settings before any work."""
         options = transform_options(recipe, arch)
-        return cls(arch, model.config, scheme, recipe, options, seed, bits_lr_factor(recipe, scheme))
+        return cls(arch, arch.config_of(model), scheme, recipe, options, seed, bits_lr_factor(recipe, scheme))
 
 
 @dataclass

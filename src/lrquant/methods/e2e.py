@@ -29,6 +29,7 @@ import torch.nn as nn
 from lrquant.arch import ArchSpec
 from lrquant.config import QuantScheme, QuantSpec
 from lrquant.console import log
+from lrquant.data import samples
 from lrquant.device import placed
 from lrquant.modalities import LastHidden, modality_of
 from lrquant.quant.gptq import WeightRounding
@@ -196,7 +197,7 @@ def run_end_to_end(
     device = device or torch.device("cpu")
     windows, hidden = calibration, fp_hidden
     if extra is not None:
-        windows, hidden = torch.cat([windows, extra[0]]), torch.cat([hidden, extra[1].to(device)])
+        windows, hidden = samples.cat([windows, extra[0]]), torch.cat([hidden, extra[1].to(device)])
     n = recipe.e2e_samples or calibration.shape[0]
     with placed(model, device):
         return tune_step_sizes(model, arch, windows[:n], hidden[:n], recipe, seed, device)

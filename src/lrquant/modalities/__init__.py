@@ -6,9 +6,10 @@ from __future__ import annotations
 from lrquant.errors import LrquantError
 from lrquant.modalities.base import Evaluation, LastHidden, Modality, Rule, Situation, last_module
 from lrquant.modalities.image import Image
+from lrquant.modalities.image_text import ImageText
 from lrquant.modalities.text import Text
 
-MODALITIES: dict[str, Modality] = {m.name: m for m in (Text(), Image())}
+MODALITIES: dict[str, Modality] = {m.name: m for m in (Text(), Image(), ImageText())}
 
 
 def modality_named(name: str) -> Modality:

@@ -182,6 +182,6 @@ class Text(Modality):
 
 def _check_seqlen(loaded: LoadedModel, seqlen: int) -> None:
     # Learned position embeddings (OPT) fail with an IndexError past the model's context.
-    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    limit = getattr(loaded.arch.config_of(loaded.model), "max_position_embeddings", None)
     if isinstance(limit, int) and seqlen > limit:
         raise LrquantError(f"--seqlen {seqlen} is longer than the model's context of {limit} tokens")

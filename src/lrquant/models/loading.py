@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from lrquant.arch import ArchSpec, get_arch_spec
+from lrquant.arch.vision_language import VISION_LANGUAGE_TYPES, get_vision_language_spec
 from lrquant.checkpoint import read_input_rotations, read_scheme
 from lrquant.config import QuantScheme
 from lrquant.console import log
@@ -61,6 +62,7 @@ class LoadedModel:
     path: Path
     scheme: QuantScheme | None = None
     preprocess: ImagePreprocess | None = None
+    processor: object | None = None  # a vision-language model's (its tokenizer is ``tokenizer``)
 
     @property
     def model_type(self) -> str:
@@ -112,11 +114,16 @@ def load_model(
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise LrquantError(f"cannot read the config of '{path}': {_first_line(err)}") from None
-    arch = get_arch_spec(getattr(config, "model_type", "unknown"))
+    arch = _arch(config)
+    processor = _processor(path, trust_remote_code) if arch.modality == "image-text" else None
     tokenizer = _tokenizer(path, trust_remote_code) if arch.modality == "text" else None
+    if processor is not None:
+        tokenizer = processor.tokenizer
     try:
         if arch.modality == "image":
             model = _vision_model(path, config, dtype, trust_remote_code)
+        elif arch.modality == "image-text":
+            model = _vision_language_model(path, dtype, trust_remote_code)
         else:
             model = _language_model(path, dtype, trust_remote_code)
     except (OSError, ValueError, RuntimeError) as err:
@@ -136,6 +143,7 @@ def load_model(
         path=path,
         scheme=scheme,
         preprocess=preprocess,
+        processor=processor,
     )
 
 
@@ -183,6 +191,46 @@ def _tokenizer(path: Path, trust_remote_code: bool) -> object:
             f"cannot load the tokenizer of '{path}' from {', '.join(files)} ({type(err).__name__}: "
             f"{_first_line(err)}): they are damaged or incomplete; copy or re-create them"
         ) from None
+
+
+def _arch(config) -> ArchSpec:
+    """The map of what gets quantized: the model's own, or a vision-language model's language
+    model (:mod:`lrquant.arch.vision_language`)."""
+    model_type = getattr(config, "model_type", "unknown")
+    if model_type in VISION_LANGUAGE_TYPES:
+        return get_vision_language_spec(model_type).language_arch(config)
+    return get_arch_spec(model_type)
+
+
+def _processor(path: Path, trust_remote_code: bool) -> object:
+    """A vision-language model's processor (tokenizer and image processing), refused in one line
+    when the folder has none."""
+    from transformers import AutoProcessor
+
+    if not (path / "processor_config.json").is_file() and not (path / "preprocessor_config.json").is_file():
+        raise LrquantError(
+            f"'{path}' has no processor_config.json or preprocessor_config.json: a vision-language "
+            "model needs its processor; copy the files that came with the model"
+        )
+    try:
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # transformers and tokenizers raise many kinds for damaged files
+        raise LrquantError(
+            f"cannot load the processor of '{path}' ({type(err).__name__}: {_first_line(err)}): "
+            "its files are damaged or incomplete; copy or re-create them"
+        ) from None
+
+
+def _vision_language_model(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoModelForImageTextToText
+
+    return _from_pretrained(
+        AutoModelForImageTextToText,
+        path,
+        dtype=dtype,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+    )
 
 
 def _language_model(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:

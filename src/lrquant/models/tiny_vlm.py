@@ -7,14 +7,16 @@ patches of 8), with seeded weights and perturbed norms so equivalence transforms
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig
 
 from lrquant.errors import LrquantError
-from lrquant.models.tiny import _perturb_norms, tiny_config
+from lrquant.models.tiny import _perturb_norms, tiny_config, tiny_tokenizer
 from lrquant.models.tiny_vision import HEADS, HIDDEN, IMAGE_SIZE, INTERMEDIATE, tiny_vision_config
 
 
@@ -30,7 +32,8 @@ class TinyVLM:
     extra: tuple[tuple[str, object], ...] = ()
 
 
-IMAGE_TOKEN = 511  # the last id of the tiny tokenizer's 512, kept out of random text
+IMAGE_MARKER = "<image>"
+IMAGE_TOKEN = 512  # the marker's id: the tiny tokenizer's 512 tokens, then the marker
 TINY_VLMS: dict[str, TinyVLM] = {
     # every patch of the SigLIP tower becomes a token (4 x 4 patches)
     "llava": TinyVLM(
@@ -65,9 +68,11 @@ def tiny_vlm_config(name: str) -> PretrainedConfig:
         raise LrquantError(f"no tiny vision-language model '{name}'; available: {', '.join(TINY_VLMS)}")
     spec = TINY_VLMS[name]
     token_key = "image_token_id" if spec.model_type == "idefics3" else "image_token_index"
+    text = tiny_config(spec.text).to_dict()
+    text["vocab_size"] = IMAGE_TOKEN + 1
     config = AutoConfig.for_model(
         spec.model_type,
-        text_config=tiny_config(spec.text).to_dict(),
+        text_config=text,
         vision_config=_vision_config(spec.vision).to_dict(),
         vision_feature_layer=-1,
         **{token_key: IMAGE_TOKEN},
@@ -87,6 +92,43 @@ def tiny_vlm_model(name: str, seed: int = 0) -> nn.Module:
     for module in model.model.children():
         _perturb_norms(module, plus_one=gemma and "Vision" not in type(module).__name__, generator=generator)
     return model.eval()
+
+
+def tiny_vlm_processor(name: str):
+    """The processor of a tiny LLaVA (``llava``, ``llava_clip``): the tiny tokenizer with the
+    image marker added, and the tower's image processing at 32 x 32."""
+    from transformers import CLIPImageProcessor, LlavaProcessor, SiglipImageProcessorPil
+
+    spec = TINY_VLMS[name]
+    if spec.model_type != "llava":
+        raise LrquantError(f"no tiny processor for '{name}' yet; available: llava, llava_clip")
+    tokenizer = copy.deepcopy(tiny_tokenizer())
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_MARKER]})
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    if spec.vision == "clip_vision_model":
+        images = CLIPImageProcessor(size=size, crop_size=size, do_center_crop=False)
+        strategy, extra = "default", 1  # CLIP's class token is made, then dropped
+    else:
+        images = SiglipImageProcessorPil(size=size)
+        strategy, extra = "full", 0
+    return LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=extra,
+        image_token=IMAGE_MARKER,
+    )
+
+
+def save_tiny_vlm(name: str, path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny LLaVA (safetensors) and its processor to ``path``; return the path."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    processor = tiny_vlm_processor(name)
+    tiny_vlm_model(name, seed).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
 
 
 def tiny_vlm_inputs(name: str, batch: int, text_tokens: int, generator: torch.Generator) -> dict:

@@ -55,6 +55,11 @@ def check_hadamard_supported(arch: ArchSpec) -> None:
             f"hadamard rotations cover decoders with plain RMSNorm (Llama, Mistral, Qwen, ...), "
             f"not model type '{arch.model_types[0]}': use --set hadamard=off"
         )
+    if arch.modality == "image-text":  # image embeddings enter the stream from the projector
+        raise LrquantError(
+            "the residual-stream hadamard rotations do not cover a vision-language model's projector "
+            "yet: use --set hadamard=down or off"
+        )
 
 
 def _set(linear: nn.Linear, weight: torch.Tensor) -> None:

@@ -1,0 +1,166 @@
+"""Vision-language models: an image and a text in (the image's tokens among the text's), the
+next-token distribution out. The language model is what gets quantized; its block-wise learning
+runs on the hidden states that image and text together produce."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+
+from lrquant.console import log
+from lrquant.data.pairs import load_pairs
+from lrquant.data.samples import Sample, Samples
+from lrquant.device import placed
+from lrquant.errors import LrquantError
+from lrquant.eval.perplexity import score_windows
+from lrquant.modalities.base import Evaluation, Rule
+from lrquant.modalities.text import Text
+
+if TYPE_CHECKING:
+    from lrquant.api import DataSettings
+    from lrquant.models.loading import LoadedModel
+
+# Not measured on a vision-language model yet: LRQuant+ as published.
+IMAGE_TEXT_RULES: tuple[Rule, ...] = (
+    Rule(
+        "vision-language model",
+        lambda s: True,
+        {},
+        "LRQuant+ as published: no setting has been measured better on a vision-language model yet",
+    ),
+)
+
+
+class ImageText(Text):
+    """Image-text pairs in; the end-to-end loss is the language model's (:class:`Text`)."""
+
+    name = "image-text"
+    default_calib = ""  # no built-in pairs yet: --calib-data is needed
+    default_eval = ""
+    rules = IMAGE_TEXT_RULES
+
+    def settings(self, data: DataSettings, loaded: LoadedModel) -> DataSettings:
+        if data.image_size is not None:
+            raise LrquantError(
+                "--image-size does not apply to a vision-language model: its processor sets the resolution"
+            )
+        return super().settings(data, loaded)
+
+    def calibration(self, loaded: LoadedModel, data: DataSettings, n: int) -> Samples:
+        """``n`` seeded pairs, each run through the model's processor (the image marker first,
+        then the text), cut to ``seqlen`` tokens and padded at the end to the longest."""
+        if not data.calib:
+            raise LrquantError(
+                "a vision-language model calibrates on image-text pairs: give --calib-data, a folder "
+                'of images each with a .txt of the same name, or a .jsonl of {"image", "text"} lines'
+            )
+        return encode_pairs(loaded, load_pairs(data.calib, n, data.seed), data.seqlen)
+
+    def model_inputs(self, sample: Sample) -> dict:
+        return {
+            "input_ids": sample["input_ids"][None],
+            "pixel_values": sample["pixel_values"][None],
+            "use_cache": False,
+        }
+
+    def evaluation(
+        self,
+        loaded: LoadedModel,
+        data: DataSettings,
+        device: torch.device,
+        full_precision: Callable[[], nn.Module],
+    ) -> Evaluation:
+        """Perplexity of the texts given their images, before and after; after, also the mean KL
+        divergence from the full-precision model on the text tokens and the top-1 agreement."""
+        pairs = self._eval_pairs(loaded, data)
+        evaluation = Evaluation(lambda: None, lambda: None, {"eval_pairs": len(pairs)})
+
+        def fp() -> float:
+            log(f"full-precision perplexity of the texts of {len(pairs)} image-text pairs")
+            with placed(loaded.model, device):
+                return _score(loaded.model, pairs, data, "fp perplexity")["perplexity"]
+
+        def quantized() -> float:
+            reference = full_precision()
+            with placed(loaded.model, device), placed(reference, device):
+                scores = _score(loaded.model, pairs, data, "quantized perplexity", reference)
+            evaluation.fidelity.update(kl=scores["kl"], top1_agreement=scores["top1_agreement"])
+            return scores["perplexity"]
+
+        evaluation.fp, evaluation.quantized = fp, quantized
+        return evaluation
+
+    def evaluate(
+        self, loaded: LoadedModel, data: DataSettings, reference: nn.Module | None, device: torch.device
+    ) -> dict:
+        """Perplexity of the texts given their images; with ``reference``, KL divergence from it
+        and top-1 agreement, on the text tokens."""
+        pairs = self._eval_pairs(loaded, data)
+        with (
+            placed(loaded.model, device),
+            placed(reference, device) if reference is not None else nullcontext(),
+        ):
+            scores = _score(loaded.model, pairs, data, "perplexity", reference)
+        return {"pairs": len(pairs), **scores}
+
+    def data_report(self, data: DataSettings, calibration) -> dict:
+        return {"seqlen": None if calibration is None else calibration["input_ids"].shape[1]}
+
+    def _eval_pairs(self, loaded: LoadedModel, data: DataSettings) -> Samples:
+        if not data.eval:
+            raise LrquantError(
+                "a vision-language model is evaluated on image-text pairs: give --eval-data (a folder "
+                "of images each with a .txt, or a .jsonl), or skip the evaluation with --no-eval"
+            )
+        return encode_pairs(loaded, load_pairs(data.eval, data.eval_windows, data.seed), data.seqlen)
+
+
+def _score(model: nn.Module, pairs: Samples, data: DataSettings, desc: str, reference=None) -> dict:
+    return score_windows(
+        model,
+        pairs["input_ids"],
+        data.batch_size,
+        desc,
+        reference,
+        extra={"pixel_values": pairs["pixel_values"]},
+        scored=pairs["text_mask"],
+    )
+
+
+def encode_pairs(loaded: LoadedModel, pairs, seqlen: int) -> Samples:
+    """Token ids ``[n, L]`` and pixels ``[n, 3, H, W]`` of ``pairs`` through ``loaded.processor``.
+
+    Every sample gets the same length ``L`` (the longest, at most ``seqlen``; shorter ones padded
+    at the end with the end-of-text token), because a block is replayed with the attention mask
+    and positions of the first sample; padding at the end changes no earlier token's output.
+    ``text_mask`` marks the text's own tokens (not the image's, not the padding): what
+    evaluation scores."""
+    processor = loaded.processor
+    marker = getattr(processor, "image_token", None)
+    if marker is None:
+        raise LrquantError(
+            f"the processor of '{loaded.name}' names no image token: it cannot place the image"
+        )
+    image_id = processor.tokenizer.convert_tokens_to_ids(marker)
+    ids, pixels = [], []
+    for pair in pairs:
+        out = processor(images=pair.image, text=marker + pair.text, return_tensors="pt")
+        row = out["input_ids"][0]
+        if (row[:seqlen] == image_id).sum() != (row == image_id).sum():
+            raise LrquantError(f"--seqlen {seqlen} cuts into the image's tokens: give a longer --seqlen")
+        ids.append(row[:seqlen])
+        pixels.append(out["pixel_values"][0])
+    length = max(len(row) for row in ids)
+    pad = processor.tokenizer.eos_token_id
+    if pad is None:
+        pad = processor.tokenizer.pad_token_id or 0
+    padded = torch.full((len(ids), length), pad, dtype=torch.long)
+    text = torch.zeros((len(ids), length), dtype=torch.bool)  # the text's own tokens
+    for i, row in enumerate(ids):
+        padded[i, : len(row)] = row
+        text[i, : len(row)] = row != image_id
+    return Samples({"input_ids": padded, "pixel_values": torch.stack(pixels), "text_mask": text})
