@@ -179,3 +179,26 @@ def test_setting_names_take_clipping_and_rotated_qkv_in_either_order(monkeypatch
     for bad in ("W4A5", "W4A4-x", "W4A4-cfast"):
         with pytest.raises((KeyError, ValueError)):
             setting_kwargs(SETTINGS, bad)
+
+
+def test_stage_time_runs_on_a_tiny_llm(tiny_llama, tmp_path) -> None:
+    args = [
+        "--model",
+        str(tiny_llama),
+        "--seqlen",
+        "32",
+        "--blocks",
+        "1",
+        "--wbits",
+        "3",
+        "--set",
+        "compile=false",
+    ]
+    out = run_script("stage_time.py", args, tmp_path)
+    rows_ = {
+        line.split("|")[1].strip(): float(line.split("|")[2])
+        for line in out.splitlines()
+        if line.startswith("| ") and "---" not in line and "stage" not in line
+    }
+    assert rows_["train"] > 0 and rows_["search clipping"] > 0  # the weight-only rule searches clipping
+    assert rows_["the whole block"] >= rows_["train"]
