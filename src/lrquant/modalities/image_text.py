@@ -4,20 +4,16 @@ runs on the hidden states that image and text together produce."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from lrquant.console import log
 from lrquant.data.pairs import load_pairs
 from lrquant.data.samples import Sample, Samples
-from lrquant.device import placed
 from lrquant.errors import LrquantError
 from lrquant.eval.perplexity import score_windows
-from lrquant.modalities.base import Evaluation, Rule
+from lrquant.modalities.base import Rule
 from lrquant.modalities.text import Text
 
 if TYPE_CHECKING:
@@ -67,50 +63,8 @@ class ImageText(Text):
             "use_cache": False,
         }
 
-    def evaluation(
-        self,
-        loaded: LoadedModel,
-        data: DataSettings,
-        device: torch.device,
-        full_precision: Callable[[], nn.Module],
-    ) -> Evaluation:
-        """Perplexity of the texts given their images, before and after; after, also the mean KL
-        divergence from the full-precision model on the text tokens and the top-1 agreement."""
-        pairs = self._eval_pairs(loaded, data)
-        evaluation = Evaluation(lambda: None, lambda: None, {"eval_pairs": len(pairs)})
-
-        def fp() -> float:
-            log(f"full-precision perplexity of the texts of {len(pairs)} image-text pairs")
-            with placed(loaded.model, device):
-                return _score(loaded.model, pairs, data, "fp perplexity")["perplexity"]
-
-        def quantized() -> float:
-            reference = full_precision()
-            with placed(loaded.model, device), placed(reference, device):
-                scores = _score(loaded.model, pairs, data, "quantized perplexity", reference)
-            evaluation.fidelity.update(kl=scores["kl"], top1_agreement=scores["top1_agreement"])
-            return scores["perplexity"]
-
-        evaluation.fp, evaluation.quantized = fp, quantized
-        return evaluation
-
-    def evaluate(
-        self, loaded: LoadedModel, data: DataSettings, reference: nn.Module | None, device: torch.device
-    ) -> dict:
-        """Perplexity of the texts given their images; with ``reference``, KL divergence from it
-        and top-1 agreement, on the text tokens."""
-        pairs = self._eval_pairs(loaded, data)
-        with (
-            placed(loaded.model, device),
-            placed(reference, device) if reference is not None else nullcontext(),
-        ):
-            scores = _score(loaded.model, pairs, data, "perplexity", reference)
-        return {"pairs": len(pairs), **scores}
-
-    def data_report(self, data: DataSettings, calibration) -> dict:
-        return {"seqlen": None if calibration is None else calibration["input_ids"].shape[1]}
-
-    def _eval_pairs(self, loaded: LoadedModel, data: DataSettings) -> Samples:
+    def eval_samples(self, loaded: LoadedModel, data: DataSettings) -> Samples:
+        """What evaluation scores: the evaluation pairs, encoded as for calibration."""
         if not data.eval:
             raise LrquantError(
                 "a vision-language model is evaluated on image-text pairs: give --eval-data (a folder "
@@ -118,17 +72,26 @@ class ImageText(Text):
             )
         return encode_pairs(loaded, load_pairs(data.eval, data.eval_windows, data.seed), data.seqlen)
 
+    def described(self, samples: Samples, data: DataSettings) -> dict:
+        return {"pairs": len(samples)}
 
-def _score(model: nn.Module, pairs: Samples, data: DataSettings, desc: str, reference=None) -> dict:
-    return score_windows(
-        model,
-        pairs["input_ids"],
-        data.batch_size,
-        desc,
-        reference,
-        extra={"pixel_values": pairs["pixel_values"]},
-        scored=pairs["text_mask"],
-    )
+    def score(
+        self, model: nn.Module, samples: Samples, data: DataSettings, desc: str, reference=None
+    ) -> dict:
+        """Perplexity of the texts given their images (their own tokens only); with
+        ``reference``, KL and top-1 agreement on the same tokens."""
+        return score_windows(
+            model,
+            samples["input_ids"],
+            data.batch_size,
+            desc,
+            reference,
+            extra={"pixel_values": samples["pixel_values"]},
+            scored=samples["text_mask"],
+        )
+
+    def data_report(self, data: DataSettings, calibration) -> dict:
+        return {"seqlen": None if calibration is None else calibration["input_ids"].shape[1]}
 
 
 def encode_pairs(loaded: LoadedModel, pairs, seqlen: int) -> Samples:

@@ -20,7 +20,7 @@ from lrquant.data.text import (
 )
 from lrquant.device import placed
 from lrquant.errors import LrquantError
-from lrquant.eval.perplexity import perplexity, score_windows
+from lrquant.eval.perplexity import score_windows
 from lrquant.modalities.base import Evaluation, Modality, Rule
 
 if TYPE_CHECKING:
@@ -107,6 +107,18 @@ class Text(Modality):
     def model_inputs(self, sample: torch.Tensor) -> dict:
         return {"input_ids": sample[None], "use_cache": False}
 
+    def eval_samples(self, loaded: LoadedModel, data: DataSettings):
+        """What evaluation scores: the windows of the evaluation text."""
+        return self.windows(loaded, data)
+
+    def described(self, samples, data: DataSettings) -> dict:
+        """What the evaluated samples were, for the report and ``lrquant eval``."""
+        return {"seqlen": data.seqlen, "windows": samples.shape[0]}
+
+    def score(self, model: nn.Module, samples, data: DataSettings, desc: str, reference=None) -> dict:
+        """Perplexity of ``model`` on ``samples``; with ``reference``, KL and top-1 agreement."""
+        return score_windows(model, samples, data.batch_size, desc, reference)
+
     def evaluation(
         self,
         loaded: LoadedModel,
@@ -116,20 +128,20 @@ class Text(Modality):
     ) -> Evaluation:
         """Perplexity before and after; after, also the mean KL divergence from the full-precision
         model (loaded again: the one in memory is then quantized) and the top-1 agreement."""
-        windows = self.windows(loaded, data)
-        evaluation = Evaluation(lambda: None, lambda: None, {"eval_windows": windows.shape[0]})
+        samples = self.eval_samples(loaded, data)
+        about = self.described(samples, data)
+        details = {f"eval_{key}": value for key, value in about.items() if key != "seqlen"}
+        evaluation = Evaluation(lambda: None, lambda: None, details)
 
         def fp() -> float:
-            log(f"full-precision perplexity on {windows.shape[0]} windows of {data.seqlen} tokens")
+            log(f"full-precision perplexity on {_counted(about)}")
             with placed(loaded.model, device):
-                return perplexity(loaded.model, windows, data.batch_size, "fp perplexity")
+                return self.score(loaded.model, samples, data, "fp perplexity")["perplexity"]
 
         def quantized() -> float:
             reference = full_precision()
             with placed(loaded.model, device), placed(reference, device):
-                scores = score_windows(
-                    loaded.model, windows, data.batch_size, "quantized perplexity", reference
-                )
+                scores = self.score(loaded.model, samples, data, "quantized perplexity", reference)
             evaluation.fidelity.update(kl=scores["kl"], top1_agreement=scores["top1_agreement"])
             return scores["perplexity"]
 
@@ -140,13 +152,13 @@ class Text(Modality):
         self, loaded: LoadedModel, data: DataSettings, reference: nn.Module | None, device: torch.device
     ) -> dict:
         """Perplexity; with ``reference``, KL divergence from it and top-1 agreement."""
-        windows = self.windows(loaded, data)
+        samples = self.eval_samples(loaded, data)
         with (
             placed(loaded.model, device),
             placed(reference, device) if reference is not None else nullcontext(),
         ):
-            scores = score_windows(loaded.model, windows, data.batch_size, "perplexity", reference)
-        return {"seqlen": data.seqlen, "windows": windows.shape[0], **scores}
+            scores = self.score(loaded.model, samples, data, "perplexity", reference)
+        return {**self.described(samples, data), **scores}
 
     def data_report(self, data: DataSettings, calibration: torch.Tensor | None) -> dict:
         return {"seqlen": data.seqlen}
@@ -178,6 +190,12 @@ class Text(Modality):
             logits = model(**inputs).logits
         log_q = F.log_softmax(logits.float(), dim=-1)
         return F.kl_div(log_q, target, log_target=True, reduction="none").sum(-1).mean()
+
+
+def _counted(about: dict) -> str:
+    if "pairs" in about:
+        return f"the texts of {about['pairs']} image-text pairs"
+    return f"{about['windows']} windows of {about['seqlen']} tokens"
 
 
 def _check_seqlen(loaded: LoadedModel, seqlen: int) -> None:
