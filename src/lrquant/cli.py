@@ -404,14 +404,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{result['model']} ({result['scheme']}) against {against}: {_image_summary(result['images'])}")
     else:
         against = f"; against {result['reference']}: {_fidelity(result)}" if "kl" in result else ""
-        scored = (
-            f"the texts of {result['pairs']} image-text pairs"
-            if "pairs" in result
-            else f"{result['windows']} windows of {result['seqlen']} tokens"
-        )
+        from lrquant.modalities.text import scored_samples
+
         print(
             f"{result['model']} ({result['scheme']}): perplexity {result['perplexity']:.3f} on "
-            f"{scored} from {result['data']}{against}"
+            f"{scored_samples(result)} from {result['data']}{against}"
         )
     return 0
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -76,8 +76,6 @@ class Modality(ABC):
 
     def settings(self, data: DataSettings, loaded: LoadedModel) -> DataSettings:
         """``data`` with this modality's defaults filled in, refused where it makes no sense."""
-        from dataclasses import replace
-
         return replace(data, calib=data.calib or self.default_calib, eval=data.eval or self.default_eval)
 
     @abstractmethod

@@ -134,7 +134,7 @@ class Text(Modality):
         evaluation = Evaluation(lambda: None, lambda: None, details)
 
         def fp() -> float:
-            log(f"full-precision perplexity on {_counted(about)}")
+            log(f"full-precision perplexity on {scored_samples(about)}")
             with placed(loaded.model, device):
                 return self.score(loaded.model, samples, data, "fp perplexity")["perplexity"]
 
@@ -192,7 +192,9 @@ class Text(Modality):
         return F.kl_div(log_q, target, log_target=True, reduction="none").sum(-1).mean()
 
 
-def _counted(about: dict) -> str:
+def scored_samples(about: dict) -> str:
+    """In words, what an evaluation scored, from its description (:meth:`Text.described`, or
+    the image-text one): for the log and for ``lrquant eval``'s line."""
     if "pairs" in about:
         return f"the texts of {about['pairs']} image-text pairs"
     return f"{about['windows']} windows of {about['seqlen']} tokens"

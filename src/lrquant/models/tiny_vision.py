@@ -36,7 +36,7 @@ def _arch_kwargs(model_type: str) -> dict[str, Any]:
         return {**common, "intermediate_size": INTERMEDIATE, "qkv_bias": True}
     if model_type == "dinov2":
         return {**common, "mlp_ratio": INTERMEDIATE // HIDDEN, "layerscale_value": 0.7}
-    if model_type in ("clip_vision_model", "siglip_vision_model"):
+    if model_type in ("clip_vision_model", "siglip_vision_model", "idefics3_vision"):  # SmolVLM's: SigLIP's
         return {**common, "intermediate_size": INTERMEDIATE}
     if model_type == "swin":
         return {

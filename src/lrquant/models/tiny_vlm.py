@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConf
 
 from lrquant.errors import LrquantError
 from lrquant.models.tiny import _perturb_norms, tiny_config, tiny_tokenizer
-from lrquant.models.tiny_vision import HEADS, HIDDEN, IMAGE_SIZE, INTERMEDIATE, tiny_vision_config
+from lrquant.models.tiny_vision import IMAGE_SIZE, tiny_vision_config
 
 
 @dataclass(frozen=True)
@@ -48,20 +48,6 @@ TINY_VLMS: dict[str, TinyVLM] = {
 }
 
 
-def _vision_config(name: str) -> PretrainedConfig:
-    if name == "idefics3_vision":
-        return AutoConfig.for_model(
-            name,
-            hidden_size=HIDDEN,
-            intermediate_size=INTERMEDIATE,
-            num_hidden_layers=2,
-            num_attention_heads=HEADS,
-            image_size=IMAGE_SIZE,
-            patch_size=8,
-        )
-    return tiny_vision_config(name)
-
-
 def tiny_vlm_config(name: str) -> PretrainedConfig:
     """The config of the tiny vision-language model ``name`` (a key of :data:`TINY_VLMS`)."""
     if name not in TINY_VLMS:
@@ -73,7 +59,7 @@ def tiny_vlm_config(name: str) -> PretrainedConfig:
     config = AutoConfig.for_model(
         spec.model_type,
         text_config=text,
-        vision_config=_vision_config(spec.vision).to_dict(),
+        vision_config=tiny_vision_config(spec.vision).to_dict(),
         vision_feature_layer=-1,
         **{token_key: IMAGE_TOKEN},
         **dict(spec.extra),
