@@ -1,6 +1,7 @@
 """Vision-language models: each family's language model and vision tower found through the parts
 map, LRQuant+'s transforms exact on both under image and text together; a tiny LLaVA quantized on
-image-text pairs, saved, reloaded, evaluated and resumed; bad pairs refused in one line."""
+image-text pairs (language model alone, and with its vision tower), saved, reloaded, evaluated and
+resumed; bad pairs refused in one line."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from lrquant.errors import LrquantError
 from lrquant.methods.capture import capture_block_inputs
 from lrquant.methods.resume import ResumeStore
 from lrquant.models.loading import load_model
+from lrquant.models.tiny import save_tiny_model
 from lrquant.models.tiny_vlm import IMAGE_TOKEN, TINY_VLMS, save_tiny_vlm, tiny_vlm_inputs, tiny_vlm_model
 from lrquant.quant.apply import attach_block_quantizers, use_quantized_attention
 from lrquant.quant.linear import QuantLinear
@@ -52,7 +54,8 @@ def test_parts_are_found_where_the_spec_says(name: str) -> None:
         assert model.get_submodule(language.final_norm) is model.get_submodule(spec.language).norm
         assert model.get_submodule(language.embedding).num_embeddings == model.config.text_config.vocab_size
     assert isinstance(model.get_submodule(spec.projector), torch.nn.Module)
-    assert language.modality == "image-text" and vision.modality == "image" and vision.heads == ()
+    # both parts learn on what image-text pairs give (the whole model runs up to their blocks)
+    assert language.modality == "image-text" and vision.modality == "image-text" and vision.heads == ()
 
 
 @pytest.mark.parametrize("name", sorted(TINY_VLMS))
@@ -244,8 +247,122 @@ def test_command_line_quantizes_and_evaluates_a_vision_language_model(
     out = tmp_path / "out"
     flags = ["--nsamples", "4", "--seqlen", "64", "--preset", "fast", "--set", "epochs=1"]
     assert main(["quantize", "--model", str(llava), "--output", str(out), "--wbits", "4",
+                 "--quantize-vision", "--vision-wbits", "8",
                  "--calib-data", str(pairs), "--eval-data", str(pairs), *flags]) == 0  # fmt: skip
-    assert "auto W4A16: perplexity fp" in capsys.readouterr().out
+    assert "auto W4A16, vision tower W8A16: perplexity fp" in capsys.readouterr().out
     assert main(["eval", "--model", str(out), "--data", str(pairs)]) == 0
     printed = capsys.readouterr().out
-    assert "perplexity" in printed and "on the texts of 8 image-text pairs" in printed and "KL" in printed
+    assert (
+        "(W4A16, vision tower W8A16): perplexity" in printed
+        and "on the texts of 8 image-text pairs" in printed
+        and "KL" in printed
+    )
+
+
+# ------------------------------------------------------------------ the vision tower too
+
+
+def _tower_linears(model: torch.nn.Module) -> dict[str, QuantLinear]:
+    spec = get_vision_language_spec(model.config.model_type)
+    tower = spec.vision_arch(model.config)
+    return {
+        f"{prefix}.{name}": module
+        for prefix, block in tower.named_blocks(model)
+        for name, module in block.named_modules()
+        if isinstance(module, QuantLinear)
+    }
+
+
+def test_vision_tower_quantized_saved_reloaded_and_evaluated(
+    llava: Path, pairs: Path, tmp_path: Path
+) -> None:
+    """--quantize-vision: the tower learns first, with a vision transformer's default rule and
+    its own scheme; the reloaded output has its quantizers and scores as the run did."""
+    recipe = {"epochs": 1, "compile": False}
+    language_only = api.quantize(str(llava), tmp_path / "lm", build_scheme(4, 8), "auto", "fast", recipe,
+                                 _data(pairs))  # fmt: skip
+    report = api.quantize(
+        str(llava), tmp_path / "out", build_scheme(4, 8), "auto", "fast", recipe, _data(pairs),
+        vision_scheme=build_scheme(3, 6),
+    )  # fmt: skip
+    vision = report["vision"]
+    assert vision["scheme"] == "W3A6" and vision["rule"]["when"] == "vision transformer"
+    assert vision["recipe"]["smoothing"] == "best" and vision["recipe"]["e2e_epochs"] == 0
+    assert [b["index"] for b in vision["blocks"]] == [b["index"] for b in report["blocks"]] == [0, 1]
+    # the tower's error reaches the output: further from full precision than the language model alone
+    assert report["fidelity"]["kl"] > language_only["fidelity"]["kl"]
+    again = api.evaluate(str(tmp_path / "out"), api.DataSettings(eval=str(pairs)))
+    assert again["scheme"] == "W4A8" and again["vision_scheme"] == "W3A6"
+    assert again["perplexity"] == pytest.approx(report["perplexity"]["quantized"], rel=1e-5)
+    assert again["kl"] == pytest.approx(report["fidelity"]["kl"], rel=1e-4)
+    linears = _tower_linears(load_model(str(tmp_path / "out")).model)
+    assert len(linears) == 2 * 6  # q, k, v, o and the MLP's two, in each of the 2 blocks
+    for linear in linears.values():
+        assert linear.act_spec.bits == 6 and linear.weight_spec.bits == 3
+        rows = linear.weight.detach()
+        assert max(len(torch.unique(row)) for row in rows) <= 8  # 3-bit codes per row
+    assert not (tmp_path / ".out.vision.resume").exists() and not (tmp_path / ".out.resume").exists()
+
+
+@pytest.mark.parametrize("stop_at", [1, 3], ids=["in-the-tower", "in-the-language-model"])
+def test_a_run_interrupted_in_either_part_resumes_to_the_same_checkpoint(
+    llava: Path, pairs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_at: int
+) -> None:
+    """Finished blocks of each part are saved in its own store; the rerun skips them."""
+
+    def run(out: Path) -> dict:
+        return api.quantize(
+            str(llava), out, build_scheme(4, 16), "lrquant_plus", "fast", {"epochs": 1, "compile": False},
+            _data(pairs), run_eval=False, vision_scheme=build_scheme(4, 8),
+        )  # fmt: skip
+
+    run(tmp_path / "a")
+    original, saved = ResumeStore.save_block, []
+
+    def save_then_stop(self, i, block, state, report) -> None:
+        original(self, i, block, state, report)
+        saved.append(self.folder.name)
+        if len(saved) == stop_at:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ResumeStore, "save_block", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "b")
+    assert saved[0] == ".b.vision.resume" and not (tmp_path / "b").exists()
+    assert (tmp_path / ".b.resume").exists() == (stop_at == 3)
+    report = run(tmp_path / "b")
+    assert [b["index"] for b in report["vision"]["blocks"]] == [0, 1]
+    expected, got = (
+        load_file(tmp_path / "a" / "model.safetensors"),
+        load_file(tmp_path / "b" / "model.safetensors"),
+    )
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[key], value) for key, value in expected.items())
+
+
+def test_quantize_vision_is_refused_where_it_does_not_apply(tmp_path: Path, capsys) -> None:
+    text = save_tiny_model("llama", tmp_path / "llama")
+    with pytest.raises(
+        LrquantError, match="--quantize-vision applies to a vision-language model; .* is a language"
+    ):
+        api.quantize(str(text), tmp_path / "out", build_scheme(4, 16), "rtn", run_eval=False,
+                     vision_scheme=build_scheme(4, 16))  # fmt: skip
+    assert not (tmp_path / "out").exists()
+    argv = ["quantize", "--model", str(text), "--output", str(tmp_path / "out"), "--vision-wbits", "8"]
+    assert main(argv) == 2
+    assert (
+        "--vision-wbits sets the vision tower's bits: give it with --quantize-vision"
+        in capsys.readouterr().err
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_explain_names_the_vision_towers_recipe(llava: Path, capsys) -> None:
+    argv = ["quantize", "--model", str(llava), "--wbits", "4", "--abits", "8", "--quantize-vision",
+            "--vision-wbits", "8", "--explain"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "rule: vision-language model" in printed
+    tower = printed.split("vision tower at W8A8:")[1]
+    assert "rule: vision transformer" in tower and "smoothing=best lr_by_bits=True" in tower

@@ -15,13 +15,14 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from lrquant import __version__
 from lrquant.arch.registry import get_arch_spec
+from lrquant.arch.vision_language import get_vision_language_spec
 from lrquant.checkpoint import REPORT_FILE, read_source, save_quantized
 from lrquant.config import QuantScheme
 from lrquant.console import log
@@ -157,6 +158,7 @@ def evaluate(
         "model": model,
         "model_type": loaded.model_type,
         "scheme": loaded.scheme.name if loaded.scheme else "fp",
+        **({"vision_scheme": loaded.vision_scheme.name} if loaded.vision_scheme else {}),
         "data": data.eval,
         "backend": apply_backend(loaded, backend, target),
     }
@@ -270,6 +272,65 @@ def apply_method(
     return blocks
 
 
+def _vision_tower(loaded: LoadedModel) -> LoadedModel:
+    """``loaded`` seen through its vision tower's map, or one clear error for a model without one."""
+    if loaded.arch.modality != "image-text":
+        raise LrquantError(
+            f"--quantize-vision applies to a vision-language model; '{loaded.name}' is a "
+            f"{'vision' if loaded.arch.modality == 'image' else 'language'} model: quantize it without "
+            "--quantize-vision (a vision transformer on its own is quantized whole)"
+        )
+    spec = get_vision_language_spec(loaded.model_type)
+    return replace(loaded, arch=spec.vision_arch(loaded.model.config))
+
+
+def tower_recipe(
+    method: str, preset: str, overrides: dict | None, vision_scheme: QuantScheme, packed: bool
+) -> tuple[Recipe, Rule | None]:
+    """The recipe of a vision-language model's vision tower, and the default rule that chose it
+    (``auto``): a vision transformer's. The end-to-end step tunes the language model on its
+    output, so the tower learns block by block only."""
+    where = Situation.of(vision_scheme, "image", packed, rotatable=False)
+    recipe = build_recipe(method, preset, overrides, situation=where)
+    if recipe.e2e_epochs:
+        recipe = recipe.model_copy(update={"e2e_epochs": 0})
+    return recipe, default_rule(where) if method == AUTO else None
+
+
+def _quantize_tower(
+    tower: LoadedModel,
+    vision_scheme: QuantScheme,
+    method: str,
+    preset: str,
+    overrides: dict | None,
+    format: str | None,
+    calibration,
+    data: DataSettings,
+    output: Path,
+    device: torch.device,
+) -> tuple[dict, ResumeStore | None]:
+    """Quantize the vision tower of a vision-language model in place, on the image-text pairs;
+    returns the report's ``vision`` section and the tower's resume store (cleared once the
+    output is written)."""
+    recipe, rule = tower_recipe(method, preset, overrides, vision_scheme, format is not None)
+    if rule is not None:
+        log(f"vision tower recipe: LRQuant+ for a {rule.when}{_rule_summary(rule)}")
+    log(f"quantizing the vision tower with {method} at {vision_scheme.name}")
+    store = None
+    if calibration is not None:
+        fingerprint = _fingerprint(tower, vision_scheme, recipe, method, data, calibration)
+        store = ResumeStore(output, fingerprint, part="vision")
+    blocks = apply_method(tower, vision_scheme, method, recipe, calibration, data.seed, store, device)
+    report = {
+        "scheme": vision_scheme.name,
+        "settings": vision_scheme.model_dump(),
+        **({"rule": rule.as_dict()} if rule is not None else {}),
+        "recipe": None if calibration is None else recipe.model_dump(),
+        "blocks": blocks,
+    }
+    return report, store
+
+
 def _e2e_extra(
     loaded: LoadedModel,
     scheme: QuantScheme,
@@ -320,6 +381,7 @@ def quantize(
     device: str = "auto",
     format: str | None = None,
     gguf_type: str | None = None,
+    vision_scheme: QuantScheme | None = None,
 ) -> dict:
     """Quantize ``model`` with ``method`` and ``scheme``; write the checkpoint and report to ``output``.
 
@@ -337,6 +399,11 @@ def quantize(
     the report's ``export``). For ``gguf``, each linear learns the grid of the GGUF type it will be
     written as (``gguf_type``: ``--gguf-type`` rules or a llama.cpp mix such as ``Q4_K_M``), not
     one grid for all: a mix gives some tensors more bits, and the learner uses them.
+
+    ``vision_scheme``: a vision-language model's vision tower is quantized too, at this scheme,
+    first (its own resume store and default rule: a vision transformer's); the language model
+    then learns on what the quantized tower produces. The report's ``vision`` section holds the
+    tower's recipe and blocks. Without it the tower, like the projector, stays in full precision.
     """
     target = resolve_device(device)
     # bad recipe settings fail before a model is loaded
@@ -366,6 +433,7 @@ def quantize(
     with AtomicOutputDir(output, overwrite, _input_paths(model, data)) as out:
         log(f"loading {model}")
         loaded = load_model(model, trust_remote_code=trust_remote_code)
+        tower = None if vision_scheme is None else _vision_tower(loaded)
         modality = modality_of(loaded.arch)
         data = (data or DataSettings()).for_model(loaded)
         nsamples = data.nsamples if data.nsamples is not None else modality.default_samples
@@ -392,10 +460,21 @@ def quantize(
             )
             evaluation["fp"] = stages.fp()
             lap("eval_fp")
+        vision, stores = None, []
+        if tower is not None:
+            vision, tower_store = _quantize_tower(
+                tower, vision_scheme, method, preset, overrides, format, calibration, data, out.final, target
+            )
+            stores.append(tower_store)
+            lap("quantize_vision")
         log(f"quantizing with {method} at {scheme.name}")
         store = None
         if calibration is not None:
-            store = ResumeStore(out.final, _fingerprint(loaded, scheme, recipe, method, data, calibration))
+            fingerprint = _fingerprint(loaded, scheme, recipe, method, data, calibration)
+            if vision is not None:  # the language model learns on what the quantized tower gives
+                fingerprint["vision"] = {key: vision[key] for key in ("settings", "recipe")}
+            store = ResumeStore(out.final, fingerprint)
+            stores.append(store)
         blocks = apply_method(loaded, scheme, method, recipe, calibration, data.seed, store, target)
         lap("quantize")
         if run_eval:
@@ -420,6 +499,7 @@ def quantize(
                 method,
                 loaded.path,
                 source_name,
+                vision=None if tower is None else (tower.arch, vision_scheme),
             )
             lap("save")
             report = {
@@ -448,6 +528,7 @@ def quantize(
                 modality.report_key: evaluation,
                 **({"fidelity": stages.fidelity} if run_eval and stages.fidelity else {}),
                 "blocks": blocks,
+                **({"vision": vision} if vision is not None else {}),
                 "seconds": {**seconds, "total": round(sum(seconds.values()), 2)},
                 "peak_rss_mb": round(peak_rss_mb(), 1),
                 **peak_device_memory(target),
@@ -458,8 +539,9 @@ def quantize(
             if blocks:
                 plot_blocks(blocks, out.tmp / PLOT_FILE, f"{method} {scheme.name}")
             out.commit()
-        if store is not None:
-            store.clear()  # under the output lock, which a second run waits on
+        for finished in stores:
+            if finished is not None:
+                finished.clear()  # under the output lock, which a second run waits on
     log(f"wrote {out.final}")
     if recipe.hadamard in RUN_TIME_HADAMARD:
         log(
@@ -479,21 +561,34 @@ def explain(
     overrides: dict | None = None,
     format: str | None = None,
     trust_remote_code: bool = False,
+    vision_scheme: QuantScheme | None = None,
 ) -> dict:
     """The recipe :func:`quantize` would run with these arguments, and why, without running it:
     ``method``, the default rule that chose it (``auto`` only), every recipe field, and those that
-    differ from LRQuant+ as published at the same budget."""
+    differ from LRQuant+ as published at the same budget; with ``vision_scheme``, the same for the
+    vision tower under ``vision``."""
     arch = _config_arch(model)
     if arch is None:  # e.g. a built-in model not converted yet: load it to know
         arch = load_model(model, trust_remote_code=trust_remote_code).arch
+    if vision_scheme is not None and arch.modality != "image-text":
+        raise LrquantError(f"--quantize-vision applies to a vision-language model; '{model}' is not one")
     where = _situation(arch, scheme, format)
     recipe = build_recipe(method, preset, overrides, situation=where)
-    paper = build_recipe("lrquant_plus", preset).model_dump()
-    rule = default_rule(where) if method == AUTO else None
-    return {
+    plan = {
         "method": method,
-        **({"rule": rule.as_dict()} if rule else {}),
         "preset": preset,
+        **_plan(scheme, recipe, default_rule(where) if method == AUTO else None, preset),
+    }
+    if vision_scheme is not None:
+        tower, rule = tower_recipe(method, preset, overrides, vision_scheme, format is not None)
+        plan["vision"] = _plan(vision_scheme, tower, rule, preset)
+    return plan
+
+
+def _plan(scheme: QuantScheme, recipe: Recipe, rule: Rule | None, preset: str) -> dict:
+    paper = build_recipe("lrquant_plus", preset).model_dump()
+    return {
+        **({"rule": rule.as_dict()} if rule else {}),
         "scheme": scheme.name,
         "differs_from_lrquant_plus": {
             key: value for key, value in recipe.model_dump().items() if paper[key] != value

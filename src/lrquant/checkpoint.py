@@ -35,6 +35,7 @@ ROTATIONS_FILE = "input_rotations.safetensors"
 INTEGERS_FILE = "integer_weights.safetensors"
 FORMAT_VERSION = 1
 PREPROCESSOR_FILE = "preprocessor_config.json"
+VISION_SCHEME = "vision_scheme"  # the quant file's key of a quantized vision tower's scheme
 
 
 def save_quantized(
@@ -46,16 +47,20 @@ def save_quantized(
     method: str,
     source: Path | None = None,
     source_name: str | None = None,
+    vision: tuple[ArchSpec, QuantScheme] | None = None,
 ) -> None:
     """Save a quantized model into ``folder`` (normally an :class:`AtomicOutputDir`'s ``tmp``).
 
     The model's quantizers are removed first: the saved linears are plain ``nn.Linear`` holding
     the quantized weights. A vision model keeps the image preprocessing of its ``source`` folder;
     ``source_name`` (how the user named the full-precision model) is recorded for evaluation.
+    ``vision``: the map and scheme of a vision-language model's quantized vision tower.
     """
-    rotations = _save_input_rotations(folder, model, arch)
-    integers = _save_integer_weights(folder, model, arch)
-    detach_quantizers(model, arch)
+    archs = [arch] + ([vision[0]] if vision is not None else [])
+    rotations = _save_input_rotations(folder, model, archs)
+    integers = _save_integer_weights(folder, model, archs)
+    for part in archs:
+        detach_quantizers(model, part)
     model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
@@ -70,18 +75,23 @@ def save_quantized(
             "model_type": model.config.model_type,
             "source_model": source_name,
             "scheme": scheme.model_dump(),
+            **({VISION_SCHEME: vision[1].model_dump()} if vision is not None else {}),
             **({"input_rotations": rotations} if rotations else {}),
             **({"integer_weights": INTEGERS_FILE} if integers else {}),
         },
     )
 
 
-def _save_integer_weights(folder: Path, model: nn.Module, arch: ArchSpec) -> bool:
+def _quant_linears(model: nn.Module, archs: list[ArchSpec]):
+    return (item for arch in archs for item in quant_linears(model, arch))
+
+
+def _save_integer_weights(folder: Path, model: nn.Module, archs: list[ArchSpec]) -> bool:
     """Write the integer codes, steps and zero points of every linear whose weight is on a known
     grid (``weight = scale · (codes - zero)`` per group; scale and zero ``[out, groups]``), after
     checking the weight really lies on it; returns whether there were any."""
     tensors: dict[str, torch.Tensor] = {}
-    for name, linear in quant_linears(model, arch):
+    for name, linear in _quant_linears(model, archs):
         if linear.grid is None:
             continue
         scale, zero = linear.grid
@@ -113,12 +123,12 @@ def read_integer_weights(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def _save_input_rotations(folder: Path, model: nn.Module, arch: ArchSpec) -> dict[str, str]:
+def _save_input_rotations(folder: Path, model: nn.Module, archs: list[ArchSpec]) -> dict[str, str]:
     """Write each distinct run-time input rotation once (every block shares one, but moving
     blocks between devices copies it); returns {linear name: tensor key}."""
     tensors: dict[str, torch.Tensor] = {}
     names: dict[str, str] = {}
-    for name, linear in quant_linears(model, arch):
+    for name, linear in _quant_linears(model, archs):
         if linear.input_rotation is None:
             continue
         rotation = linear.input_rotation.detach().cpu().contiguous()
@@ -161,8 +171,9 @@ def read_source(folder: Path) -> str | None:
         return None
 
 
-def read_scheme(folder: Path) -> QuantScheme | None:
-    """The scheme of a quantized output folder, or ``None`` for an ordinary model folder."""
+def read_scheme(folder: Path, key: str = "scheme") -> QuantScheme | None:
+    """The scheme of a quantized output folder, or ``None`` for an ordinary model folder
+    (``key=VISION_SCHEME``: its vision tower's, ``None`` when the tower was not quantized)."""
     path = Path(folder) / QUANT_FILE
     if not path.is_file():
         return None
@@ -173,7 +184,9 @@ def read_scheme(folder: Path) -> QuantScheme | None:
                 f"'{path}' has format version {data.get('format_version')}; "
                 f"this lrquant reads version {FORMAT_VERSION}"
             )
-        return QuantScheme.model_validate(data["scheme"])
+        if key != "scheme" and key not in data:
+            return None
+        return QuantScheme.model_validate(data[key])
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise LrquantError(f"'{path}' is damaged ({type(err).__name__}): re-run the quantization") from None
     except ValidationError as err:

@@ -158,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: full precision)",
     )
     q.add_argument(
+        "--quantize-vision",
+        action="store_true",
+        help="also quantize a vision-language model's vision tower, first, with the recipe rules of "
+        "a vision transformer (default: the tower and the projector stay in full precision)",
+    )
+    q.add_argument(
+        "--vision-wbits", type=int, default=None, help="the vision tower's weight bits (default: --wbits)"
+    )
+    q.add_argument(
+        "--vision-abits", type=int, default=None, help="the vision tower's activation bits (default: --abits)"
+    )
+    q.add_argument(
         "--calib-data",
         default=None,
         help="calibration data: text as for --eval-data (default: wikipedia:train), images: a "
@@ -291,6 +303,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         device=args.device,
         format=args.export_format,
         gguf_type=args.gguf_type,
+        vision_scheme=_vision_scheme(args, scheme),
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -303,13 +316,43 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             summary = "perplexity " + (", ".join(f"{k} {v:.3f}" for k, v in ppl.items()) or "not evaluated")
             if "fidelity" in report:
                 summary += f"; {_fidelity(report['fidelity'])}"
+        tower = f", vision tower {report['vision']['scheme']}" if "vision" in report else ""
         print(
-            f"{report['method']} {report['scheme']}: {summary}; "
+            f"{report['method']} {report['scheme']}{tower}: {summary}; "
             f"{report['seconds']['total']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MiB -> {args.output}"
         )
     if "export" in report and not args.json:
         print(_export_summary(report["export"]))
     return 0
+
+
+def _vision_scheme(args: argparse.Namespace, scheme):
+    """The vision tower's scheme with ``--quantize-vision`` (the language model's, at
+    ``--vision-wbits``/``--vision-abits`` when given; Q, K, V and the MLP activation output then
+    follow ``--vision-abits``), else None."""
+    from lrquant.config import build_scheme
+
+    if not args.quantize_vision:
+        for flag, value in (("--vision-wbits", args.vision_wbits), ("--vision-abits", args.vision_abits)):
+            if value is not None:
+                raise LrquantError(f"{flag} sets the vision tower's bits: give it with --quantize-vision")
+        return None
+    if args.vision_wbits is None and args.vision_abits is None:
+        return scheme.model_copy(update={"head": False, "patch_embed": False})
+    abits = args.vision_abits if args.vision_abits is not None else args.abits
+    follow = args.vision_abits is not None  # Q, K, V and the MLP output follow the tower's abits
+    return build_scheme(
+        wbits=args.vision_wbits if args.vision_wbits is not None else args.wbits,
+        abits=abits,
+        group_size=args.group_size,
+        w_symmetric=args.w_symmetric,
+        a_symmetric=args.a_symmetric,
+        qkv_bits=None if follow else args.qkv_bits,
+        softmax_bits=args.softmax_bits,
+        post_act_bits=None if follow else args.post_act_bits,
+        a_clip=args.a_clip,
+        rotate_qkv=args.rotate_qkv,
+    )
 
 
 def _explain(args: argparse.Namespace, scheme) -> int:
@@ -324,21 +367,29 @@ def _explain(args: argparse.Namespace, scheme) -> int:
         parse_overrides(args.overrides),
         args.export_format,
         args.trust_remote_code,
+        _vision_scheme(args, scheme),
     )
     if args.json:
         print(json.dumps(plan, indent=2))
         return 0
     print(f"{plan['method']} at {plan['scheme']}, preset {plan['preset']}")
+    _print_plan(plan)
+    if "vision" in plan:
+        print(f"vision tower at {plan['vision']['scheme']}:")
+        _print_plan(plan["vision"], "  ")
+    return 0
+
+
+def _print_plan(plan: dict, indent: str = "") -> None:
     if "rule" in plan:
-        print(f"rule: {plan['rule']['when']}")
-        print(f"why: {plan['rule']['why']}")
+        print(f"{indent}rule: {plan['rule']['when']}")
+        print(f"{indent}why: {plan['rule']['why']}")
     changed = plan["differs_from_lrquant_plus"]
     print(
-        "against LRQuant+ as published: "
+        f"{indent}against LRQuant+ as published: "
         + (" ".join(f"{key}={value}" for key, value in changed.items()) or "the same")
     )
-    print("recipe: " + " ".join(f"{key}={value}" for key, value in plan["recipe"].items()))
-    return 0
+    print(f"{indent}recipe: " + " ".join(f"{key}={value}" for key, value in plan["recipe"].items()))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -406,8 +457,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         against = f"; against {result['reference']}: {_fidelity(result)}" if "kl" in result else ""
         from lrquant.modalities.text import scored_samples
 
+        scheme = result["scheme"] + (
+            f", vision tower {result['vision_scheme']}" if "vision_scheme" in result else ""
+        )
         print(
-            f"{result['model']} ({result['scheme']}): perplexity {result['perplexity']:.3f} on "
+            f"{result['model']} ({scheme}): perplexity {result['perplexity']:.3f} on "
             f"{scored_samples(result)} from {result['data']}{against}"
         )
     return 0

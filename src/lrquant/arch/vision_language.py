@@ -53,7 +53,9 @@ class VisionLanguageSpec:
 
     def vision_arch(self, config) -> ArchSpec:
         """The map of the vision tower (``config.vision_config``'s family) under :attr:`vision`;
-        it has no head of its own here (the projector reads its features)."""
+        it has no head of its own here (the projector reads its features). Its modality is
+        ``image-text``: it is calibrated on the same image-text pairs as the language model (the
+        whole model runs up to the tower's blocks)."""
         tower = get_arch_spec(config.vision_config.model_type)
         move = lambda path: _reroot(path, "", self.vision)  # noqa: E731
         return replace(
@@ -62,6 +64,7 @@ class VisionLanguageSpec:
             blocks=tuple(move(p) for p in tower.blocks),
             feature_norm=tuple(move(p) for p in tower.feature_norm),
             heads=(),
+            modality="image-text",
             config="vision_config",
         )
 

@@ -49,8 +49,10 @@ def _chain_file(done: int) -> str:
 class ResumeStore:
     """Per-block checkpoints for one run, identified by a fingerprint of all its settings."""
 
-    def __init__(self, output: Path, fingerprint: dict) -> None:
-        self.folder = output.parent / f".{output.name}.resume"
+    def __init__(self, output: Path, fingerprint: dict, part: str = "") -> None:
+        """``part`` names a second store of the same output (``vision``: a vision-language
+        model's tower, ``.<name>.vision.resume``)."""
+        self.folder = output.parent / (f".{output.name}.{part}.resume" if part else f".{output.name}.resume")
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
         self.reports: list[dict] = []
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from lrquant.arch import ArchSpec, get_arch_spec
 from lrquant.arch.vision_language import VISION_LANGUAGE_TYPES, get_vision_language_spec
-from lrquant.checkpoint import read_input_rotations, read_scheme
+from lrquant.checkpoint import VISION_SCHEME, read_input_rotations, read_scheme
 from lrquant.config import QuantScheme
 from lrquant.console import log
 from lrquant.data.images import ImagePreprocess
@@ -63,6 +63,7 @@ class LoadedModel:
     scheme: QuantScheme | None = None
     preprocess: ImagePreprocess | None = None
     processor: object | None = None  # a vision-language model's (its tokenizer is ``tokenizer``)
+    vision_scheme: QuantScheme | None = None  # a vision-language model's quantized vision tower's
 
     @property
     def model_type(self) -> str:
@@ -135,6 +136,10 @@ def load_model(
         for name, rotation in read_input_rotations(path).items():
             replace_module(model, name, RotatedInputLinear(model.get_submodule(name), rotation.to(dtype)))
         attach_quantizers(model, arch, scheme, weights_on_grid=True)
+    vision_scheme = read_scheme(path, VISION_SCHEME)
+    if vision_scheme is not None:
+        tower = get_vision_language_spec(config.model_type).vision_arch(config)
+        attach_quantizers(model, tower, vision_scheme, weights_on_grid=True)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -142,6 +147,7 @@ def load_model(
         name=name_or_path,
         path=path,
         scheme=scheme,
+        vision_scheme=vision_scheme,
         preprocess=preprocess,
         processor=processor,
     )
