@@ -5,6 +5,7 @@ resumed; bad pairs refused in one line."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -366,3 +367,38 @@ def test_explain_names_the_vision_towers_recipe(llava: Path, capsys) -> None:
     assert "rule: vision-language model" in printed
     tower = printed.split("vision tower at W8A8:")[1]
     assert "rule: vision transformer" in tower and "smoothing=best lr_by_bits=True" in tower
+
+
+@pytest.mark.parametrize(
+    "name, vision_bits", [("llava", None), ("llava_clip", 8)], ids=["language-only", "with-the-tower"]
+)
+def test_compressed_tensors_export_loads_to_the_lrquant_logits(
+    name: str, vision_bits: int | None, tmp_path: Path
+) -> None:
+    """The packed checkpoint of a vision-language output: the language model's linears on its grid,
+    a quantized tower's on its own (a config group naming them), the rest kept; transformers
+    loads it to the logits lrquant computes. (transformers 5.25 cannot load a packed SigLIP
+    tower: its weight initialisation reads the float weight a packed linear no longer has.)"""
+    from transformers import AutoModelForImageTextToText
+
+    model = save_tiny_vlm(name, tmp_path / "model")
+    vision = None if vision_bits is None else build_scheme(vision_bits, 16, group_size=16, w_symmetric=True)
+    out = tmp_path / "out"
+    report = api.quantize(
+        str(model), out, build_scheme(4, 16, group_size=16, w_symmetric=True), "rtn", run_eval=False,
+        vision_scheme=vision, format="compressed-tensors",
+    )  # fmt: skip
+    folder = Path(report["export"]["path"])
+    groups = json.loads((folder / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert groups["group_0"]["targets"] == ["Linear"] and groups["group_0"]["weights"]["num_bits"] == 4
+    if vision_bits is not None:
+        assert groups["group_1"]["weights"]["num_bits"] == vision_bits
+        assert len(groups["group_1"]["targets"]) == 12 and all(
+            t.startswith("model.vision_tower.") for t in groups["group_1"]["targets"]
+        )
+    inputs = tiny_vlm_inputs(name, batch=2, text_tokens=10, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = load_model(str(out)).model(**inputs).logits
+        packed = AutoModelForImageTextToText.from_pretrained(folder).eval()(**inputs).logits
+        full = load_model(str(model)).model(**inputs).logits
+    assert (packed - reference).abs().max() <= 1e-5 < (full - reference).abs().max()

@@ -14,9 +14,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from lrquant.arch.vision_language import get_vision_language_spec
 from lrquant.checkpoint import (
     QUANT_FILE,
     REPORT_FILE,
+    VISION_SCHEME,
     read_input_rotations,
     read_integer_weights,
     read_scheme,
@@ -67,10 +69,27 @@ class QuantizedOutput:
     linears: dict[str, IntegerLinear]  # by module name, e.g. "model.layers.0.self_attn.q_proj"
     tensors: dict[str, torch.Tensor]  # every other tensor of model.safetensors, by its key
     method: str | None
+    # a vision-language model's quantized vision tower: its scheme, and the prefix of its linears
+    vision_scheme: QuantScheme | None = None
+    tower: str | None = None
 
     @property
     def model_type(self) -> str:
         return str(self.config.get("model_type"))
+
+    def in_tower(self, name: str) -> bool:
+        """Whether the linear ``name`` is in the quantized vision tower."""
+        return self.tower is not None and name.startswith(self.tower + ".")
+
+    def scheme_of(self, name: str) -> QuantScheme:
+        """The scheme the linear ``name`` was quantized with (its part's)."""
+        return self.vision_scheme if self.in_tower(name) and self.vision_scheme else self.scheme
+
+    def parts(self) -> list[tuple[QuantScheme, list[str]]]:
+        """Each scheme with the names of its quantized linears (the language model's first)."""
+        tower = sorted(name for name in self.linears if self.in_tower(name))
+        rest = [name for name in self.linears if not self.in_tower(name)]
+        return [(self.scheme, rest)] + ([(self.vision_scheme, tower)] if self.vision_scheme else [])
 
 
 def _recreate_hint(folder: Path) -> str:
@@ -118,10 +137,14 @@ def read_output(folder: str | Path) -> QuantizedOutput:
     weights = folder / "model.safetensors"
     check_safetensors(weights)
     tensors = load_file(str(weights))
-    linears = {}
+    vision_scheme = read_scheme(folder, VISION_SCHEME)
+    tower = None
+    if vision_scheme is not None:
+        tower = get_vision_language_spec(str(config.get("model_type"))).vision
+    output = QuantizedOutput(folder, config, scheme, {}, tensors, None, vision_scheme, tower)
     for name, parts in integers.items():
-        spec = scheme.weight_for(name)
-        linears[name] = IntegerLinear(
+        spec = output.scheme_of(name).weight_for(name)
+        output.linears[name] = IntegerLinear(
             codes=parts["codes"],
             scale=parts["scale"],
             zero=parts["zero"],
@@ -131,8 +154,8 @@ def read_output(folder: str | Path) -> QuantizedOutput:
             group_size=spec.group_size,
         )
         tensors.pop(f"{name}.weight", None)
-    method = json.loads((folder / QUANT_FILE).read_text()).get("method")
-    return QuantizedOutput(folder, config, scheme, linears, tensors, method)
+    output.method = json.loads((folder / QUANT_FILE).read_text()).get("method")
+    return output
 
 
 @dataclass(frozen=True)

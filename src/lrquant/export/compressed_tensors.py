@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from lrquant.arch import get_arch_spec
+from lrquant.arch.vision_language import VISION_LANGUAGE_TYPES
 from lrquant.checkpoint import INTEGERS_FILE, QUANT_FILE, REPORT_FILE, ROTATIONS_FILE
 from lrquant.config import QuantSpec
 from lrquant.errors import LrquantError
@@ -52,7 +53,11 @@ def _require_package() -> None:
 def _check_scheme(output: QuantizedOutput) -> None:
     """Refuse what the format's config cannot state: it quantizes the weights and the inputs of
     linears only, each input on a dynamic per-token grid over its full range."""
-    scheme = output.scheme
+    for scheme, _ in output.parts():
+        _check_part(output, scheme)
+
+
+def _check_part(output: QuantizedOutput, scheme) -> None:
     unsupported = []
     if scheme.qkv.enabled:
         unsupported.append(f"Q/K/V quantization ({scheme.qkv.bits} bits; use --qkv-bits 16)")
@@ -92,25 +97,25 @@ def refuse_ragged_groups(size: int | None, widths: set[int]) -> None:
 def _check_grids(output: QuantizedOutput) -> None:
     """Refuse grids the format cannot store: a ragged last group (it has one group size for every
     row) and an asymmetric zero point outside the code range (it stores zero points as codes)."""
-    widths = {linear.codes.shape[1] for linear in output.linears.values()}
-    refuse_ragged_groups(output.scheme.weight.group_size, widths)
-    if not output.scheme.weight.symmetric:
-        top = 2**output.scheme.weight.bits - 1
-        outside = sum(int(((lin.zero < 0) | (lin.zero > top)).sum()) for lin in output.linears.values())
-        if outside:
-            raise LrquantError(
-                f"{outside} group(s) have a zero point outside the codes 0..{top}, which compressed-tensors "
-                "stores as a code: quantize with symmetric weights (--w-symmetric)"
-            )
+    for scheme, names in output.parts():
+        linears = [output.linears[name] for name in names]
+        refuse_ragged_groups(scheme.weight.group_size, {linear.codes.shape[1] for linear in linears})
+        if not scheme.weight.symmetric:
+            top = 2**scheme.weight.bits - 1
+            outside = sum(int(((lin.zero < 0) | (lin.zero > top)).sum()) for lin in linears)
+            if outside:
+                raise LrquantError(
+                    f"{outside} group(s) have a zero point outside the codes 0..{top}, which "
+                    "compressed-tensors stores as a code: quantize with symmetric weights (--w-symmetric)"
+                )
 
 
-def _scheme(output: QuantizedOutput, inputs: QuantSpec, targets: list[str]) -> QuantizationScheme:
+def _scheme(weight: QuantSpec, inputs: QuantSpec, targets: list[str]) -> QuantizationScheme:
     """The config group of the linears ``targets``: lrquant's weight grid, and their inputs quantized
     as lrquant does it (a dynamic grid per token), or not at all."""
     from compressed_tensors.compressors.format import infer_module_format
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    weight = output.scheme.weight
     grouped = weight.group_size is not None
     scheme = QuantizationScheme(
         targets=targets,
@@ -134,13 +139,28 @@ def _scheme(output: QuantizedOutput, inputs: QuantSpec, targets: list[str]) -> Q
 
 def quantization_schemes(output: QuantizedOutput) -> dict[str, QuantizationScheme]:
     """The config groups: every quantized linear, and when the MLP activation has its own grid
-    (``--post-act-bits``), the MLP's second linears by name (an exact name outranks a class)."""
-    groups = {"group_0": _scheme(output, output.scheme.activation, ["Linear"])}
-    if output.scheme.mlp_out_activation != output.scheme.activation:
-        suffixes = tuple(f".{name}" for name in get_arch_spec(output.model_type).mlp_out)
-        mlp_out = sorted(name for name in output.linears if name.endswith(suffixes))
-        groups["group_1"] = _scheme(output, output.scheme.mlp_out_activation, mlp_out)
+    (``--post-act-bits``), the MLP's second linears by name (an exact name outranks a class); a
+    quantized vision tower's linears by name, on its own grids."""
+    suffixes = tuple(f".{name}" for name in _mlp_out(output))
+    groups: dict[str, QuantizationScheme] = {}
+    for part, (scheme, names) in enumerate(output.parts()):
+        mlp_out = []
+        if scheme.mlp_out_activation != scheme.activation:
+            mlp_out = sorted(name for name in names if name.endswith(suffixes))
+        rest = ["Linear"] if part == 0 else sorted(set(names) - set(mlp_out))
+        groups[f"group_{len(groups)}"] = _scheme(scheme.weight, scheme.activation, rest)
+        if mlp_out:
+            groups[f"group_{len(groups)}"] = _scheme(scheme.weight, scheme.mlp_out_activation, mlp_out)
     return groups
+
+
+def _mlp_out(output: QuantizedOutput) -> tuple[str, ...]:
+    """The names of the MLP's second linear in each of the model's parts."""
+    config = output.config
+    types = [output.model_type]
+    if output.model_type in VISION_LANGUAGE_TYPES:
+        types = [config["text_config"]["model_type"], config["vision_config"]["model_type"]]
+    return tuple(name for kind in types for name in get_arch_spec(kind).mlp_out)
 
 
 def _scheme_of(name: str, groups: dict[str, QuantizationScheme]) -> QuantizationScheme:
