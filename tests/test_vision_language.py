@@ -68,6 +68,8 @@ def test_transforms_are_exact_on_language_model_and_vision_tower(name: str) -> N
     inputs = tiny_vlm_inputs(name, batch=2, text_tokens=40, generator=generator)
     assert (inputs["input_ids"] == IMAGE_TOKEN).sum() == 2 * TINY_VLMS[name].image_tokens
     ref = _logits(model, inputs)
+    other_image = {**inputs, "pixel_values": torch.randn(inputs["pixel_values"].shape, generator=generator)}
+    assert rel_err(_logits(model, other_image), ref) > 0.1  # the image reaches the logits
     spec = get_vision_language_spec(model.config.model_type)
     parts = [
         (spec.language_arch(model.config), model.config.text_config),
@@ -121,21 +123,28 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_clip"])
-def llava(request, tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=sorted(TINY_VLMS))
+def vlm(request, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Each tiny vision-language family, saved with its processor."""
     return save_tiny_vlm(request.param, tmp_path_factory.mktemp(request.param) / "model")
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_vlm("llava", tmp_path_factory.mktemp("llava") / "model")
 
 
 def _data(pairs: Path, **kw) -> api.DataSettings:
     return api.DataSettings(calib=str(pairs), eval=str(pairs), nsamples=4, seqlen=64, **kw)
 
 
-def test_blocks_learn_on_the_hidden_states_of_image_and_text(llava: Path, pairs: Path) -> None:
-    loaded = load_model(str(llava))
+def test_blocks_learn_on_the_hidden_states_of_image_and_text(vlm: Path, pairs: Path) -> None:
+    loaded = load_model(str(vlm))
     assert loaded.arch.modality == "image-text" and loaded.processor is not None
     calibration = api.calibration_data(loaded, _data(pairs), 4)
     ids = calibration["input_ids"]
-    assert ((ids == IMAGE_TOKEN).sum(dim=1) == 16).all()  # every sample holds its image's 16 tokens
+    image_tokens = {spec.model_type: spec.image_tokens for spec in TINY_VLMS.values()}[loaded.model_type]
+    assert ((ids == IMAGE_TOKEN).sum(dim=1) == image_tokens).all()  # every sample holds its image's tokens
     hidden = capture_block_inputs(loaded.model, loaded.arch, calibration)
     assert hidden.shape == (4, ids.shape[1], loaded.model.config.text_config.hidden_size)
     # the image tokens' hidden states are the projected image features, not the marker's embedding
@@ -143,9 +152,9 @@ def test_blocks_learn_on_the_hidden_states_of_image_and_text(llava: Path, pairs:
     assert not torch.allclose(hidden[0, 1], marker)
 
 
-def test_quantize_save_reload_and_evaluate(llava: Path, pairs: Path, tmp_path: Path) -> None:
+def test_quantize_save_reload_and_evaluate(vlm: Path, pairs: Path, tmp_path: Path) -> None:
     report = api.quantize(
-        str(llava), tmp_path / "out", build_scheme(4, 4), "auto", "fast", {"epochs": 1, "compile": False},
+        str(vlm), tmp_path / "out", build_scheme(4, 4), "auto", "fast", {"epochs": 1, "compile": False},
         _data(pairs),
     )  # fmt: skip
     assert report["model"]["modality"] == "image-text" and report["rule"]["when"] == "vision-language model"
@@ -155,7 +164,7 @@ def test_quantize_save_reload_and_evaluate(llava: Path, pairs: Path, tmp_path: P
     assert ppl["quantized"] != ppl["fp"] and 0 < report["fidelity"]["kl"] < 1
     assert [b["index"] for b in report["blocks"]] == [0, 1]
     again = api.evaluate(str(tmp_path / "out"), api.DataSettings(eval=str(pairs)))
-    assert again["scheme"] == "W4A4" and again["reference"] == str(llava)
+    assert again["scheme"] == "W4A4" and again["reference"] == str(vlm)
     assert again["perplexity"] == pytest.approx(ppl["quantized"], rel=1e-5)
     assert again["kl"] == pytest.approx(report["fidelity"]["kl"], rel=1e-4)
     reloaded = load_model(str(tmp_path / "out"))
@@ -274,16 +283,14 @@ def _tower_linears(model: torch.nn.Module) -> dict[str, QuantLinear]:
     }
 
 
-def test_vision_tower_quantized_saved_reloaded_and_evaluated(
-    llava: Path, pairs: Path, tmp_path: Path
-) -> None:
+def test_vision_tower_quantized_saved_reloaded_and_evaluated(vlm: Path, pairs: Path, tmp_path: Path) -> None:
     """--quantize-vision: the tower learns first, with a vision transformer's default rule and
     its own scheme; the reloaded output has its quantizers and scores as the run did."""
     recipe = {"epochs": 1, "compile": False}
-    language_only = api.quantize(str(llava), tmp_path / "lm", build_scheme(4, 8), "auto", "fast", recipe,
+    language_only = api.quantize(str(vlm), tmp_path / "lm", build_scheme(4, 8), "auto", "fast", recipe,
                                  _data(pairs))  # fmt: skip
     report = api.quantize(
-        str(llava), tmp_path / "out", build_scheme(4, 8), "auto", "fast", recipe, _data(pairs),
+        str(vlm), tmp_path / "out", build_scheme(4, 8), "auto", "fast", recipe, _data(pairs),
         vision_scheme=build_scheme(3, 6),
     )  # fmt: skip
     vision = report["vision"]
@@ -307,13 +314,13 @@ def test_vision_tower_quantized_saved_reloaded_and_evaluated(
 
 @pytest.mark.parametrize("stop_at", [1, 3], ids=["in-the-tower", "in-the-language-model"])
 def test_a_run_interrupted_in_either_part_resumes_to_the_same_checkpoint(
-    llava: Path, pairs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_at: int
+    vlm: Path, pairs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_at: int
 ) -> None:
     """Finished blocks of each part are saved in its own store; the rerun skips them."""
 
     def run(out: Path) -> dict:
         return api.quantize(
-            str(llava), out, build_scheme(4, 16), "lrquant_plus", "fast", {"epochs": 1, "compile": False},
+            str(vlm), out, build_scheme(4, 16), "lrquant_plus", "fast", {"epochs": 1, "compile": False},
             _data(pairs), run_eval=False, vision_scheme=build_scheme(4, 8),
         )  # fmt: skip
 

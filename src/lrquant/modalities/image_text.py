@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from lrquant.api import DataSettings
     from lrquant.models.loading import LoadedModel
 
+SCORED = "text_mask"  # the field of encoded pairs that marks the text's own tokens
+# per-token fields of a processor's output: cut and padded with the token ids
+TOKEN_FIELDS = ("input_ids", "token_type_ids", "mm_token_type_ids", SCORED)
+
 # Not measured on a vision-language model yet: LRQuant+ as published.
 IMAGE_TEXT_RULES: tuple[Rule, ...] = (
     Rule(
@@ -57,11 +61,8 @@ class ImageText(Text):
         return encode_pairs(loaded, load_pairs(data.calib, n, data.seed), data.seqlen)
 
     def model_inputs(self, sample: Sample) -> dict:
-        return {
-            "input_ids": sample["input_ids"][None],
-            "pixel_values": sample["pixel_values"][None],
-            "use_cache": False,
-        }
+        """Every field the processor gave (token ids, pixels, token types, ...), as a batch of one."""
+        return {name: t[None] for name, t in sample.items() if name != SCORED} | {"use_cache": False}
 
     def eval_samples(self, loaded: LoadedModel, data: DataSettings) -> Samples:
         """What evaluation scores: the evaluation pairs, encoded as for calibration."""
@@ -86,8 +87,8 @@ class ImageText(Text):
             data.batch_size,
             desc,
             reference,
-            extra={"pixel_values": samples["pixel_values"]},
-            scored=samples["text_mask"],
+            extra={name: t for name, t in samples.fields.items() if name not in ("input_ids", SCORED)},
+            scored=samples[SCORED],
         )
 
     def data_report(self, data: DataSettings, calibration) -> dict:
@@ -95,35 +96,55 @@ class ImageText(Text):
 
 
 def encode_pairs(loaded: LoadedModel, pairs, seqlen: int) -> Samples:
-    """Token ids ``[n, L]`` and pixels ``[n, 3, H, W]`` of ``pairs`` through ``loaded.processor``.
+    """Every field the processor makes of ``pairs`` (token ids ``[n, L]``, pixels, ...), with
+    :data:`SCORED`, the mask of the tokens evaluation scores.
 
-    Every sample gets the same length ``L`` (the longest, at most ``seqlen``; shorter ones padded
-    at the end with the end-of-text token), because a block is replayed with the attention mask
-    and positions of the first sample; padding at the end changes no earlier token's output.
-    ``text_mask`` marks the text's own tokens (not the image's, not the padding): what
-    evaluation scores."""
+    Each pair is the image marker, then the text; the processor puts the image's tokens (and its
+    family's wrappers) in the marker's place. Every sample gets the same length ``L`` (the
+    longest, at most ``seqlen``; shorter ones padded at the end, token ids with the end-of-text
+    token), because a block is replayed with the attention mask and positions of the first
+    sample; padding at the end changes no earlier token's output. Scored are the text's own
+    tokens: the sample's last tokens when they are the text tokenized alone, else every token
+    after the image's last (not the image, its wrappers or the padding)."""
     processor = loaded.processor
     marker = getattr(processor, "image_token", None)
     if marker is None:
         raise LrquantError(
             f"the processor of '{loaded.name}' names no image token: it cannot place the image"
         )
-    image_id = processor.tokenizer.convert_tokens_to_ids(marker)
-    ids, pixels = [], []
+    image_id = loaded.model.config.image_token_id
+    tokens: dict[str, list[torch.Tensor]] = {}  # fields with one value per token
+    images: dict[str, list[torch.Tensor]] = {}  # fields with one value per sample
     for pair in pairs:
         out = processor(images=pair.image, text=marker + pair.text, return_tensors="pt")
         row = out["input_ids"][0]
         if (row[:seqlen] == image_id).sum() != (row == image_id).sum():
             raise LrquantError(f"--seqlen {seqlen} cuts into the image's tokens: give a longer --seqlen")
-        ids.append(row[:seqlen])
-        pixels.append(out["pixel_values"][0])
-    length = max(len(row) for row in ids)
+        text = processor.tokenizer(pair.text, add_special_tokens=False)["input_ids"]
+        out[SCORED] = _text_tokens(row, text, image_id)[None]
+        for name, value in out.items():
+            if name in TOKEN_FIELDS:
+                tokens.setdefault(name, []).append(value[0][:seqlen])
+            elif name != "attention_mask":
+                images.setdefault(name, []).append(value[0])
+    length = max(len(row) for row in tokens["input_ids"])
     pad = processor.tokenizer.eos_token_id
     if pad is None:
         pad = processor.tokenizer.pad_token_id or 0
-    padded = torch.full((len(ids), length), pad, dtype=torch.long)
-    text = torch.zeros((len(ids), length), dtype=torch.bool)  # the text's own tokens
-    for i, row in enumerate(ids):
-        padded[i, : len(row)] = row
-        text[i, : len(row)] = row != image_id
-    return Samples({"input_ids": padded, "pixel_values": torch.stack(pixels), "text_mask": text})
+    fields = {}
+    for name, rows in tokens.items():
+        padded = torch.full((len(rows), length), pad if name == "input_ids" else 0, dtype=rows[0].dtype)
+        for i, row in enumerate(rows):
+            padded[i, : len(row)] = row
+        fields[name] = padded
+    return Samples(fields | {name: torch.stack(values) for name, values in images.items()})
+
+
+def _text_tokens(row: torch.Tensor, text: list[int], image_id: int) -> torch.Tensor:
+    """The mask of ``row``'s tokens that are the text's (``text``: the text tokenized alone)."""
+    mask = torch.zeros(len(row), dtype=torch.bool)
+    if text and row[-len(text) :].tolist() == text:
+        mask[-len(text) :] = True
+    else:  # the text's first tokens merged with what precedes them: all after the image
+        mask[int((row == image_id).nonzero().max()) + 1 :] = True
+    return mask
