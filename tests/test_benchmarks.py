@@ -202,3 +202,21 @@ def test_stage_time_runs_on_a_tiny_llm(tiny_llama, tmp_path) -> None:
     }
     assert rows_["train"] > 0 and rows_["search clipping"] > 0  # the weight-only rule searches clipping
     assert rows_["the whole block"] >= rows_["train"]
+
+
+def test_vision_language_table_runs_on_a_tiny_llava(tmp_path) -> None:
+    from lrquant.models.tiny_vlm import save_tiny_vlm
+
+    model = str(save_tiny_vlm("llava", tmp_path / "llava"))
+    results = tmp_path / "results"
+    sets = [arg for item in TINY_BUDGET for arg in ("--set", item)]
+    args = ["--model", model, "--methods", "rtn", "lrquant_plus", "--settings", "W4A4", "--tower", "both",
+            "--nsamples", "4", "--eval-pairs", "8", "--name", "vlmsmoke", *sets]  # fmt: skip
+    run_script("vlm_table.py", args, results)
+    found = {(r["method"], r["tower"]): r for r in rows(results, "vlmsmoke")}
+    assert set(found) == {("rtn", False), ("rtn", True), ("lrquant_plus", False), ("lrquant_plus", True)}
+    for row in found.values():
+        assert row["eval_pairs"] == 8 and 0 < row["fidelity"]["kl"] < 1
+    assert "| lrquant_plus | W4A4 | yes |" in (results / "vlmsmoke.md").read_text()
+    run_script("vlm_table.py", args, results)  # a rerun skips the finished rows
+    assert len(rows(results, "vlmsmoke")) == 4

@@ -238,17 +238,22 @@ def test_bad_pairs_are_refused_in_one_line_and_nothing_is_written(
     assert not (tmp_path / "out").exists()
 
 
-def test_calibration_without_pairs_or_with_too_short_windows_is_refused(
+def test_built_in_pairs_are_the_default_and_too_short_windows_are_refused(
     llava: Path, pairs: Path, tmp_path: Path
 ) -> None:
-    with pytest.raises(LrquantError, match="calibrates on image-text pairs: give --calib-data"):
-        api.quantize(str(llava), tmp_path / "out", build_scheme(4, 16), "lrquant_plus", run_eval=False)
+    data = api.DataSettings(nsamples=2, eval_windows=4)  # no --calib-data, no --eval-data
+    report = api.quantize(str(llava), tmp_path / "out", build_scheme(4, 16), "lrquant_plus", "fast",
+                          {"epochs": 1, "compile": False}, data)  # fmt: skip
+    assert report["data"]["calibration"] == "digits-words:train"
+    assert report["data"]["evaluation"] == "digits-words:test" and report["data"]["eval_pairs"] == 4
     with pytest.raises(LrquantError, match="--seqlen 8 cuts into the image's tokens"):
-        api.quantize(str(llava), tmp_path / "out", build_scheme(4, 16), "lrquant_plus",
+        api.quantize(str(llava), tmp_path / "short", build_scheme(4, 16), "lrquant_plus",
                      data=api.DataSettings(calib=str(pairs), seqlen=8), run_eval=False)  # fmt: skip
-    with pytest.raises(LrquantError, match="evaluated on image-text pairs: give --eval-data"):
-        api.quantize(str(llava), tmp_path / "out", build_scheme(4, 16), "rtn")
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "short").exists()
+    with pytest.raises(LrquantError, match="image-text pairs 'nowhere' not found: .* or the built-in"):
+        api.quantize(str(llava), tmp_path / "short", build_scheme(4, 16), "rtn",
+                     data=api.DataSettings(eval="nowhere"))  # fmt: skip
+    assert not (tmp_path / "short").exists()
 
 
 def test_command_line_quantizes_and_evaluates_a_vision_language_model(

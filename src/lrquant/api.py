@@ -527,6 +527,7 @@ def quantize(
                 "seed": data.seed,
                 modality.report_key: evaluation,
                 **({"fidelity": stages.fidelity} if run_eval and stages.fidelity else {}),
+                **(stages.more if run_eval else {}),
                 "blocks": blocks,
                 **({"vision": vision} if vision is not None else {}),
                 "seconds": {**seconds, "total": round(sum(seconds.values()), 2)},

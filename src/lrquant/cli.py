@@ -67,7 +67,8 @@ def _add_data_args(parser: argparse.ArgumentParser, eval_flag: str) -> None:
         "labels) or photos, photos:heldout, digits, lfw (digits:N, lfw:N: a seeded N of them), "
         "with an optional @SIZE (default: "
         "photos:heldout,digits@112,lfw@112). Vision-language models: image-text pairs, a folder "
-        '(each image with a .txt of the same name) or a .jsonl of {"image", "text"} lines',
+        '(each image with a .txt of the same name), a .jsonl of {"image", "text"} lines, or the '
+        "built-in digits-words:test (the default; a task with answers: accuracy is reported)",
     )
     parser.add_argument(
         "--image-size", type=int, default=None, help="input resolution of a vision model (default: its own)"
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="calibration data: text as for --eval-data (default: wikipedia:train), images: a "
         "folder or the built-in photos (default: photos), or image-text pairs for a "
-        "vision-language model (a folder or .jsonl, as for --eval-data)",
+        "vision-language model (as for --eval-data; default: digits-words:train)",
     )
     q.add_argument(
         "--nsamples",
@@ -316,6 +317,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             summary = "perplexity " + (", ".join(f"{k} {v:.3f}" for k, v in ppl.items()) or "not evaluated")
             if "fidelity" in report:
                 summary += f"; {_fidelity(report['fidelity'])}"
+            if "accuracy" in report:
+                summary += "; accuracy " + ", ".join(
+                    f"{k} {100 * v:.1f} %" for k, v in report["accuracy"].items()
+                )
         tower = f", vision tower {report['vision']['scheme']}" if "vision" in report else ""
         print(
             f"{report['method']} {report['scheme']}{tower}: {summary}; "
@@ -460,8 +465,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         scheme = result["scheme"] + (
             f", vision tower {result['vision_scheme']}" if "vision_scheme" in result else ""
         )
+        accuracy = f", accuracy {100 * result['accuracy']:.1f} %" if "accuracy" in result else ""
         print(
-            f"{result['model']} ({scheme}): perplexity {result['perplexity']:.3f} on "
+            f"{result['model']} ({scheme}): perplexity {result['perplexity']:.3f}{accuracy} on "
             f"{scored_samples(result)} from {result['data']}{against}"
         )
     return 0

@@ -1,6 +1,12 @@
 """Image-text pairs for vision-language models: a folder where each image has a text file of the
-same name (``cat.png`` + ``cat.txt``), or a ``.jsonl`` file with one ``{"image": path, "text":
-...}`` per line (paths relative to the file)."""
+same name (``cat.png`` + ``cat.txt``), a ``.jsonl`` file with one ``{"image": path, "text":
+...}`` per line (paths relative to the file), or the built-in ``digits-words``.
+
+``digits-words`` are scikit-learn's 1797 handwritten digits, each with the text "A handwritten
+digit seven." (its digit in words): a task with answers, so a model's accuracy can be measured
+(which of the ten words it finds likeliest after "A handwritten digit"). A fixed split (seed 0,
+whatever the run's seed) keeps ``digits-words:test`` (500 images) apart from
+``digits-words:train`` (the other 1297); plain ``digits-words`` is the train split."""
 
 from __future__ import annotations
 
@@ -17,20 +23,57 @@ from lrquant.errors import LrquantError
 
 @dataclass(frozen=True)
 class Pair:
-    """One image and the text that goes with it."""
+    """One image and the text that goes with it; in a task with answers, the text holds
+    ``choices[answer]`` as one word after ``prompt`` (``text`` = prompt + " " + word + ...)."""
 
     image: Image.Image
     text: str
+    answer: int | None = None
+    choices: tuple[str, ...] = ()
+    prompt: str = ""
+
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGITS_PROMPT = "A handwritten digit"
+DIGITS_PAIRS = "digits-words"
+DIGITS_TEST = 500  # images in digits-words:test
+
+
+def digit_pairs(split: str) -> list[Pair]:
+    """The built-in pairs of ``split`` (``train`` or ``test``), in a fixed order."""
+    from lrquant.data.images import digits_set
+
+    digits = digits_set()
+    order = [int(i) for i in np.random.default_rng(0).permutation(len(digits))]
+    chosen = order[:DIGITS_TEST] if split == "test" else order[DIGITS_TEST:]
+    return [
+        Pair(
+            digits.images[i],
+            f"{DIGITS_PROMPT} {DIGIT_WORDS[digits.labels[i]]}.",
+            digits.labels[i],
+            DIGIT_WORDS,
+            DIGITS_PROMPT,
+        )
+        for i in chosen
+    ]
 
 
 def load_pairs(spec: str, n: int | None = None, seed: int = 0) -> list[Pair]:
-    """The pairs of a folder or ``.jsonl`` file: all of them in order, or a ``seed``-ed random
-    ``n`` (only those images are opened)."""
+    """The pairs of a folder, a ``.jsonl`` file or a built-in split: all of them in order, or a
+    ``seed``-ed random ``n`` (only those images are opened)."""
+    name, _, split = spec.partition(":")
+    if name == DIGITS_PAIRS and split in ("", "train", "test"):
+        pairs = digit_pairs(split or "train")
+        if n is None:
+            return pairs
+        order = np.random.default_rng(seed).permutation(len(pairs))[: _positive(n, "pair count")]
+        return [pairs[int(i)] for i in order]
     path = Path(spec).expanduser()
     if not path.exists():
         raise LrquantError(
             f"image-text pairs '{spec}' not found: give a folder of images with a .txt of the same "
-            'name beside each, or a .jsonl of {"image": path, "text": ...} lines'
+            'name beside each, a .jsonl of {"image": path, "text": ...} lines, or the built-in '
+            f"{DIGITS_PAIRS}:train / {DIGITS_PAIRS}:test"
         )
     listed = _folder_pairs(path) if path.is_dir() else _jsonl_pairs(path)
     order = list(range(len(listed)))

@@ -20,6 +20,7 @@ def score_windows(
     reference: torch.nn.Module | None = None,
     extra: dict[str, torch.Tensor] | None = None,
     scored: torch.Tensor | None = None,
+    answers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """``perplexity``: exp(mean next-token negative log-likelihood) over every predicted token of
     ``windows``; with a ``reference`` model (the full-precision one), also, on the same predicted
@@ -32,13 +33,17 @@ def score_windows(
     model inputs per window (a vision-language model's ``pixel_values``); ``scored`` (``[n,
     seqlen]``, bool) marks the tokens that count as predictions (a vision-language model's text,
     not its image tokens or padding); by default every token after the first.
+
+    ``answers`` (a task with answers): where each window's answer token is ``[n]``, which choice
+    it is ``[n]`` and the token of every choice ``[n, k]``; ``accuracy`` is then the share of
+    windows where the right choice's token is the likeliest of the choices at that place.
     """
     model.eval()
     device = module_device(model)
     if reference is not None:
         reference.eval()
         ref_device = module_device(reference)
-    nll, kl, agree, count = 0.0, 0.0, 0, 0
+    nll, kl, agree, count, right = 0.0, 0.0, 0, 0, 0
     with Progress(windows.shape[0], desc, "windows") as bar:
         for start in range(0, windows.shape[0], batch_size):
             rows = slice(start, start + batch_size)
@@ -51,6 +56,10 @@ def score_windows(
                 else (lambda t, m=scored[rows, 1:]: t[m.to(t.device)])
             )
             out = model(input_ids=batch, use_cache=False, **{k: v.to(device) for k, v in inputs.items()})
+            if answers is not None:
+                at, answer, choices = (t[rows].to(device) for t in answers)
+                before = out.logits[torch.arange(len(at), device=device), at - 1]  # predicts the answer
+                right += int((before.gather(1, choices).argmax(1) == answer).sum())
             logits, targets = pick(out.logits[:, :-1].float()), pick(batch[:, 1:])
             nll += F.cross_entropy(logits, targets, reduction="sum").item()
             count += targets.numel()
@@ -63,6 +72,8 @@ def score_windows(
                 agree += int((ref.argmax(-1) == logits.argmax(-1)).sum())
             bar.update(batch.shape[0])
     scores = {"perplexity": math.exp(nll / count)}
+    if answers is not None:
+        scores["accuracy"] = right / windows.shape[0]
     if reference is not None:
         scores.update(kl=kl / count, top1_agreement=agree / count)
     return scores

@@ -54,12 +54,15 @@ class Evaluation:
     """A run's evaluation in two calls: ``fp()`` scores the model before quantizing (and keeps
     what the quantized model is compared with), ``quantized()`` after. ``details`` go to the
     report's data section; ``fidelity`` fills in during ``quantized()`` where the modality
-    measures it apart from the main score (a language model's KL and top-1 agreement)."""
+    measures it apart from the main score (a language model's KL and top-1 agreement); ``more``
+    during both (a task's accuracy, where the evaluation data have answers)."""
 
     fp: Callable[[], object]
     quantized: Callable[[], object]
     details: dict
     fidelity: dict = field(default_factory=dict)
+    # more measures by stage, filled in as the stages run: {"accuracy": {"fp": ..., "quantized": ...}}
+    more: dict = field(default_factory=dict)
 
 
 class Modality(ABC):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from lrquant.data.pairs import load_pairs
+from lrquant.data.pairs import DIGITS_PAIRS, load_pairs
 from lrquant.data.samples import Sample, Samples
 from lrquant.errors import LrquantError
 from lrquant.eval.perplexity import score_windows
@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from lrquant.models.loading import LoadedModel
 
 SCORED = "text_mask"  # the field of encoded pairs that marks the text's own tokens
+# fields of encoded pairs with answers: where the answer's token is, which choice it is, and the
+# token of each choice
+ANSWERS = ("answer_at", "answer", "choices")
+NOT_INPUTS = (SCORED, *ANSWERS)  # fields evaluation reads, which the model does not take
 # per-token fields of a processor's output: cut and padded with the token ids
 TOKEN_FIELDS = ("input_ids", "token_type_ids", "mm_token_type_ids", SCORED)
 
@@ -39,8 +43,8 @@ class ImageText(Text):
     """Image-text pairs in; the end-to-end loss is the language model's (:class:`Text`)."""
 
     name = "image-text"
-    default_calib = ""  # no built-in pairs yet: --calib-data is needed
-    default_eval = ""
+    default_calib = f"{DIGITS_PAIRS}:train"
+    default_eval = f"{DIGITS_PAIRS}:test"
     rules = IMAGE_TEXT_RULES
 
     def settings(self, data: DataSettings, loaded: LoadedModel) -> DataSettings:
@@ -53,24 +57,14 @@ class ImageText(Text):
     def calibration(self, loaded: LoadedModel, data: DataSettings, n: int) -> Samples:
         """``n`` seeded pairs, each run through the model's processor (the image marker first,
         then the text), cut to ``seqlen`` tokens and padded at the end to the longest."""
-        if not data.calib:
-            raise LrquantError(
-                "a vision-language model calibrates on image-text pairs: give --calib-data, a folder "
-                'of images each with a .txt of the same name, or a .jsonl of {"image", "text"} lines'
-            )
         return encode_pairs(loaded, load_pairs(data.calib, n, data.seed), data.seqlen)
 
     def model_inputs(self, sample: Sample) -> dict:
         """Every field the processor gave (token ids, pixels, token types, ...), as a batch of one."""
-        return {name: t[None] for name, t in sample.items() if name != SCORED} | {"use_cache": False}
+        return {name: t[None] for name, t in sample.items() if name not in NOT_INPUTS} | {"use_cache": False}
 
     def eval_samples(self, loaded: LoadedModel, data: DataSettings) -> Samples:
         """What evaluation scores: the evaluation pairs, encoded as for calibration."""
-        if not data.eval:
-            raise LrquantError(
-                "a vision-language model is evaluated on image-text pairs: give --eval-data (a folder "
-                "of images each with a .txt, or a .jsonl), or skip the evaluation with --no-eval"
-            )
         return encode_pairs(loaded, load_pairs(data.eval, data.eval_windows, data.seed), data.seqlen)
 
     def described(self, samples: Samples, data: DataSettings) -> dict:
@@ -87,8 +81,9 @@ class ImageText(Text):
             data.batch_size,
             desc,
             reference,
-            extra={name: t for name, t in samples.fields.items() if name not in ("input_ids", SCORED)},
+            extra={name: t for name, t in samples.fields.items() if name not in ("input_ids", *NOT_INPUTS)},
             scored=samples[SCORED],
+            answers=tuple(samples[name] for name in ANSWERS) if ANSWERS[0] in samples.fields else None,
         )
 
     def data_report(self, data: DataSettings, calibration) -> dict:
@@ -106,13 +101,14 @@ def encode_pairs(loaded: LoadedModel, pairs, seqlen: int) -> Samples:
     sample; padding at the end changes no earlier token's output. Scored are the text's own
     tokens: the sample's last tokens when they are the text tokenized alone, else every token
     after the image's last (not the image, its wrappers or the padding)."""
-    processor = loaded.processor
+    return encode(loaded.processor, loaded.model.config.image_token_id, pairs, seqlen, loaded.name)
+
+
+def encode(processor, image_id: int, pairs, seqlen: int, name: str = "the model") -> Samples:
+    """:func:`encode_pairs` with ``processor``, for a model whose image token is ``image_id``."""
     marker = getattr(processor, "image_token", None)
     if marker is None:
-        raise LrquantError(
-            f"the processor of '{loaded.name}' names no image token: it cannot place the image"
-        )
-    image_id = loaded.model.config.image_token_id
+        raise LrquantError(f"the processor of '{name}' names no image token: it cannot place the image")
     tokens: dict[str, list[torch.Tensor]] = {}  # fields with one value per token
     images: dict[str, list[torch.Tensor]] = {}  # fields with one value per sample
     for pair in pairs:
@@ -122,11 +118,17 @@ def encode_pairs(loaded: LoadedModel, pairs, seqlen: int) -> Samples:
             raise LrquantError(f"--seqlen {seqlen} cuts into the image's tokens: give a longer --seqlen")
         text = processor.tokenizer(pair.text, add_special_tokens=False)["input_ids"]
         out[SCORED] = _text_tokens(row, text, image_id)[None]
+        answer = _answer(processor.tokenizer, pair, row, text, seqlen)
+        if answer is not None:
+            out.update({name: value[None] for name, value in zip(ANSWERS, answer, strict=True)})
         for name, value in out.items():
             if name in TOKEN_FIELDS:
                 tokens.setdefault(name, []).append(value[0][:seqlen])
             elif name != "attention_mask":
                 images.setdefault(name, []).append(value[0])
+    if any(len(images.get(name, ())) != len(tokens["input_ids"]) for name in ANSWERS):
+        for name in ANSWERS:  # accuracy only where every pair has its answer
+            images.pop(name, None)
     length = max(len(row) for row in tokens["input_ids"])
     pad = processor.tokenizer.eos_token_id
     if pad is None:
@@ -138,6 +140,20 @@ def encode_pairs(loaded: LoadedModel, pairs, seqlen: int) -> Samples:
             padded[i, : len(row)] = row
         fields[name] = padded
     return Samples(fields | {name: torch.stack(values) for name, values in images.items()})
+
+
+def _answer(tokenizer, pair, row: torch.Tensor, text: list[int], seqlen: int):
+    """Where the answer's token sits in ``row``, its choice and every choice's token, for a pair
+    of a task with answers whose choices are one token each (else None: no accuracy)."""
+    if pair.answer is None:
+        return None
+    choices = [tokenizer(" " + word, add_special_tokens=False)["input_ids"] for word in pair.choices]
+    at = len(row) - len(text) + len(tokenizer(pair.prompt, add_special_tokens=False)["input_ids"])
+    if any(len(ids) != 1 for ids in choices) or row[-len(text) :].tolist() != text or at >= seqlen:
+        return None
+    if int(row[at]) != choices[pair.answer][0]:
+        return None
+    return torch.tensor(at), torch.tensor(pair.answer), torch.tensor([ids[0] for ids in choices])
 
 
 def _text_tokens(row: torch.Tensor, text: list[int], image_id: int) -> torch.Tensor:

@@ -133,16 +133,23 @@ class Text(Modality):
         details = {f"eval_{key}": value for key, value in about.items() if key != "seqlen"}
         evaluation = Evaluation(lambda: None, lambda: None, details)
 
+        def more(stage: str, scores: dict) -> None:
+            if "accuracy" in scores:
+                evaluation.more.setdefault("accuracy", {})[stage] = scores["accuracy"]
+
         def fp() -> float:
             log(f"full-precision perplexity on {scored_samples(about)}")
             with placed(loaded.model, device):
-                return self.score(loaded.model, samples, data, "fp perplexity")["perplexity"]
+                scores = self.score(loaded.model, samples, data, "fp perplexity")
+            more("fp", scores)
+            return scores["perplexity"]
 
         def quantized() -> float:
             reference = full_precision()
             with placed(loaded.model, device), placed(reference, device):
                 scores = self.score(loaded.model, samples, data, "quantized perplexity", reference)
             evaluation.fidelity.update(kl=scores["kl"], top1_agreement=scores["top1_agreement"])
+            more("quantized", scores)
             return scores["perplexity"]
 
         evaluation.fp, evaluation.quantized = fp, quantized

