@@ -106,3 +106,14 @@ def test_the_built_in_tiny_llava_reads_the_digits() -> None:
     assert info["accuracy"]["fp"] > 0.5
     result = api.evaluate("tiny-llava", api.DataSettings(eval_windows=None))
     assert result["accuracy"] == pytest.approx(info["accuracy"]["fp"], abs=0.004)
+
+
+def test_the_command_line_prints_the_accuracy(composed: tuple[Path, dict], monkeypatch, capsys) -> None:
+    from lrquant.cli import main
+
+    folder, _ = composed
+    monkeypatch.setattr(pairs_module, "DIGIT_WORDS", TINY_WORDS)
+    assert main(["eval", "--model", str(folder), "--eval-windows", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert "% on the texts of 20 image-text pairs from digits-words:test" in printed
+    assert ", accuracy " in printed
