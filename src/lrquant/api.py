@@ -272,14 +272,19 @@ def apply_method(
     return blocks
 
 
-def _vision_tower(loaded: LoadedModel) -> LoadedModel:
-    """``loaded`` seen through its vision tower's map, or one clear error for a model without one."""
-    if loaded.arch.modality != "image-text":
+def _check_has_tower(arch, name: str) -> None:
+    """Refuse ``--quantize-vision`` for a model that is not a vision-language one, in one line."""
+    if arch.modality != "image-text":
         raise LrquantError(
-            f"--quantize-vision applies to a vision-language model; '{loaded.name}' is a "
-            f"{'vision' if loaded.arch.modality == 'image' else 'language'} model: quantize it without "
+            f"--quantize-vision applies to a vision-language model; '{name}' is a "
+            f"{'vision' if arch.modality == 'image' else 'language'} model: quantize it without "
             "--quantize-vision (a vision transformer on its own is quantized whole)"
         )
+
+
+def _vision_tower(loaded: LoadedModel) -> LoadedModel:
+    """``loaded`` seen through its vision tower's map, or one clear error for a model without one."""
+    _check_has_tower(loaded.arch, loaded.name)
     spec = get_vision_language_spec(loaded.model_type)
     return replace(loaded, arch=spec.vision_arch(loaded.model.config))
 
@@ -465,7 +470,7 @@ def quantize(
             vision, tower_store = _quantize_tower(
                 tower, vision_scheme, method, preset, overrides, format, calibration, data, out.final, target
             )
-            stores.append(tower_store)
+            stores += [tower_store] if tower_store is not None else []
             lap("quantize_vision")
         log(f"quantizing with {method} at {scheme.name}")
         store = None
@@ -541,8 +546,7 @@ def quantize(
                 plot_blocks(blocks, out.tmp / PLOT_FILE, f"{method} {scheme.name}")
             out.commit()
         for finished in stores:
-            if finished is not None:
-                finished.clear()  # under the output lock, which a second run waits on
+            finished.clear()  # under the output lock, which a second run waits on
     log(f"wrote {out.final}")
     if recipe.hadamard in RUN_TIME_HADAMARD:
         log(
@@ -571,8 +575,8 @@ def explain(
     arch = _config_arch(model)
     if arch is None:  # e.g. a built-in model not converted yet: load it to know
         arch = load_model(model, trust_remote_code=trust_remote_code).arch
-    if vision_scheme is not None and arch.modality != "image-text":
-        raise LrquantError(f"--quantize-vision applies to a vision-language model; '{model}' is not one")
+    if vision_scheme is not None:
+        _check_has_tower(arch, model)
     where = _situation(arch, scheme, format)
     recipe = build_recipe(method, preset, overrides, situation=where)
     plan = {

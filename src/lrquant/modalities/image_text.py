@@ -75,19 +75,25 @@ class ImageText(Text):
     ) -> dict:
         """Perplexity of the texts given their images (their own tokens only); with
         ``reference``, KL and top-1 agreement on the same tokens."""
-        return score_windows(
-            model,
-            samples["input_ids"],
-            data.batch_size,
-            desc,
-            reference,
-            extra={name: t for name, t in samples.fields.items() if name not in ("input_ids", *NOT_INPUTS)},
-            scored=samples[SCORED],
-            answers=tuple(samples[name] for name in ANSWERS) if ANSWERS[0] in samples.fields else None,
-        )
+        return score_pairs(model, samples, data.batch_size, desc, reference)
 
     def data_report(self, data: DataSettings, calibration) -> dict:
         return {"seqlen": None if calibration is None else calibration["input_ids"].shape[1]}
+
+
+def score_pairs(model: nn.Module, samples: Samples, batch_size: int, desc: str, reference=None) -> dict:
+    """:func:`score_windows` of encoded pairs (:func:`encode_pairs`): the text's own tokens
+    scored, every other model input passed along, and the accuracy where the pairs have answers."""
+    return score_windows(
+        model,
+        samples["input_ids"],
+        batch_size,
+        desc,
+        reference,
+        extra={name: t for name, t in samples.fields.items() if name not in ("input_ids", *NOT_INPUTS)},
+        scored=samples[SCORED],
+        answers=tuple(samples[name] for name in ANSWERS) if ANSWERS[0] in samples.fields else None,
+    )
 
 
 def encode_pairs(loaded: LoadedModel, pairs, seqlen: int) -> Samples:

@@ -67,10 +67,11 @@ class ComposedModel:
 
 
 def _build_tiny_llava(parts: list[Path], out: Path) -> None:
-    """:func:`lrquant.models.tiny_llava.build_tiny_llava`, imported only when a build runs."""
-    from lrquant.models.tiny_llava import build_tiny_llava
+    """``tiny-llava`` from the folders of ``smollm2-135m`` and ``dinov2-small``
+    (:func:`lrquant.models.tiny_llava.compose_llava`, imported only when a build runs)."""
+    from lrquant.models.tiny_llava import compose_llava
 
-    build_tiny_llava(parts, out)
+    compose_llava(parts[0], parts[1], out)
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from lrquant.console import Progress, log
 from lrquant.data.pairs import digit_pairs
 from lrquant.errors import LrquantError
-from lrquant.modalities.image_text import ANSWERS, SCORED, encode
+from lrquant.modalities.image_text import ANSWERS, SCORED, encode, score_pairs
 
 IMAGE_SIDE = 56  # pixels: DINOv2's 14-pixel patches, 4 x 4 of them
 IMAGE_MARKER = "<image>"
@@ -216,22 +216,8 @@ def _patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
     return hidden[model.config.vision_feature_layer][:, 1:]
 
 
-@torch.no_grad()
 def digits_accuracy(model, processor, batch: int = 50) -> float:
     """The share of ``digits-words:test`` images whose digit word the model finds likeliest of
     the ten after "A handwritten digit" (the whole model, image to logits)."""
     samples = encode(processor, model.config.image_token_id, digit_pairs("test"), SEQLEN)
-    at, answer, choices = (samples[name] for name in ANSWERS)
-    right = 0
-    for start in range(0, len(samples), batch):
-        rows = slice(start, start + batch)
-        inputs = {"input_ids": samples["input_ids"][rows], "pixel_values": samples["pixel_values"][rows]}
-        logits = model(**inputs, use_cache=False).logits
-        before = logits[torch.arange(len(at[rows])), at[rows] - 1].gather(1, choices[rows])
-        right += int((before.argmax(1) == answer[rows]).sum())
-    return right / len(samples)
-
-
-def build_tiny_llava(parts: list[Path], out: Path) -> None:
-    """The built-in ``tiny-llava`` from the folders of ``smollm2-135m`` and ``dinov2-small``."""
-    compose_llava(parts[0], parts[1], out)
+    return score_pairs(model, samples, batch, "accuracy")["accuracy"]
