@@ -23,7 +23,7 @@ import torch
 from lrquant import __version__
 from lrquant.arch.registry import get_arch_spec
 from lrquant.arch.vision_language import get_vision_language_spec
-from lrquant.checkpoint import REPORT_FILE, read_source, save_quantized
+from lrquant.checkpoint import REPORT_FILE, read_source, save_quantized, save_streamed
 from lrquant.config import QuantScheme
 from lrquant.console import log
 from lrquant.device import placed, resolve_device
@@ -34,10 +34,11 @@ from lrquant.inference import apply_backend, generate_text
 from lrquant.methods.blockwise import quantize_blockwise, report_dict
 from lrquant.methods.e2e import check_supported, end_to_end_wanted, fp_final_hidden, run_end_to_end
 from lrquant.methods.resume import ResumeStore
-from lrquant.methods.rtn import quantize_rtn
+from lrquant.methods.rtn import quantize_rtn, quantize_rtn_streamed
 from lrquant.modalities import modality_named, modality_of
 from lrquant.models.builtin import builtin_folder, cache_root, is_builtin
 from lrquant.models.loading import LoadedModel, load_model, resolve_model_dir
+from lrquant.models.streaming import too_large
 from lrquant.output_dir import AtomicOutputDir, AtomicOutputFile, disk_space_for, write_json
 from lrquant.quant.apply import head_linears, patch_embedding
 from lrquant.recipes import (
@@ -50,7 +51,12 @@ from lrquant.recipes import (
     default_rule,
 )
 from lrquant.report import PLOT_FILE, plot_blocks
-from lrquant.transforms.hadamard import RUN_TIME_HADAMARD, apply_hadamard, check_hadamard_supported
+from lrquant.transforms.hadamard import (
+    RUN_TIME_HADAMARD,
+    HadamardPlan,
+    apply_hadamard,
+    check_hadamard_supported,
+)
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,14 @@ def peak_device_memory(device: torch.device) -> dict:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
+    """Peak resident memory of this process so far, in MiB: Linux's ``VmHWM`` (the peak of this
+    program; ``ru_maxrss`` also keeps the peak of the process that started it, across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 if sys.platform != "darwin" else peak / 2**20
 
@@ -138,6 +151,7 @@ def evaluate(
     reference: str | None = None,
     device: str = "auto",
     backend: str = "fake",
+    stream: bool = False,
 ) -> dict:
     """Evaluate ``model`` (a name, a folder, a .gguf, or a quantized output folder).
 
@@ -149,10 +163,16 @@ def evaluate(
     for a language model, the model itself for a vision model). ``device``: see
     :func:`lrquant.device.resolve_device`. ``backend``: how a quantized output's linears run
     (:mod:`lrquant.inference`; ``fake``, the default, computes exactly as the run evaluated).
+    ``stream``: a language model (and its reference) is scored one block at a time, never whole
+    in memory (:func:`lrquant.eval.perplexity.score_streamed`), on the CPU.
     """
     start = time.perf_counter()
     target = resolve_device(device)
-    loaded = load_model(model, trust_remote_code=trust_remote_code)
+    if stream and backend != "fake":
+        raise LrquantError(
+            f"--stream evaluates with the fake backend only, not '{backend}': leave out --backend"
+        )
+    loaded = load_model(model, trust_remote_code=trust_remote_code, stream=stream)
     data = (data or DataSettings()).for_model(loaded)
     result = {
         "model": model,
@@ -163,7 +183,10 @@ def evaluate(
         "backend": apply_backend(loaded, backend, target),
     }
     reference = reference or _source_model(loaded)
-    fp = None if reference is None else load_model(reference, trust_remote_code=trust_remote_code).model
+    fp = None
+    if reference is not None:
+        fp = load_model(reference, trust_remote_code=trust_remote_code, stream=stream)
+        fp = fp if stream else fp.model
     result.update(reference=reference, **modality_of(loaded.arch).evaluate(loaded, data, fp, target))
     return {
         **result,
@@ -230,15 +253,31 @@ def apply_method(
     the end-to-end step (:func:`lrquant.methods.e2e.run_end_to_end`; also after a resumed run
     that had every block finished). An end-to-end step with more windows (``e2e_samples``) takes
     them from the rest: pass ``recipe.calibration_samples``.
+
+    A streamed model (``loaded.stream``) is quantized one block at a time; each finished block
+    lives in ``store`` (then required) until the output is written.
     """
-    apply_hadamard(loaded.model, loaded.arch, recipe.hadamard, seed)  # before resuming: same seed, same Q
+    stream = loaded.stream
+    if stream is not None:
+        check_streamable(recipe, scheme)
+    # before resuming: same seed, same Q (a streamed model's blocks are rotated as they are loaded)
+    if stream is None:
+        apply_hadamard(loaded.model, loaded.arch, recipe.hadamard, seed)
+    else:
+        plan = HadamardPlan.of(loaded.model, loaded.arch, recipe.hadamard, seed)
+        plan.outside_blocks(loaded.model)
+        stream.on_load.append(lambda _name, block: plan.block(block))
     if method == "rtn":
         if recipe.e2e_epochs:
             raise LrquantError(
                 "e2e_epochs tunes step sizes on calibration data, which rtn does not use: "
                 "choose another method or leave e2e_epochs at 0"
             )
-        quantize_rtn(loaded.model, loaded.arch, scheme)
+        if stream is not None:
+            store.clear()  # rounding to nearest is quick to redo: no resuming
+            quantize_rtn_streamed(stream, scheme, lambda index, block: store.save_block(index, block, None))
+        else:
+            quantize_rtn(loaded.model, loaded.arch, scheme)
         return []
     if calibration is None:
         raise LrquantError(f"method '{method}' needs calibration data")
@@ -246,7 +285,9 @@ def apply_method(
     if end_to_end:
         check_supported(loaded.model, loaded.arch)  # before any work
     calibration, e2e_extra = _e2e_extra(loaded, scheme, recipe, calibration, device)
-    start = store.load(loaded.model, loaded.arch, scheme) if store is not None else None
+    start = (
+        store.load(loaded.model, loaded.arch, scheme, restore=stream is None) if store is not None else None
+    )
     if start is not None:
         log(f"resuming at block {start[0] + 1} from {store.folder}")
     result = quantize_blockwise(
@@ -259,6 +300,7 @@ def apply_method(
         start,
         store.save_block if store is not None else None,
         device,
+        stream,
     )
     blocks = store.reports if store is not None else [report_dict(r) for r in result.reports]
     if end_to_end:
@@ -270,6 +312,43 @@ def apply_method(
         if blocks:
             blocks[-1] = {**blocks[-1], "e2e_kl": kl}
     return blocks
+
+
+def _stream_wanted(model: str, stream: bool | None) -> bool:
+    """``stream`` as asked, or (None) whether ``model`` is a language model too large to hold
+    in float32 (:func:`lrquant.models.streaming.too_large`)."""
+    if stream is not None:
+        return stream
+    arch = _config_arch(model)
+    if arch is None or arch.modality != "text":
+        return False
+    path = resolve_model_dir(model)
+    if not too_large(path):
+        return False
+    log(f"'{model}' would take most of this machine's free memory in float32: it is streamed")
+    return True
+
+
+def check_streamable(recipe: Recipe, scheme: QuantScheme) -> None:
+    """Refuse, in one line, what a streamed run cannot do yet: the end-to-end step (it trains
+    the whole model at once)."""
+    if end_to_end_wanted(recipe, scheme):
+        raise LrquantError(
+            "the end-to-end step (e2e_epochs) trains the whole model at once, which a streamed run "
+            "does not hold: use --set e2e_epochs=0, or quantize without --stream"
+        )
+
+
+def _streamable(recipe: Recipe, scheme: QuantScheme) -> Recipe:
+    """The default recipe without what a streamed run cannot do yet (:func:`check_streamable`),
+    saying what was left out."""
+    if not end_to_end_wanted(recipe, scheme):
+        return recipe
+    log(
+        f"streamed: the default's end-to-end step (e2e_epochs={recipe.e2e_epochs}) needs the whole "
+        "model in memory and is left out (e2e_epochs=0)"
+    )
+    return recipe.model_copy(update={"e2e_epochs": 0})
 
 
 def _check_has_tower(arch, name: str) -> None:
@@ -368,7 +447,7 @@ def _fingerprint(loaded, scheme, recipe, method, data, calibration) -> dict:
         "recipe": recipe.model_dump(),
         "method": method,
         "data": [data.calib, data.seqlen, data.seed, data.text_field],
-        "calibration_checksum": int(calibration.sum()),
+        "calibration_checksum": None if calibration is None else int(calibration.sum()),
     }
 
 
@@ -387,6 +466,7 @@ def quantize(
     format: str | None = None,
     gguf_type: str | None = None,
     vision_scheme: QuantScheme | None = None,
+    stream: bool | None = None,
 ) -> dict:
     """Quantize ``model`` with ``method`` and ``scheme``; write the checkpoint and report to ``output``.
 
@@ -409,6 +489,14 @@ def quantize(
     first (its own resume store and default rule: a vision transformer's); the language model
     then learns on what the quantized tower produces. The report's ``vision`` section holds the
     tower's recipe and blocks. Without it the tower, like the projector, stays in full precision.
+
+    ``stream`` (a language model): the model is never whole in memory. Its blocks are loaded from
+    the safetensors files one at a time, learned, written to the resume store and dropped; the
+    output is written from the store block by block, and evaluated block by block (the quantized
+    and the full-precision model side by side). The output equals an in-memory run's. Not yet
+    with the end-to-end step or Hadamard rotations (the default leaves them out, and says so).
+    ``None``: streamed when the model is a language model that would take more than 60 % of the
+    available memory in float32.
     """
     target = resolve_device(device)
     # bad recipe settings fail before a model is loaded
@@ -436,8 +524,9 @@ def quantize(
         clock = now
 
     with AtomicOutputDir(output, overwrite, _input_paths(model, data)) as out:
-        log(f"loading {model}")
-        loaded = load_model(model, trust_remote_code=trust_remote_code)
+        stream = _stream_wanted(model, stream)
+        log(f"loading {model}" + (", one block at a time (streamed)" if stream else ""))
+        loaded = load_model(model, trust_remote_code=trust_remote_code, stream=stream)
         tower = None if vision_scheme is None else _vision_tower(loaded)
         modality = modality_of(loaded.arch)
         data = (data or DataSettings()).for_model(loaded)
@@ -449,6 +538,8 @@ def quantize(
         rule = default_rule(now) if method == AUTO else None
         if rule is not None:
             log(f"recipe: LRQuant+ for a {rule.when}{_rule_summary(rule)}")
+        if stream and method == AUTO:
+            recipe = _streamable(recipe, scheme)
         if scheme.patch_embed:
             patch_embedding(loaded.model)  # a model without one stops here, before any work
         _note_whole_row_groups(loaded, scheme)
@@ -459,7 +550,14 @@ def quantize(
         if method != "rtn":
             calibration = calibration_data(loaded, data, recipe.calibration_samples)
         evaluation: dict[str, object] = {}
-        if run_eval:
+        if run_eval and stream:  # scored after saving, side by side (Text.streamed_evaluation)
+            stages = modality.streamed_evaluation(
+                loaded,
+                data,
+                lambda: load_model(str(out.tmp), stream=True),
+                lambda: load_model(model, trust_remote_code=trust_remote_code, stream=True),
+            )
+        elif run_eval:
             stages = modality.evaluation(
                 loaded, data, target, lambda: load_model(model, trust_remote_code=trust_remote_code).model
             )
@@ -474,7 +572,7 @@ def quantize(
             lap("quantize_vision")
         log(f"quantizing with {method} at {scheme.name}")
         store = None
-        if calibration is not None:
+        if calibration is not None or stream:
             fingerprint = _fingerprint(loaded, scheme, recipe, method, data, calibration)
             if vision is not None:  # the language model learns on what the quantized tower gives
                 fingerprint["vision"] = {key: vision[key] for key in ("settings", "recipe")}
@@ -482,7 +580,7 @@ def quantize(
             stores.append(store)
         blocks = apply_method(loaded, scheme, method, recipe, calibration, data.seed, store, target)
         lap("quantize")
-        if run_eval:
+        if run_eval and not stream:
             evaluation["quantized"] = stages.quantized()
             lap("eval_quantized")
         source_name = model if is_builtin(model) else str(loaded.path.resolve())
@@ -495,18 +593,34 @@ def quantize(
             _saved_bytes(loaded),
             f"any earlier output is unchanged and {kept}: free space and rerun the same command",
         ):
-            save_quantized(
-                out.tmp,
-                loaded.model,
-                loaded.processor or loaded.tokenizer,  # a processor saves its tokenizer too
-                loaded.arch,
-                scheme,
-                method,
-                loaded.path,
-                source_name,
-                vision=None if tower is None else (tower.arch, vision_scheme),
-            )
+            if stream:
+                save_streamed(
+                    out.tmp,
+                    loaded,
+                    store,
+                    loaded.tokenizer,
+                    scheme,
+                    method,
+                    loaded.path,
+                    source_name,
+                )
+            else:
+                save_quantized(
+                    out.tmp,
+                    loaded.model,
+                    loaded.processor or loaded.tokenizer,  # a processor saves its tokenizer too
+                    loaded.arch,
+                    scheme,
+                    method,
+                    loaded.path,
+                    source_name,
+                    vision=None if tower is None else (tower.arch, vision_scheme),
+                )
             lap("save")
+            if run_eval and stream:
+                quantized_ppl = stages.quantized()
+                evaluation.update(fp=stages.fp(), quantized=quantized_ppl)
+                lap("eval")
             report = {
                 "method": method,
                 **({"rule": rule.as_dict()} if rule is not None else {}),
@@ -520,6 +634,7 @@ def quantize(
                     "model_type": loaded.model_type,
                     "modality": modality.name,
                     "parameters": loaded.num_parameters,
+                    "streamed": stream,
                 },
                 "data": {
                     "calibration": None if calibration is None else data.calib,

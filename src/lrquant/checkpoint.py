@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -25,8 +26,10 @@ from lrquant import __version__
 from lrquant.arch import ArchSpec
 from lrquant.config import QuantScheme, describe_validation_error
 from lrquant.errors import LrquantError
+from lrquant.models.streaming import SHARD_INDEX
 from lrquant.output_dir import write_json
-from lrquant.quant.apply import detach_quantizers, quant_linears
+from lrquant.quant.apply import detach_block_quantizers, detach_quantizers, head_linears, quant_linears
+from lrquant.quant.linear import QuantLinear
 from lrquant.quant.quantizer import dequantize_codes, integer_codes
 
 QUANT_FILE = "lrquant_quant.json"
@@ -62,6 +65,11 @@ def save_quantized(
     for part in archs:
         detach_quantizers(model, part)
     model.save_pretrained(folder, safe_serialization=True)
+    _write_rest(folder, model, tokenizer, scheme, method, source, source_name, rotations, integers, vision)
+
+
+def _write_rest(folder, model, tokenizer, scheme, method, source, source_name, rotations, integers, vision):
+    """What a quantized output holds beside its weights: tokenizer, preprocessing, lrquant's file."""
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if source is not None and (source / PREPROCESSOR_FILE).is_file():
@@ -82,16 +90,120 @@ def save_quantized(
     )
 
 
+def save_streamed(
+    folder: Path,
+    loaded,
+    store,
+    tokenizer: object | None,
+    scheme: QuantScheme,
+    method: str,
+    source: Path | None = None,
+    source_name: str | None = None,
+) -> None:
+    """:func:`save_quantized` for a streamed model (:mod:`lrquant.models.streaming`): each
+    finished block is read back from the run's resume ``store`` and written to a shard of its
+    own (what is outside the blocks to the last), so memory holds one block; the integer codes
+    are gathered into one file without holding them all. Loads to the same tensors as
+    :func:`save_quantized` of the same model quantized in memory."""
+    model, arch, stream = loaded.model, loaded.arch, loaded.stream
+    count = len(stream) + 1
+    weight_map: dict[str, str] = {}
+    rotation_tensors: dict[str, torch.Tensor] = {}
+    rotations: dict[str, str] = {}
+    parts: list[Path] = []
+    sizes: list[int] = []
+    work = Path(folder) / ".integers"
+    work.mkdir()
+
+    def write(index: int, tensors: dict[str, torch.Tensor], linears) -> None:
+        rotations.update(_collect_rotations(linears, rotation_tensors))
+        integers = _integer_tensors(linears)
+        if integers:
+            parts.append(work / f"{index}.safetensors")
+            save_file(integers, str(parts[-1]))
+        shard = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+        save_file(
+            {k: v.detach().contiguous() for k, v in tensors.items()},
+            str(Path(folder) / shard),
+            {"format": "pt"},
+        )
+        weight_map.update(dict.fromkeys(tensors, shard))
+
+    for index, name in enumerate(stream.names):
+        block = stream.fresh(index)
+        for hook in stream.on_load:  # on the weightless block: its structure (run-time rotations)
+            hook(name, block)
+        store.restore_block(index, block, arch, scheme, name)
+        linears = [(f"{name}.{n}", m) for n, m in block.named_modules() if isinstance(m, QuantLinear)]
+        detach_block_quantizers(block, arch)
+        write(index, {f"{name}.{k}": v for k, v in block.state_dict().items()}, linears)
+    heads = [(name, head) for name, head in head_linears(model, arch) if isinstance(head, QuantLinear)]
+    detach_quantizers(model, arch)  # the head's (the blocks are weightless skeletons)
+    rest, seen = {}, set()
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if not tensor.is_meta and id(tensor) not in seen:  # a tied head is saved once, as transformers does
+            seen.add(id(tensor))
+            rest[key] = tensor
+    write(len(stream), rest, heads)
+    write_json(Path(folder) / SHARD_INDEX, {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map})
+    if parts:
+        concat_safetensors(parts, Path(folder) / INTEGERS_FILE)
+    shutil.rmtree(work)
+    if rotation_tensors:
+        save_file(rotation_tensors, str(Path(folder) / ROTATIONS_FILE))
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    _write_rest(folder, model, tokenizer, scheme, method, source, source_name, rotations, bool(parts), None)
+
+
+def concat_safetensors(parts: list[Path], out: Path) -> None:
+    """Write the tensors of the safetensors files ``parts`` into one file ``out``, copying their
+    bytes through a small buffer (never all in memory)."""
+    headers = []
+    for part in parts:
+        with open(part, "rb") as f:
+            length = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        size = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+        headers.append((length, header, size))
+    merged, offset = {}, 0
+    for _, header, size in headers:
+        for key, entry in header.items():
+            begin, end = entry["data_offsets"]
+            merged[key] = {**entry, "data_offsets": [begin + offset, end + offset]}
+        offset += size
+    encoded = json.dumps(merged, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(out, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for part, (length, _, _) in zip(parts, headers, strict=True):
+            with open(part, "rb") as source:
+                source.seek(8 + length)
+                shutil.copyfileobj(source, f, 2**24)
+
+
 def _quant_linears(model: nn.Module, archs: list[ArchSpec]):
     return (item for arch in archs for item in quant_linears(model, arch))
 
 
 def _save_integer_weights(folder: Path, model: nn.Module, archs: list[ArchSpec]) -> bool:
     """Write the integer codes, steps and zero points of every linear whose weight is on a known
-    grid (``weight = scale · (codes - zero)`` per group; scale and zero ``[out, groups]``), after
-    checking the weight really lies on it; returns whether there were any."""
+    grid (:func:`_integer_tensors`); returns whether there were any."""
+    tensors = _integer_tensors(_quant_linears(model, archs))
+    if tensors:
+        save_file(tensors, str(Path(folder) / INTEGERS_FILE))
+    return bool(tensors)
+
+
+def _integer_tensors(linears) -> dict[str, torch.Tensor]:
+    """The integer codes, steps and zero points (``weight = scale · (codes - zero)`` per group;
+    scale and zero ``[out, groups]``) of each ``(name, linear)`` whose weight is on a known grid,
+    after checking the weight really lies on it."""
     tensors: dict[str, torch.Tensor] = {}
-    for name, linear in _quant_linears(model, archs):
+    for name, linear in linears:
         if linear.grid is None:
             continue
         scale, zero = linear.grid
@@ -105,9 +217,7 @@ def _save_integer_weights(folder: Path, model: nn.Module, archs: list[ArchSpec])
         tensors[f"{name}.codes"] = codes.to(torch.int8 if spec.symmetric else torch.uint8)
         tensors[f"{name}.scale"] = scale.reshape(scale.shape[0], -1)
         tensors[f"{name}.zero"] = zero.reshape(zero.shape[0], -1)
-    if tensors:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(Path(folder) / INTEGERS_FILE))
-    return bool(tensors)
+    return {k: v.contiguous().cpu() for k, v in tensors.items()}
 
 
 def read_integer_weights(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -127,8 +237,17 @@ def _save_input_rotations(folder: Path, model: nn.Module, archs: list[ArchSpec])
     """Write each distinct run-time input rotation once (every block shares one, but moving
     blocks between devices copies it); returns {linear name: tensor key}."""
     tensors: dict[str, torch.Tensor] = {}
+    names = _collect_rotations(_quant_linears(model, archs), tensors)
+    if tensors:
+        save_file(tensors, str(Path(folder) / ROTATIONS_FILE))
+    return names
+
+
+def _collect_rotations(linears, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Add the run-time input rotation of each ``(name, linear)`` to ``tensors`` unless an equal
+    one is there; returns {linear name: tensor key}."""
     names: dict[str, str] = {}
-    for name, linear in _quant_linears(model, archs):
+    for name, linear in linears:
         if linear.input_rotation is None:
             continue
         rotation = linear.input_rotation.detach().cpu().contiguous()
@@ -139,8 +258,6 @@ def _save_input_rotations(folder: Path, model: nn.Module, archs: list[ArchSpec])
             key = f"rotation_{len(tensors)}"
             tensors[key] = rotation
         names[name] = key
-    if tensors:
-        save_file(tensors, str(Path(folder) / ROTATIONS_FILE))
     return names
 
 

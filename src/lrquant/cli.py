@@ -197,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
         "learns the grid of the GGUF type it is written as (see --gguf-type)",
     )
     _add_gguf_type_arg(q)
+    q.add_argument(
+        "--stream",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="load a language model's blocks one at a time from its safetensors files, never the "
+        "whole model (auto, the default: when it would take most of the free memory in float32)",
+    )
     _add_data_args(q, "--eval-data")
     q.set_defaults(func=cmd_quantize)
 
@@ -227,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
         "folder was made from)",
     )
     _add_backend_arg(e, "fake")
+    e.add_argument(
+        "--stream",
+        action="store_true",
+        help="score a language model (and its reference) one block at a time, never whole in memory",
+    )
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="continue a prompt with a model or output, streaming the text")
@@ -305,6 +317,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         format=args.export_format,
         gguf_type=args.gguf_type,
         vision_scheme=_vision_scheme(args, scheme),
+        stream={"auto": None, "on": True, "off": False}[args.stream],
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -452,6 +465,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         reference=args.reference,
         device=args.device,
         backend=args.backend,
+        stream=args.stream,
     )
     if args.json:
         print(json.dumps(result, indent=2))

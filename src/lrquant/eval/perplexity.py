@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from lrquant.console import Progress
 from lrquant.device import module_device
+from lrquant.models.streaming import stand_ins
+
+if TYPE_CHECKING:
+    from lrquant.models.loading import LoadedModel
 
 
 @torch.no_grad()
@@ -43,40 +48,116 @@ def score_windows(
     if reference is not None:
         reference.eval()
         ref_device = module_device(reference)
-    nll, kl, agree, count, right = 0.0, 0.0, 0, 0, 0
+    tally = _Tally(scored, answers)
     with Progress(windows.shape[0], desc, "windows") as bar:
         for start in range(0, windows.shape[0], batch_size):
             rows = slice(start, start + batch_size)
             batch = windows[rows].to(device)
             inputs = {name: t[rows] for name, t in (extra or {}).items()}
-            # the predictions that count, as [tokens, vocab], and their targets
-            pick = (
-                (lambda t: t.flatten(0, 1))
-                if scored is None
-                else (lambda t, m=scored[rows, 1:]: t[m.to(t.device)])
-            )
-            out = model(input_ids=batch, use_cache=False, **{k: v.to(device) for k, v in inputs.items()})
-            if answers is not None:
-                at, answer, choices = (t[rows].to(device) for t in answers)
-                before = out.logits[torch.arange(len(at), device=device), at - 1]  # predicts the answer
-                right += int((before.gather(1, choices).argmax(1) == answer).sum())
-            logits, targets = pick(out.logits[:, :-1].float()), pick(batch[:, 1:])
-            nll += F.cross_entropy(logits, targets, reduction="sum").item()
-            count += targets.numel()
+            logits = model(
+                input_ids=batch, use_cache=False, **{k: v.to(device) for k, v in inputs.items()}
+            ).logits
+            ref = None
             if reference is not None:
                 ref_inputs = {k: v.to(ref_device) for k, v in inputs.items()}
-                ref = reference(input_ids=batch.to(ref_device), use_cache=False, **ref_inputs).logits[:, :-1]
-                ref = pick(ref.float().to(device))
-                log_p, log_q = F.log_softmax(ref, dim=-1), F.log_softmax(logits, dim=-1)
-                kl += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
-                agree += int((ref.argmax(-1) == logits.argmax(-1)).sum())
+                ref = reference(input_ids=batch.to(ref_device), use_cache=False, **ref_inputs).logits.to(
+                    device
+                )
+            tally.add(rows, batch, logits, ref)
             bar.update(batch.shape[0])
-    scores = {"perplexity": math.exp(nll / count)}
-    if answers is not None:
-        scores["accuracy"] = right / windows.shape[0]
+    return tally.scores(windows.shape[0])
+
+
+class _Tally:
+    """The sums behind :func:`score_windows`' scores, one batch of windows at a time."""
+
+    def __init__(self, scored: torch.Tensor | None = None, answers=None) -> None:
+        self.scored, self.answers = scored, answers
+        self.nll, self.kl, self.agree, self.count, self.right = 0.0, 0.0, 0, 0, 0
+        self.reference = False
+
+    def add(self, rows: slice, batch: torch.Tensor, logits: torch.Tensor, ref: torch.Tensor | None) -> None:
+        """Count the windows ``batch`` (rows ``rows`` of all), with the model's ``logits`` and the
+        reference's ``ref`` (or None) on the same device."""
+        device = logits.device
+        # the predictions that count, as [tokens, vocab], and their targets
+        if self.scored is None:
+            pick = lambda t: t.flatten(0, 1)  # noqa: E731
+        else:
+            mask = self.scored[rows, 1:].to(device)
+            pick = lambda t: t[mask]  # noqa: E731
+        if self.answers is not None:
+            at, answer, choices = (t[rows].to(device) for t in self.answers)
+            before = logits[torch.arange(len(at), device=device), at - 1]  # predicts the answer
+            self.right += int((before.gather(1, choices).argmax(1) == answer).sum())
+        logits, targets = pick(logits[:, :-1].float()), pick(batch[:, 1:])
+        self.nll += F.cross_entropy(logits, targets, reduction="sum").item()
+        self.count += targets.numel()
+        if ref is not None:
+            self.reference = True
+            ref = pick(ref[:, :-1].float())
+            log_p, log_q = F.log_softmax(ref, dim=-1), F.log_softmax(logits, dim=-1)
+            self.kl += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
+            self.agree += int((ref.argmax(-1) == logits.argmax(-1)).sum())
+
+    def scores(self, windows: int) -> dict[str, float]:
+        scores = {"perplexity": math.exp(self.nll / self.count)}
+        if self.answers is not None:
+            scores["accuracy"] = self.right / windows
+        if self.reference:
+            scores.update(kl=self.kl / self.count, top1_agreement=self.agree / self.count)
+        return scores
+
+
+@torch.no_grad()
+def score_streamed(
+    model: LoadedModel,
+    windows: torch.Tensor,
+    batch_size: int = 1,
+    desc: str = "perplexity",
+    reference: LoadedModel | None = None,
+) -> dict[str, float]:
+    """:func:`score_windows` for streamed models (:mod:`lrquant.models.streaming`): all windows
+    go through one block at a time, each block loaded for its turn (the reference's chain
+    beside the model's), then through what follows the blocks; the same numbers as
+    :func:`score_windows` on the fully loaded models, in memory for one block and the windows'
+    hidden states. With a ``reference``, also its own ``reference_perplexity``."""
+    chains = [model] + ([reference] if reference is not None else [])
+    with Progress(len(model.stream) * len(chains), desc, "blocks") as bar:
+        hidden = [_through_blocks(loaded, windows, batch_size, bar) for loaded in chains]
+    tally, own = _Tally(), _Tally()  # own: the reference's perplexity
+    for start in range(0, windows.shape[0], batch_size):
+        rows = slice(start, start + batch_size)
+        logits = [
+            _after_blocks(loaded, windows[rows], h[rows]) for loaded, h in zip(chains, hidden, strict=True)
+        ]
+        tally.add(rows, windows[rows], logits[0], logits[1] if reference is not None else None)
+        if reference is not None:
+            own.add(rows, windows[rows], logits[1], None)
+    scores = tally.scores(windows.shape[0])
     if reference is not None:
-        scores.update(kl=kl / count, top1_agreement=agree / count)
+        scores["reference_perplexity"] = own.scores(windows.shape[0])["perplexity"]
     return scores
+
+
+def _through_blocks(loaded: LoadedModel, windows: torch.Tensor, batch_size: int, bar) -> torch.Tensor:
+    """The last block's outputs ``[n, seqlen, hidden]`` of a streamed model on ``windows``."""
+    from lrquant.methods.capture import capture_block_inputs, capture_block_kwargs, run_block
+
+    model, arch, stream = loaded.model, loaded.arch, loaded.stream
+    kwargs, _ = capture_block_kwargs(model, arch, windows[0])
+    hidden = capture_block_inputs(model, arch, windows)
+    for index in range(len(stream)):
+        hidden = run_block(stream.load(index), hidden, kwargs[index], batch_size)
+        stream.release(index)
+        bar.update(1)
+    return hidden
+
+
+def _after_blocks(loaded: LoadedModel, batch: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits the model's own forward computes on ``batch`` when its last block gives ``hidden``."""
+    with stand_ins(loaded.model, loaded.arch, output=hidden):
+        return loaded.model(input_ids=batch, use_cache=False).logits
 
 
 def perplexity(

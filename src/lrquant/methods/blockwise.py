@@ -38,6 +38,7 @@ from lrquant.device import placed, to_device
 from lrquant.errors import LrquantError
 from lrquant.methods import losses
 from lrquant.methods.capture import capture_block_inputs, capture_block_kwargs, run_block
+from lrquant.models.streaming import Stream
 from lrquant.quant.apply import (
     attach_block_quantizers,
     attach_head_quantizers,
@@ -447,6 +448,7 @@ def quantize_blockwise(
     start: tuple[int, ChainState] | None = None,
     on_block_done: BlockDone | None = None,
     device: torch.device | None = None,
+    stream: Stream | None = None,
 ) -> BlockwiseResult:
     """Quantize every block of ``model`` in place with ``recipe``; returns the per-block reports
     and the full-precision chain's last hidden states (which the end-to-end step,
@@ -456,7 +458,8 @@ def quantize_blockwise(
     (blocks before it must already hold their finished weights; all of them, on a run that
     finished every block). ``on_block_done`` is called after each block (back in host memory),
     e.g. to checkpoint it. The model stays on the CPU; each block is learned on ``device``
-    (default: the CPU) with both chains kept there.
+    (default: the CPU) with both chains kept there. With ``stream`` (a streamed model), each
+    block is loaded when its turn comes and dropped after ``on_block_done`` (which must keep it).
     """
     device = device or torch.device("cpu")
     learner = Learner.of(model, arch, scheme, recipe, seed)  # refuses impossible settings before any work
@@ -485,7 +488,8 @@ def quantize_blockwise(
     for index in range(first, len(blocks)):
         began = time.perf_counter()
         report = BlockReport(index)
-        with placed(blocks[index], device) as block:  # back in host memory afterwards, also on errors
+        host = stream.load(index) if stream is not None else blocks[index]
+        with placed(host, device) as block:  # back in host memory afterwards, also on errors
             work = initialise(learner, block, block_names[index], kwargs_per_block[index], state, report)
             # Folding and the quantized chain use the same (compiled or eager) quantizer as training,
             # so the finished block computes what the last training step computed.
@@ -504,7 +508,9 @@ def quantize_blockwise(
         report.seconds = round(time.perf_counter() - began, 2)
         reports.append(report)
         if on_block_done is not None:
-            on_block_done(index, block, state, report)
+            on_block_done(index, host, state, report)
+        if stream is not None:
+            stream.release(index)
         bar.update(1)
         bar.set_postfix(block=index, cos=f"{report.cosine:.4f}")
         _log_block(report, len(blocks), time.perf_counter() - run_start, index - first + 1)

@@ -56,8 +56,12 @@ class ResumeStore:
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
         self.reports: list[dict] = []
 
-    def load(self, model: nn.Module, arch: ArchSpec, scheme: QuantScheme) -> tuple[int, ChainState] | None:
+    def load(
+        self, model: nn.Module, arch: ArchSpec, scheme: QuantScheme, restore: bool = True
+    ) -> tuple[int, ChainState] | None:
         """Restore finished blocks into ``model``; return where to continue, or ``None`` to start.
+        A streamed model (``restore=False``) leaves them here, to be read back one at a time
+        (:meth:`restore_block`).
 
         A damaged store (a file cut short or edited) is refused in one line: the run cannot resume
         from it. Its files are checked before any block is restored.
@@ -87,9 +91,8 @@ class ResumeStore:
                 raise _damaged(self.folder, f"{file.name} is missing")
             check_safetensors(file, restart)
         try:
-            for (prefix, block), file in zip(named[:done], files[:done], strict=True):
-                attach_block_quantizers(block, arch, scheme, weights_on_grid=True, prefix=prefix)
-                _load_block(block, load_file(file))
+            for index, (prefix, block) in enumerate(named[:done] if restore else []):
+                self.restore_block(index, block, arch, scheme, prefix)
             chain = load_file(files[-1])
             state = ChainState(fp=chain["fp"], quant=chain["quant"])
         except (KeyError, AttributeError, RuntimeError) as err:  # tensors of other names or shapes
@@ -97,15 +100,26 @@ class ResumeStore:
         self.reports = meta["reports"]
         return done, state
 
-    def save_block(self, index: int, block: nn.Module, state: ChainState, report: BlockReport) -> None:
-        """Record that block ``index`` is finished (call after it is folded and quantized)."""
+    def restore_block(
+        self, index: int, block: nn.Module, arch: ArchSpec, scheme: QuantScheme, prefix: str
+    ) -> None:
+        """Give ``block`` (weightless or not) the finished weights of block ``index``, with its
+        quantizers and grids."""
+        attach_block_quantizers(block, arch, scheme, weights_on_grid=True, prefix=prefix)
+        _load_block(block, load_file(self.folder / f"block-{index}.safetensors"))
+
+    def save_block(
+        self, index: int, block: nn.Module, state: ChainState | None, report: BlockReport | None = None
+    ) -> None:
+        """Record that block ``index`` is finished (call after it is folded and quantized); a
+        run without calibration (``state`` None) keeps no chain."""
         weights = {k: v.detach() for k, v in block.state_dict().items()}
         for name, module in block.named_modules():
             if isinstance(module, QuantLinear) and module.grid is not None:
                 weights[f"{name}.{GRID[0]}"], weights[f"{name}.{GRID[1]}"] = module.grid
-        chain = {"fp": state.fp.cpu(), "quant": state.quant.cpu()}
+        chain = {} if state is None else {"fp": state.fp.cpu(), "quant": state.quant.cpu()}
         needed = sum(t.numel() * t.element_size() for t in [*weights.values(), *chain.values()])
-        reports = [*self.reports, report_dict(report)]
+        reports = [*self.reports, *([report_dict(report)] if report is not None else [])]
         with disk_space_for(
             f"the checkpoint of block {index + 1}",
             self.folder.parent,
@@ -114,7 +128,8 @@ class ResumeStore:
         ):
             self.folder.mkdir(parents=True, exist_ok=True)
             _atomic_save(weights, self.folder / f"block-{index}.safetensors")
-            _atomic_save(chain, self.folder / _chain_file(index + 1))
+            if chain:
+                _atomic_save(chain, self.folder / _chain_file(index + 1))
             meta = {"fingerprint": self.fingerprint, "done": index + 1, "reports": reports}
             write_json(self.folder / META, meta)
         self.reports = reports
@@ -142,4 +157,5 @@ def _load_block(block: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             module.bias = nn.Parameter(torch.zeros_like(tensors[key]))
         if attr == GRID[0]:  # the grid a finished linear's weight is on (not in its state dict)
             module.set_grid(tensors.pop(key), tensors.pop(f"{module_name}.{GRID[1]}"))
-    block.load_state_dict(tensors, strict=True)
+    weightless = any(t.is_meta for t in block.parameters())  # a streamed model's skeleton
+    block.load_state_dict(tensors, strict=True, assign=weightless)

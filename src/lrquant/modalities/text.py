@@ -20,7 +20,7 @@ from lrquant.data.text import (
 )
 from lrquant.device import placed
 from lrquant.errors import LrquantError
-from lrquant.eval.perplexity import score_windows
+from lrquant.eval.perplexity import score_streamed, score_windows
 from lrquant.modalities.base import Evaluation, Modality, Rule
 
 if TYPE_CHECKING:
@@ -155,11 +155,41 @@ class Text(Modality):
         evaluation.fp, evaluation.quantized = fp, quantized
         return evaluation
 
+    def streamed_evaluation(
+        self,
+        loaded: LoadedModel,
+        data: DataSettings,
+        quantized: Callable[[], LoadedModel],
+        full_precision: Callable[[], LoadedModel],
+    ) -> Evaluation:
+        """:meth:`evaluation` of a streamed run (:mod:`lrquant.models.streaming`): once the output
+        is written, the quantized model and the full-precision one go through the windows block
+        by block side by side, so ``quantized()`` scores both and ``fp()``, called after it,
+        returns the full-precision perplexity."""
+        samples = self.eval_samples(loaded, data)
+        about = self.described(samples, data)
+        evaluation = Evaluation(lambda: None, lambda: None, {"eval_windows": about["windows"]})
+
+        def both() -> float:
+            log(f"perplexity of the quantized and the full-precision model on {scored_samples(about)}")
+            scores = score_streamed(quantized(), samples, data.batch_size, "perplexity", full_precision())
+            evaluation.fidelity.update(kl=scores["kl"], top1_agreement=scores["top1_agreement"])
+            evaluation.fp = lambda: scores["reference_perplexity"]
+            return scores["perplexity"]
+
+        evaluation.quantized = both
+        return evaluation
+
     def evaluate(
         self, loaded: LoadedModel, data: DataSettings, reference: nn.Module | None, device: torch.device
     ) -> dict:
-        """Perplexity; with ``reference``, KL divergence from it and top-1 agreement."""
+        """Perplexity; with ``reference``, KL divergence from it and top-1 agreement. A streamed
+        model is scored block by block (``reference`` then is a streamed :class:`LoadedModel`)."""
         samples = self.eval_samples(loaded, data)
+        if loaded.stream is not None:
+            scores = score_streamed(loaded, samples, data.batch_size, "perplexity", reference)
+            scores.pop("reference_perplexity", None)
+            return {**self.described(samples, data), **scores}
         with (
             placed(loaded.model, device),
             placed(reference, device) if reference is not None else nullcontext(),

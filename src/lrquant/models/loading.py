@@ -25,13 +25,19 @@ from lrquant.data.images import ImagePreprocess
 from lrquant.errors import LrquantError
 from lrquant.file_checks import check_safetensors, read_json, read_json_object
 from lrquant.models.builtin import BUILTIN_MODELS, is_builtin, resolve_builtin, resolve_gguf
-from lrquant.quant.apply import attach_quantizers, replace_module
+from lrquant.models.streaming import SHARD_INDEX, Stream, WeightFiles, skeleton
+from lrquant.quant.apply import (
+    attach_block_quantizers,
+    attach_head_quantizers,
+    attach_quantizers,
+    replace_module,
+    use_quantized_attention,
+)
 from lrquant.quant.linear import RotatedInputLinear
 
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
-SHARD_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -64,6 +70,7 @@ class LoadedModel:
     preprocess: ImagePreprocess | None = None
     processor: object | None = None  # a vision-language model's (its tokenizer is ``tokenizer``)
     vision_scheme: QuantScheme | None = None  # a vision-language model's quantized vision tower's
+    stream: Stream | None = None  # a streamed model's blocks (weightless until loaded), else None
 
     @property
     def model_type(self) -> str:
@@ -100,12 +107,18 @@ def resolve_model_dir(name_or_path: str) -> Path:
 
 
 def load_model(
-    name_or_path: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
+    name_or_path: str,
+    *,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+    stream: bool = False,
 ) -> LoadedModel:
     """Load a supported decoder LLM with its tokenizer, or a vision transformer with its image
     preprocessing, in ``dtype`` (float32 by default).
 
-    A quantized output folder comes back with its run-time quantizers attached.
+    A quantized output folder comes back with its run-time quantizers attached. With ``stream``
+    (a language model), the blocks stay on disk until :attr:`LoadedModel.stream` loads them one
+    at a time (in float32), each with its quantizers.
     """
     from transformers import AutoConfig
 
@@ -120,6 +133,13 @@ def load_model(
     tokenizer = _tokenizer(path, trust_remote_code) if arch.modality == "text" else None
     if processor is not None:
         tokenizer = processor.tokenizer
+    if stream and arch.modality != "text":
+        raise LrquantError(
+            f"--stream covers language models; '{name_or_path}' is a {arch.modality} model: "
+            "quantize it without --stream"
+        )
+    if stream:
+        return _streamed(name_or_path, path, config, arch, tokenizer, trust_remote_code)
     try:
         if arch.modality == "image":
             model = _vision_model(path, config, dtype, trust_remote_code)
@@ -151,6 +171,36 @@ def load_model(
         preprocess=preprocess,
         processor=processor,
     )
+
+
+def _streamed(
+    name: str, path: Path, config, arch: ArchSpec, tokenizer, trust_remote_code: bool
+) -> LoadedModel:
+    """A language model whose blocks are loaded one at a time (:mod:`lrquant.models.streaming`);
+    a quantized output's blocks get their input rotations and quantizers as they are loaded."""
+    from transformers import AutoModelForCausalLM
+
+    files = WeightFiles(path)
+    try:
+        model = skeleton(AutoModelForCausalLM, config, files, arch, trust_remote_code)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise LrquantError(f"cannot load the model in '{path}': {_first_line(err)}") from None
+    stream = Stream(model, arch, files)
+    scheme = read_scheme(path)
+    if scheme is not None:
+        rotations = read_input_rotations(path)
+        attach_head_quantizers(model, arch, scheme, weights_on_grid=True)
+        use_quantized_attention(model)
+
+        def prepare(prefix: str, block: nn.Module) -> None:
+            for name, rotation in rotations.items():
+                if name.startswith(f"{prefix}."):
+                    inner = name.removeprefix(f"{prefix}.")
+                    replace_module(block, inner, RotatedInputLinear(block.get_submodule(inner), rotation))
+            attach_block_quantizers(block, arch, scheme, weights_on_grid=True, prefix=prefix)
+
+        stream.on_load.append(prepare)
+    return LoadedModel(model, tokenizer, arch, name, path, scheme=scheme, stream=stream)
 
 
 def _check_model_files(path: Path) -> None:

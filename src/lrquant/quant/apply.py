@@ -129,13 +129,18 @@ def detach_quantizers(model: nn.Module, arch: ArchSpec) -> None:
         if isinstance(head, QuantLinear):
             replace_module(model, name, head.to_linear())
     for block in arch.block_list(model):
-        for name, child in list(block.named_modules()):
-            if isinstance(child, QuantLinear):
-                replace_module(block, name, child.to_linear())
-        attention = block.get_submodule(arch.attention)
-        if hasattr(attention, ATTR):
-            delattr(attention, ATTR)
+        detach_block_quantizers(block, arch)
     model.set_attn_implementation(base_implementation(model.config._attn_implementation))
+
+
+def detach_block_quantizers(block: nn.Module, arch: ArchSpec) -> None:
+    """:func:`detach_quantizers` for one block."""
+    for name, child in list(block.named_modules()):
+        if isinstance(child, QuantLinear):
+            replace_module(block, name, child.to_linear())
+    attention = block.get_submodule(arch.attention)
+    if hasattr(attention, ATTR):
+        delattr(attention, ATTR)
 
 
 def quant_linears(model: nn.Module, arch: ArchSpec) -> Iterator[tuple[str, QuantLinear]]:

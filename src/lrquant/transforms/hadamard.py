@@ -78,70 +78,97 @@ def apply_hadamard(model: nn.Module, arch: ArchSpec, mode: str, seed: int = 0) -
     docstring. Deterministic in ``seed``, so a resumed run rebuilds the same rotations before it
     loads its finished blocks.
     """
-    if mode == "off":
-        return
-    if mode not in HADAMARD_MODES:
-        raise LrquantError(f"hadamard must be one of {', '.join(HADAMARD_MODES)}, not '{mode}'")
-    generator = torch.Generator().manual_seed(seed)
-    if mode in ("folded", "online"):
+    plan = HadamardPlan.of(model, arch, mode, seed)
+    plan.outside_blocks(model)
+    for block in arch.block_list(model):
+        plan.block(block)
+
+
+class HadamardPlan:
+    """The rotations of one run, applied in two parts: to what is outside the blocks (embedding,
+    final norm, head) and to each block, when its turn comes (a streamed model's blocks are
+    loaded one at a time); in block order, the same matrices as :func:`apply_hadamard`."""
+
+    def __init__(self, arch: ArchSpec, mode: str, generator: torch.Generator, q=None, per_head=None) -> None:
+        self.arch, self.mode, self.generator = arch, mode, generator
+        self.q, self.per_head = q, per_head  # the residual stream's and the value heads' (folded)
+        self.inner: dict[int, torch.Tensor] = {}  # run-time input rotations, one per width
+
+    @classmethod
+    def of(cls, model: nn.Module, arch: ArchSpec, mode: str, seed: int = 0) -> HadamardPlan:
+        if mode not in HADAMARD_MODES:
+            raise LrquantError(f"hadamard must be one of {', '.join(HADAMARD_MODES)}, not '{mode}'")
+        generator = torch.Generator().manual_seed(seed)
+        if mode not in ("folded", "online"):
+            return cls(arch, mode, generator)
         check_hadamard_supported(arch)
         config = model.config
         dim = config.hidden_size
         q = randomized_hadamard(dim, generator)
         head_dim = getattr(config, "head_dim", None) or dim // config.num_attention_heads
-        _rotate_residual(model, arch, q, randomized_hadamard(head_dim, generator))
-    if mode in ("online", "down"):
-        _rotate_inputs(model, arch, generator, lambda block: arch.mlp_out)
-    if mode == "inputs":
-        _rotate_inputs(model, arch, generator, _block_linears)
+        return cls(arch, mode, generator, q, randomized_hadamard(head_dim, generator))
 
+    @torch.no_grad()
+    def outside_blocks(self, model: nn.Module) -> None:
+        """The embedding, the final norm and the head (``folded``, ``online``); a tied head is
+        untied first."""
+        if self.q is None:
+            return
+        arch, q = self.arch, self.q
+        config = model.config
+        embedding = model.get_submodule(arch.embedding)
+        heads = [model.get_submodule(name) for name in arch.heads if _has(model, name)]
+        for head in heads:
+            if head.weight is embedding.weight:  # tied: the head needs its own (scaled, rotated) copy
+                head.weight = nn.Parameter(embedding.weight.detach().clone())
+                config.tie_word_embeddings = False
+                if hasattr(config, "get_text_config"):
+                    config.get_text_config().tie_word_embeddings = False
+        final_norm = model.get_submodule(arch.final_norm)
+        _fold_norm(final_norm, heads)
+        for head in heads:
+            _set(head, head.weight.double() @ q)
+        embedding.weight.data = (embedding.weight.double() @ q).to(embedding.weight.dtype)
 
-def _rotate_residual(model: nn.Module, arch: ArchSpec, q: torch.Tensor, per_head: torch.Tensor) -> None:
-    config = model.config
-    embedding = model.get_submodule(arch.embedding)
-    heads = [model.get_submodule(name) for name in arch.heads if _has(model, name)]
-    for head in heads:
-        if head.weight is embedding.weight:  # tied: the head needs its own (scaled, rotated) copy
-            head.weight = nn.Parameter(embedding.weight.detach().clone())
-            config.tie_word_embeddings = False
-            if hasattr(config, "get_text_config"):
-                config.get_text_config().tie_word_embeddings = False
-    for block in arch.block_list(model):
-        for pair in _norm_pairs(arch):
-            readers = [block.get_submodule(t) for t in pair.targets]
-            _fold_norm(block.get_submodule(pair.source), readers)
-            for linear in readers:
-                _set(linear, linear.weight.double() @ q)
-        for name in arch.residual_writers:
-            _rotate_output(block.get_submodule(name), q)
-        for pair in arch.smooth_pairs:
-            if pair.kind == "linear":  # v -> o: the value heads and the output projection's columns
-                _rotate_heads(
-                    block.get_submodule(pair.source), block.get_submodule(pair.targets[0]), per_head
-                )
-    final_norm = model.get_submodule(arch.final_norm)
-    _fold_norm(final_norm, heads)
-    for head in heads:
-        _set(head, head.weight.double() @ q)
-    embedding.weight.data = (embedding.weight.double() @ q).to(embedding.weight.dtype)
+    @torch.no_grad()
+    def block(self, block: nn.Module) -> None:
+        """One block's rotations. A weightless block (a streamed model's skeleton, to be filled
+        with weights that are rotated already) gets the run-time rotations' modules alone."""
+        arch = self.arch
+        weightless = any(p.is_meta for p in block.parameters())
+        if self.q is not None and not weightless:
+            for pair in _norm_pairs(arch):
+                readers = [block.get_submodule(t) for t in pair.targets]
+                _fold_norm(block.get_submodule(pair.source), readers)
+                for linear in readers:
+                    _set(linear, linear.weight.double() @ self.q)
+            for name in arch.residual_writers:
+                _rotate_output(block.get_submodule(name), self.q)
+            for pair in arch.smooth_pairs:
+                if pair.kind == "linear":  # v -> o: the value heads and the output projection's columns
+                    _rotate_heads(
+                        block.get_submodule(pair.source), block.get_submodule(pair.targets[0]), self.per_head
+                    )
+        if self.mode in ("online", "down"):
+            self._rotate_inputs(block, list(arch.mlp_out), weightless)
+        if self.mode == "inputs":
+            self._rotate_inputs(block, _block_linears(block), weightless)
+
+    def _rotate_inputs(self, block: nn.Module, names: list[str], weightless: bool = False) -> None:
+        """The linears ``names`` of ``block`` read their input rotated at run time (one matrix
+        per width, shared by every block)."""
+        for name in names:
+            linear = block.get_submodule(name)
+            if linear.in_features not in self.inner:
+                self.inner[linear.in_features] = randomized_hadamard(linear.in_features, self.generator)
+            if not weightless:
+                _set(linear, linear.weight.double() @ self.inner[linear.in_features])
+            rotation = self.inner[linear.in_features].to(linear.weight.dtype)
+            replace_module(block, name, RotatedInputLinear(linear, rotation))
 
 
 def _block_linears(block: nn.Module) -> list[str]:
     return [name for name, module in block.named_modules() if isinstance(module, nn.Linear)]
-
-
-def _rotate_inputs(model: nn.Module, arch: ArchSpec, generator: torch.Generator, names) -> None:
-    """The linears ``names(block)`` of each block read their input rotated at run time (one matrix
-    per width, shared by every block)."""
-    inner: dict[int, torch.Tensor] = {}
-    for block in arch.block_list(model):
-        for name in names(block):
-            linear = block.get_submodule(name)
-            if linear.in_features not in inner:
-                inner[linear.in_features] = randomized_hadamard(linear.in_features, generator)
-            _set(linear, linear.weight.double() @ inner[linear.in_features])
-            rotation = inner[linear.in_features].to(linear.weight.dtype)
-            replace_module(block, name, RotatedInputLinear(linear, rotation))
 
 
 def _has(model: nn.Module, name: str) -> bool:

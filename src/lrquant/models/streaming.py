@@ -1,0 +1,235 @@
+"""Models larger than memory: a skeleton whose blocks hold no weights until their turn.
+
+A streamed model is built from its config with every tensor on PyTorch's ``meta`` device (no
+memory); what runs before and after the blocks (embeddings, final norm, head, rotary tables) is
+then loaded for real, while each block is loaded from the safetensors files only when its turn
+comes (:meth:`Stream.load`) and dropped afterwards (:meth:`Stream.release`). Weights are read
+one tensor at a time from the files, in float32 like the in-memory loader, so a streamed block
+computes exactly what the same block of a fully loaded model computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from lrquant.arch import ArchSpec
+from lrquant.errors import LrquantError
+from lrquant.quant.apply import replace_module
+
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+class WeightFiles:
+    """Where each tensor of a model folder's safetensors files is, read one tensor at a time."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / SHARD_INDEX
+        if (self.folder / "model.safetensors").is_file() or not index.is_file():
+            files = sorted(p.name for p in self.folder.glob("*.safetensors") if p.name.startswith("model"))
+            self.where = {}
+            for name in files:
+                with safe_open(self.folder / name, "pt") as f:
+                    self.where.update(dict.fromkeys(f.keys(), name))
+        else:
+            self.where = dict(json.loads(index.read_text())["weight_map"])
+
+    def read(self, names: list[str], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The tensors ``names``, each in ``dtype``."""
+        missing = [name for name in names if name not in self.where]
+        if missing:
+            raise LrquantError(
+                f"'{self.folder}' has no tensor {missing[0]} ({len(missing)} missing): its tensor names "
+                "do not match the model's; quantize it without --stream, which maps them"
+            )
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.where[name], []).append(name)
+        for file, keys in by_file.items():
+            with safe_open(self.folder / file, "pt") as f:
+                for key in keys:
+                    out[key] = f.get_tensor(key).to(dtype)
+        return out
+
+    def float32_bytes(self) -> int:
+        """The memory every tensor takes in float32 (how the in-memory loader holds them)."""
+        total = 0
+        for file in set(self.where.values()):
+            with safe_open(self.folder / file, "pt") as f:
+                for key in f.keys():
+                    total += 4 * math.prod(f.get_slice(key).get_shape())
+        return total
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation now (Linux ``MemAvailable``), or None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def too_large(folder: Path, share: float = 0.6) -> bool:
+    """Whether the model in ``folder`` would take more than ``share`` of the available memory
+    in float32 (then it is streamed by default)."""
+    available = available_memory()
+    return available is not None and WeightFiles(folder).float32_bytes() > share * available
+
+
+@dataclass
+class Stream:
+    """The blocks of a skeleton model, loaded one at a time from ``files``.
+
+    ``on_load`` are called, in order, with each block's name and the block just loaded: a
+    quantized output folder's puts its quantizers back, a run's Hadamard rotations rotate it.
+    """
+
+    model: nn.Module
+    arch: ArchSpec
+    files: WeightFiles
+    on_load: list[Callable[[str, nn.Module], None]] = field(default_factory=list)
+    names: list[str] = field(init=False)
+    skeletons: list[nn.Module] = field(init=False)  # the weightless blocks, as built
+
+    def __post_init__(self) -> None:
+        self.names, self.skeletons = (list(t) for t in zip(*self.arch.named_blocks(self.model), strict=True))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def fresh(self, index: int) -> nn.Module:
+        """A weightless copy of block ``index`` that shares the model's config (so the attention
+        implementation the model is switched to applies to it too)."""
+        config = self.model.config
+        memo = {id(config): config, id(self.arch.config_of(self.model)): self.arch.config_of(self.model)}
+        return copy.deepcopy(self.skeletons[index], memo)
+
+    def load(self, index: int, files: WeightFiles | None = None) -> nn.Module:
+        """Load block ``index`` (from ``files``, default the model's) into the model, in float32;
+        returns it."""
+        block, name = self.fresh(index), self.names[index]
+        keys = [f"{name}.{key}" for key in block.state_dict()]
+        tensors = (files or self.files).read(keys)
+        block.load_state_dict({key.removeprefix(f"{name}."): t for key, t in tensors.items()}, assign=True)
+        for hook in self.on_load:
+            hook(name, block)
+        replace_module(self.model, name, block)
+        return block
+
+    def release(self, index: int) -> None:
+        """Put the weightless block back in the model (the loaded one is freed once unreferenced)."""
+        replace_module(self.model, self.names[index], self.skeletons[index])
+
+
+def skeleton(cls, config, files: WeightFiles, arch: ArchSpec, trust_remote_code: bool = False) -> nn.Module:
+    """``cls`` (an ``AutoModel...`` class) built from ``config`` with no block weights in memory;
+    everything outside the blocks loaded from ``files`` in float32 (modules whose buffers are
+    not in the checkpoint, such as rotary tables, are built again from the config)."""
+    with torch.device("meta"):
+        model = cls.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.eval()
+    blocks = {name for name, _ in arch.named_blocks(model)}
+
+    def outside(name: str) -> bool:
+        return not any(name == b or name.startswith(f"{b}.") for b in blocks)
+
+    keys = [key for key in model.state_dict(keep_vars=True) if outside(key)]
+    present = [key for key in keys if key in files.where]
+    model.load_state_dict(files.read(present), strict=False, assign=True)
+    model.tie_weights()
+    stale = [
+        (name, buffer)
+        for name, buffer in model.named_buffers()
+        if buffer.is_meta and outside(name) and name not in files.where
+    ]
+    if stale:  # computed at construction (rotary tables, embedding scales): from a one-block copy
+        shell = dict(_shell(cls, config, trust_remote_code).named_buffers())
+        for name, _ in stale:
+            module_name, _, attr = name.rpartition(".")
+            if name not in shell:
+                raise LrquantError(
+                    f"{name} is not in the checkpoint and cannot be rebuilt: quantize without --stream"
+                )
+            setattr(model.get_submodule(module_name), attr, shell[name])
+    left = sorted(n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta and outside(n))
+    if left:
+        raise LrquantError(
+            f"'{files.folder}' lacks {left[0]} ({len(left)} tensors missing): the checkpoint is "
+            "incomplete or made for another config.json; copy or re-create it"
+        )
+    for name, block in arch.named_blocks(model):
+        odd = [n for n, b in block.named_buffers() if n not in block.state_dict()]
+        if odd:
+            raise LrquantError(
+                f"the blocks of {type(model).__name__} hold tensors outside the checkpoint "
+                f"({name}.{odd[0]}): they cannot be streamed; quantize without --stream"
+            )
+    return model
+
+
+def _shell(cls, config, trust_remote_code: bool) -> nn.Module:
+    """The model with one block of each kind and a vocabulary of 8, built for real: what it computes at
+    construction outside the blocks does not depend on the depth or the vocabulary."""
+    small = copy.deepcopy(config)
+    text = small.get_text_config() if hasattr(small, "get_text_config") else small
+    kinds = list(dict.fromkeys(getattr(text, "layer_types", None) or [None]))
+    text.num_hidden_layers = len(kinds)  # one block of each kind (sliding and full attention)
+    text.vocab_size = 8
+    if kinds != [None]:
+        text.layer_types = kinds
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(getattr(text, key, None), int) and getattr(text, key) >= 8:
+            setattr(text, key, None)
+    return cls.from_config(small, dtype=torch.float32, trust_remote_code=trust_remote_code)
+
+
+def streamed(model: nn.Module, arch: ArchSpec) -> bool:
+    """Whether ``model``'s blocks are a stream's weightless skeletons."""
+    return any(t.is_meta for block in arch.block_list(model) for t in block.parameters())
+
+
+class _StandIn(nn.Module):
+    """Takes a block's place while its weights are not in memory: tells ``seen`` how it was
+    called and passes the hidden states on (the last block returns ``output`` when given)."""
+
+    def __init__(self, block: nn.Module, index: int, seen, output: torch.Tensor | None) -> None:
+        super().__init__()
+        self.index, self.seen, self.output = index, seen, output
+        self.__dict__["block"] = block  # not a submodule: its (meta) tensors stay out of the model
+
+    def forward(self, hidden, *args, **kwargs):
+        if self.seen is not None:
+            self.seen(self.index, self.block, (hidden, *args), kwargs)
+        return hidden if self.output is None else self.output
+
+
+@contextmanager
+def stand_ins(
+    model: nn.Module, arch: ArchSpec, seen=None, output: torch.Tensor | None = None
+) -> Iterator[None]:
+    """Within: every block of ``model`` is a stand-in that passes its input on, calling
+    ``seen(index, block, args, kwargs)`` first; with ``output``, the last block returns it, so the
+    model's forward computes what follows the blocks (final norm, head) from it."""
+    named = arch.named_blocks(model)
+    last = len(named) - 1
+    try:
+        for index, (name, block) in enumerate(named):
+            replace_module(model, name, _StandIn(block, index, seen, output if index == last else None))
+        yield
+    finally:
+        for name, block in named:
+            replace_module(model, name, block)

@@ -1,0 +1,256 @@
+"""Streamed models (``--stream``): the blocks are loaded one at a time from the safetensors files.
+
+A streamed run must write what an in-memory run writes, bit for bit, evaluate to the same
+numbers, resume after an interruption, refuse what it cannot do in one line, and hold memory
+flat in the model's depth.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lrquant import api, cli
+from lrquant.checkpoint import concat_safetensors
+from lrquant.config import build_scheme
+from lrquant.errors import LrquantError
+from lrquant.methods.resume import ResumeStore
+from lrquant.models import streaming
+from lrquant.models.loading import load_model
+from lrquant.models.tiny import save_tiny_model
+from lrquant.models.tiny_vision import save_tiny_vision_model
+
+SCHEME_WA = build_scheme(4, 4, group_size=16)
+SCHEME_W = build_scheme(3, 16, group_size=16)
+FAST = {"epochs": 1}
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model("llama", tmp_path_factory.mktemp("stream") / "llama", num_layers=3)
+
+
+@pytest.fixture(scope="module")
+def data(text_file: Path) -> api.DataSettings:
+    return api.DataSettings(calib=str(text_file), eval=str(text_file), seqlen=32, nsamples=4, eval_windows=3)
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an output folder, by file kind (the model's shards count as one) and name."""
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        kind = "model" if file.name.startswith("model") else file.name
+        out.update({f"{kind}:{key}": t for key, t in load_file(file).items()})
+    return out
+
+
+def _quantize(model: Path, out: Path, data, method: str, scheme, overrides, stream: bool, **kwargs) -> dict:
+    return api.quantize(
+        str(model), out, scheme, method, "fast", overrides, data, stream=stream, device="cpu", **kwargs
+    )
+
+
+@pytest.mark.parametrize(
+    ("model_type", "method", "scheme", "overrides"),
+    [
+        ("llama", "rtn", SCHEME_W, None),
+        ("llama", "lrquant_plus", SCHEME_W, {**FAST, "gptq": True}),
+        ("qwen2", "lrquant_plus", SCHEME_WA, {**FAST, "hadamard": "down"}),
+        ("llama", "smoothquant", SCHEME_WA, {"hadamard": "online"}),
+        ("mistral", "rtn", SCHEME_WA, {"hadamard": "inputs"}),
+        ("gemma3_text", "omniquant", SCHEME_WA, FAST),
+    ],
+)
+def test_streamed_run_writes_and_scores_what_an_in_memory_run_does(
+    model_type, method, scheme, overrides, data, tiny_models, tmp_path: Path
+) -> None:
+    source = save_tiny_model(model_type, tmp_path / "model", num_layers=3)
+    reports = {}
+    for stream in (False, True):
+        reports[stream] = _quantize(
+            source, tmp_path / f"out-{stream}", data, method, scheme, overrides, stream
+        )
+    memory, streamed = _tensors(tmp_path / "out-False"), _tensors(tmp_path / "out-True")
+    assert set(memory) == set(streamed)
+    assert any(key.startswith("integer_weights") for key in memory)
+    for key, tensor in memory.items():
+        assert torch.equal(tensor, streamed[key]), key
+    assert reports[True]["model"]["streamed"] and not reports[False]["model"]["streamed"]
+    assert len(list((tmp_path / "out-True").glob("model-*-of-*.safetensors"))) == 4  # 3 blocks and the rest
+    # the same evaluation, computed block by block with the full-precision model beside
+    for key in ("perplexity", "fidelity"):
+        assert reports[True][key] == pytest.approx(reports[False][key], rel=1e-9), key
+    # a plain transformers load of the sharded output gives the in-memory output's logits
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 400, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = [
+            AutoModelForCausalLM.from_pretrained(tmp_path / f"out-{s}").eval()(input_ids=ids).logits
+            for s in (False, True)
+        ]
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_streamed_eval_equals_in_memory_eval(llama3: Path, data, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _quantize(llama3, out, data, "rtn", SCHEME_WA, None, stream=False, run_eval=False)
+    memory = api.evaluate(str(out), data, reference=str(llama3))
+    streamed = api.evaluate(str(out), data, reference=str(llama3), stream=True)
+    for key in ("perplexity", "kl", "top1_agreement", "windows"):
+        assert streamed[key] == pytest.approx(memory[key], rel=1e-9), key
+    plain = api.evaluate(str(llama3), data, stream=True)  # no reference: perplexity alone
+    assert "kl" not in plain and plain["perplexity"] > 1
+
+
+def test_interrupted_streamed_run_resumes_to_the_uninterrupted_result(
+    llama3: Path, data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole = tmp_path / "whole"
+    _quantize(llama3, whole, data, "lrquant_plus", SCHEME_WA, FAST, stream=True, run_eval=False)
+    original = ResumeStore.save_block
+    loaded_blocks: list[int] = []
+
+    def save_then_interrupt(self, index, block, state, report=None) -> None:
+        original(self, index, block, state, report)
+        if index == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(ResumeStore, "save_block", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _quantize(llama3, out, data, "lrquant_plus", SCHEME_WA, FAST, stream=True, run_eval=False)
+    assert not out.exists()
+    monkeypatch.setattr(ResumeStore, "save_block", original)
+    load = streaming.Stream.load
+
+    def counted(self, index, files=None):
+        loaded_blocks.append(index)
+        return load(self, index, files)
+
+    monkeypatch.setattr(streaming.Stream, "load", counted)
+    _quantize(llama3, out, data, "lrquant_plus", SCHEME_WA, FAST, stream=True, run_eval=False)
+    assert loaded_blocks[0] == 2  # the two finished blocks were not learned again
+    first, second = _tensors(whole), _tensors(out)
+    assert set(first) == set(second)
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_streamed_model_holds_no_block_weights_until_loaded(llama3: Path) -> None:
+    loaded = load_model(str(llama3), stream=True)
+    stream = loaded.stream
+    assert all(p.is_meta for block in stream.skeletons for p in block.parameters())
+    assert not any(p.is_meta for name, p in loaded.model.named_parameters() if ".layers." not in name)
+    block = stream.load(1)
+    reference = load_model(str(llama3)).model.model.layers[1]
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(block.state_dict().values(), reference.state_dict().values(), strict=True)
+    )
+    stream.release(1)
+    assert loaded.model.model.layers[1] is stream.skeletons[1]
+
+
+def test_what_a_streamed_run_cannot_do_is_refused_in_one_line(
+    llama3: Path, data, tmp_path: Path, capsys
+) -> None:
+    tiny_vit = save_tiny_vision_model("vit", tmp_path / "vit")
+    out = tmp_path / "out"
+    with pytest.raises(LrquantError, match="end-to-end step .* --set e2e_epochs=0"):
+        _quantize(llama3, out, data, "lrquant_plus", SCHEME_W, {**FAST, "e2e_epochs": 1}, stream=True)
+    with pytest.raises(LrquantError, match="--stream covers language models"):
+        api.quantize(str(tiny_vit), out, SCHEME_WA, "rtn", stream=True)
+    assert not out.exists()
+    with pytest.raises(LrquantError, match="fake backend only"):
+        api.evaluate(str(llama3), data, stream=True, backend="packed")
+    # the default leaves out what streaming cannot do, and says so
+    report = _quantize(llama3, out, data, "auto", SCHEME_WA, FAST, stream=True, run_eval=False)
+    assert report["recipe"]["e2e_epochs"] == 0 and report["recipe"]["hadamard"] == "down"
+    assert (
+        "streamed: the default's end-to-end step (e2e_epochs=2) needs the whole model"
+        in capsys.readouterr().err
+    )
+
+
+def test_stream_is_chosen_when_the_model_would_not_fit(
+    llama3: Path, data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    report = _quantize(llama3, tmp_path / "a", data, "rtn", SCHEME_W, None, stream=None, run_eval=False)
+    assert report["model"]["streamed"] is False
+    size = streaming.WeightFiles(llama3).float32_bytes()
+    assert size == 4 * sum(p.numel() for p in load_model(str(llama3)).model.state_dict().values())
+    monkeypatch.setattr(streaming, "available_memory", lambda: size)  # 100 % needed: more than 60 %
+    report = _quantize(llama3, tmp_path / "b", data, "rtn", SCHEME_W, None, stream=None, run_eval=False)
+    assert report["model"]["streamed"] is True
+    code = cli.main(["quantize", "--model", str(llama3), "--output", str(tmp_path / "c"), "--method", "rtn",
+                     "--stream", "on", "--no-eval", "--wbits", "4"])  # fmt: skip
+    assert code == 0 and json.loads((tmp_path / "c" / "report.json").read_text())["model"]["streamed"]
+
+
+def test_concatenated_safetensors_hold_every_tensor(tmp_path: Path) -> None:
+    parts = []
+    expected = {}
+    for i, dtype in enumerate((torch.int8, torch.float32, torch.uint8)):
+        tensors = {f"p{i}.{k}": (torch.arange(i * 7 + k * 3 + 5) % 100).to(dtype) for k in range(3)}
+        parts.append(tmp_path / f"{i}.safetensors")
+        save_file(tensors, parts[-1])
+        expected.update(tensors)
+    concat_safetensors(parts, tmp_path / "all.safetensors")
+    merged = load_file(tmp_path / "all.safetensors")
+    assert set(merged) == set(expected)
+    assert all(torch.equal(merged[k], v) and merged[k].dtype == v.dtype for k, v in expected.items())
+
+
+MEMORY_SCRIPT = """
+import json, sys, torch
+from lrquant import api
+from lrquant.config import build_scheme
+torch.set_num_threads(1)
+report = api.quantize(sys.argv[1], sys.argv[2], build_scheme(4, 16, group_size=64), "rtn",
+                      run_eval=False, stream=sys.argv[3] == "on")
+print(json.dumps(report["peak_rss_mb"]))
+"""
+
+
+def test_streamed_memory_is_flat_in_depth(tmp_path: Path) -> None:
+    """Peak resident memory of a streamed run (in a fresh process) grows by less than two blocks
+    (13 MiB each in float32) from 4 to 32 blocks of a bfloat16 checkpoint, while an in-memory
+    run's grows by at least 28."""
+    import transformers
+
+    def model(depth: int) -> Path:
+        path = save_tiny_model("llama", tmp_path / f"d{depth}", num_layers=depth)
+        config = json.loads((path / "config.json").read_text())
+        config.update(hidden_size=512, intermediate_size=1536, head_dim=128, num_attention_heads=4,
+                      num_key_value_heads=4)  # fmt: skip
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**config)).save_pretrained(
+            path
+        )
+        return path
+
+    def peak(path: Path, stream: str) -> float:
+        out = tmp_path / f"out-{path.name}-{stream}"
+        done = subprocess.run(
+            [sys.executable, "-c", MEMORY_SCRIPT, str(path), str(out), stream],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return float(done.stdout.strip().splitlines()[-1])
+
+    block_mb = (4 * 512 * 512 + 3 * 512 * 1536) * 4 / 2**20
+    shallow, deep = model(4), model(32)
+    peaks = {
+        (depth, stream): peak(path, stream)
+        for depth, path in ((4, shallow), (32, deep))
+        for stream in ("on", "off")
+    }
+    streamed = peaks[32, "on"] - peaks[4, "on"]
+    in_memory = peaks[32, "off"] - peaks[4, "off"]
+    assert in_memory > 28 * block_mb, in_memory  # the check can tell the two apart
+    assert streamed < 2 * block_mb, (streamed, in_memory)
