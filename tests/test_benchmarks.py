@@ -220,3 +220,12 @@ def test_vision_language_table_runs_on_a_tiny_llava(tmp_path) -> None:
     assert "| lrquant_plus | W4A4 | yes |" in (results / "vlmsmoke.md").read_text()
     run_script("vlm_table.py", args, results)  # a rerun skips the finished rows
     assert len(rows(results, "vlmsmoke")) == 4
+
+
+def test_stream_scale_runs_on_a_tiny_shape(tmp_path) -> None:
+    args = ["--shape", "tiny", "--methods", "rtn", "gptq", "--nsamples", "1", "--seqlen", "32", "--eval"]
+    run_script("stream_scale.py", [*args, "--group-size", "32", "--name", "rows"], tmp_path)
+    rows_ = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [row["method"] for row in rows_] == ["rtn", "gptq"]
+    assert all(row["peak_rss_mb"] > 0 and row["output_bytes"] > row["checkpoint_bytes"] for row in rows_)
+    assert rows_[1]["fidelity"]["kl"] > 0 and len(rows_[1]["learned_block_seconds"]) == 2
