@@ -183,8 +183,10 @@ def test_stream_is_chosen_when_the_model_would_not_fit(
 ) -> None:
     report = _quantize(llama3, tmp_path / "a", data, "rtn", SCHEME_W, None, stream=None, run_eval=False)
     assert report["model"]["streamed"] is False
-    size = streaming.WeightFiles(llama3).float32_bytes()
-    assert size == 4 * sum(p.numel() for p in load_model(str(llama3)).model.state_dict().values())
+    size = streaming.float32_bytes(llama3)
+    assert size == pytest.approx(
+        4 * sum(p.numel() for p in load_model(str(llama3)).model.state_dict().values()), rel=0.01
+    )
     monkeypatch.setattr(streaming, "available_memory", lambda: size)  # 100 % needed: more than 60 %
     report = _quantize(llama3, tmp_path / "b", data, "rtn", SCHEME_W, None, stream=None, run_eval=False)
     assert report["model"]["streamed"] is True

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lrquant import __version__
+from lrquant import __version__, distributed
 from lrquant.arch.registry import get_arch_spec
 from lrquant.arch.vision_language import get_vision_language_spec
 from lrquant.checkpoint import REPORT_FILE, read_source, save_quantized, save_streamed
@@ -339,16 +339,50 @@ def check_streamable(recipe: Recipe, scheme: QuantScheme) -> None:
         )
 
 
-def _streamable(recipe: Recipe, scheme: QuantScheme) -> Recipe:
-    """The default recipe without what a streamed run cannot do yet (:func:`check_streamable`),
-    saying what was left out."""
+def _without_end_to_end(recipe: Recipe, scheme: QuantScheme, why: str) -> Recipe:
+    """The default recipe without the end-to-end step, which a streamed run or a run over
+    several processes cannot do yet (:func:`check_streamable`, :func:`_check_processes`),
+    saying so."""
     if not end_to_end_wanted(recipe, scheme):
         return recipe
     log(
-        f"streamed: the default's end-to-end step (e2e_epochs={recipe.e2e_epochs}) needs the whole "
-        "model in memory and is left out (e2e_epochs=0)"
+        f"{why}: the default's end-to-end step (e2e_epochs={recipe.e2e_epochs}) needs the whole "
+        "model in one process and is left out (e2e_epochs=0)"
     )
     return recipe.model_copy(update={"e2e_epochs": 0})
+
+
+def _check_processes(recipe: Recipe, scheme: QuantScheme, calibration: torch.Tensor) -> None:
+    """Refuse, in one line, what a run over several processes cannot do: fewer calibration
+    windows than processes, and the end-to-end step (not spread over processes yet)."""
+    processes = distributed.world()
+    if processes == 1:
+        return
+    if min(calibration.shape[0], recipe.nsamples) < processes:
+        raise LrquantError(
+            f"{processes} processes need at least {processes} calibration windows, got "
+            f"{min(calibration.shape[0], recipe.nsamples)}: raise --nsamples or start fewer processes"
+        )
+    if end_to_end_wanted(recipe, scheme):
+        raise LrquantError(
+            "the end-to-end step (e2e_epochs) is not spread over processes yet: use --set e2e_epochs=0, "
+            "or run in one process"
+        )
+
+
+class _Follower:
+    """The output of a process other than 0 (:mod:`lrquant.distributed`): its paths (where the
+    resume store is), nothing written."""
+
+    def __init__(self, output: str | Path) -> None:
+        self.final = Path(output).expanduser().absolute()
+        self.tmp = None
+
+    def __enter__(self) -> _Follower:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 def _check_has_tower(arch, name: str) -> None:
@@ -499,6 +533,7 @@ def quantize(
     available memory in float32.
     """
     target = resolve_device(device)
+    distributed.start(target)  # under torchrun: join the other processes (:mod:`lrquant.distributed`)
     # bad recipe settings fail before a model is loaded
     recipe = build_recipe(method, preset, overrides, situation=situation(model, scheme, format))
     if format is not None:  # a wrong format, scheme or destination fails before any work
@@ -523,7 +558,8 @@ def quantize(
         seconds[stage] = round(now - clock, 2)
         clock = now
 
-    with AtomicOutputDir(output, overwrite, _input_paths(model, data)) as out:
+    main = distributed.is_main()  # process 0 writes; the others only learn beside it
+    with AtomicOutputDir(output, overwrite, _input_paths(model, data)) if main else _Follower(output) as out:
         stream = _stream_wanted(model, stream)
         log(f"loading {model}" + (", one block at a time (streamed)" if stream else ""))
         loaded = load_model(model, trust_remote_code=trust_remote_code, stream=stream)
@@ -538,8 +574,8 @@ def quantize(
         rule = default_rule(now) if method == AUTO else None
         if rule is not None:
             log(f"recipe: LRQuant+ for a {rule.when}{_rule_summary(rule)}")
-        if stream and method == AUTO:
-            recipe = _streamable(recipe, scheme)
+        if (stream or distributed.world() > 1) and method == AUTO:
+            recipe = _without_end_to_end(recipe, scheme, "streamed" if stream else "several processes")
         if scheme.patch_embed:
             patch_embedding(loaded.model)  # a model without one stops here, before any work
         _note_whole_row_groups(loaded, scheme)
@@ -549,7 +585,9 @@ def quantize(
         calibration = None
         if method != "rtn":
             calibration = calibration_data(loaded, data, recipe.calibration_samples)
+            _check_processes(recipe, scheme, calibration)
         evaluation: dict[str, object] = {}
+        run_eval = run_eval and main
         if run_eval and stream:  # scored after saving, side by side (Text.streamed_evaluation)
             stages = modality.streamed_evaluation(
                 loaded,
@@ -580,6 +618,8 @@ def quantize(
             stores.append(store)
         blocks = apply_method(loaded, scheme, method, recipe, calibration, data.seed, store, target)
         lap("quantize")
+        if not main:
+            return {"process": distributed.rank(), "processes": distributed.world(), "seconds": seconds}
         if run_eval and not stream:
             evaluation["quantized"] = stages.quantized()
             lap("eval_quantized")

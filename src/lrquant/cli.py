@@ -319,6 +319,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         vision_scheme=_vision_scheme(args, scheme),
         stream={"auto": None, "on": True, "off": False}[args.stream],
     )
+    if "process" in report:  # a process other than 0 under torchrun: process 0 reports
+        return 0
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -543,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
         with stop_on_signals():
             return args.func(args)
     except LrquantError as err:
+        group = sys.modules.get("lrquant.distributed")  # imported by a run (it imports torch)
+        if group is not None and group.world() > 1 and not str(err).startswith("process "):
+            err = LrquantError(f"process {group.rank()}: {err}")
         print(f"lrquant: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
@@ -566,6 +571,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 128 + signum
+    finally:
+        if "lrquant.distributed" in sys.modules:
+            sys.modules["lrquant.distributed"].stop()
 
 
 if __name__ == "__main__":

@@ -25,12 +25,14 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lrquant import distributed
 from lrquant.arch import ArchSpec
 from lrquant.config import QuantScheme
 from lrquant.console import log
@@ -130,6 +132,7 @@ class Learner:
     options: TransformOptions
     seed: int = 0
     bits_factor: float = 1.0  # scales the smoothing learning rate (:func:`bits_lr_factor`)
+    windows: int = 0  # calibration windows over every process (:mod:`lrquant.distributed`)
 
     @classmethod
     def of(
@@ -176,13 +179,17 @@ def _targets_and_stats(
 
         return hook
 
-    names = {pair.targets[0] for pair in active_pairs(arch, options)}
+    names = sorted({pair.targets[0] for pair in active_pairs(arch, options)})
     handles = [block.get_submodule(n).register_forward_pre_hook(observe(n)) for n in names]
     try:
         fp_out = run_block(block, state.fp, kwargs, recipe.batch_size)
     finally:
         for handle in handles:
             handle.remove()
+    for name in names if distributed.world() > 1 else []:  # the ranges over every process's windows
+        stats[name] = ChannelStats(
+            distributed.reduce_(stats[name].min, "min"), distributed.reduce_(stats[name].max, "max")
+        )
     homologous = recipe.homologous and recipe.learn  # a one-shot recipe needs no training targets
     hom_out = run_block(block, state.quant, kwargs, recipe.batch_size) if homologous else None
     return fp_out, hom_out, stats
@@ -255,14 +262,91 @@ def training_step(
     return terms
 
 
+def shared_training_step(
+    block: nn.Module,
+    inputs: torch.Tensor,
+    targets: list[torch.Tensor],
+    kwargs: dict,
+    recipe: Recipe,
+    optimizer: torch.optim.Optimizer,
+    weighting: losses.DynamicWeighting | None,
+) -> dict[str, float] | None:
+    """:func:`training_step` for a batch spread over processes (:mod:`lrquant.distributed`):
+    ``inputs`` are this process's windows of it (maybe none). The loss terms and the gradients
+    are summed over the processes, so every one takes the step one process would take on the
+    whole batch."""
+    out = None
+    if inputs.shape[0]:
+        with torch.autocast(inputs.device.type, torch.bfloat16, use_bf16(recipe, inputs.device)):
+            out = block(inputs, **kwargs)
+        out = (out[0] if isinstance(out, tuple) else out).float()
+    terms = _SharedTerms(out, targets, recipe)
+    if not all(math.isfinite(v) for v in terms.values.values()):
+        return None
+    divisors = dict.fromkeys(terms.values, 1.0)
+    if weighting is not None and len(terms.values) == 2:
+        divisors = dict(zip(terms.values, weighting.divisors(*terms.values.values()), strict=True))
+    optimizer.zero_grad(set_to_none=True)
+    surrogate = terms.surrogate(divisors)
+    if surrogate is not None:
+        surrogate.backward()
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    distributed.reduce_grads_(parameters)
+    optimizer.step()
+    return terms.values
+
+
 @torch.no_grad()
 def _plain_loss(
     block: nn.Module, inputs: torch.Tensor, targets: list[torch.Tensor], kwargs: dict, recipe: Recipe
 ) -> float:
     """The block's loss terms on ``inputs``, summed without dynamic weighting: a score that
-    compares states of one block (candidate inits)."""
-    out = run_block(block, inputs, kwargs, recipe.batch_size)
+    compares states of one block (candidate inits); over every process's share of the windows."""
+    out = run_block(block, inputs, kwargs, recipe.batch_size) if inputs.shape[0] else None
+    if distributed.world() > 1:
+        return sum(_SharedTerms(out, targets, recipe).values.values())
     return sum(_loss(out, targets, recipe, None)[1].values())
+
+
+class _SharedTerms:
+    """The loss terms of a batch whose windows are spread over processes, from sums that every
+    process adds its share to: ``values``, the unweighted terms of the whole batch (as
+    :func:`_loss` computes them on one process), and :meth:`surrogate`, this process's part of
+    their gradient. ``out`` is None for a process without windows in the batch."""
+
+    def __init__(self, out: torch.Tensor | None, targets: list[torch.Tensor], recipe: Recipe) -> None:
+        self.out, self.recipe = out, recipe
+        self.sums: list[tuple[torch.Tensor, torch.Tensor]] = []  # per target: squared errors, cosines
+        if out is not None:
+            for target in targets:
+                target = target.float()
+                self.sums.append(
+                    ((out - target).square().sum(), F.cosine_similarity(out, target, dim=-1).sum())
+                )
+        count = [out.numel(), out.shape[:-1].numel()] if out is not None else [0, 0]
+        local = [float(v.detach()) for pair in self.sums for v in pair] or [0.0] * (2 * len(targets))
+        total = distributed.reduce_(torch.tensor(local + count, dtype=torch.float64))
+        self.elements, self.tokens = float(total[-2]), float(total[-1])
+        self.cosines = [float(total[2 * i + 1]) / self.tokens for i in range(len(targets))]
+        mse = sum(float(total[2 * i]) for i in range(len(targets))) / self.elements
+        nlc = sum(-math.log(max(abs(c), losses.MIN_COSINE)) for c in self.cosines)
+        self.values = {k: v for k, v in (("mse", mse), ("nlc", nlc)) if getattr(recipe, k)}
+
+    def surrogate(self, divisors: dict[str, float]) -> torch.Tensor | None:
+        """A loss whose gradient, summed over the processes, is that of the batch's loss with each
+        term divided by ``divisors`` (dynamic weighting; 1 without)."""
+        if self.out is None:
+            return None
+        total = self.out.new_zeros(())
+        for (squares, cosines), cos in zip(self.sums, self.cosines, strict=True):
+            if self.recipe.mse:
+                total = total + squares / self.elements / divisors["mse"]
+            if self.recipe.nlc and abs(cos) > losses.MIN_COSINE:  # -log|c|: gradient -dc / c
+                total = total - cosines / (self.tokens * cos) / divisors["nlc"]
+        return total
 
 
 @torch.no_grad()
@@ -277,6 +361,8 @@ def _choose_init(
     """Try each candidate initialisation of the smoothing scales; keep the one whose quantized
     block has the lowest unweighted loss on the first calibration samples."""
     n = min(recipe.init_samples, inputs.shape[0])
+    if distributed.world() > 1:  # this process's windows among the first init_samples of all
+        n = min(distributed.owned(recipe.init_samples).numel(), inputs.shape[0])
     scores = {}
     for how in SEARCHED_INITS:
         bt.use_init(how)
@@ -345,6 +431,9 @@ def search_clipping(learner: Learner, work: BlockWork, state: ChainState) -> Non
         tokens[module] = tokens.get(module, 0) + x.shape[0]
 
     _hooked(block, clipped, observe, state.quant, work.kwargs, learner.recipe)
+    for module in clipped if distributed.world() > 1 else []:  # over every process's windows
+        distributed.reduce_(square_sums[module])
+        tokens[module] = int(distributed.reduce_(torch.tensor([tokens[module]], dtype=torch.float64))[0])
     for module in clipped:
         weight = module.transform.transformed(module.weight, module.bias)[0]
         module.transform.clipping.search(weight, module.weight_spec, square_sums[module] / tokens[module])
@@ -360,7 +449,8 @@ def train(learner: Learner, work: BlockWork, state: ChainState, bar: tqdm | None
     recipe, bits_factor = learner.recipe, learner.bits_factor
     seed = learner.seed * 1000 + report.index
     initial = copy.deepcopy(bt.state_dict())
-    n = state.quant.shape[0]
+    n = learner.windows or state.quant.shape[0]  # every process's windows (:mod:`lrquant.distributed`)
+    mine = {int(g): i for i, g in enumerate(distributed.owned(n))} if distributed.world() > 1 else None
     for attempt in range(recipe.max_retries + 1):
         lr_scale = 0.5**attempt
         bt.load_state_dict(initial)
@@ -375,9 +465,27 @@ def train(learner: Learner, work: BlockWork, state: ChainState, bar: tqdm | None
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, recipe.batch_size):
                 idx = order[start : start + recipe.batch_size]
-                terms = training_step(
-                    block, state.quant[idx], [t[idx] for t in targets], kwargs, recipe, optimizer, weighting
-                )
+                if mine is None:
+                    terms = training_step(
+                        block,
+                        state.quant[idx],
+                        [t[idx] for t in targets],
+                        kwargs,
+                        recipe,
+                        optimizer,
+                        weighting,
+                    )
+                else:  # the windows of the batch that this process holds
+                    pos = torch.tensor([mine[int(g)] for g in idx if int(g) in mine], dtype=torch.long)
+                    terms = shared_training_step(
+                        block,
+                        state.quant[pos],
+                        [t[pos] for t in targets],
+                        kwargs,
+                        recipe,
+                        optimizer,
+                        weighting,
+                    )
                 if terms is None:
                     finite = False
                     break
@@ -416,6 +524,9 @@ def collect_statistics(learner: Learner, work: BlockWork, state: ChainState) -> 
         acc[module].add(module.quantized_input(args[0].float()))
 
     _hooked(work.block, list(acc), observe, state.quant, work.kwargs, learner.recipe)
+    for m in linears.values() if distributed.world() > 1 else []:  # over every process's windows
+        distributed.reduce_(acc[m].sum)
+        acc[m].tokens = int(distributed.reduce_(torch.tensor([acc[m].tokens], dtype=torch.float64))[0])
     hessians = {name: acc[m].hessian() for name, m in linears.items()}
     return GPTQStatistics(hessians, learner.recipe.gptq_damp)
 
@@ -430,8 +541,12 @@ def fold(
     chains' outputs."""
     fold_block_transforms(work.block, learner.arch, gptq)  # also freezes every linear's quantized weight
     quant_out = run_block(work.block, state.quant, work.kwargs, learner.recipe.batch_size)
-    work.report.cosine = float(losses.token_cosine(quant_out, work.fp_out))
-    work.report.mse = float(losses.mse(quant_out, work.fp_out))
+    if distributed.world() > 1:  # over every process's windows
+        shared = _SharedTerms(quant_out, [work.fp_out], learner.recipe.model_copy(update={"mse": True}))
+        work.report.cosine, work.report.mse = shared.cosines[0], shared.values["mse"]
+    else:
+        work.report.cosine = float(losses.token_cosine(quant_out, work.fp_out))
+        work.report.mse = float(losses.mse(quant_out, work.fp_out))
     return ChainState(fp=work.fp_out, quant=quant_out)
 
 
@@ -463,9 +578,14 @@ def quantize_blockwise(
     """
     device = device or torch.device("cpu")
     learner = Learner.of(model, arch, scheme, recipe, seed)  # refuses impossible settings before any work
+    windows = calibration.shape[0]
+    learner = replace(learner, windows=windows)
     block_names, blocks = zip(*arch.named_blocks(model), strict=True)
     transitions = arch.transitions(model)
     kwargs_per_block, transition_kwargs = to_device(capture_block_kwargs(model, arch, calibration[0]), device)
+    share = distributed.owned(windows) if distributed.world() > 1 else None  # this process's windows
+    if share is not None:
+        calibration = calibration[share]
     if start is None:
         first = 0
         inputs = capture_block_inputs(model, arch, calibration)
@@ -476,6 +596,8 @@ def quantize_blockwise(
             state = ChainState(fp=inputs, quant=inputs.clone())
     else:
         first, state = start
+        if share is not None:
+            state = ChainState(fp=state.fp[share], quant=state.quant[share])
         quantize_patch_embedding(model, scheme)  # a resumed run starts from the loaded model
     state = ChainState(fp=state.fp.to(device), quant=state.quant.to(device))
     # The head (when asked for) runs after every block, so rounding it first changes no target;
@@ -508,7 +630,10 @@ def quantize_blockwise(
         report.seconds = round(time.perf_counter() - began, 2)
         reports.append(report)
         if on_block_done is not None:
-            on_block_done(index, host, state, report)
+            whole = state  # every process's windows, in order (the store keeps all of them)
+            if share is not None:
+                whole = ChainState(*(distributed.gather_windows(t, windows) for t in (state.fp, state.quant)))
+            on_block_done(index, host, whole, report)
         if stream is not None:
             stream.release(index)
         bar.update(1)

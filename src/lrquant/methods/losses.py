@@ -35,8 +35,14 @@ class DynamicWeighting:
         self.average = [1.0] * terms
 
     def __call__(self, *losses: torch.Tensor) -> torch.Tensor:
+        divisors = self.divisors(*(float(loss.detach()) for loss in losses))
         total = losses[0].new_zeros(())
-        for i, loss in enumerate(losses):
-            self.average[i] = self.momentum * self.average[i] + (1 - self.momentum) * float(loss.detach())
-            total = total + loss / (self.average[i] + 1e-6)
+        for divisor, loss in zip(divisors, losses, strict=True):
+            total = total + loss / divisor
         return total
+
+    def divisors(self, *values: float) -> list[float]:
+        """Update the averages with this step's term ``values``; what each term is divided by."""
+        for i, value in enumerate(values):
+            self.average[i] = self.momentum * self.average[i] + (1 - self.momentum) * value
+        return [average + 1e-6 for average in self.average]

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from lrquant import distributed
 from lrquant.arch import ArchSpec
 from lrquant.config import QuantScheme
 from lrquant.errors import LrquantError
@@ -120,6 +121,9 @@ class ResumeStore:
         chain = {} if state is None else {"fp": state.fp.cpu(), "quant": state.quant.cpu()}
         needed = sum(t.numel() * t.element_size() for t in [*weights.values(), *chain.values()])
         reports = [*self.reports, *([report_dict(report)] if report is not None else [])]
+        if not distributed.is_main():  # process 0 writes the store (:mod:`lrquant.distributed`)
+            self.reports = reports
+            return
         with disk_space_for(
             f"the checkpoint of block {index + 1}",
             self.folder.parent,

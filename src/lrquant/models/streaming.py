@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,15 +61,6 @@ class WeightFiles:
                     out[key] = f.get_tensor(key).to(dtype)
         return out
 
-    def float32_bytes(self) -> int:
-        """The memory every tensor takes in float32 (how the in-memory loader holds them)."""
-        total = 0
-        for file in set(self.where.values()):
-            with safe_open(self.folder / file, "pt") as f:
-                for key in f.keys():
-                    total += 4 * math.prod(f.get_slice(key).get_shape())
-        return total
-
 
 def available_memory() -> int | None:
     """Bytes of memory available to a new allocation now (Linux ``MemAvailable``), or None."""
@@ -83,11 +73,27 @@ def available_memory() -> int | None:
     return None
 
 
+def float32_bytes(folder: Path) -> int:
+    """About the memory the weights in ``folder`` take in float32 (as the in-memory loader holds
+    them): the safetensors files' size, scaled from the dtype its config names. Read from the
+    files' sizes alone, before anything checks them."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    dtype = (
+        str(config.get("dtype") or config.get("torch_dtype") or "float32") if isinstance(config, dict) else ""
+    )
+    width = {"float16": 2, "bfloat16": 2, "float64": 8}.get(dtype, 4)
+    size = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors") if p.name.startswith("model"))
+    return size * 4 // width
+
+
 def too_large(folder: Path, share: float = 0.6) -> bool:
     """Whether the model in ``folder`` would take more than ``share`` of the available memory
     in float32 (then it is streamed by default)."""
     available = available_memory()
-    return available is not None and WeightFiles(folder).float32_bytes() > share * available
+    return available is not None and float32_bytes(folder) > share * available
 
 
 @dataclass
