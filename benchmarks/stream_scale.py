@@ -54,7 +54,7 @@ report = api.quantize(args["model"], args["out"], build_scheme(**args["scheme"])
                       args["preset"], args["overrides"], data, run_eval=args["eval"], stream=True)
 print("ROW " + json.dumps({"seconds": report["seconds"], "peak_rss_mb": report["peak_rss_mb"],
       "blocks": [b.get("seconds") for b in report["blocks"]], "perplexity": report.get("perplexity"),
-      "fidelity": report.get("fidelity")}))
+      "fidelity": report.get("fidelity"), "estimate": report["estimate"]}))
 """
 
 
@@ -159,6 +159,7 @@ def main() -> None:
                 "output_bytes": written, "peak_rss_mb": row["peak_rss_mb"], "seconds": row["seconds"],
                 "seconds_per_block": round(row["seconds"]["quantize"] / config["num_hidden_layers"], 2),
                 "learned_block_seconds": blocks, "perplexity": row["perplexity"], "fidelity": row["fidelity"],
+                "estimate": row["estimate"],
                 "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             }  # fmt: skip
             print(json.dumps(result), flush=True)

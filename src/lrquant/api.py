@@ -26,6 +26,7 @@ from lrquant.arch.vision_language import get_vision_language_spec
 from lrquant.checkpoint import REPORT_FILE, read_source, save_quantized, save_streamed
 from lrquant.config import QuantScheme
 from lrquant.console import log
+from lrquant.cost import estimate
 from lrquant.device import placed, resolve_device
 from lrquant.errors import LrquantError
 from lrquant.export import check_options, default_destination, export_format, read_output, write_format
@@ -352,6 +353,18 @@ def _without_end_to_end(recipe: Recipe, scheme: QuantScheme, why: str) -> Recipe
     return recipe.model_copy(update={"e2e_epochs": 0})
 
 
+def _sample_tokens(loaded: LoadedModel, data: DataSettings) -> int:
+    """Tokens per calibration sample: the window length of text, the patches of an image."""
+    if loaded.arch.modality != "image":
+        return data.seqlen
+    config = loaded.arch.config_of(loaded.model)
+    size = data.image_size or getattr(config, "image_size", 224)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    patch = getattr(config, "patch_size", 16)
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    return (int(size) // int(patch)) ** 2 + 1
+
+
 def _check_processes(recipe: Recipe, scheme: QuantScheme, calibration: torch.Tensor) -> None:
     """Refuse, in one line, what a run over several processes cannot do: fewer calibration
     windows than processes, and the end-to-end step (not spread over processes yet)."""
@@ -582,6 +595,20 @@ def quantize(
         if format == "gguf":
             scheme = _gguf_grids(loaded, scheme, gguf_type)
         lap("load")
+        cost = estimate(
+            loaded.model,
+            loaded.arch,
+            scheme,
+            None if method == "rtn" else recipe,
+            recipe.nsamples,
+            _sample_tokens(loaded, data),
+            target,
+            stream,
+            distributed.world(),
+            run_eval,
+            sum(p.stat().st_size for p in loaded.path.glob("*.safetensors")),
+        )
+        log(f"estimate: {cost.words()}")
         calibration = None
         if method != "rtn":
             calibration = calibration_data(loaded, data, recipe.calibration_samples)
@@ -685,6 +712,13 @@ def quantize(
                     **(stages.details if run_eval else {}),
                 },
                 "seed": data.seed,
+                "estimate": {
+                    **cost.as_dict(),
+                    "measured": {
+                        "seconds_per_block": round(seconds["quantize"] / cost.blocks, 2),
+                        "peak_memory_mb": round(peak_rss_mb(), 1),
+                    },
+                },
                 modality.report_key: evaluation,
                 **({"fidelity": stages.fidelity} if run_eval and stages.fidelity else {}),
                 **(stages.more if run_eval else {}),

@@ -1,0 +1,139 @@
+"""What a run will cost, said before it starts: peak memory and seconds per block.
+
+A model of the arithmetic, not a measurement of this run: the block's linears and attention
+give the floating-point operations of one forward pass over the calibration tokens; training
+runs ``epochs`` forward and backward passes, the other stages one forward pass each (targets,
+the clipping search, GPTQ's statistics, the fold), GPTQ its factorisations. A matrix product
+timed on the device for a fraction of a second turns operations into seconds, at the share of
+that speed the learner reaches (:data:`TRAIN_EFFICIENCY`, :data:`PASS_EFFICIENCY`, measured on
+this project's CPUs: docs/results.md, "What a run costs"). Memory adds the process itself, the
+model (all of it, or one block when streamed), the calibration chains and what learning holds.
+The report puts the estimate beside what was measured.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from lrquant.arch import ArchSpec
+from lrquant.config import QuantScheme
+from lrquant.recipes import Recipe, use_bf16
+
+# shares of the timed matrix product's speed that the learner reaches: training steps (forward,
+# backward and the fake quantizers) and passes without gradients
+TRAIN_EFFICIENCY = 0.25
+PASS_EFFICIENCY = 0.5
+PROCESS_MB = 450.0  # Python, PyTorch and transformers, before any model
+COMPILE_S = 15.0  # compiling the fake quantizer, once per run (measured on the 2-core CPU)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A run's cost, before it starts."""
+
+    peak_memory_mb: float
+    seconds_per_block: float
+    blocks: int
+    gflop_per_second: float  # the timed matrix product's speed
+    once_seconds: float = 0.0  # compiling, once
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_per_block * self.blocks + self.once_seconds
+
+    def as_dict(self) -> dict:
+        return {**{k: round(v, 2) for k, v in asdict(self).items()}, "seconds": round(self.seconds, 1)}
+
+    def words(self) -> str:
+        return (
+            f"about {self.peak_memory_mb / 1024:.1f} GiB at most and {self.seconds_per_block:.1f} s per "
+            f"block ({self.seconds / 60:.1f} min for {self.blocks} blocks)"
+        )
+
+
+def _linears(block: nn.Module) -> list[nn.Linear]:
+    return [m for m in block.modules() if isinstance(m, nn.Linear)]
+
+
+def estimate(
+    model: nn.Module,
+    arch: ArchSpec,
+    scheme: QuantScheme,
+    recipe: Recipe | None,
+    windows: int,
+    tokens: int,
+    device: torch.device,
+    streamed: bool = False,
+    processes: int = 1,
+    evaluate: bool = False,
+    checkpoint_bytes: int = 0,
+) -> Estimate:
+    """The cost of quantizing ``model`` with ``recipe`` (None: round to nearest) on ``windows``
+    calibration windows of ``tokens`` tokens each, learning on ``device``; a streamed model
+    holds one block at a time; ``processes`` share the windows; ``evaluate``: the evaluation
+    before and after too (a language model's); ``checkpoint_bytes``: the weight files' size
+    (mapped while a model is loaded whole)."""
+    blocks = arch.block_list(model)
+    linears = _linears(blocks[0])
+    block_params = sum(m.weight.numel() for m in linears)
+    config = arch.config_of(model)
+    hidden = getattr(config, "hidden_size", linears[0].in_features)
+    widest = max(linears, key=lambda m: m.weight.numel())
+    local = -(-windows // processes)
+    total_tokens = local * tokens
+    # forward operations of one block over this process's calibration tokens
+    forward = 2 * block_params * total_tokens + 4 * total_tokens * tokens * hidden
+    rate = _matmul_rate(min(tokens, 512), widest.in_features, widest.out_features, device, recipe)
+    seconds = 0.0
+    if recipe is None:  # round to nearest: a few elementwise passes over the weights
+        seconds = 20 * block_params / rate
+    else:
+        passes = 2 + int(recipe.homologous and recipe.learn) + int(recipe.clip_init == "search")
+        passes += int(recipe.gptq)
+        seconds += passes * forward / (rate * PASS_EFFICIENCY)
+        if recipe.learn:
+            seconds += recipe.epochs * 3 * forward / (rate * TRAIN_EFFICIENCY)
+        if recipe.gptq:
+            factorise = sum(2 * m.in_features**3 + 2 * m.in_features**2 * m.out_features for m in linears)
+            seconds += factorise / rate
+    all_params = sum(p.numel() for p in model.parameters())
+    blocks_params = sum(p.numel() for b in blocks for p in b.parameters())
+    weights = 4 * ((all_params - blocks_params + 2 * blocks_params / len(blocks)) if streamed else all_params)
+    memory = PROCESS_MB * 2**20 + weights + (0 if streamed else checkpoint_bytes)
+    vocab = getattr(config, "vocab_size", 0) or 0
+    memory += 2 * 4 * tokens * vocab  # a window's logits (recording what each block is called with)
+    if recipe is not None:
+        memory += 5 * 4 * total_tokens * hidden  # both chains, both targets and the next inputs
+        batch = recipe.batch_size * tokens
+        intermediate = max(m.out_features for m in linears)
+        memory += 4 * batch * (12 * hidden + 6 * intermediate) * (1 if recipe.learn else 0)
+        if recipe.rounding:  # a learned offset per weight, its gradient and two Adam moments
+            memory += 4 * 4 * block_params
+        if recipe.gptq:
+            memory += 4 * 4 * max(m.in_features for m in linears) ** 2
+    if evaluate:  # the full-precision model beside the quantized one, and a window's logits
+        memory = max(memory, PROCESS_MB * 2**20 + 2 * weights + 3 * 4 * tokens * vocab)
+    once = (
+        COMPILE_S if recipe is not None and recipe.learn and recipe.compile and device.type == "cpu" else 0.0
+    )
+    return Estimate(memory / 2**20, seconds, len(blocks), rate / 1e9, once)
+
+
+def _matmul_rate(rows: int, inner: int, cols: int, device: torch.device, recipe: Recipe | None) -> float:
+    """Floating-point operations per second of a ``[rows, inner] x [inner, cols]`` product in
+    the dtype the learner trains in, timed for about a fifth of a second."""
+    dtype = torch.bfloat16 if recipe is not None and use_bf16(recipe, device) else torch.float32
+    a = torch.randn(rows, inner, device=device, dtype=dtype)
+    b = torch.randn(inner, cols, device=device, dtype=dtype)
+    a @ b  # warm up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 0.2:
+        a @ b
+        count += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * rows * inner * cols * count / (time.perf_counter() - start)

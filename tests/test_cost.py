@@ -1,0 +1,56 @@
+"""The cost estimate printed before a run: its parts move the way the run's cost does, and the
+report puts it beside what was measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lrquant import api
+from lrquant.arch import get_arch_spec
+from lrquant.config import build_scheme
+from lrquant.cost import estimate
+from lrquant.models.tiny import tiny_model
+from lrquant.recipes import build_recipe
+
+SCHEME = build_scheme(4, 16, group_size=32)
+CPU = torch.device("cpu")
+
+
+def test_the_estimate_grows_with_the_work_and_shrinks_when_streamed() -> None:
+    model, arch = tiny_model("llama", num_layers=8), get_arch_spec("llama")
+    learned = build_recipe("lrquant_plus", "fast", {"compile": False})
+    base = estimate(model, arch, SCHEME, learned, 8, 64, CPU)
+    assert base.blocks == 8 and base.seconds_per_block > 0 and base.gflop_per_second > 0
+    more = estimate(model, arch, SCHEME, learned, 32, 64, CPU)
+    assert 3 < more.seconds_per_block / base.seconds_per_block < 5  # four times the windows
+    longer = build_recipe("lrquant_plus", "fast", {"compile": False, "epochs": 8})
+    assert estimate(model, arch, SCHEME, longer, 8, 64, CPU).seconds_per_block > 2 * base.seconds_per_block
+    rtn = estimate(model, arch, SCHEME, None, 8, 64, CPU)
+    assert rtn.seconds_per_block < base.seconds_per_block / 10
+    streamed = estimate(model, arch, SCHEME, learned, 8, 64, CPU, streamed=True)
+    weights_mb = 4 * sum(p.numel() for p in model.parameters()) / 2**20
+    blocks_mb = 4 * sum(p.numel() for b in arch.block_list(model) for p in b.parameters()) / 2**20
+    assert base.peak_memory_mb - streamed.peak_memory_mb == pytest.approx(blocks_mb * 6 / 8)  # 8 blocks, 2
+    assert streamed.peak_memory_mb < base.peak_memory_mb < base.peak_memory_mb + weights_mb
+    shared = estimate(model, arch, SCHEME, learned, 8, 64, CPU, processes=2)
+    assert shared.seconds_per_block < 0.6 * base.seconds_per_block  # each process learns on half
+    assert (
+        base.once_seconds == 0
+        and estimate(model, arch, SCHEME, build_recipe("lrquant_plus", "fast"), 8, 64, CPU).once_seconds > 0
+    )
+
+
+def test_the_report_holds_the_estimate_and_what_was_measured(
+    tiny_llama: Path, text_file: Path, tmp_path: Path
+) -> None:
+    data = api.DataSettings(calib=str(text_file), eval=str(text_file), seqlen=32, nsamples=4, eval_windows=2)
+    report = api.quantize(
+        str(tiny_llama), tmp_path / "out", SCHEME, "lrquant_plus", "fast", {"epochs": 1}, data
+    )
+    cost = report["estimate"]
+    assert cost["blocks"] == 2 and cost["seconds"] >= cost["seconds_per_block"] * 2
+    assert cost["measured"]["seconds_per_block"] > 0
+    assert cost["measured"]["peak_memory_mb"] == report["peak_rss_mb"]
