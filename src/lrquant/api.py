@@ -606,7 +606,6 @@ def quantize(
             stream,
             distributed.world(),
             run_eval,
-            sum(p.stat().st_size for p in loaded.path.glob("*.safetensors")),
         )
         log(f"estimate: {cost.words()}")
         calibration = None

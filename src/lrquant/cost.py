@@ -70,13 +70,11 @@ def estimate(
     streamed: bool = False,
     processes: int = 1,
     evaluate: bool = False,
-    checkpoint_bytes: int = 0,
 ) -> Estimate:
     """The cost of quantizing ``model`` with ``recipe`` (None: round to nearest) on ``windows``
     calibration windows of ``tokens`` tokens each, learning on ``device``; a streamed model
     holds one block at a time; ``processes`` share the windows; ``evaluate``: the evaluation
-    before and after too (a language model's); ``checkpoint_bytes``: the weight files' size
-    (mapped while a model is loaded whole)."""
+    before and after too (a language model's)."""
     blocks = arch.block_list(model)
     linears = _linears(blocks[0])
     block_params = sum(m.weight.numel() for m in linears)
@@ -103,7 +101,7 @@ def estimate(
     all_params = sum(p.numel() for p in model.parameters())
     blocks_params = sum(p.numel() for b in blocks for p in b.parameters())
     weights = 4 * ((all_params - blocks_params + 2 * blocks_params / len(blocks)) if streamed else all_params)
-    memory = PROCESS_MB * 2**20 + weights + (0 if streamed else checkpoint_bytes)
+    memory = PROCESS_MB * 2**20 + weights
     vocab = getattr(config, "vocab_size", 0) or 0
     memory += 2 * 4 * tokens * vocab  # a window's logits (recording what each block is called with)
     if recipe is not None:
