@@ -67,14 +67,22 @@ def weight_grid(
 
 
 def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """The upper Cholesky factor of ``H⁻¹`` after damping, raising the damping until it exists."""
+    """The upper Cholesky factor of ``H⁻¹`` after damping, raising the damping until it exists.
+    Holds at most three matrices of ``H``'s size at once (``H``, the damped copy or the factor,
+    the inverse or its factor)."""
     mean_diag = hessian.diagonal().mean().clamp(min=1e-12)
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     for attempt in range(6):
-        factor, info = torch.linalg.cholesky_ex(hessian + eye * (damp * 10**attempt) * mean_diag)
+        damped = hessian.clone()
+        damped.diagonal().add_(
+            torch.ones((), dtype=hessian.dtype, device=hessian.device) * (damp * 10**attempt) * mean_diag
+        )
+        factor, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
             inverse = torch.cholesky_inverse(factor)
+            del factor
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0:
                 if attempt:
                     log(f"GPTQ: the input Hessian needed damping {damp * 10**attempt:g} (asked {damp:g})")
@@ -97,15 +105,17 @@ def gptq_quantize(
     ``hessian`` is the mean ``x xᵀ`` of the layer's inputs. Input channels that never fire (zero
     diagonal) are rounded to nearest and pass no error on.
     """
-    w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
     scale, zero = scale.float(), zero.float()
     qmin, qmax = integer_range(spec.bits, spec.symmetric)
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    order = torch.argsort(h.diagonal(), descending=True)
-    w, h, scale, zero = w[:, order], h[order][:, order], scale[:, order], zero[:, order]
+    diagonal = hessian.detach().float().diagonal().clone()
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
+    order = torch.argsort(diagonal, descending=True)
+    h = hessian.detach().float()[order][:, order]  # a copy, in the order GPTQ rounds the columns
+    h.diagonal()[dead[order]] = 1.0  # channels that never fire: rounded to nearest, no error passed on
     hinv = _inverse_hessian_factor(h, damp)
+    del h
+    w, scale, zero = weight.detach().float()[:, order], scale[:, order], zero[:, order]
     out = torch.empty_like(w)
     columns = w.shape[1]
     for start in range(0, columns, BLOCK_COLUMNS):
