@@ -60,6 +60,8 @@ def _quantize(model: Path, out: Path, data, method: str, scheme, overrides, stre
     ("model_type", "method", "scheme", "overrides"),
     [
         ("llama", "rtn", SCHEME_W, None),
+        ("llama-bf16", "lrquant_plus", SCHEME_WA, FAST),
+        ("qwen3-bf16", "gptq", SCHEME_W, {"hadamard": "folded"}),
         ("llama", "lrquant_plus", SCHEME_W, {**FAST, "gptq": True}),
         ("qwen2", "lrquant_plus", SCHEME_WA, {**FAST, "hadamard": "down"}),
         ("llama", "smoothquant", SCHEME_WA, {"hadamard": "online"}),
@@ -70,7 +72,11 @@ def _quantize(model: Path, out: Path, data, method: str, scheme, overrides, stre
 def test_streamed_run_writes_and_scores_what_an_in_memory_run_does(
     model_type, method, scheme, overrides, data, tiny_models, tmp_path: Path
 ) -> None:
-    source = save_tiny_model(model_type, tmp_path / "model", num_layers=3)
+    source = save_tiny_model(model_type.removesuffix("-bf16"), tmp_path / "model", num_layers=3)
+    if model_type.endswith("-bf16"):  # as most checkpoints are: an untied head and a 16-bit embedding
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(source).to(torch.bfloat16).save_pretrained(source)
     reports = {}
     for stream in (False, True):
         reports[stream] = _quantize(
@@ -146,6 +152,8 @@ def test_streamed_model_holds_no_block_weights_until_loaded(llama3: Path) -> Non
     loaded = load_model(str(llama3), stream=True)
     stream = loaded.stream
     assert all(p.is_meta for block in stream.skeletons for p in block.parameters())
+    assert stream.lazy == ["lm_head.weight"] and loaded.model.lm_head.weight.is_meta  # untied: on disk
+    stream.load_lazy()
     assert not any(p.is_meta for name, p in loaded.model.named_parameters() if ".layers." not in name)
     block = stream.load(1)
     reference = load_model(str(llama3)).model.model.layers[1]

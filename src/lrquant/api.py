@@ -266,6 +266,8 @@ def apply_method(
         apply_hadamard(loaded.model, loaded.arch, recipe.hadamard, seed)
     else:
         plan = HadamardPlan.of(loaded.model, loaded.arch, recipe.hadamard, seed)
+        if plan.q is not None or scheme.head:  # they change the embedding and the head
+            stream.to_float32()
         plan.outside_blocks(loaded.model)
         stream.on_load.append(lambda _name, block: plan.block(block))
     if method == "rtn":

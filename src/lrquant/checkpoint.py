@@ -137,13 +137,14 @@ def save_streamed(
         linears = [(f"{name}.{n}", m) for n, m in block.named_modules() if isinstance(m, QuantLinear)]
         detach_block_quantizers(block, arch)
         write(index, {f"{name}.{k}": v for k, v in block.state_dict().items()}, linears)
+    stream.load_lazy()  # an untied head left on disk
     heads = [(name, head) for name, head in head_linears(model, arch) if isinstance(head, QuantLinear)]
     detach_quantizers(model, arch)  # the head's (the blocks are weightless skeletons)
     rest, seen = {}, set()
     for key, tensor in model.state_dict(keep_vars=True).items():
         if not tensor.is_meta and id(tensor) not in seen:  # a tied head is saved once, as transformers does
             seen.add(id(tensor))
-            rest[key] = tensor
+            rest[key] = tensor.float() if tensor.is_floating_point() else tensor  # a 16-bit embedding
     write(len(stream), rest, heads)
     write_json(Path(folder) / SHARD_INDEX, {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map})
     if parts:

@@ -125,6 +125,8 @@ def score_streamed(
     chains = [model] + ([reference] if reference is not None else [])
     with Progress(len(model.stream) * len(chains), desc, "blocks") as bar:
         hidden = [_through_blocks(loaded, windows, batch_size, bar) for loaded in chains]
+    for loaded in chains:  # the heads, left on disk while the blocks ran
+        loaded.stream.load_lazy()
     tally, own = _Tally(), _Tally()  # own: the reference's perplexity
     for start in range(0, windows.shape[0], batch_size):
         rows = slice(start, start + batch_size)

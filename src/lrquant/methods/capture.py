@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from lrquant.arch import ArchSpec
 from lrquant.modalities import modality_of
-from lrquant.models.streaming import stand_ins, streamed
+from lrquant.models.streaming import StopForward, stand_ins, streamed
 
 
 class _Stop(Exception):
@@ -87,8 +87,11 @@ def capture_block_kwargs(
         return hook
 
     if streamed(model, arch):  # blocks without weights: stand-ins record their calls instead
-        with stand_ins(model, arch, lambda _index, block, args, kwargs: grab(block, args, kwargs)):
-            model(**model_inputs(arch, sample))
+        with stand_ins(model, arch, lambda _index, block, args, kwargs: grab(block, args, kwargs), stop=True):
+            try:
+                model(**model_inputs(arch, sample))
+            except StopForward:  # the head (perhaps still on disk) need not run
+                pass
         return calls, transition_calls
     handles = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in arch.block_list(model)]
     handles += [

@@ -182,13 +182,15 @@ def _streamed(
 
     files = WeightFiles(path)
     try:
-        model = skeleton(AutoModelForCausalLM, config, files, arch, trust_remote_code)
+        model, lazy = skeleton(AutoModelForCausalLM, config, files, arch, trust_remote_code)
     except (OSError, ValueError, RuntimeError) as err:
         raise LrquantError(f"cannot load the model in '{path}': {_first_line(err)}") from None
-    stream = Stream(model, arch, files)
+    stream = Stream(model, arch, files, lazy=lazy)
     scheme = read_scheme(path)
     if scheme is not None:
         rotations = read_input_rotations(path)
+        if scheme.head:
+            stream.load_lazy()
         attach_head_quantizers(model, arch, scheme, weights_on_grid=True)
         use_quantized_attention(model)
 

@@ -43,8 +43,8 @@ class WeightFiles:
         else:
             self.where = dict(json.loads(index.read_text())["weight_map"])
 
-    def read(self, names: list[str], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """The tensors ``names``, each in ``dtype``."""
+    def read(self, names: list[str], dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+        """The tensors ``names``, each in ``dtype`` (None: as stored)."""
         missing = [name for name in names if name not in self.where]
         if missing:
             raise LrquantError(
@@ -58,7 +58,8 @@ class WeightFiles:
         for file, keys in by_file.items():
             with safe_open(self.folder / file, "pt") as f:
                 for key in keys:
-                    out[key] = f.get_tensor(key).to(dtype)
+                    tensor = f.get_tensor(key)
+                    out[key] = tensor if dtype is None else tensor.to(dtype)
         return out
 
 
@@ -108,6 +109,8 @@ class Stream:
     arch: ArchSpec
     files: WeightFiles
     on_load: list[Callable[[str, nn.Module], None]] = field(default_factory=list)
+    # outside the blocks, still on disk: an untied output head (needed only to evaluate and save)
+    lazy: list[str] = field(default_factory=list)
     names: list[str] = field(init=False)
     skeletons: list[nn.Module] = field(init=False)  # the weightless blocks, as built
 
@@ -140,11 +143,32 @@ class Stream:
         """Put the weightless block back in the model (the loaded one is freed once unreferenced)."""
         replace_module(self.model, self.names[index], self.skeletons[index])
 
+    def load_lazy(self) -> None:
+        """Load what was left on disk outside the blocks (an untied head), in float32."""
+        if self.lazy:
+            self.model.load_state_dict(self.files.read(self.lazy), strict=False, assign=True)
+            self.lazy = []
 
-def skeleton(cls, config, files: WeightFiles, arch: ArchSpec, trust_remote_code: bool = False) -> nn.Module:
+    def to_float32(self) -> None:
+        """Everything outside the blocks in memory in float32, as the in-memory loader holds it
+        (before it is changed in place: Hadamard rotations of the embedding and the head)."""
+        self.load_lazy()
+        embedding = self.model.get_input_embeddings()
+        if embedding.weight.dtype != torch.float32:
+            embedding.weight = nn.Parameter(embedding.weight.float(), requires_grad=False)
+            for key, hook in list(embedding._forward_hooks.items()):
+                if hook is _float_output:
+                    del embedding._forward_hooks[key]
+
+
+def skeleton(
+    cls, config, files: WeightFiles, arch: ArchSpec, trust_remote_code: bool = False
+) -> tuple[nn.Module, list[str]]:
     """``cls`` (an ``AutoModel...`` class) built from ``config`` with no block weights in memory;
     everything outside the blocks loaded from ``files`` in float32 (modules whose buffers are
-    not in the checkpoint, such as rotary tables, are built again from the config)."""
+    not in the checkpoint, such as rotary tables, are built again from the config), except an
+    untied output head, left on disk (returned: its tensor names), and then a plain embedding
+    table, kept in its stored 16-bit type with its lookups made float32 (the same values)."""
     with torch.device("meta"):
         model = cls.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.eval()
@@ -155,7 +179,13 @@ def skeleton(cls, config, files: WeightFiles, arch: ArchSpec, trust_remote_code:
 
     keys = [key for key in model.state_dict(keep_vars=True) if outside(key)]
     present = [key for key in keys if key in files.where]
-    model.load_state_dict(files.read(present), strict=False, assign=True)
+    lazy = _untied_heads(model, arch, files)
+    narrow = _narrow_embedding(model, files) if lazy else None
+    stored = [key for key in present if key not in lazy and key != narrow]
+    model.load_state_dict(files.read(stored), strict=False, assign=True)
+    if narrow is not None:  # kept as stored; the lookup is exact, its output float32
+        model.load_state_dict(files.read([narrow], None), strict=False, assign=True)
+        model.get_input_embeddings().register_forward_hook(_float_output)
     model.tie_weights()
     stale = [
         (name, buffer)
@@ -171,7 +201,9 @@ def skeleton(cls, config, files: WeightFiles, arch: ArchSpec, trust_remote_code:
                     f"{name} is not in the checkpoint and cannot be rebuilt: quantize without --stream"
                 )
             setattr(model.get_submodule(module_name), attr, shell[name])
-    left = sorted(n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta and outside(n))
+    left = sorted(
+        n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta and outside(n) and n not in lazy
+    )
     if left:
         raise LrquantError(
             f"'{files.folder}' lacks {left[0]} ({len(left)} tensors missing): the checkpoint is "
@@ -184,7 +216,39 @@ def skeleton(cls, config, files: WeightFiles, arch: ArchSpec, trust_remote_code:
                 f"the blocks of {type(model).__name__} hold tensors outside the checkpoint "
                 f"({name}.{odd[0]}): they cannot be streamed; quantize without --stream"
             )
-    return model
+    return model, lazy
+
+
+def _untied_heads(model: nn.Module, arch: ArchSpec, files: WeightFiles) -> list[str]:
+    """The weights of the output heads that the checkpoint stores apart from the embedding."""
+    embedding = model.get_input_embeddings()
+    found = []
+    for name in arch.heads:
+        try:
+            head = model.get_submodule(name)
+        except AttributeError:
+            continue
+        key = f"{name}.weight"
+        if isinstance(head, nn.Linear) and head.weight is not embedding.weight and key in files.where:
+            found.append(key)
+    return found
+
+
+def _narrow_embedding(model: nn.Module, files: WeightFiles) -> str | None:
+    """The key of a plain ``nn.Embedding`` table stored in 16 bits, else None."""
+    embedding = model.get_input_embeddings()
+    if type(embedding) is not nn.Embedding:  # a scaled embedding computes in its own type
+        return None
+    key = next((k for k, p in model.named_parameters() if p is embedding.weight), None)
+    if key is None or key not in files.where:
+        return None
+    with safe_open(files.folder / files.where[key], "pt") as f:
+        stored = f.get_slice(key).get_dtype()
+    return key if stored in ("BF16", "F16") else None
+
+
+def _float_output(_module: nn.Module, _args, output: torch.Tensor) -> torch.Tensor:
+    return output.float()
 
 
 def _shell(cls, config, trust_remote_code: bool) -> nn.Module:
@@ -208,33 +272,42 @@ def streamed(model: nn.Module, arch: ArchSpec) -> bool:
     return any(t.is_meta for block in arch.block_list(model) for t in block.parameters())
 
 
+class StopForward(Exception):
+    """Raised by the last stand-in of :func:`stand_ins` with ``stop``: nothing after the blocks runs."""
+
+
 class _StandIn(nn.Module):
     """Takes a block's place while its weights are not in memory: tells ``seen`` how it was
-    called and passes the hidden states on (the last block returns ``output`` when given)."""
+    called and passes the hidden states on (the last block returns ``output`` when given, or
+    stops the forward with ``stop``)."""
 
-    def __init__(self, block: nn.Module, index: int, seen, output: torch.Tensor | None) -> None:
+    def __init__(self, block: nn.Module, index: int, seen, output: torch.Tensor | None, stop: bool) -> None:
         super().__init__()
-        self.index, self.seen, self.output = index, seen, output
+        self.index, self.seen, self.output, self.stop = index, seen, output, stop
         self.__dict__["block"] = block  # not a submodule: its (meta) tensors stay out of the model
 
     def forward(self, hidden, *args, **kwargs):
         if self.seen is not None:
             self.seen(self.index, self.block, (hidden, *args), kwargs)
+        if self.stop:
+            raise StopForward
         return hidden if self.output is None else self.output
 
 
 @contextmanager
 def stand_ins(
-    model: nn.Module, arch: ArchSpec, seen=None, output: torch.Tensor | None = None
+    model: nn.Module, arch: ArchSpec, seen=None, output: torch.Tensor | None = None, stop: bool = False
 ) -> Iterator[None]:
     """Within: every block of ``model`` is a stand-in that passes its input on, calling
     ``seen(index, block, args, kwargs)`` first; with ``output``, the last block returns it, so the
-    model's forward computes what follows the blocks (final norm, head) from it."""
+    model's forward computes what follows the blocks (final norm, head) from it; with ``stop``,
+    the last block raises :class:`StopForward` instead (after ``seen``)."""
     named = arch.named_blocks(model)
     last = len(named) - 1
     try:
         for index, (name, block) in enumerate(named):
-            replace_module(model, name, _StandIn(block, index, seen, output if index == last else None))
+            here = index == last
+            replace_module(model, name, _StandIn(block, index, seen, output if here else None, stop and here))
         yield
     finally:
         for name, block in named:
