@@ -5,6 +5,7 @@ serve are refused with a message."""
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from lrquant.errors import LrquantError
 from lrquant.methods import blockwise, e2e
 from lrquant.modalities import LastHidden
 from lrquant.models.loading import LoadedModel
-from lrquant.models.tiny import tiny_model
+from lrquant.models.tiny import TINY_ARCHS, tiny_model
 from lrquant.models.tiny_vision import TINY_VISION_ARCHS, tiny_vision_model
 from lrquant.quant.quantizer import group_for_stats
 from lrquant.recipes import build_recipe
@@ -63,10 +64,29 @@ def test_tuning_step_sizes_end_to_end_brings_the_model_closer(monkeypatch: pytes
         assert torch.equal(dict(models[4].named_parameters())[name], dict(models[0].named_parameters())[name])
 
 
-def test_language_models_without_a_known_final_norm_are_refused_before_any_work(
+@pytest.mark.parametrize("model_type", TINY_ARCHS)
+def test_the_full_precision_target_is_the_models_own_output(model_type: str) -> None:
+    """The end-to-end target runs the model's own tail on the full-precision last hidden states
+    (OPT's final layer norm, Gemma 2's logit soft-capping): against itself the loss is zero."""
+    from lrquant.methods.e2e import fp_final_hidden
+    from lrquant.modalities import modality_of
+
+    model, arch = tiny_model(model_type, seed=0), get_arch_spec(model_type)
+    samples = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    hidden = fp_final_hidden(model, arch, samples, torch.device("cpu"))
+    text = modality_of(arch)
+    with torch.no_grad():
+        loss = text.end_to_end_loss(
+            model, arch, text.model_inputs(samples[1]), hidden[1:2], None, nullcontext
+        )
+    assert abs(float(loss)) < 1e-6
+
+
+def test_language_models_without_an_output_head_are_refused_before_any_work(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model = tiny_model("opt", seed=0)
+    monkeypatch.setattr(model, "get_output_embeddings", lambda: None)
     loaded = LoadedModel(
         model=model, tokenizer=None, arch=get_arch_spec("opt"), name="tiny", path=Path("tiny")
     )

@@ -157,8 +157,9 @@ def test_quantize_save_reload_and_evaluate(vlm: Path, pairs: Path, tmp_path: Pat
         str(vlm), tmp_path / "out", build_scheme(4, 4), "auto", "fast", {"epochs": 1, "compile": False},
         _data(pairs),
     )  # fmt: skip
-    assert report["model"]["modality"] == "image-text" and report["rule"]["when"] == "vision-language model"
-    assert report["recipe"]["hadamard"] == "off"  # the projector is not covered by the rotations
+    assert report["model"]["modality"] == "image-text"
+    assert report["rule"]["when"] == "vision-language model, activations of 4 bits or fewer, unpacked"
+    assert report["recipe"]["hadamard"] == "down"  # the down projections only: not the projector
     assert report["data"]["eval_pairs"] == 8 and report["data"]["seqlen"] < 64
     ppl = report["perplexity"]
     assert ppl["quantized"] != ppl["fp"] and 0 < report["fidelity"]["kl"] < 1

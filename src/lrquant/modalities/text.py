@@ -22,6 +22,7 @@ from lrquant.device import placed
 from lrquant.errors import LrquantError
 from lrquant.eval.perplexity import score_streamed, score_windows
 from lrquant.modalities.base import Evaluation, Modality, Rule
+from lrquant.models.streaming import stand_ins
 
 if TYPE_CHECKING:
     from lrquant.api import DataSettings
@@ -201,14 +202,14 @@ class Text(Modality):
         return {"seqlen": data.seqlen}
 
     def check_end_to_end(self, model: nn.Module, arch: ArchSpec) -> None:
-        if arch.final_norm is None or model.get_output_embeddings() is None:
+        if model.get_output_embeddings() is None:
             raise LrquantError(
-                f"e2e_epochs needs an image model or a causal language model with a known final norm; "
+                f"e2e_epochs needs an image model or a causal language model with an output head; "
                 f"'{arch.model_types[0]}' is neither: leave e2e_epochs at 0"
             )
 
-    def end_to_end_norm(self, model: nn.Module, arch: ArchSpec) -> nn.Module:
-        return model.get_submodule(arch.final_norm)
+    def end_to_end_norm(self, model: nn.Module, arch: ArchSpec) -> None:
+        return None  # the model's own forward runs what follows the blocks (end_to_end_loss)
 
     def end_to_end_loss(
         self,
@@ -219,10 +220,12 @@ class Text(Modality):
         norm: nn.Module | None,
         autocast,
     ) -> torch.Tensor:
-        """KL divergence from the full-precision next-token distribution (from ``fp_hidden``
-        through the final norm and the head) to the quantized model's, per token, averaged."""
-        with torch.no_grad():
-            target = F.log_softmax(model.get_output_embeddings()(norm(fp_hidden)).float(), dim=-1)
+        """KL divergence from the full-precision next-token distribution to the quantized
+        model's, per token, averaged. The full-precision one is what the model's own forward
+        makes of ``fp_hidden`` after the blocks (final norm, head, logit soft-capping: whatever
+        the architecture has), its blocks standing aside."""
+        with torch.no_grad(), stand_ins(model, arch, output=fp_hidden):
+            target = F.log_softmax(model(**inputs).logits.float(), dim=-1)
         with autocast():
             logits = model(**inputs).logits
         log_q = F.log_softmax(logits.float(), dim=-1)
