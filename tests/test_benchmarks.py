@@ -229,3 +229,13 @@ def test_stream_scale_runs_on_a_tiny_shape(tmp_path) -> None:
     assert [row["method"] for row in rows_] == ["rtn", "gptq"]
     assert all(row["peak_rss_mb"] > 0 and row["output_bytes"] > row["checkpoint_bytes"] for row in rows_)
     assert rows_[1]["fidelity"]["kl"] > 0 and len(rows_[1]["learned_block_seconds"]) == 2
+
+
+def test_processes_compares_one_process_with_two(tiny_llama, tmp_path) -> None:
+    args = ["--model", str(tiny_llama), "--processes", "2", "--threads", "2", "--group-size", "16",
+            "--nsamples", "4", "--eval-windows", "2", "--set", "epochs=1", "--set", "compile=false",
+            "--name", "procs"]  # fmt: skip
+    run_script("processes.py", [*args, "--set", "bf16=false"], tmp_path)
+    row = json.loads((tmp_path / "procs.jsonl").read_text())
+    assert row["processes"] == 2 and len(row["wall_s"]) == 2 and row["codes_differ"] < 0.01
+    assert row["perplexity"][1] == pytest.approx(row["perplexity"][0], rel=1e-3)

@@ -33,7 +33,7 @@ weighting = losses.DynamicWeighting(2)
 mine = distributed.owned(x.shape[0])
 shares = [t[mine] for t in targets]
 for step in range(3):
-    terms = blockwise.shared_training_step(block, x[mine], shares, {{}}, recipe, optimizer, weighting)
+    terms = blockwise.training_step(block, x[mine], shares, {{}}, recipe, optimizer, weighting)
 params = [p.detach().flatten().tolist() for p in block.parameters()]
 print("OUT " + json.dumps({{"terms": terms, "params": params}}))
 """

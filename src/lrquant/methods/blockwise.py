@@ -239,6 +239,13 @@ def optimizer_for(
     )
 
 
+def _training_output(block: nn.Module, inputs: torch.Tensor, kwargs: dict, recipe: Recipe) -> torch.Tensor:
+    """The block's float32 output on a training batch (under bf16 autocast where the recipe asks)."""
+    with torch.autocast(inputs.device.type, torch.bfloat16, use_bf16(recipe, inputs.device)):
+        out = block(inputs, **kwargs)
+    return (out[0] if isinstance(out, tuple) else out).float()
+
+
 def training_step(
     block: nn.Module,
     inputs: torch.Tensor,
@@ -249,10 +256,12 @@ def training_step(
     weighting: losses.DynamicWeighting | None,
 ) -> dict[str, float] | None:
     """One optimizer step on one batch; returns the unweighted loss terms, or None (and no update)
-    if the loss is not finite."""
-    with torch.autocast(inputs.device.type, torch.bfloat16, use_bf16(recipe, inputs.device)):
-        out = block(inputs, **kwargs)
-    out = (out[0] if isinstance(out, tuple) else out).float()
+    if the loss is not finite. Over several processes (:mod:`lrquant.distributed`), ``inputs``
+    are this process's windows of the batch (maybe none): see :func:`_shared_step`."""
+    if distributed.world() > 1:
+        out = _training_output(block, inputs, kwargs, recipe) if inputs.shape[0] else None
+        return _shared_step(out, targets, recipe, optimizer, weighting)
+    out = _training_output(block, inputs, kwargs, recipe)
     loss, terms = _loss(out, targets, recipe, weighting)
     if not torch.isfinite(loss):
         return None
@@ -262,24 +271,16 @@ def training_step(
     return terms
 
 
-def shared_training_step(
-    block: nn.Module,
-    inputs: torch.Tensor,
+def _shared_step(
+    out: torch.Tensor | None,
     targets: list[torch.Tensor],
-    kwargs: dict,
     recipe: Recipe,
     optimizer: torch.optim.Optimizer,
     weighting: losses.DynamicWeighting | None,
 ) -> dict[str, float] | None:
-    """:func:`training_step` for a batch spread over processes (:mod:`lrquant.distributed`):
-    ``inputs`` are this process's windows of it (maybe none). The loss terms and the gradients
-    are summed over the processes, so every one takes the step one process would take on the
-    whole batch."""
-    out = None
-    if inputs.shape[0]:
-        with torch.autocast(inputs.device.type, torch.bfloat16, use_bf16(recipe, inputs.device)):
-            out = block(inputs, **kwargs)
-        out = (out[0] if isinstance(out, tuple) else out).float()
+    """The step of a batch spread over processes, from this process's outputs ``out`` (None
+    without windows in the batch): the loss terms and the gradients are summed over the
+    processes, so every one takes the step one process would take on the whole batch."""
     terms = _SharedTerms(out, targets, recipe)
     if not all(math.isfinite(v) for v in terms.values.values()):
         return None
@@ -465,27 +466,11 @@ def train(learner: Learner, work: BlockWork, state: ChainState, bar: tqdm | None
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, recipe.batch_size):
                 idx = order[start : start + recipe.batch_size]
-                if mine is None:
-                    terms = training_step(
-                        block,
-                        state.quant[idx],
-                        [t[idx] for t in targets],
-                        kwargs,
-                        recipe,
-                        optimizer,
-                        weighting,
-                    )
-                else:  # the windows of the batch that this process holds
-                    pos = torch.tensor([mine[int(g)] for g in idx if int(g) in mine], dtype=torch.long)
-                    terms = shared_training_step(
-                        block,
-                        state.quant[pos],
-                        [t[pos] for t in targets],
-                        kwargs,
-                        recipe,
-                        optimizer,
-                        weighting,
-                    )
+                if mine is not None:  # the windows of the batch that this process holds
+                    idx = torch.tensor([mine[int(g)] for g in idx if int(g) in mine], dtype=torch.long)
+                terms = training_step(
+                    block, state.quant[idx], [t[idx] for t in targets], kwargs, recipe, optimizer, weighting
+                )
                 if terms is None:
                     finite = False
                     break

@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from lrquant.arch import ArchSpec
 from lrquant.errors import LrquantError
-from lrquant.quant.apply import replace_module
+from lrquant.quant.apply import head_linears, replace_module
 
 SHARD_INDEX = "model.safetensors.index.json"
 
@@ -222,16 +222,11 @@ def skeleton(
 def _untied_heads(model: nn.Module, arch: ArchSpec, files: WeightFiles) -> list[str]:
     """The weights of the output heads that the checkpoint stores apart from the embedding."""
     embedding = model.get_input_embeddings()
-    found = []
-    for name in arch.heads:
-        try:
-            head = model.get_submodule(name)
-        except AttributeError:
-            continue
-        key = f"{name}.weight"
-        if isinstance(head, nn.Linear) and head.weight is not embedding.weight and key in files.where:
-            found.append(key)
-    return found
+    return [
+        f"{name}.weight"
+        for name, head in head_linears(model, arch)
+        if head.weight is not embedding.weight and f"{name}.weight" in files.where
+    ]
 
 
 def _narrow_embedding(model: nn.Module, files: WeightFiles) -> str | None:
