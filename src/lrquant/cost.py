@@ -29,6 +29,12 @@ TRAIN_EFFICIENCY = 0.25
 PASS_EFFICIENCY = 0.5
 PROCESS_MB = 450.0  # Python, PyTorch and transformers, before any model
 COMPILE_S = 15.0  # compiling the fake quantizer, once per run (measured on the 2-core CPU)
+# seconds per byte of a block's float32 weights: rounding them to nearest (elementwise passes),
+# and, streamed, reading them from the checkpoint and writing them to the resume store
+ROUND_S_PER_BYTE = 2.5e-9
+STREAM_S_PER_BYTE = 7e-9
+# a window's logits while scoring: the model's and the reference's, their log-softmax, the KL terms
+LOGITS_COPIES = 8
 
 
 @dataclass(frozen=True)
@@ -86,10 +92,8 @@ def estimate(
     # forward operations of one block over this process's calibration tokens
     forward = 2 * block_params * total_tokens + 4 * total_tokens * tokens * hidden
     rate = _matmul_rate(min(tokens, 512), widest.in_features, widest.out_features, device, recipe)
-    seconds = 0.0
-    if recipe is None:  # round to nearest: a few elementwise passes over the weights
-        seconds = 20 * block_params / rate
-    else:
+    seconds = 4 * block_params * (ROUND_S_PER_BYTE + (STREAM_S_PER_BYTE if streamed else 0.0))
+    if recipe is not None:
         passes = 2 + int(recipe.homologous and recipe.learn) + int(recipe.clip_init == "search")
         passes += int(recipe.gptq)
         seconds += passes * forward / (rate * PASS_EFFICIENCY)
@@ -114,7 +118,7 @@ def estimate(
         if recipe.gptq:
             memory += 4 * 4 * max(m.in_features for m in linears) ** 2
     if evaluate:  # the full-precision model beside the quantized one, and a window's logits
-        memory = max(memory, PROCESS_MB * 2**20 + 2 * weights + 3 * 4 * tokens * vocab)
+        memory = max(memory, PROCESS_MB * 2**20 + 2 * weights + LOGITS_COPIES * 4 * tokens * vocab)
     once = (
         COMPILE_S if recipe is not None and recipe.learn and recipe.compile and device.type == "cpu" else 0.0
     )
