@@ -264,3 +264,12 @@ def test_streamed_memory_is_flat_in_depth(tmp_path: Path) -> None:
     in_memory = peaks[32, "off"] - peaks[4, "off"]
     assert in_memory > 28 * block_mb, in_memory  # the check can tell the two apart
     assert streamed < 2 * block_mb, (streamed, in_memory)
+
+
+def test_a_streamed_output_exports_as_an_in_memory_one(llama3: Path, data, tmp_path: Path) -> None:
+    """The packed export reads the streamed output's shards: the same compressed-tensors files."""
+    for stream in (False, True):
+        _quantize(llama3, tmp_path / f"o{stream}", data, "gptq", SCHEME_W, None, stream, run_eval=False,
+                  format="compressed-tensors")  # fmt: skip
+    memory, streamed = (_tensors(tmp_path / f"o{s}-compressed-tensors") for s in (False, True))
+    assert set(memory) == set(streamed) and all(torch.equal(memory[k], streamed[k]) for k in memory)

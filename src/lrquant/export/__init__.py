@@ -26,6 +26,7 @@ from lrquant.checkpoint import (
 from lrquant.config import QuantScheme, QuantSpec
 from lrquant.errors import LrquantError
 from lrquant.file_checks import check_safetensors, read_json_object
+from lrquant.models.streaming import SHARD_INDEX
 from lrquant.quant.quantizer import dequantize_codes
 
 
@@ -134,9 +135,10 @@ def read_output(folder: str | Path) -> QuantizedOutput:
             "packed formats cannot hold exactly: quantize without them or with --set hadamard=folded"
         )
     config = read_json_object(folder / "config.json", "a model config")
-    weights = folder / "model.safetensors"
-    check_safetensors(weights)
-    tensors = load_file(str(weights))
+    tensors = {}  # one file, or the shards of a streamed run (held whole here: export is not streamed)
+    for weights in _weight_files(folder):
+        check_safetensors(weights)
+        tensors.update(load_file(str(weights)))
     vision_scheme = read_scheme(folder, VISION_SCHEME)
     tower = None
     if vision_scheme is not None:
@@ -156,6 +158,16 @@ def read_output(folder: str | Path) -> QuantizedOutput:
         tensors.pop(f"{name}.weight", None)
     output.method = json.loads((folder / QUANT_FILE).read_text()).get("method")
     return output
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The output's weight files: ``model.safetensors``, or the shards its index names."""
+    index = folder / SHARD_INDEX
+    if not (folder / "model.safetensors").is_file() and index.is_file():
+        weight_map = read_json_object(index, "a safetensors index").get("weight_map")
+        if isinstance(weight_map, dict):
+            return [folder / str(name) for name in sorted(set(weight_map.values()))]
+    return [folder / "model.safetensors"]
 
 
 @dataclass(frozen=True)
