@@ -277,7 +277,8 @@ def apply_method(
                 "choose another method or leave e2e_epochs at 0"
             )
         if stream is not None:
-            store.clear()  # rounding to nearest is quick to redo: no resuming
+            if distributed.is_main():  # rounding to nearest is quick to redo: no resuming
+                store.clear()
             quantize_rtn_streamed(stream, scheme, lambda index, block: store.save_block(index, block, None))
         else:
             quantize_rtn(loaded.model, loaded.arch, scheme)
