@@ -89,6 +89,10 @@ def test_streamed_run_writes_and_scores_what_an_in_memory_run_does(
         assert torch.equal(tensor, streamed[key]), key
     assert reports[True]["model"]["streamed"] and not reports[False]["model"]["streamed"]
     assert len(list((tmp_path / "out-True").glob("model-*-of-*.safetensors"))) == 4  # 3 blocks and the rest
+    index = json.loads((tmp_path / "out-True" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for k, t in streamed.items() if k.startswith("model:")
+    )
     # the same evaluation, computed block by block with the full-precision model beside
     for key in ("perplexity", "fidelity"):
         assert reports[True][key] == pytest.approx(reports[False][key], rel=1e-9), key

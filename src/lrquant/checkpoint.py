@@ -128,6 +128,7 @@ def save_streamed(
             {"format": "pt"},
         )
         weight_map.update(dict.fromkeys(tensors, shard))
+        sizes.append(sum(t.numel() * t.element_size() for t in tensors.values()))
 
     for index, name in enumerate(stream.names):
         block = stream.fresh(index)
