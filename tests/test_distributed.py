@@ -36,6 +36,7 @@ for step in range(3):
     terms = blockwise.training_step(block, x[mine], shares, {{}}, recipe, optimizer, weighting)
 params = [p.detach().flatten().tolist() for p in block.parameters()]
 print("OUT " + json.dumps({{"terms": terms, "params": params}}))
+distributed.stop()
 """
 SETUP = "__import__('test_distributed').problem()"
 

@@ -14,6 +14,7 @@ Without ``torchrun`` (``WORLD_SIZE`` unset or 1) every function here is a no-op 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from collections.abc import Iterator
@@ -39,6 +40,9 @@ def start(device: torch.device) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     with errors():
         dist.init_process_group(backend, timeout=timedelta(seconds=TIMEOUT_S))
+    # leave the group before the interpreter exits: a process that exits with the backend's
+    # threads still running may abort ("terminate called without an active exception")
+    atexit.register(stop)
     if rank() != 0:  # process 0 tells the user what happens
         logging.getLogger("lrquant").setLevel(logging.WARNING)
 
