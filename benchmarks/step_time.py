@@ -20,10 +20,10 @@ from lrquant.config import build_scheme
 from lrquant.methods import losses
 from lrquant.methods.blockwise import (
     ChainState,
+    Learner,
     _targets_and_stats,
     optimizer_for,
     training_step,
-    transform_options,
 )
 from lrquant.methods.capture import capture_block_inputs, capture_block_kwargs
 from lrquant.models.loading import load_model
@@ -57,8 +57,9 @@ def main() -> None:
     block = arch.block_list(model)[0]
     for p in block.parameters():
         p.requires_grad_(False)
-    options = transform_options(recipe, arch)
-    fp_out, hom_out, stats = _targets_and_stats(block, arch, state, kwargs, recipe, options)
+    learner = Learner.of(model, arch, scheme, recipe)
+    options = learner.options
+    fp_out, hom_out, stats = _targets_and_stats(block, learner, state, kwargs)
     use_quantized_attention(model)
     attach_block_quantizers(block, arch, scheme)
     layout = AttentionLayout.of_block(block, arch, model.config)

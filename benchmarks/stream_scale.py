@@ -3,14 +3,19 @@
 Writes a checkpoint of the shape of Llama 3.2 1B or 3B or Llama 3.1 8B (``--shape``; cut to
 ``--blocks`` blocks when given) with seeded random bfloat16 weights, one tensor at a time, then
 runs ``lrquant quantize --stream on`` with each method in a fresh process (``--no-eval`` unless
-``--eval``) and records its seconds, seconds per block, peak resident memory (``VmHWM``) and the
-bytes it wrote. The tokenizer is lrquant's tiny test tokenizer (512 ids, inside any vocabulary);
-calibration is ``--nsamples`` windows of ``--seqlen`` tokens of the built-in Wikipedia text.
+``--eval``) and records its seconds, seconds per block, peak resident memory (``VmHWM``), the
+peak of its anonymous memory (``RssAnon`` sampled every 50 ms: resident memory less the pages
+of mapped files, which the system can write back and drop), where the calibration activations
+lived (``--max-memory``, ``--set chain_dtype=...``) and the bytes it wrote. The tokenizer is
+lrquant's tiny test tokenizer (512 ids, inside any vocabulary); calibration is ``--nsamples``
+windows of ``--seqlen`` tokens of the built-in Wikipedia text.
 Random weights: the figures say what a run costs on this machine, not how well it quantizes.
 Rows are appended to ``results/<name>.jsonl``.
 
     python benchmarks/stream_scale.py --shape 1b --methods rtn gptq --nsamples 8 --name stream_1b
     python benchmarks/stream_scale.py --shape 8b --blocks 2 --methods rtn gptq --name stream_8b
+    python benchmarks/stream_scale.py --shape 1b --blocks 2 --methods gptq --nsamples 16 --seqlen 2048 \
+        --max-memory 64MiB --set chain_dtype=bfloat16 --name activations_1b
 """
 
 from __future__ import annotations
@@ -44,15 +49,28 @@ SHAPES = {
 METHODS = {"rtn": ("rtn", []), "gptq": ("gptq", []), "lrquant_plus": ("lrquant_plus", [])}
 
 RUN = """
-import json, sys, time
+import json, sys, threading, time
 from lrquant import api
 from lrquant.config import build_scheme
 args = json.loads(sys.argv[1])
-start = time.perf_counter()
+anon = [0]  # the peak of anonymous memory (what cannot be paged out to a file), sampled
+
+
+def sample():
+    while True:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                anon[0] = max(anon[0], int(line.split()[1]) // 1024)
+        time.sleep(0.05)
+
+
+threading.Thread(target=sample, daemon=True).start()
 data = api.DataSettings(nsamples=args["nsamples"], seqlen=args["seqlen"], eval_windows=args["eval_windows"])
 report = api.quantize(args["model"], args["out"], build_scheme(**args["scheme"]), args["method"],
-                      args["preset"], args["overrides"], data, run_eval=args["eval"], stream=True)
+                      args["preset"], args["overrides"], data, run_eval=args["eval"], stream=True,
+                      max_memory=args["max_memory"])
 print("ROW " + json.dumps({"seconds": report["seconds"], "peak_rss_mb": report["peak_rss_mb"],
+      "peak_anon_mb": anon[0], "activations": report.get("activations"),
       "blocks": [b.get("seconds") for b in report["blocks"]], "perplexity": report.get("perplexity"),
       "fidelity": report.get("fidelity"), "estimate": report["estimate"]}))
 """
@@ -115,11 +133,15 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval", action="store_true", help="also evaluate (block by block, 4 windows)")
     parser.add_argument(
+        "--max-memory", default=None, help="memory the calibration activations may take (lrquant's flag)"
+    )
+    parser.add_argument(
         "--workdir", default=None, help="where the checkpoint and outputs go (default: a temp dir)"
     )
     parser.add_argument("--name", default="stream_scale")
     args = parser.parse_args()
 
+    from lrquant.methods.activations import parse_size
     from lrquant.recipes import parse_overrides
 
     config = {**SHAPES[args.shape], "vocab_size": 128256, "max_position_embeddings": 8192,
@@ -142,6 +164,7 @@ def main() -> None:
                 "scheme": {"wbits": args.wbits, "abits": args.abits, "group_size": args.group_size},
                 "overrides": parse_overrides([*extra, *args.overrides]) or None, "nsamples": args.nsamples,
                 "seqlen": args.seqlen, "eval": args.eval, "eval_windows": 4,
+                "max_memory": None if args.max_memory is None else parse_size(args.max_memory),
             }  # fmt: skip
             done = subprocess.run(
                 [sys.executable, "-c", RUN, json.dumps(job)], capture_output=True, text=True
@@ -156,7 +179,9 @@ def main() -> None:
                 "shape": args.shape, "blocks": config["num_hidden_layers"], "method": name,
                 "scheme": job["scheme"], "preset": args.preset, "overrides": job["overrides"],
                 "nsamples": args.nsamples, "seqlen": args.seqlen, "checkpoint_bytes": size,
-                "output_bytes": written, "peak_rss_mb": row["peak_rss_mb"], "seconds": row["seconds"],
+                "output_bytes": written, "peak_rss_mb": row["peak_rss_mb"],
+                "peak_anon_mb": row["peak_anon_mb"], "activations": row["activations"],
+                "max_memory": args.max_memory, "seconds": row["seconds"],
                 "seconds_per_block": round(row["seconds"]["quantize"] / config["num_hidden_layers"], 2),
                 "learned_block_seconds": blocks, "perplexity": row["perplexity"], "fidelity": row["fidelity"],
                 "estimate": row["estimate"],

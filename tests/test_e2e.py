@@ -210,7 +210,7 @@ def test_more_end_to_end_windows_get_full_precision_targets(monkeypatch: pytest.
     capture = blockwise.capture_block_inputs
     monkeypatch.setattr(
         "lrquant.methods.blockwise.capture_block_inputs",
-        lambda model, arch, calib: learned_on.append(calib.shape[0]) or capture(model, arch, calib),
+        lambda model, arch, calib, *a: learned_on.append(calib.shape[0]) or capture(model, arch, calib, *a),
     )
     overrides = {"bf16": False, "epochs": 1, "nsamples": 8, "e2e_epochs": 1, "e2e_samples": 11}
     recipe = build_recipe("lrquant_plus", "fast", overrides)

@@ -32,6 +32,7 @@ from lrquant.errors import LrquantError
 from lrquant.export import check_options, default_destination, export_format, read_output, write_format
 from lrquant.file_checks import read_json_object
 from lrquant.inference import apply_backend, generate_text
+from lrquant.methods.activations import Activations
 from lrquant.methods.blockwise import quantize_blockwise, report_dict
 from lrquant.methods.e2e import check_supported, end_to_end_wanted, fp_final_hidden, run_end_to_end
 from lrquant.methods.resume import ResumeStore
@@ -244,6 +245,8 @@ def apply_method(
     seed: int = 0,
     store: ResumeStore | None = None,
     device: torch.device | None = None,
+    max_memory: int | None = None,
+    activations: list[dict] | None = None,
 ) -> list[dict]:
     """Quantize ``loaded.model`` in place; returns the per-block reports of a learned method
     (with ``e2e_epochs``, the last one also holds ``e2e_kl``, the KL per end-to-end epoch).
@@ -257,6 +260,11 @@ def apply_method(
 
     A streamed model (``loaded.stream``) is quantized one block at a time; each finished block
     lives in ``store`` (then required) until the output is written.
+
+    The calibration chains are kept in ``recipe.chain_dtype``, in memory while they take at most
+    ``max_memory`` bytes (None: half the memory available), else in memory-mapped files in the
+    store's folder (:mod:`lrquant.methods.activations`); where they lived is appended to
+    ``activations`` (for the report).
     """
     stream = loaded.stream
     if stream is not None:
@@ -294,6 +302,8 @@ def apply_method(
     )
     if start is not None:
         log(f"resuming at block {start[0] + 1} from {store.folder}")
+    spill = store.folder / "activations" if store is not None else None
+    acts = Activations.of(recipe.chain_dtype, device or torch.device("cpu"), spill, max_memory)
     result = quantize_blockwise(
         loaded.model,
         loaded.arch,
@@ -305,7 +315,10 @@ def apply_method(
         store.save_block if store is not None else None,
         device,
         stream,
+        acts,
     )
+    if activations is not None:
+        activations.append(acts.as_dict())
     blocks = store.reports if store is not None else [report_dict(r) for r in result.reports]
     if end_to_end:
         # after every block (also on a resumed run that had finished them all): rerun in full
@@ -442,6 +455,7 @@ def _quantize_tower(
     data: DataSettings,
     output: Path,
     device: torch.device,
+    max_memory: int | None = None,
 ) -> tuple[dict, ResumeStore | None]:
     """Quantize the vision tower of a vision-language model in place, on the image-text pairs;
     returns the report's ``vision`` section and the tower's resume store (cleared once the
@@ -454,13 +468,17 @@ def _quantize_tower(
     if calibration is not None:
         fingerprint = _fingerprint(tower, vision_scheme, recipe, method, data, calibration)
         store = ResumeStore(output, fingerprint, part="vision")
-    blocks = apply_method(tower, vision_scheme, method, recipe, calibration, data.seed, store, device)
+    activations: list[dict] = []
+    blocks = apply_method(
+        tower, vision_scheme, method, recipe, calibration, data.seed, store, device, max_memory, activations
+    )
     report = {
         "scheme": vision_scheme.name,
         "settings": vision_scheme.model_dump(),
         **({"rule": rule.as_dict()} if rule is not None else {}),
         "recipe": None if calibration is None else recipe.model_dump(),
         "blocks": blocks,
+        **({"activations": activations[0]} if activations else {}),
     }
     return report, store
 
@@ -517,6 +535,7 @@ def quantize(
     gguf_type: str | None = None,
     vision_scheme: QuantScheme | None = None,
     stream: bool | None = None,
+    max_memory: int | None = None,
 ) -> dict:
     """Quantize ``model`` with ``method`` and ``scheme``; write the checkpoint and report to ``output``.
 
@@ -547,6 +566,10 @@ def quantize(
     with the end-to-end step or Hadamard rotations (the default leaves them out, and says so).
     ``None``: streamed when the model is a language model that would take more than 60 % of the
     available memory in float32.
+
+    ``max_memory``: the bytes the calibration activations may hold in memory; past them they go
+    to memory-mapped files in the run's resume folder (None: half the memory available when
+    the block-wise pass starts). The report's ``activations`` says where they lived.
     """
     target = resolve_device(device)
     distributed.start(target)  # under torchrun: join the other processes (:mod:`lrquant.distributed`)
@@ -633,7 +656,17 @@ def quantize(
         vision, stores = None, []
         if tower is not None:
             vision, tower_store = _quantize_tower(
-                tower, vision_scheme, method, preset, overrides, format, calibration, data, out.final, target
+                tower,
+                vision_scheme,
+                method,
+                preset,
+                overrides,
+                format,
+                calibration,
+                data,
+                out.final,
+                target,
+                max_memory,
             )
             stores += [tower_store] if tower_store is not None else []
             lap("quantize_vision")
@@ -645,7 +678,10 @@ def quantize(
                 fingerprint["vision"] = {key: vision[key] for key in ("settings", "recipe")}
             store = ResumeStore(out.final, fingerprint)
             stores.append(store)
-        blocks = apply_method(loaded, scheme, method, recipe, calibration, data.seed, store, target)
+        activations: list[dict] = []
+        blocks = apply_method(
+            loaded, scheme, method, recipe, calibration, data.seed, store, target, max_memory, activations
+        )
         lap("quantize")
         if not main:
             return {"process": distributed.rank(), "processes": distributed.world(), "seconds": seconds}
@@ -725,6 +761,7 @@ def quantize(
                 **({"fidelity": stages.fidelity} if run_eval and stages.fidelity else {}),
                 **(stages.more if run_eval else {}),
                 "blocks": blocks,
+                **({"activations": activations[0]} if activations else {}),
                 **({"vision": vision} if vision is not None else {}),
                 "seconds": {**seconds, "total": round(sum(seconds.values()), 2)},
                 "peak_rss_mb": round(peak_rss_mb(), 1),

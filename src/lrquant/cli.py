@@ -204,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="load a language model's blocks one at a time from its safetensors files, never the "
         "whole model (auto, the default: when it would take most of the free memory in float32)",
     )
+    q.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="SIZE",
+        help="memory the calibration activations may take (e.g. 8GiB); past it they are kept in "
+        "memory-mapped files in the run's resume folder (default: half the memory available when "
+        "the block-wise pass starts)",
+    )
     _add_data_args(q, "--eval-data")
     q.set_defaults(func=cmd_quantize)
 
@@ -282,6 +290,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     """``lrquant quantize`` (and, with ``--format``, ``lrquant export`` of its output)."""
     from lrquant import api
     from lrquant.config import build_scheme
+    from lrquant.methods.activations import parse_size
     from lrquant.recipes import parse_overrides
 
     scheme = build_scheme(
@@ -318,6 +327,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         gguf_type=args.gguf_type,
         vision_scheme=_vision_scheme(args, scheme),
         stream={"auto": None, "on": True, "off": False}[args.stream],
+        max_memory=None if args.max_memory is None else parse_size(args.max_memory),
     )
     if "process" in report:  # a process other than 0 under torchrun: process 0 reports
         return 0

@@ -107,6 +107,8 @@ def gather_windows(local: torch.Tensor, n: int) -> torch.Tensor:
     order ``[n, ...]``, on every process."""
     if world() == 1:
         return local
+    if local.dtype == torch.bfloat16:  # gathered as its bits (not every backend has bf16)
+        return gather_windows(local.view(torch.int16), n).view(torch.bfloat16)
     size = -(-n // world())  # shares differ by one window at most: pad to the largest
     padded = local.new_zeros((size, *local.shape[1:]))
     padded[: local.shape[0]] = local

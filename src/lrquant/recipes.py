@@ -81,6 +81,8 @@ class Recipe(BaseModel):
     # weights and inputs halves with each bit. DINOv2 W6A6, six seeds (docs/results.md): 0.9940 / 93.5 %
     # against 0.9931 / 92.5 % without; scaling lr_clipping as well was worse (0.9933 / 93.2 %).
     lr_by_bits: bool = False
+    # the dtype the block-wise pass keeps the calibration chains in (methods/activations.py)
+    chain_dtype: Literal["float32", "bfloat16"] = "float32"
     bf16: bool | Literal["auto"] = "auto"  # bf16 autocast while learning; auto: where matmuls are native
     compile: bool = True  # fuse fake quantization with torch.compile while learning (eager if unavailable)
     max_retries: int = Field(3, ge=0)

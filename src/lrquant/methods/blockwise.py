@@ -39,7 +39,8 @@ from lrquant.console import log
 from lrquant.device import placed, to_device
 from lrquant.errors import LrquantError
 from lrquant.methods import losses
-from lrquant.methods.capture import capture_block_inputs, capture_block_kwargs, run_block
+from lrquant.methods.activations import DTYPES, Activations
+from lrquant.methods.capture import batches, capture_block_inputs, capture_block_kwargs, run_block
 from lrquant.models.streaming import Stream
 from lrquant.quant.apply import (
     attach_block_quantizers,
@@ -133,6 +134,8 @@ class Learner:
     seed: int = 0
     bits_factor: float = 1.0  # scales the smoothing learning rate (:func:`bits_lr_factor`)
     windows: int = 0  # calibration windows over every process (:mod:`lrquant.distributed`)
+    # where the chains live (dtype, memory or files): :mod:`lrquant.methods.activations`
+    activations: Activations = field(default_factory=Activations)
 
     @classmethod
     def of(
@@ -160,13 +163,9 @@ class BlockWork:
 
 @torch.no_grad()
 def _targets_and_stats(
-    block: nn.Module,
-    arch: ArchSpec,
-    state: ChainState,
-    kwargs: dict,
-    recipe: Recipe,
-    options: TransformOptions,
+    block: nn.Module, learner: Learner, state: ChainState, kwargs: dict
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, ChannelStats]]:
+    arch, recipe, acts = learner.arch, learner.recipe, learner.activations
     stats: dict[str, ChannelStats] = {}
 
     def observe(name: str):
@@ -179,10 +178,10 @@ def _targets_and_stats(
 
         return hook
 
-    names = sorted({pair.targets[0] for pair in active_pairs(arch, options)})
+    names = sorted({pair.targets[0] for pair in active_pairs(arch, learner.options)})
     handles = [block.get_submodule(n).register_forward_pre_hook(observe(n)) for n in names]
     try:
-        fp_out = run_block(block, state.fp, kwargs, recipe.batch_size)
+        fp_out = run_block(block, state.fp, kwargs, recipe.batch_size, acts)
     finally:
         for handle in handles:
             handle.remove()
@@ -191,7 +190,7 @@ def _targets_and_stats(
             distributed.reduce_(stats[name].min, "min"), distributed.reduce_(stats[name].max, "max")
         )
     homologous = recipe.homologous and recipe.learn  # a one-shot recipe needs no training targets
-    hom_out = run_block(block, state.quant, kwargs, recipe.batch_size) if homologous else None
+    hom_out = run_block(block, state.quant, kwargs, recipe.batch_size, acts) if homologous else None
     return fp_out, hom_out, stats
 
 
@@ -377,7 +376,8 @@ def _hooked(block: nn.Module, linears: list[QuantLinear], hook, inputs: torch.Te
     """Run ``block`` on ``inputs`` with ``hook`` as a forward pre-hook on each of ``linears``."""
     handles = [m.register_forward_pre_hook(hook) for m in linears]
     try:
-        run_block(block, inputs, kwargs, recipe.batch_size)
+        for x in batches(inputs, recipe.batch_size, next(block.parameters()).device):
+            block(x, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -396,7 +396,7 @@ def initialise(
     recipe, arch = learner.recipe, learner.arch
     for p in block.parameters():
         p.requires_grad_(False)
-    fp_out, hom_out, stats = _targets_and_stats(block, arch, state, kwargs, recipe, learner.options)
+    fp_out, hom_out, stats = _targets_and_stats(block, learner, state, kwargs)
     attach_block_quantizers(block, arch, learner.scheme, prefix=name)
     layout = AttentionLayout.of_block(block, arch, learner.config)
     bt = attach_block_transforms(block, arch, layout, stats, learner.options)
@@ -450,6 +450,7 @@ def train(learner: Learner, work: BlockWork, state: ChainState, bar: tqdm | None
     recipe, bits_factor = learner.recipe, learner.bits_factor
     seed = learner.seed * 1000 + report.index
     initial = copy.deepcopy(bt.state_dict())
+    device = next(block.parameters()).device
     n = learner.windows or state.quant.shape[0]  # every process's windows (:mod:`lrquant.distributed`)
     mine = {int(g): i for i, g in enumerate(distributed.owned(n))} if distributed.world() > 1 else None
     for attempt in range(recipe.max_retries + 1):
@@ -468,9 +469,8 @@ def train(learner: Learner, work: BlockWork, state: ChainState, bar: tqdm | None
                 idx = order[start : start + recipe.batch_size]
                 if mine is not None:  # the windows of the batch that this process holds
                     idx = torch.tensor([mine[int(g)] for g in idx if int(g) in mine], dtype=torch.long)
-                terms = training_step(
-                    block, state.quant[idx], [t[idx] for t in targets], kwargs, recipe, optimizer, weighting
-                )
+                inputs, shares = _batch(state.quant, idx, device), [_batch(t, idx, device) for t in targets]
+                terms = training_step(block, inputs, shares, kwargs, recipe, optimizer, weighting)
                 if terms is None:
                     finite = False
                     break
@@ -525,9 +525,10 @@ def fold(
     Records in the report how close its output is to the full-precision block's; returns both
     chains' outputs."""
     fold_block_transforms(work.block, learner.arch, gptq)  # also freezes every linear's quantized weight
-    quant_out = run_block(work.block, state.quant, work.kwargs, learner.recipe.batch_size)
+    recipe = learner.recipe
+    quant_out = run_block(work.block, state.quant, work.kwargs, recipe.batch_size, learner.activations)
     if distributed.world() > 1:  # over every process's windows
-        shared = _SharedTerms(quant_out, [work.fp_out], learner.recipe.model_copy(update={"mse": True}))
+        shared = _SharedTerms(quant_out.float(), [work.fp_out], recipe.model_copy(update={"mse": True}))
         work.report.cosine, work.report.mse = shared.cosines[0], shared.values["mse"]
     else:
         work.report.cosine = float(losses.token_cosine(quant_out, work.fp_out))
@@ -549,6 +550,7 @@ def quantize_blockwise(
     on_block_done: BlockDone | None = None,
     device: torch.device | None = None,
     stream: Stream | None = None,
+    activations: Activations | None = None,
 ) -> BlockwiseResult:
     """Quantize every block of ``model`` in place with ``recipe``; returns the per-block reports
     and the full-precision chain's last hidden states (which the end-to-end step,
@@ -560,11 +562,14 @@ def quantize_blockwise(
     e.g. to checkpoint it. The model stays on the CPU; each block is learned on ``device``
     (default: the CPU) with both chains kept there. With ``stream`` (a streamed model), each
     block is loaded when its turn comes and dropped after ``on_block_done`` (which must keep it).
+    ``activations`` says how the chains are stored (default: in memory on ``device``, in the
+    recipe's ``chain_dtype``).
     """
     device = device or torch.device("cpu")
     learner = Learner.of(model, arch, scheme, recipe, seed)  # refuses impossible settings before any work
     windows = calibration.shape[0]
-    learner = replace(learner, windows=windows)
+    acts = activations or Activations(DTYPES[recipe.chain_dtype], device)
+    learner = replace(learner, windows=windows, activations=acts)
     block_names, blocks = zip(*arch.named_blocks(model), strict=True)
     transitions = arch.transitions(model)
     kwargs_per_block, transition_kwargs = to_device(capture_block_kwargs(model, arch, calibration[0]), device)
@@ -573,18 +578,19 @@ def quantize_blockwise(
         calibration = calibration[share]
     if start is None:
         first = 0
-        inputs = capture_block_inputs(model, arch, calibration)
+        inputs = capture_block_inputs(model, arch, calibration, acts)
         if scheme.patch_embed:  # the quantized chain starts from the quantized patch embedding
             quantize_patch_embedding(model, scheme)
-            state = ChainState(fp=inputs, quant=capture_block_inputs(model, arch, calibration))
+            state = ChainState(fp=inputs, quant=capture_block_inputs(model, arch, calibration, acts))
         else:
-            state = ChainState(fp=inputs, quant=inputs.clone())
+            state = ChainState(fp=inputs, quant=acts.keep(inputs))
     else:
         first, state = start
         if share is not None:
             state = ChainState(fp=state.fp[share], quant=state.quant[share])
         quantize_patch_embedding(model, scheme)  # a resumed run starts from the loaded model
-    state = ChainState(fp=state.fp.to(device), quant=state.quant.to(device))
+        state = ChainState(fp=acts.keep(state.fp), quant=acts.keep(state.quant))
+    log(acts.words())
     # The head (when asked for) runs after every block, so rounding it first changes no target;
     # first, so that a head that cannot be quantized stops the run before any training.
     attach_head_quantizers(model, arch, scheme)
@@ -611,7 +617,7 @@ def quantize_blockwise(
                 state = fold(learner, work, state, gptq)
         if index in transitions:  # e.g. Swin's patch merging, kept in full precision
             with placed(transitions[index], device):
-                state = _through(transitions[index], state, transition_kwargs[index], recipe.batch_size)
+                state = _through(transitions[index], state, transition_kwargs[index], recipe.batch_size, acts)
         report.seconds = round(time.perf_counter() - began, 2)
         reports.append(report)
         if on_block_done is not None:
@@ -628,12 +634,19 @@ def quantize_blockwise(
     return BlockwiseResult(reports, state.fp)
 
 
+def _batch(chain: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Windows ``idx`` of a stored chain, as float32 on ``device``."""
+    return chain[idx].to(device=device, dtype=torch.float32)
+
+
 @torch.no_grad()
-def _through(module: nn.Module, state: ChainState, kwargs: dict, batch_size: int) -> ChainState:
+def _through(
+    module: nn.Module, state: ChainState, kwargs: dict, batch_size: int, acts: Activations
+) -> ChainState:
     """Both chains through a full-precision module that runs between two blocks."""
     return ChainState(
-        fp=run_block(module, state.fp, kwargs, batch_size),
-        quant=run_block(module, state.quant, kwargs, batch_size),
+        fp=run_block(module, state.fp, kwargs, batch_size, acts),
+        quant=run_block(module, state.quant, kwargs, batch_size, acts),
     )
 
 

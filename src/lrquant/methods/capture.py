@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from lrquant.arch import ArchSpec
+from lrquant.methods.activations import Activations
 from lrquant.modalities import modality_of
 from lrquant.models.streaming import StopForward, stand_ins, streamed
 
@@ -42,14 +43,25 @@ def call_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, arch: ArchSpec, samples: torch.Tensor) -> torch.Tensor:
-    """The hidden states entering block 0 for each sample, ``[n, tokens, hidden]`` in float32."""
+def capture_block_inputs(
+    model: nn.Module, arch: ArchSpec, samples: torch.Tensor, into: Activations | None = None
+) -> torch.Tensor:
+    """The hidden states entering block 0 for each sample, ``[n, tokens, hidden]`` in float32 (or
+    stored as ``into`` says)."""
     first = arch.block_list(model)[0]
     rows: list[torch.Tensor] = []
+    out: torch.Tensor | None = None  # with ``into``: filled one sample (a batch of one) at a time
 
     def grab(_module, args, kwargs):
+        nonlocal out
         hidden = args[0] if args else kwargs["hidden_states"]
-        rows.append(hidden.detach().float())
+        if into is None:
+            rows.append(hidden.detach().float())
+            raise _Stop
+        if out is None:
+            out = into.empty((samples.shape[0], *hidden.shape[1:]))
+        out[len(rows)] = hidden.detach()[0]
+        rows.append(hidden.new_empty(0))  # counts the samples done
         raise _Stop
 
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
@@ -61,7 +73,7 @@ def capture_block_inputs(model: nn.Module, arch: ArchSpec, samples: torch.Tensor
                 pass
     finally:
         handle.remove()
-    return torch.cat(rows)
+    return torch.cat(rows) if into is None else out
 
 
 @torch.no_grad()
@@ -106,10 +118,27 @@ def capture_block_kwargs(
     return calls, transition_calls
 
 
-def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch_size: int = 1) -> torch.Tensor:
-    """Apply ``block`` to ``inputs`` ``[n, tokens, hidden]`` in batches; returns float32 outputs."""
-    outs = []
+def batches(inputs: torch.Tensor, batch_size: int, device: torch.device):
+    """``inputs`` ``[n, ...]`` (any dtype) in batches of ``batch_size``, as float32 on ``device``."""
     for start in range(0, inputs.shape[0], batch_size):
-        out = block(inputs[start : start + batch_size], **kwargs)
-        outs.append((out[0] if isinstance(out, tuple) else out).float())
-    return torch.cat(outs)
+        yield inputs[start : start + batch_size].to(device=device, dtype=torch.float32)
+
+
+def run_block(
+    block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch_size: int = 1, into: Activations | None = None
+) -> torch.Tensor:
+    """Apply ``block`` to ``inputs`` ``[n, tokens, hidden]`` in batches (each as float32 on the
+    block's device); returns the outputs in float32, or stored as ``into`` says."""
+    out: torch.Tensor | None = None
+    outs, done = [], 0
+    for x in batches(inputs, batch_size, next(block.parameters(), inputs).device):
+        y = block(x, **kwargs)
+        y = (y[0] if isinstance(y, tuple) else y).float()
+        if into is None:
+            outs.append(y)
+            continue
+        if out is None:
+            out = into.empty((inputs.shape[0], *y.shape[1:]))
+        out[done : done + y.shape[0]] = y
+        done += y.shape[0]
+    return torch.cat(outs) if into is None else out

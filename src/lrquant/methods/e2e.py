@@ -151,7 +151,8 @@ def tune_step_sizes(
             total, steps = 0.0, 0
             for i in torch.randperm(calibration.shape[0], generator=generator).tolist():
                 inputs = modality.model_inputs(calibration[i].to(device))
-                loss = modality.end_to_end_loss(model, arch, inputs, fp_hidden[i : i + 1], norm, autocast)
+                target = fp_hidden[i : i + 1].to(device=device, dtype=torch.float32)  # a stored chain
+                loss = modality.end_to_end_loss(model, arch, inputs, target, norm, autocast)
                 if not torch.isfinite(loss):
                     raise FloatingPointError
                 optimizer.zero_grad(set_to_none=True)
@@ -197,7 +198,8 @@ def run_end_to_end(
     device = device or torch.device("cpu")
     windows, hidden = calibration, fp_hidden
     if extra is not None:
-        windows, hidden = samples.cat([windows, extra[0]]), torch.cat([hidden, extra[1].to(device)])
+        extra_hidden = extra[1].to(device=hidden.device, dtype=hidden.dtype)
+        windows, hidden = samples.cat([windows, extra[0]]), torch.cat([hidden, extra_hidden])
     n = recipe.e2e_samples or calibration.shape[0]
     with placed(model, device):
         return tune_step_sizes(model, arch, windows[:n], hidden[:n], recipe, seed, device)
