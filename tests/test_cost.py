@@ -12,6 +12,7 @@ from lrquant import api
 from lrquant.arch import get_arch_spec
 from lrquant.config import build_scheme
 from lrquant.cost import estimate
+from lrquant.methods.activations import AT_ONCE
 from lrquant.models.tiny import tiny_model
 from lrquant.recipes import build_recipe
 
@@ -54,3 +55,16 @@ def test_the_report_holds_the_estimate_and_what_was_measured(
     assert cost["blocks"] == 2 and cost["seconds"] >= cost["seconds_per_block"] * 2
     assert cost["measured"]["seconds_per_block"] > 0
     assert cost["measured"]["peak_memory_mb"] == report["peak_rss_mb"]
+
+
+def test_the_estimate_counts_the_chains_as_they_are_kept() -> None:
+    """bf16 chains take half the bytes; chains past the budget live in files and are not counted."""
+    model, arch = tiny_model("llama", num_layers=2), get_arch_spec("llama")
+    fp32 = build_recipe("lrquant_plus", "fast", {"compile": False})
+    bf16 = build_recipe("lrquant_plus", "fast", {"compile": False, "chain_dtype": "bfloat16"})
+    hidden, windows, tokens = model.config.hidden_size, 64, 128
+    chains_mb = AT_ONCE * 4 * windows * tokens * hidden / 2**20
+    full = estimate(model, arch, SCHEME, fp32, windows, tokens, CPU, max_memory=2**40).peak_memory_mb
+    half = estimate(model, arch, SCHEME, bf16, windows, tokens, CPU, max_memory=2**40).peak_memory_mb
+    spilled = estimate(model, arch, SCHEME, fp32, windows, tokens, CPU, max_memory=1).peak_memory_mb
+    assert full - half == pytest.approx(chains_mb / 2) and full - spilled == pytest.approx(chains_mb)

@@ -112,12 +112,15 @@ def _codes(out: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(out / "integer_weights.safetensors").items() if k.endswith(".codes")}
 
 
-@pytest.mark.parametrize("method", ["gptq", "smoothquant", "lrquant_plus"])
+@pytest.mark.parametrize("method", ["gptq", "smoothquant", "lrquant_plus", "lrquant_plus-e2e"])
 def test_two_processes_quantize_as_one_does(method, llama3: Path, text_file: Path, tmp_path: Path) -> None:
     """The statistics (ranges, Hessians) and, for a learned method, every training step are summed
     over the processes: the codes agree with one process's (GPTQ, SmoothQuant: all but a rounding
-    tie; LRQuant+: training amplifies the order of sums a little) and so do the perplexities."""
+    tie; LRQuant+: training amplifies the order of sums a little) and so do the perplexities. The
+    end-to-end step runs in process 0 on every window, as one process runs it."""
+    method, _, e2e = method.partition("-")
     more = ["--set", "batch_size=2", "--set", "epochs=1"] if method == "lrquant_plus" else []
+    more += ["--set", "e2e_epochs=1"] if e2e else []
     one = launch([_command(llama3, text_file, tmp_path / "one", method, *more)])
     two = launch([_command(llama3, text_file, tmp_path / "two", method, *more)] * 2)
     for run in [*one, *two]:
@@ -130,6 +133,9 @@ def test_two_processes_quantize_as_one_does(method, llama3: Path, text_file: Pat
     ppl = [report["perplexity"]["quantized"] for report in reports]
     assert ppl[1] == pytest.approx(ppl[0], rel=1e-3 if method == "lrquant_plus" else 1e-6)
     assert not (tmp_path / ".two.resume").exists()
+    if e2e:  # the step ran, on the same windows
+        kl = [report["blocks"][-1]["e2e_kl"] for report in reports]
+        assert len(kl[1]) == 1 and kl[1][0] == pytest.approx(kl[0][0], rel=1e-2)
 
 
 def test_a_run_resumes_with_another_number_of_processes(

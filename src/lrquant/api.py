@@ -323,8 +323,13 @@ def apply_method(
     if end_to_end:
         # after every block (also on a resumed run that had finished them all): rerun in full
         # when interrupted, from the saved blocks and chain
+        fp_hidden = result.fp_hidden
+        if distributed.world() > 1:  # process 0 tunes on every window, as one process would
+            fp_hidden = distributed.gather_windows(fp_hidden, calibration.shape[0])
+            if not distributed.is_main():
+                return blocks
         kl = run_end_to_end(
-            loaded.model, loaded.arch, recipe, calibration, result.fp_hidden, seed, device, e2e_extra
+            loaded.model, loaded.arch, recipe, calibration, fp_hidden, seed, device, e2e_extra
         )
         if blocks:
             blocks[-1] = {**blocks[-1], "e2e_kl": kl}
@@ -356,15 +361,14 @@ def check_streamable(recipe: Recipe, scheme: QuantScheme) -> None:
         )
 
 
-def _without_end_to_end(recipe: Recipe, scheme: QuantScheme, why: str) -> Recipe:
-    """The default recipe without the end-to-end step, which a streamed run or a run over
-    several processes cannot do yet (:func:`check_streamable`, :func:`_check_processes`),
-    saying so."""
+def _without_end_to_end(recipe: Recipe, scheme: QuantScheme) -> Recipe:
+    """The default recipe without the end-to-end step, which a streamed run cannot do yet
+    (:func:`check_streamable`), saying so."""
     if not end_to_end_wanted(recipe, scheme):
         return recipe
     log(
-        f"{why}: the default's end-to-end step (e2e_epochs={recipe.e2e_epochs}) needs the whole "
-        "model in one process and is left out (e2e_epochs=0)"
+        f"streamed: the default's end-to-end step (e2e_epochs={recipe.e2e_epochs}) needs the whole "
+        "model in memory and is left out (e2e_epochs=0)"
     )
     return recipe.model_copy(update={"e2e_epochs": 0})
 
@@ -381,9 +385,9 @@ def _sample_tokens(loaded: LoadedModel, data: DataSettings) -> int:
     return (int(size) // int(patch)) ** 2 + 1
 
 
-def _check_processes(recipe: Recipe, scheme: QuantScheme, calibration: torch.Tensor) -> None:
+def _check_processes(recipe: Recipe, calibration: torch.Tensor) -> None:
     """Refuse, in one line, what a run over several processes cannot do: fewer calibration
-    windows than processes, and the end-to-end step (not spread over processes yet)."""
+    windows than processes."""
     processes = distributed.world()
     if processes == 1:
         return
@@ -391,11 +395,6 @@ def _check_processes(recipe: Recipe, scheme: QuantScheme, calibration: torch.Ten
         raise LrquantError(
             f"{processes} processes need at least {processes} calibration windows, got "
             f"{min(calibration.shape[0], recipe.nsamples)}: raise --nsamples or start fewer processes"
-        )
-    if end_to_end_wanted(recipe, scheme):
-        raise LrquantError(
-            "the end-to-end step (e2e_epochs) is not spread over processes yet: use --set e2e_epochs=0, "
-            "or run in one process"
         )
 
 
@@ -495,6 +494,8 @@ def _e2e_extra(
     run, which restores its finished blocks afterwards)."""
     blockwise, extra = calibration[: recipe.nsamples], calibration[recipe.nsamples :]
     if not end_to_end_wanted(recipe, scheme) or recipe.e2e_samples <= recipe.nsamples:
+        return blockwise, None
+    if not distributed.is_main():  # process 0 alone runs the end-to-end step
         return blockwise, None
     if calibration.shape[0] < recipe.e2e_samples:
         raise LrquantError(
@@ -613,8 +614,8 @@ def quantize(
         rule = default_rule(now) if method == AUTO else None
         if rule is not None:
             log(f"recipe: LRQuant+ for a {rule.when}{_rule_summary(rule)}")
-        if (stream or distributed.world() > 1) and method == AUTO:
-            recipe = _without_end_to_end(recipe, scheme, "streamed" if stream else "several processes")
+        if stream and method == AUTO:
+            recipe = _without_end_to_end(recipe, scheme)
         if scheme.patch_embed:
             patch_embedding(loaded.model)  # a model without one stops here, before any work
         _note_whole_row_groups(loaded, scheme)
@@ -632,12 +633,13 @@ def quantize(
             stream,
             distributed.world(),
             run_eval,
+            max_memory,
         )
         log(f"estimate: {cost.words()}")
         calibration = None
         if method != "rtn":
             calibration = calibration_data(loaded, data, recipe.calibration_samples)
-            _check_processes(recipe, scheme, calibration)
+            _check_processes(recipe, calibration)
         evaluation: dict[str, object] = {}
         run_eval = run_eval and main
         if run_eval and stream:  # scored after saving, side by side (Text.streamed_evaluation)

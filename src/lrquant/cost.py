@@ -21,6 +21,8 @@ import torch.nn as nn
 
 from lrquant.arch import ArchSpec
 from lrquant.config import QuantScheme
+from lrquant.methods.activations import AT_ONCE, DTYPES
+from lrquant.models.streaming import available_memory
 from lrquant.recipes import Recipe, use_bf16
 
 # shares of the timed matrix product's speed that the learner reaches: training steps (forward,
@@ -76,11 +78,13 @@ def estimate(
     streamed: bool = False,
     processes: int = 1,
     evaluate: bool = False,
+    max_memory: int | None = None,
 ) -> Estimate:
     """The cost of quantizing ``model`` with ``recipe`` (None: round to nearest) on ``windows``
     calibration windows of ``tokens`` tokens each, learning on ``device``; a streamed model
     holds one block at a time; ``processes`` share the windows; ``evaluate``: the evaluation
-    before and after too (a language model's)."""
+    before and after too (a language model's); ``max_memory``: the calibration chains' memory
+    budget (:mod:`lrquant.methods.activations`; past it they live in files, not counted)."""
     blocks = arch.block_list(model)
     linears = _linears(blocks[0])
     block_params = sum(m.weight.numel() for m in linears)
@@ -109,7 +113,12 @@ def estimate(
     vocab = getattr(config, "vocab_size", 0) or 0
     memory += 2 * 4 * tokens * vocab  # a window's logits (recording what each block is called with)
     if recipe is not None:
-        memory += 5 * 4 * total_tokens * hidden  # both chains, both targets and the next inputs
+        chains = AT_ONCE * DTYPES[recipe.chain_dtype].itemsize * total_tokens * hidden
+        if max_memory is None:
+            available = available_memory()
+            max_memory = None if available is None else available // 2
+        if max_memory is None or chains <= max_memory:  # else in memory-mapped files
+            memory += chains
         batch = recipe.batch_size * tokens
         intermediate = max(m.out_features for m in linears)
         memory += 4 * batch * (12 * hidden + 6 * intermediate) * (1 if recipe.learn else 0)
