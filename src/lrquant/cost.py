@@ -35,8 +35,9 @@ COMPILE_S = 15.0  # compiling the fake quantizer, once per run (measured on the 
 # and, streamed, reading them from the checkpoint and writing them to the resume store
 ROUND_S_PER_BYTE = 2.5e-9
 STREAM_S_PER_BYTE = 7e-9
-# a window's logits while scoring: the model's and the reference's, their log-softmax, the KL terms
-LOGITS_COPIES = 8
+# a window's logits while scoring: the model's and the reference's, and one made inside the head
+# (the vocabulary-wide temporaries are scored 128 positions at a time)
+LOGITS_COPIES = 3
 
 
 @dataclass(frozen=True)

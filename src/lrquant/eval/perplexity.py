@@ -68,6 +68,10 @@ def score_windows(
     return tally.scores(windows.shape[0])
 
 
+# positions scored at once (:class:`_Tally`)
+SCORE_CHUNK = 128
+
+
 class _Tally:
     """The sums behind :func:`score_windows`' scores, one batch of windows at a time."""
 
@@ -80,25 +84,28 @@ class _Tally:
         """Count the windows ``batch`` (rows ``rows`` of all), with the model's ``logits`` and the
         reference's ``ref`` (or None) on the same device."""
         device = logits.device
-        # the predictions that count, as [tokens, vocab], and their targets
-        if self.scored is None:
-            pick = lambda t: t.flatten(0, 1)  # noqa: E731
-        else:
-            mask = self.scored[rows, 1:].to(device)
-            pick = lambda t: t[mask]  # noqa: E731
         if self.answers is not None:
             at, answer, choices = (t[rows].to(device) for t in self.answers)
             before = logits[torch.arange(len(at), device=device), at - 1]  # predicts the answer
             self.right += int((before.gather(1, choices).argmax(1) == answer).sum())
-        logits, targets = pick(logits[:, :-1].float()), pick(batch[:, 1:])
-        self.nll += F.cross_entropy(logits, targets, reduction="sum").item()
-        self.count += targets.numel()
+        mask = None if self.scored is None else self.scored[rows, 1:].to(device)
         if ref is not None:
             self.reference = True
-            ref = pick(ref[:, :-1].float())
-            log_p, log_q = F.log_softmax(ref, dim=-1), F.log_softmax(logits, dim=-1)
-            self.kl += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
-            self.agree += int((ref.argmax(-1) == logits.argmax(-1)).sum())
+        # a few positions at a time: the vocabulary-wide temporaries (float32 copies, log-softmaxes,
+        # the KL terms) then stay small beside the logits themselves
+        for window in range(batch.shape[0]):
+            for start in range(0, batch.shape[1] - 1, SCORE_CHUNK):
+                cut = slice(start, min(start + SCORE_CHUNK, batch.shape[1] - 1))
+                keep = slice(None) if mask is None else mask[window, cut]
+                here = logits[window, cut][keep].float()
+                targets = batch[window, cut.start + 1 : cut.stop + 1][keep]
+                self.nll += F.cross_entropy(here, targets, reduction="sum").item()
+                self.count += targets.numel()
+                if ref is not None:
+                    theirs = ref[window, cut][keep].float()
+                    log_p, log_q = F.log_softmax(theirs, dim=-1), F.log_softmax(here, dim=-1)
+                    self.kl += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
+                    self.agree += int((theirs.argmax(-1) == here.argmax(-1)).sum())
 
     def scores(self, windows: int) -> dict[str, float]:
         scores = {"perplexity": math.exp(self.nll / self.count)}
