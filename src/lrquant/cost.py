@@ -137,8 +137,10 @@ def estimate(
 
 def _matmul_rate(rows: int, inner: int, cols: int, device: torch.device, recipe: Recipe | None) -> float:
     """Floating-point operations per second of a ``[rows, inner] x [inner, cols]`` product in
-    the dtype the learner trains in, timed for about a fifth of a second."""
-    dtype = torch.bfloat16 if recipe is not None and use_bf16(recipe, device) else torch.float32
+    the dtype the learner trains in (bf16 where a learning recipe trains under autocast; a
+    recipe that learns nothing, e.g. GPTQ's, runs float32), timed for about a fifth of a second."""
+    bf16 = recipe is not None and recipe.learn and use_bf16(recipe, device)
+    dtype = torch.bfloat16 if bf16 else torch.float32
     a = torch.randn(rows, inner, device=device, dtype=dtype)
     b = torch.randn(inner, cols, device=device, dtype=dtype)
     a @ b  # warm up
