@@ -233,6 +233,20 @@ def test_stream_scale_runs_on_a_tiny_shape(tmp_path) -> None:
     assert rows_[1]["activations"]["where"] == "memory (cpu)" and rows_[1]["activations"]["bytes"] > 0
 
 
+def test_time_model_prints_estimates_beside_measured_rows(tmp_path) -> None:
+    row = {"shape": "1b", "method": "gptq", "nsamples": 1, "seqlen": 32, "overrides": None,
+           "scheme": {"wbits": 4, "abits": 16, "group_size": 128}, "perplexity": None,
+           "seconds_per_block": 12.5, "peak_rss_mb": 3072}  # fmt: skip
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    args = ["--shapes", "1b", "70b", "--methods", "rtn", "gptq", "--nsamples", "1", "--seqlen", "32"]
+    out = run_script("time_model.py", [*args, "--measured", "rows"], tmp_path)
+    table = [line for line in out.splitlines() if line.startswith("| 1b") or line.startswith("| 70b")]
+    assert len(table) == 4
+    gptq_1b = table[1].split("|")
+    assert gptq_1b[3].strip() == "gptq" and gptq_1b[5].strip() == "12.5" and gptq_1b[8].strip() == "3.0"
+    assert float(table[3].split("|")[4]) > float(gptq_1b[4])  # a 70B block costs more than a 1B one
+
+
 def test_processes_compares_one_process_with_two(tiny_llama, tmp_path) -> None:
     args = ["--model", str(tiny_llama), "--processes", "2", "--threads", "2", "--group-size", "16",
             "--nsamples", "4", "--eval-windows", "2", "--set", "epochs=1", "--set", "compile=false",
