@@ -88,8 +88,13 @@ def test_streamed_run_writes_and_scores_what_an_in_memory_run_does(
     for key, tensor in memory.items():
         assert torch.equal(tensor, streamed[key]), key
     assert reports[True]["model"]["streamed"] and not reports[False]["model"]["streamed"]
-    assert len(list((tmp_path / "out-True").glob("model-*-of-*.safetensors"))) == 4  # 3 blocks and the rest
+    # 3 blocks and the rest; a head left on disk until the save in a shard of its own
     index = json.loads((tmp_path / "out-True" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(list((tmp_path / "out-True").glob("model-*-of-*.safetensors"))) == len(shards) in (4, 5)
+    assert len(shards) == 4 or {k for k, v in index["weight_map"].items() if v == shards[-1]} == {
+        "lm_head.weight"
+    }
     assert index["metadata"]["total_size"] == sum(
         t.numel() * t.element_size() for k, t in streamed.items() if k.startswith("model:")
     )

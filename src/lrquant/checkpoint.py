@@ -106,7 +106,8 @@ def save_streamed(
     are gathered into one file without holding them all. Loads to the same tensors as
     :func:`save_quantized` of the same model quantized in memory."""
     model, arch, stream = loaded.model, loaded.arch, loaded.stream
-    count = len(stream) + 1
+    lazy = bool(stream.lazy)  # an untied head still on disk: read and written last, on its own
+    count = len(stream) + 1 + lazy
     weight_map: dict[str, str] = {}
     rotation_tensors: dict[str, torch.Tensor] = {}
     rotations: dict[str, str] = {}
@@ -138,15 +139,23 @@ def save_streamed(
         linears = [(f"{name}.{n}", m) for n, m in block.named_modules() if isinstance(m, QuantLinear)]
         detach_block_quantizers(block, arch)
         write(index, {f"{name}.{k}": v for k, v in block.state_dict().items()}, linears)
-    stream.load_lazy()  # an untied head left on disk
     heads = [(name, head) for name, head in head_linears(model, arch) if isinstance(head, QuantLinear)]
     detach_quantizers(model, arch)  # the head's (the blocks are weightless skeletons)
-    rest, seen = {}, set()
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        if not tensor.is_meta and id(tensor) not in seen:  # a tied head is saved once, as transformers does
-            seen.add(id(tensor))
-            rest[key] = tensor.float() if tensor.is_floating_point() else tensor  # a 16-bit embedding
-    write(len(stream), rest, heads)
+    seen: set[int] = set()
+
+    def outside_blocks() -> dict[str, torch.Tensor]:
+        """What is in memory outside the blocks and not written yet, in float32."""
+        rest = {}
+        for key, tensor in model.state_dict(keep_vars=True).items():
+            if not tensor.is_meta and id(tensor) not in seen:  # a tied head once, as transformers saves it
+                seen.add(id(tensor))
+                rest[key] = tensor.float() if tensor.is_floating_point() else tensor  # a 16-bit embedding
+        return rest
+
+    write(len(stream), outside_blocks(), heads)  # the float32 copy of the embedding goes before ...
+    if lazy:
+        stream.load_lazy()  # ... the head is read: they are never in memory together
+        write(len(stream) + 1, outside_blocks(), [])
     write_json(Path(folder) / SHARD_INDEX, {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map})
     if parts:
         concat_safetensors(parts, Path(folder) / INTEGERS_FILE)
