@@ -236,8 +236,13 @@ def load_rows(name: str) -> list[dict]:
 
 
 def find_row(rows: list[dict], job: dict) -> dict | None:
-    """The row that ran exactly ``job``, if any."""
-    return next((r for r in rows if all(r.get(k) == v for k, v in job.items())), None)
+    """The row that ran exactly ``job``, if any (a job's ``also`` names the texts whose scores
+    its row holds)."""
+
+    def same(row: dict, key: str, value) -> bool:
+        return sorted(row.get(key) or {}) == sorted(value) if key == "also" else row.get(key) == value
+
+    return next((r for r in rows if all(same(r, k, v) for k, v in job.items())), None)
 
 
 def _kl_cells(row: dict) -> str:

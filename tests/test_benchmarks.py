@@ -54,6 +54,15 @@ def test_llm_table_runs_records_and_resumes(tiny_llama, tmp_path) -> None:
     assert "lrquant_plus W4A4" in " ".join(again.split())
 
 
+def test_llm_table_with_a_second_text_resumes_too(tiny_llama, tmp_path) -> None:
+    command = ["--model", str(tiny_llama), "--methods", "rtn", "--settings", "W4A8", "--seqlen", "32",
+               "--windows", "2", "--eval-also", "news:test", "--name", "also"]  # fmt: skip
+    run_script("llm_ppl.py", command, tmp_path)
+    assert set(rows(tmp_path, "also")[0]["also"]) == {"news:test"}
+    run_script("llm_ppl.py", command, tmp_path)  # finds its row: runs nothing
+    assert len(rows(tmp_path, "also")) == 1
+
+
 def test_vision_benchmarks_run_on_a_tiny_backbone(tmp_path) -> None:
     model = str(save_tiny_vision_model("dinov2", tmp_path / "dinov2"))
     results = tmp_path / "results"
