@@ -531,9 +531,19 @@ def fold(
         shared = _SharedTerms(quant_out.float(), [work.fp_out], recipe.model_copy(update={"mse": True}))
         work.report.cosine, work.report.mse = shared.cosines[0], shared.values["mse"]
     else:
-        work.report.cosine = float(losses.token_cosine(quant_out, work.fp_out))
-        work.report.mse = float(losses.mse(quant_out, work.fp_out))
+        work.report.cosine, work.report.mse = _closeness(quant_out, work.fp_out)
     return ChainState(fp=work.fp_out, quant=quant_out)
+
+
+def _closeness(out: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """Mean token cosine and mean squared error of two stored chains, one window at a time (a
+    chain kept in bf16 or in a file is never copied whole to float32)."""
+    cosines, squares = 0.0, 0.0
+    for window in range(out.shape[0]):
+        a, b = out[window].float(), target[window].float()
+        cosines += float(F.cosine_similarity(a, b, dim=-1).sum())
+        squares += float((a - b).square().sum())
+    return cosines / out.shape[:-1].numel(), squares / out.numel()
 
 
 # -------------------------------------------------------------------------------------- the loop
