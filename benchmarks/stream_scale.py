@@ -1,6 +1,6 @@
 """Models larger than memory: LLaMA-shaped bfloat16 checkpoints quantized streamed (not in CI).
 
-Writes a checkpoint of the shape of Llama 3.2 1B or 3B or Llama 3.1 8B (``--shape``; cut to
+Writes a checkpoint of the shape of Llama 3.2 1B or 3B or Llama 3.1 8B or 70B (``--shape``; cut to
 ``--blocks`` blocks when given) with seeded random bfloat16 weights, one tensor at a time, then
 runs ``lrquant quantize --stream on`` with each method in a fresh process (``--no-eval`` unless
 ``--eval``) and records its seconds, seconds per block, peak resident memory (``VmHWM``), the
@@ -45,6 +45,8 @@ SHAPES = {
                num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
 }  # fmt: skip
 METHODS = {"rtn": ("rtn", []), "gptq": ("gptq", []), "lrquant_plus": ("lrquant_plus", [])}
 

@@ -21,18 +21,10 @@ import platform
 from pathlib import Path
 
 import torch
+from stream_scale import SHAPES as STREAM_SHAPES
 
 RESULTS = Path(os.environ.get("LRQUANT_BENCH_RESULTS") or Path(__file__).parent / "results")
-SHAPES = {
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
-    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-               num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-}  # fmt: skip
+SHAPES = {name: shape for name, shape in STREAM_SHAPES.items() if name != "tiny"}
 
 
 def estimates(shape: str, methods: list[str], nsamples: int, seqlen: int, group_size: int) -> list[dict]:

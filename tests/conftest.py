@@ -102,6 +102,14 @@ def tiny_llama(tiny_models: TinyModels) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny llama with 3 blocks (an interruption after block 0 is mid-run)."""
+    from lrquant.models.tiny import save_tiny_model
+
+    return save_tiny_model("llama", tmp_path_factory.mktemp("llama3") / "model", num_layers=3)
+
+
+@pytest.fixture(scope="session")
 def wide_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny llama whose linears take whole 256-weight GGUF super-blocks (hidden 256, MLP 512)."""
     import json

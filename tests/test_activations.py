@@ -17,14 +17,8 @@ from lrquant.config import build_scheme
 from lrquant.errors import LrquantError
 from lrquant.methods.activations import AT_ONCE, Activations, parse_size
 from lrquant.methods.resume import ResumeStore
-from lrquant.models.tiny import save_tiny_model
 
 SCHEME = build_scheme(4, 8, group_size=16)
-
-
-@pytest.fixture(scope="module")
-def llama3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model("llama", tmp_path_factory.mktemp("acts") / "model", num_layers=3)
 
 
 @pytest.fixture(scope="module")

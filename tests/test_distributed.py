@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 from lrquant.methods import blockwise, losses
 from lrquant.methods.resume import ResumeStore
-from lrquant.models.tiny import save_tiny_model
 from lrquant.recipes import build_recipe
 
 STEP = """
@@ -93,11 +92,6 @@ def test_a_step_over_two_processes_is_the_step_of_one() -> None:
         assert shared[0]["terms"][key] == pytest.approx(value, rel=1e-5)
     for mine, theirs in zip(block.parameters(), shared[0]["params"], strict=True):
         torch.testing.assert_close(mine.detach().flatten(), torch.tensor(theirs), rtol=1e-5, atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def llama3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model("llama", tmp_path_factory.mktemp("dist") / "llama", num_layers=3)
 
 
 def _command(model: Path, text: Path, out: Path, method: str, *more: str) -> list[str]:

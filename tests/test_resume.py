@@ -21,17 +21,10 @@ from lrquant.checkpoint import REPORT_FILE
 from lrquant.config import build_scheme
 from lrquant.errors import LrquantError
 from lrquant.methods.resume import META, ResumeStore
-from lrquant.models.tiny import save_tiny_model
 
-NUM_LAYERS = 3
+NUM_LAYERS = 3  # the blocks of the llama3 fixture (conftest.py)
 SCHEME = build_scheme(4, 4, group_size=16)
 OVERRIDES = {"epochs": 1}
-
-
-@pytest.fixture(scope="module")
-def llama3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved tiny llama with 3 blocks, so an interruption after block 0 is mid-run."""
-    return save_tiny_model("llama", tmp_path_factory.mktemp("llama3") / "model", num_layers=NUM_LAYERS)
 
 
 @pytest.fixture(scope="module")
