@@ -70,7 +70,7 @@ def main() -> None:
     measured = [
         r for r in measured_rows(args.measured)
         if r["nsamples"] == args.nsamples and r["seqlen"] == args.seqlen and not r.get("overrides")
-        and r.get("perplexity") is None  # not evaluated: the estimate is of quantizing alone
+        and not r.get("perplexity")  # not evaluated: the estimate is of quantizing alone
         and r["scheme"] == {"wbits": 4, "abits": 16, "group_size": args.group_size}
     ]  # fmt: skip
     cpu = platform.processor() or platform.machine()
