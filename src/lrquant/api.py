@@ -564,7 +564,7 @@ def quantize(
     the safetensors files one at a time, learned, written to the resume store and dropped; the
     output is written from the store block by block, and evaluated block by block (the quantized
     and the full-precision model side by side). The output equals an in-memory run's. Not yet
-    with the end-to-end step or Hadamard rotations (the default leaves them out, and says so).
+    with the end-to-end step (the default leaves it out, and says so).
     ``None``: streamed when the model is a language model that would take more than 60 % of the
     available memory in float32.
 
