@@ -21,8 +21,7 @@ import torch.nn as nn
 
 from lrquant.arch import ArchSpec
 from lrquant.config import QuantScheme
-from lrquant.methods.activations import AT_ONCE, DTYPES
-from lrquant.models.streaming import available_memory
+from lrquant.methods.activations import AT_ONCE, DTYPES, memory_budget, spills
 from lrquant.recipes import Recipe, use_bf16
 
 # shares of the timed matrix product's speed that the learner reaches: training steps (forward,
@@ -115,10 +114,7 @@ def estimate(
     memory += 2 * 4 * tokens * vocab  # a window's logits (recording what each block is called with)
     if recipe is not None:
         chains = AT_ONCE * DTYPES[recipe.chain_dtype].itemsize * total_tokens * hidden
-        if max_memory is None:
-            available = available_memory()
-            max_memory = None if available is None else available // 2
-        if max_memory is None or chains <= max_memory:  # else in memory-mapped files
+        if not spills(chains, memory_budget(max_memory)):  # else in memory-mapped files
             memory += chains
         batch = recipe.batch_size * tokens
         intermediate = max(m.out_features for m in linears)

@@ -6,8 +6,8 @@ tensors ``[windows, tokens, hidden]`` at once. :class:`Activations` holds them i
 (``Recipe.chain_dtype``: bf16 halves them) and, past a memory budget (``--max-memory``, or half
 the memory available when the pass starts), in memory-mapped files under the run's resume
 folder. The files are unlinked as soon as they are mapped: the operating system frees their
-space when the tensor goes, and a stopped run leaves none behind. Computation always sees
-float32 batches on the learning device (:meth:`Activations.batch`).
+space when the tensor goes, and a stopped run leaves none behind. Computation always takes
+float32 batches of them on the learning device (:func:`lrquant.methods.capture.batches`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,20 @@ from lrquant.models.streaming import available_memory
 # full-precision one is the next full-precision input) and the quantized chain's next inputs
 AT_ONCE = 5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def memory_budget(max_memory: int | None) -> int | None:
+    """The bytes the chains may hold in memory: ``max_memory``, or half the memory available
+    now (None when that is unknown: no limit)."""
+    if max_memory is not None:
+        return max_memory
+    available = available_memory()
+    return None if available is None else available // 2
+
+
+def spills(chains_bytes: int, budget: int | None) -> bool:
+    """Whether chains of ``chains_bytes`` in all go to files under ``budget``."""
+    return budget is not None and chains_bytes > budget
 
 
 @dataclass
@@ -47,15 +61,11 @@ class Activations:
     ) -> Activations:
         """Chains in ``dtype`` (a ``Recipe.chain_dtype``) that spill to files in ``spill`` past
         ``budget`` bytes (None: half the memory available now, when known)."""
-        if budget is None and spill is not None:
-            available = available_memory()
-            budget = None if available is None else available // 2
-        return cls(DTYPES[dtype], device, spill, budget)
+        return cls(DTYPES[dtype], device, spill, memory_budget(budget) if spill is not None else budget)
 
     def _decide(self, shape: tuple[int, ...]) -> None:
         self.chain_bytes = int(torch.Size(shape).numel()) * self.dtype.itemsize
-        over = self.budget is not None and AT_ONCE * self.chain_bytes > self.budget
-        self.folder = self.spill if over else None
+        self.folder = self.spill if spills(AT_ONCE * self.chain_bytes, self.budget) else None
 
     @property
     def on_disk(self) -> bool:

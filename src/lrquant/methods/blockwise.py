@@ -36,7 +36,7 @@ from lrquant import distributed
 from lrquant.arch import ArchSpec
 from lrquant.config import QuantScheme
 from lrquant.console import log
-from lrquant.device import placed, to_device
+from lrquant.device import module_device, placed, to_device
 from lrquant.errors import LrquantError
 from lrquant.methods import losses
 from lrquant.methods.activations import DTYPES, Activations
@@ -376,7 +376,7 @@ def _hooked(block: nn.Module, linears: list[QuantLinear], hook, inputs: torch.Te
     """Run ``block`` on ``inputs`` with ``hook`` as a forward pre-hook on each of ``linears``."""
     handles = [m.register_forward_pre_hook(hook) for m in linears]
     try:
-        for x in batches(inputs, recipe.batch_size, next(block.parameters()).device):
+        for x in batches(inputs, recipe.batch_size, module_device(block)):
             block(x, **kwargs)
     finally:
         for handle in handles:
@@ -450,7 +450,7 @@ def train(learner: Learner, work: BlockWork, state: ChainState, bar: tqdm | None
     recipe, bits_factor = learner.recipe, learner.bits_factor
     seed = learner.seed * 1000 + report.index
     initial = copy.deepcopy(bt.state_dict())
-    device = next(block.parameters()).device
+    device = module_device(block)
     n = learner.windows or state.quant.shape[0]  # every process's windows (:mod:`lrquant.distributed`)
     mine = {int(g): i for i, g in enumerate(distributed.owned(n))} if distributed.world() > 1 else None
     for attempt in range(recipe.max_retries + 1):

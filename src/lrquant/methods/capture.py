@@ -51,17 +51,18 @@ def capture_block_inputs(
     first = arch.block_list(model)[0]
     rows: list[torch.Tensor] = []
     out: torch.Tensor | None = None  # with ``into``: filled one sample (a batch of one) at a time
+    done = 0
 
     def grab(_module, args, kwargs):
-        nonlocal out
-        hidden = args[0] if args else kwargs["hidden_states"]
+        nonlocal out, done
+        hidden = (args[0] if args else kwargs["hidden_states"]).detach()
         if into is None:
-            rows.append(hidden.detach().float())
-            raise _Stop
-        if out is None:
-            out = into.empty((samples.shape[0], *hidden.shape[1:]))
-        out[len(rows)] = hidden.detach()[0]
-        rows.append(hidden.new_empty(0))  # counts the samples done
+            rows.append(hidden.float())
+        else:
+            if out is None:
+                out = into.empty((samples.shape[0], *hidden.shape[1:]))
+            out[done] = hidden[0]
+            done += 1
         raise _Stop
 
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
