@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -50,3 +51,21 @@ def correlated_llama(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tens
     calibration = torch.randint(3, model.config.vocab_size, (8, 32), generator=generator)
     held_out = torch.randint(3, model.config.vocab_size, (4, 64), generator=generator)
     return model, calibration, held_out
+
+
+def interrupt_after_block(monkeypatch: pytest.MonkeyPatch, index: int) -> list[int]:
+    """Make a learned run stop (Ctrl-C) right after block ``index`` was saved to its resume store;
+    returns the indices saved (``index`` -1: never stop, only record)."""
+    from lrquant.methods.resume import ResumeStore
+
+    original = ResumeStore.save_block
+    saved: list[int] = []
+
+    def save_then_interrupt(self, i, block, state, report=None) -> None:
+        original(self, i, block, state, report)
+        saved.append(i)
+        if i == index:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ResumeStore, "save_block", save_then_interrupt)
+    return saved

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TEST_DEVICE
+from helpers import TEST_DEVICE, interrupt_after_block
 from safetensors.torch import load_file
 
 from lrquant import api, cli
 from lrquant.config import build_scheme
 from lrquant.errors import LrquantError
 from lrquant.methods.activations import AT_ONCE, Activations, parse_size
-from lrquant.methods.resume import ResumeStore
 
 SCHEME = build_scheme(4, 8, group_size=16)
 
@@ -127,15 +126,8 @@ def test_an_interrupted_run_with_chains_in_files_resumes_to_the_same_output(
     llama3: Path, data: api.DataSettings, tmp_path: Path, monkeypatch
 ) -> None:
     _run(llama3, tmp_path / "whole", data, max_memory=1)
-    original = ResumeStore.save_block
-
-    def stop_after_first(self, i, block, state, report) -> None:
-        original(self, i, block, state, report)
-        if i == 0:
-            raise KeyboardInterrupt
-
     with monkeypatch.context() as patch:
-        patch.setattr(ResumeStore, "save_block", stop_after_first)
+        interrupt_after_block(patch, 0)
         with pytest.raises(KeyboardInterrupt):
             _run(llama3, tmp_path / "again", data, max_memory=1)
     assert list((tmp_path / ".again.resume" / "activations").iterdir()) == []  # no chain files left

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from gguf.quants import dequantize
+from helpers import interrupt_after_block
 from safetensors.torch import load_file
 from test_export_gguf import gguf_logits
 
@@ -19,7 +20,6 @@ from lrquant.config import QuantSpec, build_scheme
 from lrquant.errors import LrquantError
 from lrquant.export import read_output
 from lrquant.export.gguf import learned_grids
-from lrquant.methods.resume import ResumeStore
 from lrquant.models.loading import load_model
 
 LLAMA = {
@@ -220,19 +220,12 @@ def test_a_run_for_gguf_types_resumes_to_the_same_output(
 ) -> None:
     """Interrupted after block 0 and rerun, the finished block is restored on its own grids and the
     output equals the uninterrupted run's bit for bit."""
-    original = ResumeStore.save_block
-
-    def save_then_interrupt(self, i, block, state, report) -> None:
-        original(self, i, block, state, report)
-        if i == 0:
-            raise KeyboardInterrupt
-
     out = tmp_path / "out"
     scheme = build_scheme(4, group_size=32, w_symmetric=True)
     run = (str(wide_llama), out, scheme, "lrquant_plus", "fast", {"epochs": 1}, data)
     options = {"run_eval": False, "format": "gguf", "gguf_type": MIX}
     with monkeypatch.context() as patch:
-        patch.setattr(ResumeStore, "save_block", save_then_interrupt)
+        interrupt_after_block(patch, 0)
         with pytest.raises(KeyboardInterrupt):
             api.quantize(*run, **options)
     assert not out.exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import logits, rel_err
+from helpers import interrupt_after_block, logits, rel_err
 from safetensors.torch import load_file
 from test_transforms import perturb, random_stats
 from transformers import AutoModelForCausalLM
@@ -18,7 +18,6 @@ from lrquant.arch import get_arch_spec
 from lrquant.checkpoint import QUANT_FILE, ROTATIONS_FILE
 from lrquant.config import build_scheme
 from lrquant.errors import LrquantError
-from lrquant.methods.resume import ResumeStore
 from lrquant.models.loading import load_model
 from lrquant.models.tiny import save_tiny_model, tiny_model
 from lrquant.models.tiny_vision import IMAGE_SIZE, TINY_VISION_ARCHS, tiny_vision_model
@@ -222,15 +221,8 @@ def test_rotated_run_resumes_to_the_same_checkpoint(
 ) -> None:
     source = save_tiny_model("llama", tmp_path / "model", num_layers=3)
     _quantize(source, tmp_path / "a", data, "online")
-    original = ResumeStore.save_block
-
-    def save_then_interrupt(self, i, block, state, report) -> None:
-        original(self, i, block, state, report)
-        if i == 0:
-            raise KeyboardInterrupt
-
     with monkeypatch.context() as patch:
-        patch.setattr(ResumeStore, "save_block", save_then_interrupt)
+        interrupt_after_block(patch, 0)
         with pytest.raises(KeyboardInterrupt):
             _quantize(source, tmp_path / "b", data, "online")
     _quantize(source, tmp_path / "b", data, "online")

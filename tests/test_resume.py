@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TEST_DEVICE
+from helpers import TEST_DEVICE, interrupt_after_block
 from safetensors.torch import load_file
 
 from lrquant import api, cli
 from lrquant.checkpoint import REPORT_FILE
 from lrquant.config import build_scheme
 from lrquant.errors import LrquantError
-from lrquant.methods.resume import META, ResumeStore
+from lrquant.methods.resume import META
 
 NUM_LAYERS = 3  # the blocks of the llama3 fixture (conftest.py)
 SCHEME = build_scheme(4, 4, group_size=16)
@@ -59,21 +59,6 @@ def _run(
     )
 
 
-def _interrupt_after_block(monkeypatch: pytest.MonkeyPatch, index: int) -> list[int]:
-    """Make the run stop (Ctrl-C) right after block ``index`` was saved; returns the saved indices."""
-    original = ResumeStore.save_block
-    saved: list[int] = []
-
-    def save_then_interrupt(self, i, block, state, report) -> None:
-        original(self, i, block, state, report)
-        saved.append(i)
-        if i == index:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ResumeStore, "save_block", save_then_interrupt)
-    return saved
-
-
 def _resume_folder(out: Path) -> Path:
     return out.parent / f".{out.name}.resume"
 
@@ -84,7 +69,7 @@ def test_interrupted_run_resumes_to_the_same_checkpoint(
     out = tmp_path / "out_b"
     resume = _resume_folder(out)
     with monkeypatch.context() as patch:
-        saved = _interrupt_after_block(patch, 0)
+        saved = interrupt_after_block(patch, 0)
         with pytest.raises(KeyboardInterrupt):
             _run(llama3, out, data)
     assert saved == [0]
@@ -96,7 +81,7 @@ def test_interrupted_run_resumes_to_the_same_checkpoint(
     assert (resume / "block-0.safetensors").is_file() and (resume / "chain-0.safetensors").is_file()
 
     with monkeypatch.context() as patch:
-        saved = _interrupt_after_block(patch, -1)  # only records
+        saved = interrupt_after_block(patch, -1)  # only records
         report = _run(llama3, out, data)
     assert saved == [1, 2]  # resumed: block 0 was not learned again
     assert out.is_dir() and not resume.exists()
@@ -140,7 +125,7 @@ def test_optional_finishing_steps_resume_to_the_same_checkpoint(
     whole, parts = tmp_path / "a", tmp_path / "b"
     _run(llama3, whole, data, overrides, method)
     with monkeypatch.context() as patch:
-        saved = _interrupt_after_block(patch, stop_after)
+        saved = interrupt_after_block(patch, stop_after)
         with pytest.raises(KeyboardInterrupt):
             _run(llama3, parts, data, overrides, method)
     assert saved[-1] == stop_after
@@ -160,7 +145,7 @@ def test_rerun_with_other_settings_refuses_the_resume_folder(
 ) -> None:
     out = tmp_path / "out_c"
     with monkeypatch.context() as patch:
-        _interrupt_after_block(patch, 0)
+        interrupt_after_block(patch, 0)
         with pytest.raises(KeyboardInterrupt):
             _run(llama3, out, data)
     resume = _resume_folder(out)
@@ -180,7 +165,7 @@ def test_cli_interrupt_exits_130_with_a_resume_hint(
 ) -> None:
     out = tmp_path / "out_cli"
     # This test ends with the resume folder in place; it lives in tmp_path.
-    _interrupt_after_block(monkeypatch, 1)
+    interrupt_after_block(monkeypatch, 1)
     argv = [
         "quantize", "--model", str(llama3), "--output", str(out),
         "--method", "lrquant_plus", "--preset", "fast", "--set", "epochs=1",
@@ -208,7 +193,7 @@ def test_swin_resumes_across_the_patch_merging_between_stages(
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     _run(model, whole, data)
     with monkeypatch.context() as patch:
-        _interrupt_after_block(patch, 1)
+        interrupt_after_block(patch, 1)
         with pytest.raises(KeyboardInterrupt):
             _run(model, resumed, data)
     chain = load_file(_resume_folder(resumed) / "chain-1.safetensors")
@@ -251,7 +236,7 @@ def test_sigterm_stops_like_ctrl_c_and_the_rerun_resumes(
     assert 1 <= done < NUM_LAYERS
 
     with monkeypatch.context() as patch:
-        saved = _interrupt_after_block(patch, -1)  # only records
+        saved = interrupt_after_block(patch, -1)  # only records
         assert cli.main(argv) == 0
     assert saved == list(range(done, NUM_LAYERS))  # resumed after the blocks already saved
     assert out.is_dir() and not _resume_folder(out).exists()
