@@ -36,6 +36,8 @@ from lrquant.transforms.block import (
 )
 
 FP = build_scheme(16, 16)
+# families whose vision tower lrquant maps (Qwen2-VL's packs its patches unbatched: not yet)
+TOWERS = sorted(name for name, spec in TINY_VLMS.items() if spec.model_type not in ("qwen2_vl", "qwen2_5_vl"))
 
 
 def _logits(model, inputs) -> torch.Tensor:
@@ -47,14 +49,19 @@ def _logits(model, inputs) -> torch.Tensor:
 def test_parts_are_found_where_the_spec_says(name: str) -> None:
     model = tiny_vlm_model(name)
     spec = get_vision_language_spec(model.config.model_type)
-    language, vision = spec.language_arch(model.config), spec.vision_arch(model.config)
+    language = spec.language_arch(model.config)
     assert [n for n, _ in language.named_blocks(model)] == [f"{spec.language}.layers.{i}" for i in range(2)]
+    assert isinstance(model.get_submodule(spec.projector), torch.nn.Module)
+    if name not in TOWERS:
+        with pytest.raises(LrquantError, match=r"--quantize-vision is not supported for qwen2(_5)?_vl yet"):
+            spec.vision_arch(model.config)
+        return
+    vision = spec.vision_arch(model.config)
     assert all(n.startswith(spec.vision + ".") for n, _ in vision.named_blocks(model))
     assert len(vision.block_list(model)) == 2
     if language.final_norm is not None:  # where the text map names them (not Gemma's)
         assert model.get_submodule(language.final_norm) is model.get_submodule(spec.language).norm
         assert model.get_submodule(language.embedding).num_embeddings == model.config.text_config.vocab_size
-    assert isinstance(model.get_submodule(spec.projector), torch.nn.Module)
     # both parts learn on what image-text pairs give (the whole model runs up to their blocks)
     assert language.modality == "image-text" and vision.modality == "image-text" and vision.heads == ()
 
@@ -62,7 +69,8 @@ def test_parts_are_found_where_the_spec_says(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(TINY_VLMS))
 def test_transforms_are_exact_on_language_model_and_vision_tower(name: str) -> None:
     """LRQuant+'s smoothing (LAE start, then moved as training would) and its fold leave the
-    logits of image+text inputs unchanged, with both parts transformed."""
+    logits of image+text inputs unchanged, with both parts transformed (the language model
+    alone where the tower is not mapped)."""
     model = tiny_vlm_model(name)
     generator = torch.Generator().manual_seed(1)
     inputs = tiny_vlm_inputs(name, batch=2, text_tokens=40, generator=generator)
@@ -71,10 +79,9 @@ def test_transforms_are_exact_on_language_model_and_vision_tower(name: str) -> N
     other_image = {**inputs, "pixel_values": torch.randn(inputs["pixel_values"].shape, generator=generator)}
     assert rel_err(_logits(model, other_image), ref) > 0.1  # the image reaches the logits
     spec = get_vision_language_spec(model.config.model_type)
-    parts = [
-        (spec.language_arch(model.config), model.config.text_config),
-        (spec.vision_arch(model.config), model.config.vision_config),
-    ]
+    parts = [(spec.language_arch(model.config), model.config.text_config)]
+    if name in TOWERS:
+        parts.append((spec.vision_arch(model.config), model.config.vision_config))
     before = [
         first_projection(b, arch).weight.detach().clone() for arch, _ in parts for b in arch.block_list(model)
     ]
@@ -129,6 +136,12 @@ def vlm(request, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_vlm(request.param, tmp_path_factory.mktemp(request.param) / "model")
 
 
+@pytest.fixture(scope="module", params=TOWERS)
+def tower_vlm(request, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Each tiny vision-language family whose vision tower lrquant maps."""
+    return save_tiny_vlm(request.param, tmp_path_factory.mktemp(request.param) / "model")
+
+
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_vlm("llava", tmp_path_factory.mktemp("llava") / "model")
@@ -144,6 +157,9 @@ def test_blocks_learn_on_the_hidden_states_of_image_and_text(vlm: Path, pairs: P
     calibration = api.calibration_data(loaded, _data(pairs), 4)
     ids = calibration["input_ids"]
     image_tokens = {spec.model_type: spec.image_tokens for spec in TINY_VLMS.values()}[loaded.model_type]
+    if "image_grid_thw" in calibration.fields:  # Qwen2-VL: as many as the image's size gives, merged 2 x 2
+        assert (calibration["image_grid_thw"] == calibration["image_grid_thw"][0]).all()  # one size for all
+        image_tokens = calibration["image_grid_thw"].prod(dim=-1) // 4
     assert ((ids == IMAGE_TOKEN).sum(dim=1) == image_tokens).all()  # every sample holds its image's tokens
     hidden = capture_block_inputs(loaded.model, loaded.arch, calibration)
     assert hidden.shape == (4, ids.shape[1], loaded.model.config.text_config.hidden_size)
@@ -257,6 +273,27 @@ def test_built_in_pairs_are_the_default_and_too_short_windows_are_refused(
     assert not (tmp_path / "short").exists()
 
 
+def test_qwen2_vl_images_of_other_sizes_are_packed_at_the_first_ones(tmp_path: Path) -> None:
+    """Qwen2-VL's processor packs each image's patches in rows, as many as its size gives: the
+    pairs' images are brought to the first one's size so that every sample has as many. Its
+    processor is built without torchvision and saved under the family's own class."""
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (height, width) in enumerate([(40, 48), (64, 32), (20, 90)]):
+        Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a cat sits on the mat")
+    model = save_tiny_vlm("qwen2_vl", tmp_path / "model")
+    loaded = load_model(str(model))
+    samples = api.calibration_data(loaded, _data(folder), 3)
+    grids = samples["image_grid_thw"]
+    assert grids.shape == (3, 3) and (grids == grids[0]).all()
+    assert samples["pixel_values"].shape[:2] == (3, int(grids[0].prod()))  # every patch, not the first
+    assert ((samples["input_ids"] == IMAGE_TOKEN).sum(dim=1) == grids[0].prod() // 4).all()
+    saved = json.loads((model / "processor_config.json").read_text())
+    assert saved["processor_class"] == "Qwen2VLProcessor"
+
+
 def test_command_line_quantizes_and_evaluates_a_vision_language_model(
     llava: Path, pairs: Path, tmp_path: Path, capsys
 ) -> None:
@@ -289,10 +326,12 @@ def _tower_linears(model: torch.nn.Module) -> dict[str, QuantLinear]:
     }
 
 
-def test_vision_tower_quantized_saved_reloaded_and_evaluated(vlm: Path, pairs: Path, tmp_path: Path) -> None:
+def test_vision_tower_quantized_saved_reloaded_and_evaluated(
+    tower_vlm: Path, pairs: Path, tmp_path: Path
+) -> None:
     """--quantize-vision: the tower learns first, with a vision transformer's default rule and
     its own scheme; the reloaded output has its quantizers and scores as the run did."""
-    recipe = {"epochs": 1, "compile": False}
+    vlm, recipe = tower_vlm, {"epochs": 1, "compile": False}
     language_only = api.quantize(str(vlm), tmp_path / "lm", build_scheme(4, 8), "auto", "fast", recipe,
                                  _data(pairs))  # fmt: skip
     report = api.quantize(
@@ -320,13 +359,13 @@ def test_vision_tower_quantized_saved_reloaded_and_evaluated(vlm: Path, pairs: P
 
 @pytest.mark.parametrize("stop_at", [1, 3], ids=["in-the-tower", "in-the-language-model"])
 def test_a_run_interrupted_in_either_part_resumes_to_the_same_checkpoint(
-    vlm: Path, pairs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_at: int
+    tower_vlm: Path, pairs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_at: int
 ) -> None:
     """Finished blocks of each part are saved in its own store; the rerun skips them."""
 
     def run(out: Path) -> dict:
         return api.quantize(
-            str(vlm), out, build_scheme(4, 16), "lrquant_plus", "fast", {"epochs": 1, "compile": False},
+            str(tower_vlm), out, build_scheme(4, 16), "lrquant_plus", "fast", {"epochs": 1, "compile": False},
             _data(pairs), run_eval=False, vision_scheme=build_scheme(4, 8),
         )  # fmt: skip
 
@@ -363,6 +402,12 @@ def test_quantize_vision_is_refused_where_it_does_not_apply(tmp_path: Path, caps
         api.quantize(str(text), tmp_path / "out", build_scheme(4, 16), "rtn", run_eval=False,
                      vision_scheme=build_scheme(4, 16))  # fmt: skip
     assert not (tmp_path / "out").exists()
+    qwen = save_tiny_vlm("qwen2_5_vl", tmp_path / "qwen")
+    argv = ["quantize", "--model", str(qwen), "--output", str(tmp_path / "out"), "--quantize-vision"]
+    assert main(argv) == 2
+    refused = "--quantize-vision is not supported for qwen2_5_vl yet: its tower's blocks"
+    assert refused in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
     argv = ["quantize", "--model", str(text), "--output", str(tmp_path / "out"), "--vision-wbits", "8"]
     assert main(argv) == 2
     assert (
@@ -383,7 +428,9 @@ def test_explain_names_the_vision_towers_recipe(llava: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize(
-    "name, vision_bits", [("llava", None), ("llava_clip", 8)], ids=["language-only", "with-the-tower"]
+    "name, vision_bits",
+    [("llava", None), ("llava_clip", 8), ("qwen2_vl", None)],
+    ids=["language-only", "with-the-tower", "qwen2-vl"],
 )
 def test_compressed_tensors_export_loads_to_the_lrquant_logits(
     name: str, vision_bits: int | None, tmp_path: Path

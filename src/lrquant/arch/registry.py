@@ -264,7 +264,8 @@ _VISION_SPECS: tuple[ArchSpec, ...] = (
 )
 
 _SPECS: tuple[ArchSpec, ...] = (
-    _llama_like("llama", "mistral", "qwen2"),
+    # Qwen2-VL's and Qwen2.5-VL's language models: Qwen2's layers with 3-D rotary positions
+    _llama_like("llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text"),
     _llama_like("qwen3", qk_norm=True),
     _gemma("gemma2", qk_norm=False),
     _gemma("gemma3_text", qk_norm=True),

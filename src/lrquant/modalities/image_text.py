@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from lrquant.arch.vision_language import get_vision_language_spec
 from lrquant.data.pairs import DIGITS_PAIRS, load_pairs
 from lrquant.data.samples import Sample, Samples
 from lrquant.errors import LrquantError
@@ -27,6 +28,7 @@ ANSWERS = ("answer_at", "answer", "choices")
 NOT_INPUTS = (SCORED, *ANSWERS)  # fields evaluation reads, which the model does not take
 # per-token fields of a processor's output: cut and padded with the token ids
 TOKEN_FIELDS = ("input_ids", "token_type_ids", "mm_token_type_ids", SCORED)
+PACKED_BY = "image_grid_thw"  # a processor's field that says its pixels are packed patches
 
 # The default recipe of a vision-language model's language model (no --method): the language
 # model rules (TEXT_RULES, chosen on SmolLM2-135M and Wikipedia) where they were confirmed,
@@ -125,18 +127,30 @@ def encode_pairs(loaded: LoadedModel, pairs, seqlen: int) -> Samples:
     sample; padding at the end changes no earlier token's output. Scored are the text's own
     tokens: the sample's last tokens when they are the text tokenized alone, else every token
     after the image's last (not the image, its wrappers or the padding)."""
-    return encode(loaded.processor, loaded.model.config.image_token_id, pairs, seqlen, loaded.name)
+    prompt = get_vision_language_spec(loaded.model_type).image_prompt
+    return encode(loaded.processor, loaded.model.config.image_token_id, pairs, seqlen, loaded.name, prompt)
 
 
-def encode(processor, image_id: int, pairs, seqlen: int, name: str = "the model") -> Samples:
-    """:func:`encode_pairs` with ``processor``, for a model whose image token is ``image_id``."""
+def encode(
+    processor, image_id: int, pairs, seqlen: int, name: str = "the model", prompt: str = "{image}"
+) -> Samples:
+    """:func:`encode_pairs` with ``processor``, for a model whose image token is ``image_id``
+    and whose prompts place an image as ``prompt`` says (around the processor's image token).
+
+    A processor that packs each image's patches in one row per patch (Qwen2-VL's, with
+    ``image_grid_thw``) gets every image at the first one's size, so that all have as many."""
     marker = getattr(processor, "image_token", None)
     if marker is None:
         raise LrquantError(f"the processor of '{name}' names no image token: it cannot place the image")
     tokens: dict[str, list[torch.Tensor]] = {}  # fields with one value per token
     images: dict[str, list[torch.Tensor]] = {}  # fields with one value per sample
+    size = None  # the first image's, for packed patches
     for pair in pairs:
-        out = processor(images=pair.image, text=marker + pair.text, return_tensors="pt")
+        image = pair.image if size is None or pair.image.size == size else pair.image.resize(size)
+        out = processor(images=image, text=prompt.format(image=marker) + pair.text, return_tensors="pt")
+        if PACKED_BY in out:  # the patches of the one image: kept whole
+            size = size or pair.image.size
+            images.setdefault("pixel_values", []).append(out.pop("pixel_values"))
         row = out["input_ids"][0]
         if (row[:seqlen] == image_id).sum() != (row == image_id).sum():
             raise LrquantError(f"--seqlen {seqlen} cuts into the image's tokens: give a longer --seqlen")

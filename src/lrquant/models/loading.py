@@ -25,6 +25,7 @@ from lrquant.data.images import ImagePreprocess
 from lrquant.errors import LrquantError
 from lrquant.file_checks import check_safetensors, read_json, read_json_object
 from lrquant.models.builtin import BUILTIN_MODELS, is_builtin, resolve_builtin, resolve_gguf
+from lrquant.models.processors import IMAGES_ONLY, load_images_only
 from lrquant.models.streaming import SHARD_INDEX, Stream, WeightFiles, skeleton
 from lrquant.quant.apply import (
     attach_block_quantizers,
@@ -129,7 +130,9 @@ def load_model(
     except (OSError, ValueError) as err:
         raise LrquantError(f"cannot read the config of '{path}': {_first_line(err)}") from None
     arch = _arch(config)
-    processor = _processor(path, trust_remote_code) if arch.modality == "image-text" else None
+    processor = None
+    if arch.modality == "image-text":
+        processor = _processor(path, config.model_type, trust_remote_code)
     tokenizer = _tokenizer(path, trust_remote_code) if arch.modality == "text" else None
     if processor is not None:
         tokenizer = processor.tokenizer
@@ -260,9 +263,9 @@ def _arch(config) -> ArchSpec:
     return get_arch_spec(model_type)
 
 
-def _processor(path: Path, trust_remote_code: bool) -> object:
+def _processor(path: Path, model_type: str, trust_remote_code: bool) -> object:
     """A vision-language model's processor (tokenizer and image processing), refused in one line
-    when the folder has none."""
+    when the folder has none; Qwen2-VL's without its video part (:mod:`lrquant.models.processors`)."""
     from transformers import AutoProcessor
 
     if not (path / "processor_config.json").is_file() and not (path / "preprocessor_config.json").is_file():
@@ -271,6 +274,8 @@ def _processor(path: Path, trust_remote_code: bool) -> object:
             "model needs its processor; copy the files that came with the model"
         )
     try:
+        if model_type in IMAGES_ONLY:
+            return load_images_only(path, model_type, trust_remote_code)
         return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers and tokenizers raise many kinds for damaged files
         raise LrquantError(
