@@ -21,7 +21,7 @@ from lrquant.arch.vision_language import get_vision_language_spec
 from lrquant.cli import main
 from lrquant.config import build_scheme
 from lrquant.errors import LrquantError
-from lrquant.methods.capture import capture_block_inputs
+from lrquant.methods.capture import capture_block_inputs, capture_block_kwargs, model_inputs, run_block
 from lrquant.methods.resume import ResumeStore
 from lrquant.models.loading import load_model
 from lrquant.models.tiny import save_tiny_model
@@ -36,8 +36,6 @@ from lrquant.transforms.block import (
 )
 
 FP = build_scheme(16, 16)
-# families whose vision tower lrquant maps (Qwen2-VL's packs its patches unbatched: not yet)
-TOWERS = sorted(name for name, spec in TINY_VLMS.items() if spec.model_type not in ("qwen2_vl", "qwen2_5_vl"))
 
 
 def _logits(model, inputs) -> torch.Tensor:
@@ -52,10 +50,6 @@ def test_parts_are_found_where_the_spec_says(name: str) -> None:
     language = spec.language_arch(model.config)
     assert [n for n, _ in language.named_blocks(model)] == [f"{spec.language}.layers.{i}" for i in range(2)]
     assert isinstance(model.get_submodule(spec.projector), torch.nn.Module)
-    if name not in TOWERS:
-        with pytest.raises(LrquantError, match=r"--quantize-vision is not supported for qwen2(_5)?_vl yet"):
-            spec.vision_arch(model.config)
-        return
     vision = spec.vision_arch(model.config)
     assert all(n.startswith(spec.vision + ".") for n, _ in vision.named_blocks(model))
     assert len(vision.block_list(model)) == 2
@@ -69,8 +63,7 @@ def test_parts_are_found_where_the_spec_says(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(TINY_VLMS))
 def test_transforms_are_exact_on_language_model_and_vision_tower(name: str) -> None:
     """LRQuant+'s smoothing (LAE start, then moved as training would) and its fold leave the
-    logits of image+text inputs unchanged, with both parts transformed (the language model
-    alone where the tower is not mapped)."""
+    logits of image+text inputs unchanged, with both parts transformed."""
     model = tiny_vlm_model(name)
     generator = torch.Generator().manual_seed(1)
     inputs = tiny_vlm_inputs(name, batch=2, text_tokens=40, generator=generator)
@@ -79,9 +72,10 @@ def test_transforms_are_exact_on_language_model_and_vision_tower(name: str) -> N
     other_image = {**inputs, "pixel_values": torch.randn(inputs["pixel_values"].shape, generator=generator)}
     assert rel_err(_logits(model, other_image), ref) > 0.1  # the image reaches the logits
     spec = get_vision_language_spec(model.config.model_type)
-    parts = [(spec.language_arch(model.config), model.config.text_config)]
-    if name in TOWERS:
-        parts.append((spec.vision_arch(model.config), model.config.vision_config))
+    parts = [
+        (spec.language_arch(model.config), model.config.text_config),
+        (spec.vision_arch(model.config), model.config.vision_config),
+    ]
     before = [
         first_projection(b, arch).weight.detach().clone() for arch, _ in parts for b in arch.block_list(model)
     ]
@@ -133,12 +127,6 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module", params=sorted(TINY_VLMS))
 def vlm(request, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Each tiny vision-language family, saved with its processor."""
-    return save_tiny_vlm(request.param, tmp_path_factory.mktemp(request.param) / "model")
-
-
-@pytest.fixture(scope="module", params=TOWERS)
-def tower_vlm(request, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Each tiny vision-language family whose vision tower lrquant maps."""
     return save_tiny_vlm(request.param, tmp_path_factory.mktemp(request.param) / "model")
 
 
@@ -273,6 +261,35 @@ def test_built_in_pairs_are_the_default_and_too_short_windows_are_refused(
     assert not (tmp_path / "short").exists()
 
 
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_packed_tower_blocks_run_a_batch_as_the_model_runs_each_image(
+    name: str, pairs: Path, tmp_path: Path
+) -> None:
+    """Qwen2-VL's tower blocks read one unbatched sequence (Qwen2.5-VL's in windows, block 0):
+    given a batch of samples, they give what the model's own pass gives for each image."""
+    loaded = load_model(str(save_tiny_vlm(name, tmp_path / "model")))
+    tower = api._vision_tower(loaded)  # the batching hooks
+    samples = api.calibration_data(loaded, _data(pairs), 3)
+    hidden = capture_block_inputs(loaded.model, tower.arch, samples)
+    calls, _ = capture_block_kwargs(loaded.model, tower.arch, next(iter(samples)))
+    blocks = tower.arch.block_list(loaded.model)
+    expected = []
+    handle = blocks[-1].register_forward_hook(
+        lambda _m, _a, out: expected.append(out[0] if isinstance(out, tuple) else out)
+    )
+    with torch.no_grad():
+        for sample in samples:
+            loaded.model(**model_inputs(tower.arch, sample))
+    handle.remove()
+    assert hidden.shape[0] == 3 and hidden.dim() == 3
+    with torch.no_grad():
+        for block, kwargs in zip(blocks, calls, strict=True):
+            hidden = run_block(block, hidden, kwargs, batch_size=3)
+    assert rel_err(hidden, torch.stack(expected)) < 1e-5
+    if name == "qwen2_5_vl":  # block 0 attends within windows, block 1 over the whole image
+        assert len(calls[0]["cu_seqlens"]) > len(calls[1]["cu_seqlens"]) == 2
+
+
 def test_qwen2_vl_images_of_other_sizes_are_packed_at_the_first_ones(tmp_path: Path) -> None:
     """Qwen2-VL's processor packs each image's patches in rows, as many as its size gives: the
     pairs' images are brought to the first one's size so that every sample has as many. Its
@@ -326,12 +343,10 @@ def _tower_linears(model: torch.nn.Module) -> dict[str, QuantLinear]:
     }
 
 
-def test_vision_tower_quantized_saved_reloaded_and_evaluated(
-    tower_vlm: Path, pairs: Path, tmp_path: Path
-) -> None:
+def test_vision_tower_quantized_saved_reloaded_and_evaluated(vlm: Path, pairs: Path, tmp_path: Path) -> None:
     """--quantize-vision: the tower learns first, with a vision transformer's default rule and
     its own scheme; the reloaded output has its quantizers and scores as the run did."""
-    vlm, recipe = tower_vlm, {"epochs": 1, "compile": False}
+    recipe = {"epochs": 1, "compile": False}
     language_only = api.quantize(str(vlm), tmp_path / "lm", build_scheme(4, 8), "auto", "fast", recipe,
                                  _data(pairs))  # fmt: skip
     report = api.quantize(
@@ -349,7 +364,9 @@ def test_vision_tower_quantized_saved_reloaded_and_evaluated(
     assert again["perplexity"] == pytest.approx(report["perplexity"]["quantized"], rel=1e-5)
     assert again["kl"] == pytest.approx(report["fidelity"]["kl"], rel=1e-4)
     linears = _tower_linears(load_model(str(tmp_path / "out")).model)
-    assert len(linears) == 2 * 6  # q, k, v, o and the MLP's two, in each of the 2 blocks
+    # in each of the 2 blocks: q, k, v, o and the MLP's two (Qwen2-VL: q/k/v fused; Qwen2.5-VL's
+    # MLP gated)
+    assert len(linears) == 2 * {"qwen2_vl": 4, "qwen2_5_vl": 5}.get(report["model"]["model_type"], 6)
     for linear in linears.values():
         assert linear.act_spec.bits == 6 and linear.weight_spec.bits == 3
         rows = linear.weight.detach()
@@ -359,13 +376,13 @@ def test_vision_tower_quantized_saved_reloaded_and_evaluated(
 
 @pytest.mark.parametrize("stop_at", [1, 3], ids=["in-the-tower", "in-the-language-model"])
 def test_a_run_interrupted_in_either_part_resumes_to_the_same_checkpoint(
-    tower_vlm: Path, pairs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_at: int
+    vlm: Path, pairs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_at: int
 ) -> None:
     """Finished blocks of each part are saved in its own store; the rerun skips them."""
 
     def run(out: Path) -> dict:
         return api.quantize(
-            str(tower_vlm), out, build_scheme(4, 16), "lrquant_plus", "fast", {"epochs": 1, "compile": False},
+            str(vlm), out, build_scheme(4, 16), "lrquant_plus", "fast", {"epochs": 1, "compile": False},
             _data(pairs), run_eval=False, vision_scheme=build_scheme(4, 8),
         )  # fmt: skip
 
@@ -401,12 +418,6 @@ def test_quantize_vision_is_refused_where_it_does_not_apply(tmp_path: Path, caps
     ):
         api.quantize(str(text), tmp_path / "out", build_scheme(4, 16), "rtn", run_eval=False,
                      vision_scheme=build_scheme(4, 16))  # fmt: skip
-    assert not (tmp_path / "out").exists()
-    qwen = save_tiny_vlm("qwen2_5_vl", tmp_path / "qwen")
-    argv = ["quantize", "--model", str(qwen), "--output", str(tmp_path / "out"), "--quantize-vision"]
-    assert main(argv) == 2
-    refused = "--quantize-vision is not supported for qwen2_5_vl yet: its tower's blocks"
-    assert refused in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     argv = ["quantize", "--model", str(text), "--output", str(tmp_path / "out"), "--vision-wbits", "8"]
     assert main(argv) == 2

@@ -34,6 +34,7 @@ from lrquant.file_checks import read_json_object
 from lrquant.inference import apply_backend, generate_text
 from lrquant.methods.activations import Activations
 from lrquant.methods.blockwise import quantize_blockwise, report_dict
+from lrquant.methods.capture import batch_packed_blocks
 from lrquant.methods.e2e import check_supported, end_to_end_wanted, fp_final_hidden, run_end_to_end
 from lrquant.methods.resume import ResumeStore
 from lrquant.methods.rtn import quantize_rtn, quantize_rtn_streamed
@@ -427,7 +428,9 @@ def _vision_tower(loaded: LoadedModel) -> LoadedModel:
     """``loaded`` seen through its vision tower's map, or one clear error for a model without one."""
     _check_has_tower(loaded.arch, loaded.name)
     spec = get_vision_language_spec(loaded.model_type)
-    return replace(loaded, arch=spec.vision_arch(loaded.model.config))
+    tower = spec.vision_arch(loaded.model.config)
+    batch_packed_blocks(loaded.model, tower)
+    return replace(loaded, arch=tower)
 
 
 def tower_recipe(

@@ -74,6 +74,9 @@ class ArchSpec:
     final_norm: str | None = None
     residual_writers: tuple[str, ...] = ()
     feature_norm: tuple[str, ...] = ()
+    # blocks that take the tokens of all samples packed in one unbatched sequence, delimited by
+    # ``cu_seqlens`` (Qwen2-VL's vision tower): :func:`lrquant.methods.capture.batch_packed_blocks`
+    packed: bool = False
     # where the config of the mapped part sits in the model's (a vision-language model's
     # "text_config"); None: the model's own config
     config: str | None = None
@@ -263,7 +266,32 @@ _VISION_SPECS: tuple[ArchSpec, ...] = (
     ),
 )
 
+
+def _qwen_vl_tower(model_type: str, norm_kind: NormKind, mlp_in: tuple[str, ...], mlp_out: str) -> ArchSpec:
+    # Qwen2-VL's and Qwen2.5-VL's vision towers: pre-norm blocks with a fused q/k/v (v last) and
+    # 2-D rotary embeddings; each block reads every image's patches packed in one unbatched
+    # sequence (``packed``). The tower's own last norm is the projector's (``merger.ln_q``).
+    return ArchSpec(
+        model_types=(model_type,),
+        blocks=("blocks",),
+        attention="attn",
+        norm_kind=norm_kind,
+        mlp_out=(mlp_out,),
+        fused_qkv="attn.qkv",
+        modality="image",
+        heads=(),
+        packed=True,
+        smooth_pairs=(
+            SmoothPair("qkv", "norm1", ("attn.qkv",)),
+            SmoothPair("mlp_in", "norm2", mlp_in),
+            SmoothPair("out", "attn.qkv", ("attn.proj",), kind="linear", source_rows="v_of_fused_qkv"),
+        ),
+    )
+
+
 _SPECS: tuple[ArchSpec, ...] = (
+    _qwen_vl_tower("qwen2_vl_vision", "layer", ("mlp.fc1",), "mlp.fc2"),
+    _qwen_vl_tower("qwen2_5_vl_vision", "rms", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
     # Qwen2-VL's and Qwen2.5-VL's language models: Qwen2's layers with 3-D rotary positions
     _llama_like("llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text"),
     _llama_like("qwen3", qk_norm=True),

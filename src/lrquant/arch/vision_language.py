@@ -35,8 +35,6 @@ class VisionLanguageSpec:
     projector: str  # the projector from image features to token embeddings
     # how a prompt places one image, around the processor's image token (Qwen2-VL wraps it)
     image_prompt: str = "{image}"
-    # why the vision tower is not mapped, where it is not (``--quantize-vision`` is refused)
-    tower_unmapped: str | None = None
 
     def language_arch(self, config) -> ArchSpec:
         """The map of the language model (``config.text_config``'s family), re-rooted: a text
@@ -60,11 +58,6 @@ class VisionLanguageSpec:
         it has no head of its own here (the projector reads its features). Its modality is
         ``image-text``: it is calibrated on the same image-text pairs as the language model (the
         whole model runs up to the tower's blocks)."""
-        if self.tower_unmapped is not None:
-            raise LrquantError(
-                f"--quantize-vision is not supported for {self.model_types[0]} yet: {self.tower_unmapped}; "
-                "quantize its language model alone (without --quantize-vision)"
-            )
         tower = get_arch_spec(config.vision_config.model_type)
         move = lambda path: _reroot(path, "", self.vision)  # noqa: E731
         return replace(
@@ -93,8 +86,6 @@ VISION_LANGUAGE_SPECS: tuple[VisionLanguageSpec, ...] = (
             "model.visual",
             "model.visual.merger",
             image_prompt="<|vision_start|>{image}<|vision_end|>",
-            tower_unmapped="its tower's blocks take the patches of every image packed in one "
-            "unbatched sequence, which lrquant's block-wise learner does not replay",
         )
         for model_type in ("qwen2_vl", "qwen2_5_vl")
     ),

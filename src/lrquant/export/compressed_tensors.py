@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from lrquant.arch import get_arch_spec
-from lrquant.arch.vision_language import VISION_LANGUAGE_TYPES, get_vision_language_spec
+from lrquant.arch.vision_language import VISION_LANGUAGE_TYPES
 from lrquant.checkpoint import INTEGERS_FILE, QUANT_FILE, REPORT_FILE, ROTATIONS_FILE
 from lrquant.config import QuantSpec
 from lrquant.errors import LrquantError
@@ -159,9 +159,7 @@ def _mlp_out(output: QuantizedOutput) -> tuple[str, ...]:
     config = output.config
     types = [output.model_type]
     if output.model_type in VISION_LANGUAGE_TYPES:
-        types = [config["text_config"]["model_type"]]
-        if get_vision_language_spec(output.model_type).tower_unmapped is None:
-            types.append(config["vision_config"]["model_type"])
+        types = [config["text_config"]["model_type"], config["vision_config"]["model_type"]]
     return tuple(name for kind in types for name in get_arch_spec(kind).mlp_out)
 
 

@@ -56,6 +56,8 @@ def capture_block_inputs(
     def grab(_module, args, kwargs):
         nonlocal out, done
         hidden = (args[0] if args else kwargs["hidden_states"]).detach()
+        if arch.packed:  # one sample's tokens, unbatched
+            hidden = hidden[None]
         if into is None:
             rows.append(hidden.float())
         else:
@@ -117,6 +119,56 @@ def capture_block_kwargs(
         for handle in handles:
             handle.remove()
     return calls, transition_calls
+
+
+PACKED_HOOKS = "_lrquant_packed_hooks"
+
+
+def batch_packed_blocks(model: nn.Module, arch: ArchSpec) -> None:
+    """Let ``arch``'s packed blocks (:attr:`ArchSpec.packed`) take a batch ``[b, tokens, hidden]``
+    as every other block does: the batch is packed into one sequence of ``b * tokens``, with the
+    recorded call's ``cu_seqlens`` (one sample's) repeated for each sample and its per-token
+    rotary embeddings tiled, and the output unpacked. The model's own unbatched calls pass
+    through unchanged. Installed once per block (forward hooks, not a wrapper: names and
+    checkpoints stay the model's)."""
+    if not arch.packed:
+        return
+    for block in arch.block_list(model):
+        if not hasattr(block, PACKED_HOOKS):
+            setattr(block, PACKED_HOOKS, (
+                block.register_forward_pre_hook(_pack, with_kwargs=True),
+                block.register_forward_hook(_unpack),
+            ))  # fmt: skip
+
+
+def _pack(block: nn.Module, args: tuple, kwargs: dict):
+    hidden = args[0] if args else kwargs.pop("hidden_states")
+    if hidden.dim() != 3:  # the model's own call
+        block._lrquant_batch = None
+        return None
+    n, tokens = hidden.shape[:2]
+    block._lrquant_batch = (n, tokens)
+    kwargs = dict(kwargs)
+    bounds = kwargs["cu_seqlens"]
+    kwargs["cu_seqlens"] = torch.cat([bounds[:1], *(bounds[1:] + i * tokens for i in range(n))])
+
+    def tiled(value):  # a per-token tensor (rotary embeddings) of one sample, for each
+        if isinstance(value, tuple):
+            return tuple(tiled(t) for t in value)
+        if isinstance(value, torch.Tensor) and value.dim() > 1 and value.shape[0] == tokens:
+            return value.repeat(n, *([1] * (value.dim() - 1)))
+        return value
+
+    kwargs = {name: value if name == "cu_seqlens" else tiled(value) for name, value in kwargs.items()}
+    return (hidden.reshape(n * tokens, *hidden.shape[2:]), *args[1:]), kwargs
+
+
+def _unpack(block: nn.Module, _args: tuple, output):
+    if block._lrquant_batch is None:
+        return None
+    hidden = output[0] if isinstance(output, tuple) else output
+    hidden = hidden.reshape(*block._lrquant_batch, *hidden.shape[1:])
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 def batches(inputs: torch.Tensor, batch_size: int, device: torch.device):

@@ -99,6 +99,7 @@ def _qwen_parts(model_type: str, text: dict) -> tuple[dict, dict]:
         "mrope_section": [half // 2, half // 4, half - half // 2 - half // 4],
     }
     vision = dict(depth=2, num_heads=2, patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2)
+    vision["initializer_range"] = 0.1  # blocks that change the patches as much as the others' towers do
     if model_type == "qwen2_vl":
         vision.update(embed_dim=32, hidden_size=text["hidden_size"], mlp_ratio=2)
     else:

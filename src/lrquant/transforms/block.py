@@ -43,7 +43,9 @@ class AttentionLayout:
     @classmethod
     def from_config(cls, config) -> AttentionLayout:
         heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        # Qwen2-VL's tower is embed_dim wide (its hidden_size is the language model's)
+        width = config.embed_dim if config.model_type == "qwen2_vl_vision" else config.hidden_size
+        head_dim = getattr(config, "head_dim", None) or width // heads
         return cls(heads, getattr(config, "num_key_value_heads", None) or heads, head_dim)
 
     @classmethod
