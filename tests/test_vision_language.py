@@ -34,6 +34,7 @@ from lrquant.transforms.block import (
     attach_block_transforms,
     fold_block_transforms,
 )
+from lrquant.transforms.hadamard import apply_hadamard
 
 FP = build_scheme(16, 16)
 
@@ -102,6 +103,27 @@ def test_transforms_are_exact_on_language_model_and_vision_tower(name: str) -> N
     assert all(rel_err(a, b) > 0.3 for a, b in zip(after, before, strict=True))  # not vacuous
 
 
+@pytest.mark.parametrize("mode", ["folded", "online"])
+@pytest.mark.parametrize("name", sorted(TINY_VLMS))
+def test_residual_stream_rotations_cover_the_projector(name: str, mode: str) -> None:
+    """The language model's residual-stream rotations (hadamard=folded, online) rotate the
+    projector's output as the token embeddings, so the logits of image and text are unchanged;
+    a projector that is not a linear (Gemma 3's) is refused, as Gemma's stream is."""
+    model = tiny_vlm_model(name)
+    inputs = tiny_vlm_inputs(name, batch=2, text_tokens=20, generator=torch.Generator().manual_seed(2))
+    ref = _logits(model, inputs)
+    language = get_vision_language_spec(model.config.model_type).language_arch(model.config)
+    if name == "gemma3":
+        with pytest.raises(LrquantError, match="hadamard rotations cover decoders with plain RMSNorm"):
+            apply_hadamard(model, language, mode)
+        return
+    (writer,) = language.stream_writers
+    before = model.get_submodule(writer).weight.detach().clone()
+    apply_hadamard(model, language, mode)
+    assert rel_err(_logits(model, inputs), ref) < 1e-5
+    assert rel_err(model.get_submodule(writer).weight, before) > 0.5  # rotated, not left alone
+
+
 def test_unknown_family_is_refused_in_one_line() -> None:
     with pytest.raises(
         LrquantError, match="unsupported vision-language architecture 'blip'; supported: gemma3, idefics3"
@@ -163,7 +185,7 @@ def test_quantize_save_reload_and_evaluate(vlm: Path, pairs: Path, tmp_path: Pat
     )  # fmt: skip
     assert report["model"]["modality"] == "image-text"
     assert report["rule"]["when"] == "vision-language model, activations of 4 bits or fewer, unpacked"
-    assert report["recipe"]["hadamard"] == "down"  # the down projections only: not the projector
+    assert report["recipe"]["hadamard"] == "down"  # the W4A4 rule: the down projections
     assert report["data"]["eval_pairs"] == 8 and report["data"]["seqlen"] < 64
     ppl = report["perplexity"]
     assert ppl["quantized"] != ppl["fp"] and 0 < report["fidelity"]["kl"] < 1

@@ -48,8 +48,9 @@ class ArchSpec:
     (Swin's patch merging), kept in full precision. ``mlp_out`` names the linear that reads the
     MLP's activation function output (GELU/SiLU), whose input can get its own activation bits.
     ``heads`` names the output heads (relative to the model) that ``--quantize-head`` quantizes.
-    ``embedding``, ``final_norm`` and ``residual_writers`` (the block's linears that add into the
-    residual stream) say how to rotate it (``--set hadamard=...``); left empty, it is refused.
+    ``embedding``, ``final_norm``, ``residual_writers`` (the block's linears that add into the
+    residual stream) and ``stream_writers`` say how to rotate it (``--set hadamard=...``); left
+    empty, it is refused.
     ``feature_norm`` lists where an image model's norm between the last block and its features
     (``last_hidden_state``) may sit, first match wins; empty: the features are the last block's
     output (CLIP's vision tower).
@@ -73,6 +74,9 @@ class ArchSpec:
     embedding: str | None = None
     final_norm: str | None = None
     residual_writers: tuple[str, ...] = ()
+    # linears outside the blocks that write token embeddings into the residual stream beside the
+    # embedding (a vision-language model's projector, relative to the whole model)
+    stream_writers: tuple[str, ...] = ()
     feature_norm: tuple[str, ...] = ()
     # blocks that take the tokens of all samples packed in one unbatched sequence, delimited by
     # ``cu_seqlens`` (Qwen2-VL's vision tower): :func:`lrquant.methods.capture.batch_packed_blocks`

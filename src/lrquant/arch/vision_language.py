@@ -33,6 +33,9 @@ class VisionLanguageSpec:
     language: str  # the decoder LLM's base model (its blocks, embedding and final norm)
     vision: str  # the vision tower
     projector: str  # the projector from image features to token embeddings
+    # the projector's linear that writes the image's token embeddings (None: not a linear, as
+    # Gemma 3's matrix; the residual-stream rotations are then refused)
+    projector_out: str | None
     # how a prompt places one image, around the processor's image token (Qwen2-VL wraps it)
     image_prompt: str = "{image}"
 
@@ -49,6 +52,7 @@ class VisionLanguageSpec:
             blocks=tuple(move(p) for p in text.blocks),
             embedding=None if text.embedding is None else move(text.embedding),
             final_norm=None if text.final_norm is None else move(text.final_norm),
+            stream_writers=() if self.projector_out is None else (f"{self.projector}.{self.projector_out}",),
             modality="image-text",
             config="text_config",
         )
@@ -73,18 +77,25 @@ class VisionLanguageSpec:
 
 VISION_LANGUAGE_SPECS: tuple[VisionLanguageSpec, ...] = (
     VisionLanguageSpec(
-        ("llava",), "model.language_model", "model.vision_tower", "model.multi_modal_projector"
+        ("llava",), "model.language_model", "model.vision_tower", "model.multi_modal_projector", "linear_2"
     ),
     VisionLanguageSpec(
-        ("gemma3",), "model.language_model", "model.vision_tower", "model.multi_modal_projector"
+        ("gemma3",), "model.language_model", "model.vision_tower", "model.multi_modal_projector", None
     ),
-    VisionLanguageSpec(("idefics3", "smolvlm"), "model.text_model", "model.vision_model", "model.connector"),
+    VisionLanguageSpec(
+        ("idefics3", "smolvlm"),
+        "model.text_model",
+        "model.vision_model",
+        "model.connector",
+        "modality_projection.proj",
+    ),
     *(
         VisionLanguageSpec(
             (model_type,),
             "model.language_model",
             "model.visual",
             "model.visual.merger",
+            "mlp.2",
             image_prompt="<|vision_start|>{image}<|vision_end|>",
         )
         for model_type in ("qwen2_vl", "qwen2_5_vl")

@@ -6,7 +6,8 @@ An orthogonal ``Q`` spreads an outlier channel over all channels, so per-token a
 much finer, and without quantization the rotated model computes exactly what the original did:
 
 * **residual** (``folded``): every RMSNorm weight is folded into the linears that read the norm
-  (the norm keeps weight 1, and ``rms(xQ) = rms(x)``); the embedding rows become ``E Q``, every
+  (the norm keeps weight 1, and ``rms(xQ) = rms(x)``); the embedding rows become ``E Q`` (a
+  vision-language model's projector, which writes the image's tokens, ``Qᵀ W``), every
   linear that reads the residual ``W Q``, every linear that writes it ``Qᵀ W`` (bias ``b Q``), and
   the head reads ``W diag(g) Q`` with the final norm's ``g``. A tied head is untied first.
 * **per head** (``folded``): each value head's rows and the matching input columns of the attention
@@ -55,10 +56,10 @@ def check_hadamard_supported(arch: ArchSpec) -> None:
             f"hadamard rotations cover decoders with plain RMSNorm (Llama, Mistral, Qwen, ...), "
             f"not model type '{arch.model_types[0]}': use --set hadamard=off"
         )
-    if arch.modality == "image-text":  # image embeddings enter the stream from the projector
+    if arch.modality == "image-text" and not arch.stream_writers:  # images enter from the projector
         raise LrquantError(
-            "the residual-stream hadamard rotations do not cover a vision-language model's projector "
-            "yet: use --set hadamard=down or off"
+            "the residual-stream hadamard rotations do not cover this vision-language model's projector "
+            "(not a linear): use --set hadamard=down or off"
         )
 
 
@@ -102,7 +103,7 @@ class HadamardPlan:
         if mode not in ("folded", "online"):
             return cls(arch, mode, generator)
         check_hadamard_supported(arch)
-        config = model.config
+        config = arch.config_of(model)
         dim = config.hidden_size
         q = randomized_hadamard(dim, generator)
         head_dim = getattr(config, "head_dim", None) or dim // config.num_attention_heads
@@ -110,8 +111,8 @@ class HadamardPlan:
 
     @torch.no_grad()
     def outside_blocks(self, model: nn.Module) -> None:
-        """The embedding, the final norm and the head (``folded``, ``online``); a tied head is
-        untied first."""
+        """The embedding, a vision-language model's projector output, the final norm and the
+        head (``folded``, ``online``); a tied head is untied first."""
         if self.q is None:
             return
         arch, q = self.arch, self.q
@@ -129,6 +130,8 @@ class HadamardPlan:
         for head in heads:
             _set(head, head.weight.double() @ q)
         embedding.weight.data = (embedding.weight.double() @ q).to(embedding.weight.dtype)
+        for name in arch.stream_writers:  # the image's token embeddings: rotated as the text's
+            _rotate_output(model.get_submodule(name), q)
 
     @torch.no_grad()
     def block(self, block: nn.Module) -> None:
