@@ -302,3 +302,27 @@ def test_unknown_tokenizers_are_refused(
     with pytest.raises(LrquantError, match="tokenizer"):
         write_gguf(with_pre_tokenizer(w4_output, tmp_path / "other", pre_tokenizer), path)
     assert not path.exists()
+
+
+def test_a_vision_language_models_language_model_is_written(tmp_path: Path) -> None:
+    """A LLaVA output's GGUF holds its language model (llama), codes bit for bit, and runs to
+    the logits the quantized vision-language model gives on text; the tower and projector are
+    left to llama.cpp's separate mmproj file."""
+    from lrquant.export import language_model_of
+    from lrquant.models.tiny_vlm import save_tiny_vlm
+
+    model = save_tiny_vlm("llava", tmp_path / "llava")
+    pairs = api.DataSettings(calib="digits-words:train", seqlen=64, nsamples=4)
+    output = quantize(model, tmp_path / "out", "rtn", build_scheme(4, group_size=32), {}, pairs)
+    path = tmp_path / "model.gguf"
+    write_gguf(output, path)
+    language = language_model_of(output)
+    assert language.model_type == "llama" and all(n.startswith("model.layers.") for n in language.linears)
+    assert not any("vision" in key or "projector" in key for key in language.tensors)
+    check_blocks(language, path, "Q4_1")
+    simulated = load_model(str(output.folder))
+    ids = simulated.tokenizer("A handwritten digit seven.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = simulated.model.eval()(input_ids=ids).logits
+    got = gguf_logits(path, ids)
+    assert (got - expected).abs().max() <= LOGIT_TOLERANCE * expected.abs().max()

@@ -8,7 +8,7 @@ format's writer (``compressed_tensors``, ``gguf``) turns that into its own files
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -158,6 +158,37 @@ def read_output(folder: str | Path) -> QuantizedOutput:
         tensors.pop(f"{name}.weight", None)
     output.method = json.loads((folder / QUANT_FILE).read_text()).get("method")
     return output
+
+
+def language_model_of(output: QuantizedOutput) -> QuantizedOutput:
+    """A vision-language output's language model as a language model's output: the text config,
+    the language model's tensors and linears named as a decoder's own (``model.layers...``) and
+    the head; the vision tower and the projector left out. The weight files may name the
+    language model as the model does (``model.language_model.``) or in the older layout that
+    transformers saves LLaVA in (``language_model.model.``, ``language_model.lm_head``)."""
+    spec = get_vision_language_spec(output.model_type)
+    prefixes = {
+        spec.language + ".": "model.",
+        "language_model.model.": "model.",
+        "language_model.lm_head.": "lm_head.",
+    }
+
+    def renamed(key: str) -> str | None:
+        for old, new in prefixes.items():
+            if key.startswith(old):
+                return new + key[len(old) :]
+        return key if key.startswith("lm_head.") else None
+
+    config = dict(output.config["text_config"])
+    config.setdefault("tie_word_embeddings", output.config.get("tie_word_embeddings", False))
+    linears = {renamed(k): v for k, v in output.linears.items() if renamed(k) is not None}
+    tensors = {renamed(k): v for k, v in output.tensors.items() if renamed(k) is not None}
+    for name, linear in linears.items():  # what read_output could not match under the other layout
+        tensors.pop(f"{name}.weight", None)
+        bias = tensors.pop(f"{name}.bias", None)
+        if linear.bias is None and bias is not None:
+            linears[name] = replace(linear, bias=bias)
+    return QuantizedOutput(output.folder, config, output.scheme, linears, tensors, output.method)
 
 
 def _weight_files(folder: Path) -> list[Path]:

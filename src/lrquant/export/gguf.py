@@ -27,10 +27,11 @@ import gguf
 import numpy as np
 import torch
 
+from lrquant.arch.vision_language import VISION_LANGUAGE_TYPES
 from lrquant.config import QuantScheme, QuantSpec
 from lrquant.console import log
 from lrquant.errors import LrquantError
-from lrquant.export import IntegerLinear, QuantizedOutput
+from lrquant.export import IntegerLinear, QuantizedOutput, language_model_of
 from lrquant.export.gguf_fit import FALLBACK, GRID_TYPES, Fit, GridType, Learned, fit, pack
 from lrquant.quant.quantizer import integer_range
 
@@ -591,6 +592,12 @@ def write_gguf(output: QuantizedOutput, path: Path, gguf_type: str | TypeRules |
     that can be refused is refused (an :class:`LrquantError`) before the file is opened; the
     caller makes the write atomic.
     """
+    if output.model_type in VISION_LANGUAGE_TYPES:
+        output = language_model_of(output)
+        log(
+            "GGUF holds the language model; llama.cpp reads the vision tower and projector from a "
+            "separate mmproj file, which this writer does not make"
+        )
     if gguf_type is None:  # the types the grids were learned for, if any
         gguf_type = output.scheme.gguf_type
     rules = gguf_type if isinstance(gguf_type, TypeRules) else parse_type_rules(gguf_type)
