@@ -54,7 +54,8 @@ W4A4_PACKED = dict(clip_init="search", lr_clipping=0.1, lr_transform=1e-2)
         (Situation("image-text", 4, 16), WEIGHT_ONLY),
         (Situation("image-text", 4, 4), W4A4_UNPACKED),
         (Situation("image-text", 4, 8), dict(lr_clipping=0.1)),
-        (Situation("image-text", 6, 6), {}),
+        (Situation("image-text", 6, 6), dict(hadamard="online")),
+        (Situation("image-text", 6, 6, rotatable=False), {}),  # Gemma 3's stream
         (Situation("image-text", 8, 8), {}),
     ],
 )
