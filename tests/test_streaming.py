@@ -235,12 +235,19 @@ report = api.quantize(sys.argv[1], sys.argv[2], build_scheme(4, 16, group_size=6
                       run_eval=False, stream=sys.argv[3] == "on")
 print(json.dumps(report["peak_rss_mb"]))
 """
+EXPORT_SCRIPT = """
+import json, resource, sys, torch
+from lrquant import api
+torch.set_num_threads(1)
+api.export(sys.argv[1], "gguf", sys.argv[2])
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+"""
 
 
 def test_streamed_memory_is_flat_in_depth(tmp_path: Path) -> None:
     """Peak resident memory of a streamed run (in a fresh process) grows by less than four blocks
     (13 MiB each in float32) from 4 to 32 blocks of a bfloat16 checkpoint, while an in-memory
-    run's grows by at least 28."""
+    run's grows by at least 28; so does the GGUF export's of the streamed output."""
     import transformers
 
     def model(depth: int) -> Path:
@@ -273,6 +280,17 @@ def test_streamed_memory_is_flat_in_depth(tmp_path: Path) -> None:
     in_memory = peaks[32, "off"] - peaks[4, "off"]
     assert in_memory > 28 * block_mb, in_memory  # the check can tell the two apart
     assert streamed < 4 * block_mb, (streamed, in_memory)  # measured 4-10 MiB; allocator noise
+
+    # the GGUF export of the streamed outputs reads, packs and writes one tensor at a time
+    def export_peak(depth: int) -> float:
+        out, gguf = tmp_path / f"out-d{depth}-on", tmp_path / f"d{depth}.gguf"
+        done = subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, str(out), str(gguf)],
+                              capture_output=True, text=True, check=True)  # fmt: skip
+        assert gguf.stat().st_size > depth * block_mb * 2**20 * 5 / 32  # 5 bits a weight, all blocks
+        return float(done.stdout.strip().splitlines()[-1])
+
+    exported = export_peak(32) - export_peak(4)
+    assert exported < 4 * block_mb, exported
 
 
 def test_a_streamed_output_exports_as_an_in_memory_one(llama3: Path, data, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import platform
 import resource
 import sys
@@ -984,5 +985,9 @@ def export(
 
 def _packed_bytes(source) -> int:
     """About the size of a packed export: the codes at their width, the rest as stored."""
-    codes = sum(linear.codes.numel() * linear.bits // 8 for linear in source.linears.values())
-    return codes + sum(t.numel() * t.element_size() for t in source.tensors.values())
+    codes = sum(
+        math.prod(source.linear_shape(name)) * source.scheme_of(name).weight_for(name).bits // 8
+        for name in source.linears
+    )
+    metas = (source.tensor_meta(key) for key in source.tensors)
+    return codes + sum(math.prod(shape) * dtype.itemsize for shape, dtype in metas)

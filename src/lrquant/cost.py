@@ -3,7 +3,8 @@
 A model of the arithmetic, not a measurement of this run: the block's linears and attention
 give the floating-point operations of one forward pass over the calibration tokens; training
 runs ``epochs`` forward and backward passes, the other stages one forward pass each (targets,
-the clipping search, GPTQ's statistics, the fold), GPTQ its factorisations. A matrix product
+the clipping search, GPTQ's statistics, the fold), GPTQ its factorisations and its column loop
+(timed on its own: elementwise work). A matrix product
 timed on the device for a fraction of a second turns operations into seconds, at the share of
 that speed the learner reaches (:data:`TRAIN_EFFICIENCY`, :data:`PASS_EFFICIENCY`, measured on
 this project's CPUs: docs/results.md, "What a run costs"). Memory adds the process itself, the
@@ -105,7 +106,7 @@ def estimate(
             seconds += recipe.epochs * 3 * forward / (rate * TRAIN_EFFICIENCY)
         if recipe.gptq:
             factorise = sum(2 * m.in_features**3 + 2 * m.in_features**2 * m.out_features for m in linears)
-            seconds += factorise / rate
+            seconds += factorise / rate + block_params * _gptq_column_seconds(widest.out_features, device)
     all_params = sum(p.numel() for p in model.parameters())
     blocks_params = sum(p.numel() for b in blocks for p in b.parameters())
     weights = 4 * ((all_params - blocks_params + 2 * blocks_params / len(blocks)) if streamed else all_params)
@@ -129,6 +130,26 @@ def estimate(
         COMPILE_S if recipe is not None and recipe.learn and recipe.compile and device.type == "cpu" else 0.0
     )
     return Estimate(memory / 2**20, seconds, len(blocks), rate / 1e9, once)
+
+
+def _gptq_column_seconds(rows: int, device: torch.device) -> float:
+    """Seconds per weight of GPTQ's column-by-column rounding (each column rounded, its error
+    spread over the rest of its 128-column block: elementwise work far below the matrix
+    product's speed), timed on 256 columns of ``rows`` rows (at most 4096)."""
+    from lrquant.config import QuantSpec
+    from lrquant.quant.gptq import gptq_quantize
+
+    spec = QuantSpec(bits=4, symmetric=False, granularity="group", group_size=128)
+    rows, columns = min(rows, 4096), 256
+    weight = torch.randn(rows, columns, device=device)
+    hessian = torch.eye(columns, device=device) + 0.01
+    scale, zero = torch.full_like(weight, 0.1), torch.full_like(weight, 8.0)
+    gptq_quantize(weight[:64], hessian, spec, scale[:64], zero[:64])  # warm up
+    start = time.perf_counter()
+    gptq_quantize(weight, hessian, spec, scale, zero)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / weight.numel()
 
 
 def _matmul_rate(rows: int, inner: int, cols: int, device: torch.device, recipe: Recipe | None) -> float:

@@ -8,23 +8,24 @@ format's writer (``compressed_tensors``, ``gguf``) turns that into its own files
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from lrquant.arch.vision_language import get_vision_language_spec
 from lrquant.checkpoint import (
+    INTEGERS_FILE,
     QUANT_FILE,
     REPORT_FILE,
     VISION_SCHEME,
     read_input_rotations,
-    read_integer_weights,
     read_scheme,
 )
 from lrquant.config import QuantScheme, QuantSpec
 from lrquant.errors import LrquantError
+from lrquant.export.lazy import LazyLinears, LazyTensors
 from lrquant.file_checks import check_safetensors, read_json_object
 from lrquant.models.streaming import SHARD_INDEX
 from lrquant.quant.quantizer import dequantize_codes
@@ -67,8 +68,10 @@ class QuantizedOutput:
     folder: Path
     config: dict
     scheme: QuantScheme
-    linears: dict[str, IntegerLinear]  # by module name, e.g. "model.layers.0.self_attn.q_proj"
-    tensors: dict[str, torch.Tensor]  # every other tensor of model.safetensors, by its key
+    # by module name, e.g. "model.layers.0.self_attn.q_proj" (read_output: a LazyLinears)
+    linears: Mapping[str, IntegerLinear]
+    # every other tensor of the weight files, by its key (read_output: a LazyTensors)
+    tensors: Mapping[str, torch.Tensor]
     method: str | None
     # a vision-language model's quantized vision tower: its scheme, and the prefix of its linears
     vision_scheme: QuantScheme | None = None
@@ -77,6 +80,24 @@ class QuantizedOutput:
     @property
     def model_type(self) -> str:
         return str(self.config.get("model_type"))
+
+    def linear_shape(self, name: str) -> tuple[int, ...]:
+        """A quantized linear's ``[out, in]``, without reading it where it is read lazily."""
+        if isinstance(self.linears, LazyLinears):
+            return self.linears.shape(name)
+        return tuple(self.linears[name].codes.shape)
+
+    def has_bias(self, name: str) -> bool:
+        """Whether a quantized linear has a bias, without reading it where it is read lazily."""
+        if isinstance(self.linears, LazyLinears):
+            return self.linears.has_bias(name)
+        return self.linears[name].bias is not None
+
+    def tensor_meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Another tensor's shape and dtype, without reading it where it is read lazily."""
+        if isinstance(self.tensors, LazyTensors):
+            return self.tensors.shape(key), self.tensors.dtype(key)
+        return tuple(self.tensors[key].shape), self.tensors[key].dtype
 
     def in_tower(self, name: str) -> bool:
         """Whether the linear ``name`` is in the quantized vision tower."""
@@ -124,7 +145,10 @@ def read_output(folder: str | Path) -> QuantizedOutput:
     assert scheme is not None
     if not scheme.weight.enabled:
         raise LrquantError(f"'{folder}' has no quantized weights ({scheme.name}): there is nothing to pack")
-    integers = read_integer_weights(folder)
+    integers = {}
+    if (folder / INTEGERS_FILE).is_file():
+        check_safetensors(folder / INTEGERS_FILE)
+        integers = LazyTensors.of([folder / INTEGERS_FILE])
     if not integers:
         raise LrquantError(
             f"'{folder}' has no integer weights (written by an older lrquant): {_recreate_hint(folder)}"
@@ -135,27 +159,19 @@ def read_output(folder: str | Path) -> QuantizedOutput:
             "packed formats cannot hold exactly: quantize without them or with --set hadamard=folded"
         )
     config = read_json_object(folder / "config.json", "a model config")
-    tensors = {}  # one file, or the shards of a streamed run (held whole here: export is not streamed)
-    for weights in _weight_files(folder):
+    files = _weight_files(folder)  # one file, or the shards of a streamed run
+    for weights in files:
         check_safetensors(weights)
-        tensors.update(load_file(str(weights)))
+    tensors = LazyTensors.of(files)  # read one at a time, as the writers ask for them
     vision_scheme = read_scheme(folder, VISION_SCHEME)
     tower = None
     if vision_scheme is not None:
         tower = get_vision_language_spec(str(config.get("model_type"))).vision
     output = QuantizedOutput(folder, config, scheme, {}, tensors, None, vision_scheme, tower)
-    for name, parts in integers.items():
-        spec = output.scheme_of(name).weight_for(name)
-        output.linears[name] = IntegerLinear(
-            codes=parts["codes"],
-            scale=parts["scale"],
-            zero=parts["zero"],
-            bias=tensors.pop(f"{name}.bias", None),
-            bits=spec.bits,
-            symmetric=spec.symmetric,
-            group_size=spec.group_size,
-        )
-        tensors.pop(f"{name}.weight", None)
+    output.linears = LazyLinears(integers, lambda name: output.scheme_of(name).weight_for(name), tensors)
+    output.tensors = tensors.without(
+        key for name in output.linears for key in (f"{name}.weight", f"{name}.bias")
+    )
     output.method = json.loads((folder / QUANT_FILE).read_text()).get("method")
     return output
 
@@ -181,13 +197,9 @@ def language_model_of(output: QuantizedOutput) -> QuantizedOutput:
 
     config = dict(output.config["text_config"])
     config.setdefault("tie_word_embeddings", output.config.get("tie_word_embeddings", False))
-    linears = {renamed(k): v for k, v in output.linears.items() if renamed(k) is not None}
-    tensors = {renamed(k): v for k, v in output.tensors.items() if renamed(k) is not None}
-    for name, linear in linears.items():  # what read_output could not match under the other layout
-        tensors.pop(f"{name}.weight", None)
-        bias = tensors.pop(f"{name}.bias", None)
-        if linear.bias is None and bias is not None:
-            linears[name] = replace(linear, bias=bias)
+    tensors = output.tensors.renamed(renamed)
+    linears = output.linears.renamed(renamed, tensors)  # biases found under either layout
+    tensors = tensors.without(key for name in linears for key in (f"{name}.weight", f"{name}.bias"))
     return QuantizedOutput(output.folder, config, output.scheme, linears, tensors, output.method)
 
 

@@ -231,28 +231,16 @@ def _rope_order(linear: IntegerLinear, heads: int) -> IntegerLinear:
     )
 
 
-def _float_matrix(tensor: torch.Tensor, qtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """A matrix stored as F32, F16 or BF16."""
+def _float_matrix(tensor: torch.Tensor, qtype: str, name: str) -> np.ndarray:
+    """The tensor ``name`` stored as F32, F16 or BF16."""
     if qtype == "F32":
-        return tensor.float().numpy(), Q.F32
+        return tensor.float().numpy()
     if qtype == "BF16":
-        return gguf.quants.quantize(tensor.float().numpy(), Q.BF16), Q.BF16
+        return gguf.quants.quantize(tensor.float().numpy(), Q.BF16)
     half = tensor.half().numpy()
     if not np.isfinite(half).all():
-        raise LrquantError("a matrix has values beyond the fp16 range: give it --gguf-type NAME=BF16 or F32")
-    return half, Q.F16
-
-
-def _float_tensor(tensor: torch.Tensor, key: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """An unquantized tensor as convert_hf_to_gguf.py stores it: 1-D ones (norms, biases) in F32,
-    which llama.cpp expects, matrices in BF16 when saved so (exact) and in F16 otherwise."""
-    if tensor.dim() == 1:
-        return _float_matrix(tensor, "F32")
-    if tensor.dtype == torch.bfloat16:  # bf16 -> f32 -> bf16 is exact
-        return _float_matrix(tensor, "BF16")
-    if not torch.isfinite(tensor.half()).all():
-        raise LrquantError(f"'{key}' has values beyond the fp16 range: it cannot be exported to GGUF")
-    return _float_matrix(tensor, "F16")
+        raise LrquantError(f"'{name}' has values beyond the fp16 range: give it --gguf-type NAME=BF16 or F32")
+    return half
 
 
 def _fp16(values: np.ndarray, name: str, what: str) -> np.ndarray:
@@ -439,54 +427,111 @@ def _holds(t: GridType, spec: QuantSpec) -> bool:
     return spec.group_size == t.sub
 
 
+@dataclass(frozen=True)
+class _Planned:
+    """One tensor of the file: its GGUF name, shape (torch's order), type, and how to make its
+    data (read and packed only when it is written)."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: gguf.GGMLQuantizationType
+    make: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        block, size = gguf.GGML_QUANT_SIZES[self.qtype]
+        return int(np.prod(self.shape)) // block * size
+
+    def add_info(self, writer: gguf.GGUFWriter) -> None:
+        if self.qtype in (Q.F32, Q.F16):
+            dtype = np.float32 if self.qtype == Q.F32 else np.float16
+            writer.add_tensor_info(self.name, self.shape, np.dtype(dtype), self.nbytes)
+        else:  # packed bytes
+            shape = gguf.quants.quant_shape_to_byte_shape(self.shape, self.qtype)
+            writer.add_tensor_info(self.name, shape, np.dtype(np.uint8), self.nbytes, raw_dtype=self.qtype)
+
+
+def _float_type(shape: tuple[int, ...], dtype: torch.dtype) -> str:
+    """How convert_hf_to_gguf.py stores an unquantized tensor: 1-D ones (norms, biases) in F32,
+    which llama.cpp expects, matrices in BF16 when saved so (exact) and in F16 otherwise."""
+    if len(shape) == 1:
+        return "F32"
+    return "BF16" if dtype == torch.bfloat16 else "F16"
+
+
 def _gguf_tensors(
     output: QuantizedOutput, arch: gguf.MODEL_ARCH, permute: bool, rules: TypeRules
-) -> tuple[list[tuple[str, np.ndarray, gguf.GGMLQuantizationType]], list[str], list[str]]:
-    """Every tensor of the file, by its GGUF name, all packed before anything is written; the
-    type each quantized linear took, and those types fitted rather than copied code for code."""
+) -> tuple[list[_Planned], list[str], set[str]]:
+    """Every tensor of the file, by its GGUF name, in the order it is written: planned from the
+    shapes alone, each read and packed when its turn comes (so export holds one tensor at a
+    time); the type each quantized linear takes; and the set that collects, while writing, the
+    types fitted rather than copied code for code."""
     config = output.config
     n_heads = config["num_attention_heads"]
     heads = {"q_proj": n_heads, "k_proj": config.get("num_key_value_heads", n_heads)}
     gguf_name = _name_map(config, arch)
     floats = {
-        key: t
-        for key, t in output.tensors.items()
+        key: output.tensor_meta(key)
+        for key in output.tensors
         if not key.endswith("rotary_emb.inv_freq")  # recomputed from the rope metadata
     }
-    matrices = {key: t.shape[1] for key, t in floats.items() if t.dim() == 2 and key.endswith(".weight")}
-    linear_rows = {name: linear.codes.shape[1] for name, linear in output.linears.items()}
+    matrices = {
+        key: shape[1] for key, (shape, _) in floats.items() if len(shape) == 2 and key.endswith(".weight")
+    }
+    shapes = {name: output.linear_shape(name) for name in output.linears}
+    linear_rows = {name: shape[1] for name, shape in shapes.items()}
     linears, types = _tensor_types(config, gguf_name, output.scheme.weight, linear_rows, matrices, rules)
 
-    tensors, fitted_types = [], set()
-    for base, name in linears.items():
+    planned, fitted_types = [], set()
+
+    def linear_of(name: str) -> IntegerLinear:
         linear = output.linears[name]
         role = name.rsplit(".", 1)[-1]
-        if permute and role in heads:
-            linear = _rope_order(linear, heads[role])
-        qtype = types[base]
+        return _rope_order(linear, heads[role]) if permute and role in heads else linear
+
+    def packed(name: str, qtype: str) -> np.ndarray:
+        linear = linear_of(name)
         if qtype in FLOAT_TYPES:
-            data, raw = _float_matrix(linear.dequantized(), qtype)
-        else:
-            t = GRID_TYPES[qtype]
-            fit_ = exact_fit(linear, t, name)
-            if fit_ is None:
-                fit_ = fitted(linear, t)
-                fitted_types.add(qtype)
-            data, raw = pack(fit_, t), t.qtype
-        tensors.append((f"{base}.weight", data, raw))
-        if linear.bias is not None:
-            tensors.append((gguf_name(f"{name}.bias"), *_float_tensor(linear.bias, f"{name}.bias")))
-    for key, tensor in floats.items():
+            return _float_matrix(linear.dequantized(), qtype, name)
+        t = GRID_TYPES[qtype]
+        fit_ = exact_fit(linear, t, name)
+        if fit_ is None:
+            fit_ = fitted(linear, t)
+            fitted_types.add(qtype)
+        return pack(fit_, t)
+
+    for base, name in linears.items():
+        qtype = types[base]
+        planned.append(
+            _Planned(f"{base}.weight", shapes[name], _qtype(qtype), lambda n=name, q=qtype: packed(n, q))
+        )
+        if output.has_bias(name):
+            planned.append(
+                _Planned(
+                    gguf_name(f"{name}.bias"),
+                    (shapes[name][0],),
+                    Q.F32,
+                    lambda n=name: _float_matrix(linear_of(n).bias, "F32", f"{n}.bias"),
+                )
+            )
+    for key, (shape, dtype) in floats.items():
         gname = gguf_name(key)
-        qtype = types.get(gname.removesuffix(".weight"))
-        if qtype is None:
-            tensors.append((gname, *_float_tensor(tensor, key)))
-        elif qtype in FLOAT_TYPES:
-            tensors.append((gname, *_float_matrix(tensor, qtype)))
-        else:
+        qtype = types.get(gname.removesuffix(".weight")) or _float_type(shape, dtype)
+
+        def make(key=key, qtype=qtype) -> np.ndarray:
+            tensor = output.tensors[key]
+            if qtype in FLOAT_TYPES:
+                return _float_matrix(tensor, qtype, key)
             t = GRID_TYPES[qtype]
-            tensors.append((gname, pack(fit(tensor.double().numpy(), t), t), t.qtype))
-    return tensors, [types[base] for base in linears], sorted(fitted_types)
+            return pack(fit(tensor.double().numpy(), t), t)
+
+        planned.append(_Planned(gname, shape, _qtype(qtype), make))
+    return planned, [types[base] for base in linears], fitted_types
+
+
+def _qtype(name: str) -> gguf.GGMLQuantizationType:
+    """The GGML type of a type name (a float type or a grid type)."""
+    return Q[name] if name in FLOAT_TYPES else GRID_TYPES[name].qtype
 
 
 def _add_metadata(writer: gguf.GGUFWriter, output: QuantizedOutput, file_type: str) -> None:
@@ -588,9 +633,11 @@ def write_gguf(output: QuantizedOutput, path: Path, gguf_type: str | TypeRules |
 
     The quantized linears take the type their grid maps to (copied code for code when a legacy
     type holds it, :data:`EXACT_TYPES`; else fitted, :data:`FITTED_TYPES`) unless ``gguf_type``
-    (``--gguf-type``, :func:`parse_type_rules`) says otherwise, per tensor if need be. Everything
-    that can be refused is refused (an :class:`LrquantError`) before the file is opened; the
-    caller makes the write atomic.
+    (``--gguf-type``, :func:`parse_type_rules`) says otherwise, per tensor if need be. The
+    tensors are planned from their shapes, then read, packed and written one at a time: memory
+    holds one tensor, whatever the model's size. What the model, scheme and types make
+    impossible is refused (an :class:`LrquantError`) before the file is opened; a value that
+    fp16 cannot hold is found while writing. The caller makes the write atomic.
     """
     if output.model_type in VISION_LANGUAGE_TYPES:
         output = language_model_of(output)
@@ -606,21 +653,23 @@ def write_gguf(output: QuantizedOutput, path: Path, gguf_type: str | TypeRules |
     pre = _pre_tokenizer(output.folder)
     arch, permute = ARCHITECTURES[output.model_type]
     tensors, types, fitted_types = _gguf_tensors(output, arch, permute, rules)
-    if fitted_types:
-        log(
-            f"GGUF {', '.join(fitted_types)} cannot hold the {output.scheme.name} grid code for code: "
-            "fitted to the learned weights, inside their clipping range"
-        )
     file_type = Counter(types).most_common(1)[0][0]  # what most quantized linears are
 
     writer = gguf.GGUFWriter(Path(path), gguf.MODEL_ARCH_NAMES[arch])  # opens the file only to write
     _add_metadata(writer, output, file_type)
     _add_tokenizer(writer, output, pre)
-    for name, data, qtype in tensors:
-        writer.add_tensor(name, data, raw_dtype=qtype)
+    for tensor in tensors:
+        tensor.add_info(writer)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for tensor in tensors:
+            writer.write_tensor_data(tensor.make())
     finally:
         writer.close()
+    if fitted_types:
+        log(
+            f"GGUF {', '.join(sorted(fitted_types))} cannot hold the {output.scheme.name} grid code for "
+            "code: fitted to the learned weights, inside their clipping range"
+        )
