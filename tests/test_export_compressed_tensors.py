@@ -115,6 +115,29 @@ def test_rtn_w4a16_loads_to_the_lrquant_logits(
     assert (logits(load_exported(folder)) - reference).abs().max() <= TOLERANCE
 
 
+def test_a_large_checkpoint_is_written_in_shards(
+    llama_output: QuantizedOutput, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the shard size the packed tensors go to shards with their index, one shard in memory
+    at a time; transformers loads them to the same logits as the one-file checkpoint."""
+    import lrquant.export.compressed_tensors as ct
+
+    whole = exported(llama_output, tmp_path / "whole")
+    monkeypatch.setattr(ct, "SHARD_BYTES", 16 * 2**10)
+    sharded = exported(llama_output, tmp_path / "sharded")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and not (sharded / "model.safetensors").exists()
+    assert all((sharded / shard).is_file() for shard in shards) and shards[0].endswith(
+        f"-of-{len(shards):05d}.safetensors"
+    )
+    expected = load_file(whole / "model.safetensors")
+    got = {key: value for shard in shards for key, value in load_file(sharded / shard).items()}
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in expected.values())
+    assert torch.equal(logits(load_exported(sharded)), logits(load_exported(whole)))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 8])
 def test_every_weight_width_is_pack_quantized(bits: int, tiny_llama: Path, data, tmp_path: Path) -> None:
     out = quantized(tiny_llama, tmp_path / "out", data, wbits=bits, group_size=32, w_symmetric=bits != 3)

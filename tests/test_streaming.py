@@ -237,9 +237,11 @@ print(json.dumps(report["peak_rss_mb"]))
 """
 EXPORT_SCRIPT = """
 import json, resource, sys, torch
+import lrquant.export.compressed_tensors as ct
 from lrquant import api
 torch.set_num_threads(1)
-api.export(sys.argv[1], "gguf", sys.argv[2])
+ct.SHARD_BYTES = 8 * 2**20  # shards of 8 MiB, as a large model's of 2 GiB
+api.export(sys.argv[1], sys.argv[3], sys.argv[2])
 print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 """
 
@@ -247,7 +249,7 @@ print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 def test_streamed_memory_is_flat_in_depth(tmp_path: Path) -> None:
     """Peak resident memory of a streamed run (in a fresh process) grows by less than four blocks
     (13 MiB each in float32) from 4 to 32 blocks of a bfloat16 checkpoint, while an in-memory
-    run's grows by at least 28; so does the GGUF export's of the streamed output."""
+    run's grows by at least 28; so do the exports' of the streamed output."""
     import transformers
 
     def model(depth: int) -> Path:
@@ -281,16 +283,18 @@ def test_streamed_memory_is_flat_in_depth(tmp_path: Path) -> None:
     assert in_memory > 28 * block_mb, in_memory  # the check can tell the two apart
     assert streamed < 4 * block_mb, (streamed, in_memory)  # measured 4-10 MiB; allocator noise
 
-    # the GGUF export of the streamed outputs reads, packs and writes one tensor at a time
-    def export_peak(depth: int) -> float:
-        out, gguf = tmp_path / f"out-d{depth}-on", tmp_path / f"d{depth}.gguf"
-        done = subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, str(out), str(gguf)],
+    # the exports of the streamed outputs read, pack and write one tensor (or shard) at a time
+    def export_peak(depth: int, fmt: str) -> float:
+        out, packed = tmp_path / f"out-d{depth}-on", tmp_path / f"d{depth}-{fmt}"
+        done = subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, str(out), str(packed), fmt],
                               capture_output=True, text=True, check=True)  # fmt: skip
-        assert gguf.stat().st_size > depth * block_mb * 2**20 * 5 / 32  # 5 bits a weight, all blocks
+        size = sum(p.stat().st_size for p in ([packed] if packed.is_file() else packed.rglob("*")))
+        assert size > depth * block_mb * 2**20 * 4 / 32  # at least 4 bits a weight, all blocks
         return float(done.stdout.strip().splitlines()[-1])
 
-    exported = export_peak(32) - export_peak(4)
-    assert exported < 4 * block_mb, exported
+    for fmt in ("gguf", "compressed-tensors"):
+        exported = export_peak(32, fmt) - export_peak(4, fmt)
+        assert exported < 4 * block_mb, (fmt, exported)
 
 
 def test_a_streamed_output_exports_as_an_in_memory_one(llama3: Path, data, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ from lrquant.checkpoint import INTEGERS_FILE, QUANT_FILE, REPORT_FILE, ROTATIONS
 from lrquant.config import QuantSpec
 from lrquant.errors import LrquantError
 from lrquant.export import IntegerLinear, QuantizedOutput
+from lrquant.models.streaming import SHARD_INDEX
 from lrquant.output_dir import MANIFEST_FILE
 from lrquant.report import PLOT_FILE
 
@@ -40,6 +42,7 @@ BIAS_SWITCHES = {
 }
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 PACKED = "pack-quantized"
+SHARD_BYTES = 2 * 2**30  # past this, the checkpoint is written in shards (memory holds one)
 
 
 def _require_package() -> None:
@@ -98,11 +101,11 @@ def _check_grids(output: QuantizedOutput) -> None:
     """Refuse grids the format cannot store: a ragged last group (it has one group size for every
     row) and an asymmetric zero point outside the code range (it stores zero points as codes)."""
     for scheme, names in output.parts():
-        linears = [output.linears[name] for name in names]
-        refuse_ragged_groups(scheme.weight.group_size, {linear.codes.shape[1] for linear in linears})
+        refuse_ragged_groups(scheme.weight.group_size, {output.linear_shape(name)[1] for name in names})
         if not scheme.weight.symmetric:
             top = 2**scheme.weight.bits - 1
-            outside = sum(int(((lin.zero < 0) | (lin.zero > top)).sum()) for lin in linears)
+            zeros = (output.linears[name].zero for name in names)  # one linear read at a time
+            outside = sum(int(((zero < 0) | (zero > top)).sum()) for zero in zeros)
             if outside:
                 raise LrquantError(
                     f"{outside} group(s) have a zero point outside the codes 0..{top}, which "
@@ -182,7 +185,7 @@ def _config_with_biases(output: QuantizedOutput) -> dict:
     """The model config, its bias switches turned on where a quantized linear carries a bias the
     architecture lacks by default (lrquant folds shifts into biases)."""
     config = dict(output.config)
-    biased = [name for name, linear in output.linears.items() if linear.bias is not None]
+    biased = [name for name in output.linears if output.has_bias(name)]
     for switch, suffixes in BIAS_SWITCHES.items():
         if config.get(switch) is False and any(name.endswith(suffixes) for name in biased):
             config[switch] = True
@@ -226,20 +229,20 @@ def _loaded_names(model: torch.nn.Module, keys: list[str]) -> dict[str, str]:
     return {key: rename_source_key(key, renamings, converters, prefix, meta)[0] for key in keys}
 
 
-def compressed_state_dict(
+def compressed_tensors_of(
     output: QuantizedOutput, model: torch.nn.Module, groups: dict[str, QuantizationScheme]
-) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint: the packed linears, the other weights unchanged, and a zero
-    bias for each quantized linear that a bias switch gave one but the output has none."""
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint, one at a time (each linear read and packed when its turn
+    comes): the other weights unchanged, the packed linears, and a zero bias for each quantized
+    linear that a bias switch gave one but the output has none. Refusals come first."""
     dtype = SCALE_DTYPES.get(str(output.config.get("dtype", output.config.get("torch_dtype"))), torch.float32)
     loaded = _loaded_names(model, list(output.tensors))
     # a quantized linear's float weight stays in ``tensors`` when its checkpoint key is renamed on load
     float_weights = {f"{name}.weight" for name in output.linears}
-    tensors = {key: value for key, value in output.tensors.items() if loaded[key] not in float_weights}
-    for name, linear in output.linears.items():
-        tensors.update(_packed(name, linear, _scheme_of(name, groups), dtype))
+    kept = [key for key in output.tensors if loaded[key] not in float_weights]
     expected = model.state_dict()
-    present = set(loaded.values()) | set(tensors)
+    present = set(loaded.values()) | {f"{name}.bias" for name in output.linears if output.has_bias(name)}
+    zero_biases = []
     for name in output.linears:
         key = f"{name}.bias"
         if key in present and key not in expected:
@@ -248,8 +251,51 @@ def compressed_state_dict(
                 "method that folds no shifts into biases (e.g. rtn or gptq)"
             )
         if key in expected and key not in present:
-            tensors[key] = torch.zeros(expected[key].shape, dtype=dtype)
-    return {key: value.contiguous() for key, value in tensors.items()}
+            zero_biases.append(key)
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for key in kept:
+            yield key, output.tensors[key].contiguous()
+        for name in output.linears:
+            packed = _packed(name, output.linears[name], _scheme_of(name, groups), dtype)
+            yield from ((key, value.contiguous()) for key, value in packed.items())
+        for key in zero_biases:
+            yield key, torch.zeros(expected[key].shape, dtype=dtype)
+
+    return tensors()
+
+
+def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path) -> None:
+    """Write ``tensors`` as ``model.safetensors``, or, past :data:`SHARD_BYTES`, as shards of at
+    most that size with their index (as transformers saves large models): memory holds one shard."""
+    shards: list[Path] = []
+    weight_map: dict[str, int] = {}
+    total = 0
+    pending: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        nonlocal pending, size
+        if pending:
+            shards.append(folder / f".shard-{len(shards)}.safetensors")
+            save_file(pending, str(shards[-1]), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(pending, len(shards) - 1))
+            pending, size = {}, 0
+
+    for key, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if pending and size + nbytes > SHARD_BYTES:
+            flush()
+        pending[key], size, total = tensor, size + nbytes, total + nbytes
+    flush()
+    if len(shards) == 1:
+        shards[0].rename(folder / "model.safetensors")
+        return
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for shard, name in zip(shards, names, strict=True):
+        shard.rename(folder / name)
+    index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}
+    (folder / SHARD_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def quantization_config(output: QuantizedOutput, model: torch.nn.Module) -> QuantizationConfig:
@@ -289,7 +335,7 @@ def write_compressed_tensors(output: QuantizedOutput, folder: Path) -> None:
     config = _config_with_biases(output)
     model = _empty_model(config)
     qconfig = quantization_config(output, model)
-    tensors = compressed_state_dict(output, model, qconfig.config_groups)
+    tensors = compressed_tensors_of(output, model, qconfig.config_groups)
     config["quantization_config"] = {
         "version": compressed_tensors.__version__,
         "quant_method": "compressed-tensors",
@@ -298,7 +344,7 @@ def write_compressed_tensors(output: QuantizedOutput, folder: Path) -> None:
     if not output.scheme.weight.symmetric and not output.scheme.activation.enabled:  # pack-quantized
         config["quantization_config"]["dequantize"] = True
     folder = Path(folder)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _write_shards(tensors, folder)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for path in sorted(output.folder.iterdir()):
         if path.is_file() and path.name not in NOT_COPIED and ".safetensors" not in path.name:
