@@ -77,3 +77,33 @@ def test_outputs_without_integers_name_the_command_that_recreates_them(
     line = error_line(*run(capsys, "export", old, "--format", "gguf"))
     assert "has no integer weights (written by an older lrquant)" in line
     assert "lrquant quantize --model" in line and "--method rtn" in line and "--group-size 16" in line
+
+
+def test_an_output_is_read_one_tensor_at_a_time(tmp_path: Path) -> None:
+    """The lazy views export reads through: keys, shapes and dtypes from the headers, a tensor
+    when asked for; renaming carries a linear's bias along; hidden keys stay hidden."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lrquant.config import QuantSpec
+    from lrquant.export.lazy import LazyLinears, LazyTensors
+
+    weights = {"a.x.weight": torch.ones(3, 4, dtype=torch.bfloat16), "a.x.bias": torch.arange(3.0)}
+    parts = {"a.x.codes": torch.zeros(3, 4, dtype=torch.uint8), "a.x.scale": torch.ones(3, 1),
+             "a.x.zero": torch.zeros(3, 1)}  # fmt: skip
+    save_file(weights, tmp_path / "w.safetensors")
+    save_file(parts, tmp_path / "i.safetensors")
+    tensors = LazyTensors.of([tmp_path / "w.safetensors"])
+    assert set(tensors) == set(weights) and tensors.shape("a.x.weight") == (3, 4)
+    assert tensors.dtype("a.x.weight") == torch.bfloat16 and torch.equal(
+        tensors["a.x.bias"], weights["a.x.bias"]
+    )
+    spec = QuantSpec(bits=4, granularity="channel")
+    linears = LazyLinears(LazyTensors.of([tmp_path / "i.safetensors"]), lambda _: spec, tensors)
+    assert list(linears) == ["a.x"] and linears.shape("a.x") == (3, 4) and linears.has_bias("a.x")
+    moved = linears.renamed(lambda key: key.replace("a.", "b.", 1))
+    assert list(moved) == ["b.x"] and torch.equal(moved["b.x"].bias, weights["a.x.bias"])
+    assert moved["b.x"].bits == 4 and moved["b.x"].codes.shape == (3, 4)
+    assert list(tensors.without(["a.x.weight"])) == ["a.x.bias"]
+    with pytest.raises(KeyError):
+        tensors.without(["a.x.weight"])["a.x.weight"]

@@ -304,14 +304,15 @@ def test_unknown_tokenizers_are_refused(
     assert not path.exists()
 
 
-def test_a_vision_language_models_language_model_is_written(tmp_path: Path) -> None:
-    """A LLaVA output's GGUF holds its language model (llama), codes bit for bit, and runs to
-    the logits the quantized vision-language model gives on text; the tower and projector are
-    left to llama.cpp's separate mmproj file."""
+@pytest.mark.parametrize("family", ["llava", "idefics3"])
+def test_a_vision_language_models_language_model_is_written(family: str, tmp_path: Path) -> None:
+    """A LLaVA's or Idefics3's output's GGUF holds its language model (llama), codes bit for bit,
+    and runs to the logits the quantized vision-language model gives on text (whichever key
+    layout transformers saved); the tower and projector are left to llama.cpp's mmproj file."""
     from lrquant.export import language_model_of
     from lrquant.models.tiny_vlm import save_tiny_vlm
 
-    model = save_tiny_vlm("llava", tmp_path / "llava")
+    model = save_tiny_vlm(family, tmp_path / family)
     pairs = api.DataSettings(calib="digits-words:train", seqlen=64, nsamples=4)
     output = quantize(model, tmp_path / "out", "rtn", build_scheme(4, group_size=32), {}, pairs)
     path = tmp_path / "model.gguf"

@@ -197,8 +197,8 @@ def language_model_of(output: QuantizedOutput) -> QuantizedOutput:
 
     config = dict(output.config["text_config"])
     config.setdefault("tie_word_embeddings", output.config.get("tie_word_embeddings", False))
+    linears = output.linears.renamed(renamed)  # biases found under either layout
     tensors = output.tensors.renamed(renamed)
-    linears = output.linears.renamed(renamed, tensors)  # biases found under either layout
     tensors = tensors.without(key for name in linears for key in (f"{name}.weight", f"{name}.bias"))
     return QuantizedOutput(output.folder, config, output.scheme, linears, tensors, output.method)
 

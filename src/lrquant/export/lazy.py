@@ -38,7 +38,9 @@ SAFETENSORS_DTYPES = {
 class LazyTensors(Mapping[str, torch.Tensor]):
     """Tensors by key, each read from its safetensors file when asked for."""
 
-    def __init__(self, where: dict[str, tuple[Path, str]], meta: dict[str, tuple[tuple[int, ...], str]]):
+    def __init__(
+        self, where: dict[str, tuple[Path, str]], meta: dict[str, tuple[tuple[int, ...], str]]
+    ) -> None:
         self._where = where  # key -> (file, the key in the file)
         self._meta = meta  # key -> (shape, safetensors dtype)
 
@@ -90,9 +92,7 @@ class LazyLinears(Mapping[str, "IntegerLinear"]):
     zero points, keys ``NAME.codes`` and so on) and its bias (``NAME.bias`` of ``biases``) when
     asked for; ``spec`` gives each linear's weight grid."""
 
-    def __init__(
-        self, parts: LazyTensors, spec: Callable[[str], QuantSpec], biases: Mapping[str, torch.Tensor]
-    ):
+    def __init__(self, parts: LazyTensors, spec: Callable[[str], QuantSpec], biases: LazyTensors) -> None:
         self._parts, self._spec, self._biases = parts, spec, biases
         self._names = list(dict.fromkeys(key.rpartition(".")[0] for key in parts))
 
@@ -128,9 +128,9 @@ class LazyLinears(Mapping[str, "IntegerLinear"]):
         """The linear's ``[out, in]``."""
         return self._parts.shape(f"{name}.codes")
 
-    def renamed(self, name: Callable[[str], str | None], biases: Mapping[str, torch.Tensor]) -> LazyLinears:
-        """The same linears named ``name(old)`` (None: left out), biases looked up in ``biases``
-        under the new names."""
+    def renamed(self, name: Callable[[str], str | None]) -> LazyLinears:
+        """The same linears named ``name(old)`` (None: left out), and the tensors their biases
+        are looked up in keyed by ``name(key)``."""
 
         def part(key: str) -> str | None:
             owner, _, kind = key.rpartition(".")
@@ -138,4 +138,6 @@ class LazyLinears(Mapping[str, "IntegerLinear"]):
             return None if new is None else f"{new}.{kind}"
 
         old_of = {name(old): old for old in self._names if name(old) is not None}
-        return LazyLinears(self._parts.renamed(part), lambda new: self._spec(old_of[new]), biases)
+        return LazyLinears(
+            self._parts.renamed(part), lambda new: self._spec(old_of[new]), self._biases.renamed(name)
+        )
