@@ -4,11 +4,12 @@ A model of the arithmetic, not a measurement of this run: the block's linears an
 give the floating-point operations of one forward pass over the calibration tokens; training
 runs ``epochs`` forward and backward passes, the other stages one forward pass each (targets,
 the clipping search, GPTQ's statistics, the fold), GPTQ its factorisations and its column loop
-(timed on its own: elementwise work). A matrix product
-timed on the device for a fraction of a second turns operations into seconds, at the share of
-that speed the learner reaches (:data:`TRAIN_EFFICIENCY`, :data:`PASS_EFFICIENCY`, measured on
-this project's CPUs: docs/results.md, "What a run costs"). Memory adds the process itself, the
-model (all of it, or one block when streamed), the calibration chains and what learning holds.
+(timed on its own: elementwise work). A matrix product timed on the device for a fraction of a
+second turns operations into seconds, at the share of that speed the learner reaches
+(:data:`TRAIN_EFFICIENCY`, :data:`PASS_EFFICIENCY`, measured on this project's CPUs:
+docs/results.md, "What a run costs"). Memory is the process itself and the model (all of it, or
+one block when streamed) with, while the blocks learn, the calibration chains and what learning
+holds, or, outside them, a window's logits: whichever is more.
 The report puts the estimate beside what was measured.
 """
 
@@ -110,9 +111,15 @@ def estimate(
     all_params = sum(p.numel() for p in model.parameters())
     blocks_params = sum(p.numel() for b in blocks for p in b.parameters())
     weights = 4 * ((all_params - blocks_params + 2 * blocks_params / len(blocks)) if streamed else all_params)
-    memory = PROCESS_MB * 2**20 + weights
+    held = weights  # while the blocks learn: a streamed model's untied head is still on disk
+    if streamed:
+        in_blocks = {id(p) for b in blocks for p in b.parameters()}
+        outside = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks and not p.is_meta)
+        held = 4 * (outside + 2 * blocks_params / len(blocks))
     vocab = getattr(config, "vocab_size", 0) or 0
-    memory += 2 * 4 * tokens * vocab  # a window's logits (recording what each block is called with)
+    # outside the blocks: a window's logits (recording what each block is called with), the save
+    around = PROCESS_MB * 2**20 + weights + 2 * 4 * tokens * vocab
+    memory = PROCESS_MB * 2**20 + held
     if recipe is not None:
         chains = AT_ONCE * DTYPES[recipe.chain_dtype].itemsize * total_tokens * hidden
         if not spills(chains, memory_budget(max_memory)):  # else in memory-mapped files
@@ -122,8 +129,9 @@ def estimate(
         memory += 4 * batch * (12 * hidden + 6 * intermediate) * (1 if recipe.learn else 0)
         if recipe.rounding:  # a learned offset per weight, its gradient and two Adam moments
             memory += 4 * 4 * block_params
-        if recipe.gptq:
-            memory += 4 * 4 * max(m.in_features for m in linears) ** 2
+        if recipe.gptq:  # the widest input's Hessian, its reordered copy and inverse factor
+            memory += 3 * 4 * max(m.in_features for m in linears) ** 2
+    memory = max(memory, around)
     if evaluate:  # the full-precision model beside the quantized one, and a window's logits
         memory = max(memory, PROCESS_MB * 2**20 + 2 * weights + LOGITS_COPIES * 4 * tokens * vocab)
     once = (
