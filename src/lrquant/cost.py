@@ -65,6 +65,14 @@ class Estimate:
         )
 
 
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 def _linears(block: nn.Module) -> list[nn.Linear]:
     return [m for m in block.modules() if isinstance(m, nn.Linear)]
 
@@ -113,9 +121,9 @@ def estimate(
     weights = 4 * ((all_params - blocks_params + 2 * blocks_params / len(blocks)) if streamed else all_params)
     held = weights  # while the blocks learn: a streamed model's untied head is still on disk
     if streamed:
-        in_blocks = {id(p) for b in blocks for p in b.parameters()}
-        outside = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks and not p.is_meta)
-        held = 4 * (outside + 2 * blocks_params / len(blocks))
+        embedding = model.get_input_embeddings().weight
+        heads = [model.get_submodule(name) for name in arch.heads if _has(model, name)]
+        held -= 4 * sum(head.weight.numel() for head in heads if head.weight is not embedding)
     vocab = getattr(config, "vocab_size", 0) or 0
     # outside the blocks: a window's logits (recording what each block is called with), the save
     around = PROCESS_MB * 2**20 + weights + 2 * 4 * tokens * vocab
