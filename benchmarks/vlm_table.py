@@ -20,6 +20,8 @@ import argparse
 import json
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -74,6 +76,16 @@ def run(args: argparse.Namespace, method: str, setting: str, tower: bool) -> dic
     }
 
 
+def _in_own_process(method: str, setting: str, tower: bool) -> dict:
+    """:func:`run` in a fresh process (this command's flags, one row), so that its peak RSS is its own."""
+    job = json.dumps({"method": method, "setting": setting, "tower": tower})
+    out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", job], capture_output=True,
+                         text=True, check=False)  # fmt: skip
+    if out.returncode != 0:
+        sys.exit(f"{method} {setting} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def table(rows: list[dict]) -> list[str]:
     lines = [
         "| method | setting | tower | accuracy % (fp: quantized) | KL | top-1 % | perplexity "
@@ -108,7 +120,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--name", default="vlm_fast")
+    parser.add_argument(
+        "--one", help=argparse.SUPPRESS
+    )  # one row, in this process (JSON: method, setting, tower)
     args = parser.parse_args()
+    if args.one:
+        job = json.loads(args.one)
+        print(json.dumps(run(args, job["method"], job["setting"], job["tower"])))
+        return
     jsonl = RESULTS / f"{args.name}.jsonl"
     done = {_key(row) for row in load_rows(args.name)}
     towers = {"no": [False], "yes": [True], "both": [False, True]}[args.tower]
@@ -119,7 +138,7 @@ def main() -> None:
                          "preset": args.preset, "seed": args.seed, "overrides": args.overrides}  # fmt: skip
                 if _key(probe) in done:
                     continue
-                row = run(args, method, setting, tower)
+                row = _in_own_process(method, setting, tower)
                 RESULTS.mkdir(parents=True, exist_ok=True)
                 with jsonl.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
