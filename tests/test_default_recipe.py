@@ -48,7 +48,7 @@ W4A4_PACKED = dict(clip_init="search", lr_clipping=0.1, lr_transform=1e-2)
         (Situation("text", 6, 6, packed=True), {}),
         (Situation("text", 6, 6, rotatable=False), {}),
         (Situation("text", 4, 8), dict(lr_clipping=0.1)),
-        (Situation("text", 8, 8), dict(hadamard="online")),
+        (Situation("text", 8, 8), dict(hadamard="online", lr_by_bits=True)),
         (Situation("text", 8, 8, packed=True), {}),
         (Situation("text", 8, 8, rotatable=False), {}),
         (Situation("image-text", 4, 16), WEIGHT_ONLY),
