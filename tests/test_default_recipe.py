@@ -44,7 +44,7 @@ W4A4_PACKED = dict(clip_init="search", lr_clipping=0.1, lr_transform=1e-2)
         (Situation("text", 4, 4), W4A4_UNPACKED),
         (Situation("text", 4, 4, rotatable=False), W4A4_UNPACKED),  # "down" needs no residual rotation
         (Situation("text", 4, 4, packed=True), W4A4_PACKED),
-        (Situation("text", 6, 6), dict(hadamard="online")),
+        (Situation("text", 6, 6), dict(hadamard="online", lr_by_bits=True)),
         (Situation("text", 6, 6, packed=True), {}),
         (Situation("text", 6, 6, rotatable=False), {}),
         (Situation("text", 4, 8), dict(lr_clipping=0.1)),
@@ -54,7 +54,7 @@ W4A4_PACKED = dict(clip_init="search", lr_clipping=0.1, lr_transform=1e-2)
         (Situation("image-text", 4, 16), WEIGHT_ONLY),
         (Situation("image-text", 4, 4), W4A4_UNPACKED),
         (Situation("image-text", 4, 8), dict(lr_clipping=0.1)),
-        (Situation("image-text", 6, 6), dict(hadamard="online")),
+        (Situation("image-text", 6, 6), dict(hadamard="online", lr_by_bits=True)),
         (Situation("image-text", 6, 6, rotatable=False), {}),  # Gemma 3's stream
         (Situation("image-text", 8, 8), {}),
     ],
