@@ -24,6 +24,7 @@ import torch.nn as nn
 from lrquant.arch import ArchSpec
 from lrquant.config import QuantScheme
 from lrquant.methods.activations import AT_ONCE, DTYPES, memory_budget, spills
+from lrquant.quant.apply import head_linears
 from lrquant.recipes import Recipe, use_bf16
 
 # shares of the timed matrix product's speed that the learner reaches: training steps (forward,
@@ -63,14 +64,6 @@ class Estimate:
             f"about {self.peak_memory_mb / 1024:.1f} GiB at most and {self.seconds_per_block:.1f} s per "
             f"block ({self.seconds / 60:.1f} min for {self.blocks} blocks)"
         )
-
-
-def _has(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 def _linears(block: nn.Module) -> list[nn.Linear]:
@@ -122,7 +115,7 @@ def estimate(
     held = weights  # while the blocks learn: a streamed model's untied head is still on disk
     if streamed:
         embedding = model.get_input_embeddings().weight
-        heads = [model.get_submodule(name) for name in arch.heads if _has(model, name)]
+        heads = [head for _, head in head_linears(model, arch)]
         held -= 4 * sum(head.weight.numel() for head in heads if head.weight is not embedding)
     vocab = getattr(config, "vocab_size", 0) or 0
     # outside the blocks: a window's logits (recording what each block is called with), the save

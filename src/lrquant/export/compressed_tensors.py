@@ -25,7 +25,7 @@ from lrquant.config import QuantSpec
 from lrquant.errors import LrquantError
 from lrquant.export import IntegerLinear, QuantizedOutput
 from lrquant.models.streaming import SHARD_INDEX
-from lrquant.output_dir import MANIFEST_FILE
+from lrquant.output_dir import MANIFEST_FILE, write_json
 from lrquant.report import PLOT_FILE
 
 if TYPE_CHECKING:
@@ -295,7 +295,7 @@ def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path) -> 
     for shard, name in zip(shards, names, strict=True):
         shard.rename(folder / name)
     index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}
-    (folder / SHARD_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    write_json(folder / SHARD_INDEX, index)
 
 
 def quantization_config(output: QuantizedOutput, model: torch.nn.Module) -> QuantizationConfig:

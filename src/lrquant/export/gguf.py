@@ -484,10 +484,15 @@ def _gguf_tensors(
 
     planned, fitted_types = [], set()
 
+    last: dict[str, IntegerLinear] = {}  # the linear read last: its bias is written next
+
     def linear_of(name: str) -> IntegerLinear:
-        linear = output.linears[name]
-        role = name.rsplit(".", 1)[-1]
-        return _rope_order(linear, heads[role]) if permute and role in heads else linear
+        if name not in last:
+            linear = output.linears[name]
+            role = name.rsplit(".", 1)[-1]
+            last.clear()
+            last[name] = _rope_order(linear, heads[role]) if permute and role in heads else linear
+        return last[name]
 
     def packed(name: str, qtype: str) -> np.ndarray:
         linear = linear_of(name)

@@ -94,7 +94,7 @@ class LazyLinears(Mapping[str, "IntegerLinear"]):
 
     def __init__(self, parts: LazyTensors, spec: Callable[[str], QuantSpec], biases: LazyTensors) -> None:
         self._parts, self._spec, self._biases = parts, spec, biases
-        self._names = list(dict.fromkeys(key.rpartition(".")[0] for key in parts))
+        self._names = dict.fromkeys(key.rpartition(".")[0] for key in parts)  # ordered, as a set
 
     def __getitem__(self, name: str) -> IntegerLinear:
         from lrquant.export import IntegerLinear
@@ -118,7 +118,7 @@ class LazyLinears(Mapping[str, "IntegerLinear"]):
     def __len__(self) -> int:
         return len(self._names)
 
-    def __contains__(self, name: object) -> bool:
+    def __contains__(self, name: object) -> bool:  # Mapping's would read the linear
         return name in self._names
 
     def has_bias(self, name: str) -> bool:
