@@ -264,3 +264,18 @@ def test_processes_compares_one_process_with_two(tiny_llama, tmp_path) -> None:
     row = json.loads((tmp_path / "procs.jsonl").read_text())
     assert row["processes"] == 2 and len(row["wall_s"]) == 2 and row["codes_differ"] < 0.01
     assert row["perplexity"][1] == pytest.approx(row["perplexity"][0], rel=1e-3)
+
+
+def test_eval_dtype_scores_float32_beside_bf16(tiny_llama, tmp_path) -> None:
+    from lrquant import api
+    from lrquant.config import build_scheme
+
+    out = tmp_path / "rtn"
+    data = api.DataSettings(seqlen=32, nsamples=1)
+    api.quantize(str(tiny_llama), out, build_scheme(wbits=4, group_size=16), "rtn", data=data, run_eval=False)
+    args = ["--model", str(tiny_llama), "--quantized", str(out), "--seqlen", "32", "--windows", "2"]
+    run_script("eval_dtype.py", [*args, "--name", "dtype"], tmp_path)
+    row = rows(tmp_path, "dtype")[0]
+    assert row["windows"] == 2 and row["fp32"]["perplexity"] > 1 and row["bf16"]["perplexity"] > 1
+    assert 0 <= row["bf16_against_fp32"]["kl"] < 0.05 and row["bf16_against_fp32"]["top1_agreement"] > 0.5
+    assert row["quantized_fp32"]["kl"] > 0 and row["quantized_bf16"]["kl"] > 0

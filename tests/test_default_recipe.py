@@ -26,6 +26,7 @@ from lrquant.recipes import (
 from lrquant.transforms.hadamard import RUN_TIME_HADAMARD
 
 WEIGHT_ONLY = dict(rounding=True, clip_init="search", lr_clipping=0.1, e2e_epochs=2)
+WEIGHT_ONLY_4BIT_GROUPS = dict(rounding=True, clip_init="search", lr_clipping=0.1)  # no end-to-end step
 W4A4_UNPACKED = dict(
     hadamard="down", clip_init="search", lr_clipping=0.1, lr_transform=1e-2, rounding=True, e2e_epochs=2
 )
@@ -38,6 +39,12 @@ W4A4_PACKED = dict(clip_init="search", lr_clipping=0.1, lr_transform=1e-2)
         (Situation("image", 4, 4), dict(smoothing="best", lr_by_bits=True)),
         (Situation("image", 4, 16), dict(smoothing="best", lr_by_bits=True)),
         (Situation("text", 4, 16), WEIGHT_ONLY),
+        (Situation("text", 4, 16, group_size=64), WEIGHT_ONLY_4BIT_GROUPS),
+        (Situation("text", 4, 16, packed=True, group_size=32), WEIGHT_ONLY_4BIT_GROUPS),
+        (Situation("text", 4, 16, group_size=128), WEIGHT_ONLY),
+        (Situation("text", 3, 16, group_size=64), WEIGHT_ONLY),
+        (Situation("text", 4, 8, group_size=64), dict(lr_clipping=0.1)),
+        (Situation("image-text", 4, 16, group_size=64), WEIGHT_ONLY),  # not measured on one: as before
         (Situation("text", 3, 16), WEIGHT_ONLY),
         (Situation("text", 2, 16, packed=True), WEIGHT_ONLY),
         (Situation("text", 8, 16), {}),
@@ -64,6 +71,13 @@ def test_each_setting_resolves_to_its_documented_recipe(situation: Situation, fi
     recipe = build_recipe("auto", preset, situation=situation)
     assert recipe == Recipe(**{**PRESETS[preset], **fields})
     assert default_rule(situation).fields == fields
+
+
+def test_the_situation_carries_the_weights_group(tiny_llama: Path) -> None:
+    grouped = api.situation(str(tiny_llama), build_scheme(wbits=4, group_size=16))
+    assert grouped.group_size == 16 and default_rule(grouped).fields == WEIGHT_ONLY_4BIT_GROUPS
+    per_channel = api.situation(str(tiny_llama), build_scheme(wbits=4))
+    assert per_channel.group_size is None and default_rule(per_channel).fields == WEIGHT_ONLY
 
 
 def test_lrquant_plus_is_the_papers_method_whatever_the_model() -> None:

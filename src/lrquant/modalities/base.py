@@ -28,10 +28,12 @@ class Situation:
     packed: bool = False  # a packed format was asked for: no Hadamard rotation at run time
     # the residual stream can be Hadamard-rotated (decoders with plain RMSNorm)
     rotatable: bool = True
+    group_size: int | None = None  # the weights' group; None: per output channel
 
     @classmethod
     def of(cls, scheme, modality: str = "text", packed: bool = False, rotatable: bool = True) -> Situation:
-        return cls(modality, scheme.weight.bits, scheme.activation.bits, packed, rotatable)
+        weight = scheme.weight
+        return cls(modality, weight.bits, scheme.activation.bits, packed, rotatable, weight.group_size)
 
 
 @dataclass(frozen=True)
