@@ -40,6 +40,10 @@ STREAM_S_PER_BYTE = 7e-9
 # a window's logits while scoring: the model's and the reference's, and one made inside the head
 # (the vocabulary-wide temporaries are scored 128 positions at a time)
 LOGITS_COPIES = 3
+# float32 copies of a block's weights that training holds beside the block itself: the
+# transformed and the fake-quantized weights and what autograd keeps of them for the backward
+# (fitted to the streamed LRQuant+ runs: 2.5 copies unaccounted for at the 1B shape, 3.6 at 3B)
+TRAIN_WEIGHT_COPIES = 3
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,8 @@ def estimate(
             memory += chains
         batch = recipe.batch_size * tokens
         intermediate = max(m.out_features for m in linears)
-        memory += 4 * batch * (12 * hidden + 6 * intermediate) * (1 if recipe.learn else 0)
+        if recipe.learn:
+            memory += 4 * batch * (12 * hidden + 6 * intermediate) + TRAIN_WEIGHT_COPIES * 4 * block_params
         if recipe.rounding:  # a learned offset per weight, its gradient and two Adam moments
             memory += 4 * 4 * block_params
         if recipe.gptq:  # the widest input's Hessian, its reordered copy and inverse factor
