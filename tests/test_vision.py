@@ -396,3 +396,27 @@ def test_quantize_calibrates_image_models_on_photo_crops(vit_folder, tmp_path, m
     )  # fmt: skip
     assert asked == [("photos", 6)]
     assert report["recipe"]["lr_by_bits"] is True
+
+
+def test_evaluation_preprocesses_a_batch_at_a_time(monkeypatch) -> None:
+    """An evaluation set's model inputs are made per batch (never the whole set's float32 pixels
+    at once), and the outputs equal those of the set preprocessed whole."""
+    from lrquant.data.images import ImagePreprocess
+    from lrquant.eval import images as image_eval
+
+    model, arch = tiny_vision_model("dinov2"), get_arch_spec("dinov2")
+    size = model.config.image_size
+    prep = ImagePreprocess(size, size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(rng.integers(0, 256, (size + 4, size, 3), dtype=np.uint8)) for _ in range(7)]
+    seen: list[int] = []
+
+    def counted(images):
+        seen.append(len(images))
+        return ImagePreprocess.__call__(prep, images)
+
+    pixels = image_eval.Pixels(photos, counted)
+    assert len(pixels) == 7
+    lazy = image_eval.model_outputs(model, arch, pixels, batch_size=3)
+    assert seen == [3, 3, 1]
+    torch.testing.assert_close(lazy, image_eval.model_outputs(model, arch, prep(photos), batch_size=3))

@@ -80,7 +80,7 @@ class Image(Modality):
             with placed(loaded.model, device):
                 return image_eval.score(loaded.model, loaded.arch, sets, ref[0], data.batch_size)
 
-        return Evaluation(fp, quantized, {"eval_images": {s.name: s.pixels.shape[0] for s in sets}})
+        return Evaluation(fp, quantized, {"eval_images": {s.name: len(s.pixels) for s in sets}})
 
     def evaluate(
         self, loaded: LoadedModel, data: DataSettings, reference: nn.Module | None, device: torch.device
