@@ -29,13 +29,16 @@ if TYPE_CHECKING:
     from lrquant.arch import ArchSpec
     from lrquant.models.loading import LoadedModel
 
+# weight-only at 4 bits or fewer: learned rounding, the searched clipping start, the larger rate
+WEIGHT_ONLY = dict(rounding=True, clip_init="search", lr_clipping=0.1)
+
 # The default recipe of a language model (no --method): the first rule that applies adds its
 # fields to LRQuant+'s. Each is the best measured on SmolLM2-135M (docs/results.md).
 TEXT_RULES: tuple[Rule, ...] = (
     Rule(
         "language model, 4-bit weights only, in groups of 64 or fewer",
         lambda s: s.abits >= 16 and s.wbits == 4 and s.group_size is not None and s.group_size <= 64,
-        dict(rounding=True, clip_init="search", lr_clipping=0.1),
+        WEIGHT_ONLY,
         "SmolLM2-135M W4A16 g64 at fast: without the end-to-end step 17.27 and KL 0.103 against "
         "17.41 and 0.157 with it (news: KL 0.131 against 0.171), and 200 s sooner; at g128 and "
         "per channel the step still lowers perplexity",
@@ -43,7 +46,7 @@ TEXT_RULES: tuple[Rule, ...] = (
     Rule(
         "language model, weights of 4 bits or fewer only",
         lambda s: s.abits >= 16 and s.wbits <= 4,
-        dict(rounding=True, clip_init="search", lr_clipping=0.1, e2e_epochs=2),
+        {**WEIGHT_ONLY, "e2e_epochs": 2},
         "SmolLM2-135M at fast: learned rounding, the searched clipping start and the larger "
         "clipping rate take W2A16 g64 from 244 to 70.8, and the end-to-end step sizes to 47.2",
     ),
