@@ -6,7 +6,9 @@ runs ``lrquant quantize --stream on`` with each method in a fresh process (``--n
 ``--eval``) and records its seconds, seconds per block, peak resident memory (``VmHWM``), the
 peak of its anonymous memory (``RssAnon`` sampled every 50 ms: resident memory less the pages
 of mapped files, which the system can write back and drop), where the calibration activations
-lived (``--max-memory``, ``--set chain_dtype=...``) and the bytes it wrote. The tokenizer is
+lived (``--max-memory``, ``--set chain_dtype=...``), the bytes it wrote and the most disk it took
+at once beyond the checkpoint (resume store and output; the file system's used bytes sampled
+every half second, so run nothing else that writes to it). The tokenizer is
 lrquant's tiny test tokenizer (512 ids, inside any vocabulary); calibration is ``--nsamples``
 windows of ``--seqlen`` tokens of the built-in Wikipedia text.
 Random weights: the figures say what a run costs on this machine, not how well it quantizes.
@@ -28,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -121,6 +124,28 @@ def write_checkpoint(folder: Path, config: dict, seed: int = 0) -> int:
     return total
 
 
+class DiskPeak:
+    """The most bytes the file system holding ``folder`` gained over its use at entry, sampled
+    every half second while the ``with`` block runs (``peak``)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.peak, self._stop = folder, 0, threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.5):
+            self.peak = max(self.peak, shutil.disk_usage(self.folder).used - self.start)
+
+    def __enter__(self) -> DiskPeak:
+        self.start = shutil.disk_usage(self.folder).used
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=SHAPES, default="1b")
@@ -168,9 +193,10 @@ def main() -> None:
                 "seqlen": args.seqlen, "eval": args.eval, "eval_windows": 4,
                 "max_memory": None if args.max_memory is None else parse_size(args.max_memory),
             }  # fmt: skip
-            done = subprocess.run(
-                [sys.executable, "-c", RUN, json.dumps(job)], capture_output=True, text=True
-            )
+            with DiskPeak(work) as disk:
+                done = subprocess.run(
+                    [sys.executable, "-c", RUN, json.dumps(job)], capture_output=True, text=True
+                )
             if done.returncode:
                 print(done.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"{name} failed")
@@ -181,7 +207,7 @@ def main() -> None:
                 "shape": args.shape, "blocks": config["num_hidden_layers"], "method": name,
                 "scheme": job["scheme"], "preset": args.preset, "overrides": job["overrides"],
                 "nsamples": args.nsamples, "seqlen": args.seqlen, "checkpoint_bytes": size,
-                "output_bytes": written, "peak_rss_mb": row["peak_rss_mb"],
+                "output_bytes": written, "peak_disk_bytes": disk.peak, "peak_rss_mb": row["peak_rss_mb"],
                 "peak_anon_mb": row["peak_anon_mb"], "activations": row["activations"],
                 "max_memory": args.max_memory, "seconds": row["seconds"],
                 "seconds_per_block": round(row["seconds"]["quantize"] / config["num_hidden_layers"], 2),

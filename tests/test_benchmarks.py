@@ -237,6 +237,7 @@ def test_stream_scale_runs_on_a_tiny_shape(tmp_path) -> None:
     rows_ = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert [row["method"] for row in rows_] == ["rtn", "gptq"]
     assert all(row["peak_rss_mb"] > 0 and row["output_bytes"] > row["checkpoint_bytes"] for row in rows_)
+    assert all(isinstance(row["peak_disk_bytes"], int) for row in rows_)
     assert rows_[1]["fidelity"]["kl"] > 0 and len(rows_[1]["learned_block_seconds"]) == 2
     assert 0 < rows_[1]["peak_anon_mb"] <= rows_[1]["peak_rss_mb"]
     assert rows_[1]["activations"]["where"] == "memory (cpu)" and rows_[1]["activations"]["bytes"] > 0

@@ -353,6 +353,21 @@ RESUME_CASES: list[tuple[str, Callable[[Path], None], tuple[str, ...]]] = [
         ("is not a valid safetensors file", "truncated or damaged"),
     ),
     ("chain-missing", lambda f: chain_file(f).unlink(), ("is missing",)),
+    (
+        "integers-truncated",
+        lambda f: truncate(f / "integers-0.safetensors"),
+        ("integers-0.safetensors' is not a valid",),
+    ),
+    (
+        "integers-of-other-tensors",
+        lambda f: other_tensors(f / "integers-0.safetensors"),
+        ("its tensors do not fit",),
+    ),
+    (
+        "store-of-an-older-lrquant",  # block-relative keys, grids beside the weights
+        lambda f: remove_key(f / "progress.json", "version"),
+        ("written by an older lrquant", "delete that folder to start over"),
+    ),
 ]
 
 

@@ -263,6 +263,7 @@ def test_disk_full_while_checkpointing_a_block_keeps_the_earlier_blocks(
     assert sorted(p.name for p in store.iterdir()) == [
         "block-0.safetensors",
         "chain-0.safetensors",
+        "integers-0.safetensors",
         "progress.json",
     ]
     assert sorted(p.name for p in work.iterdir()) == [".out.resume"]

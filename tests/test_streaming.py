@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+import lrquant.checkpoint
 from lrquant import api, cli
-from lrquant.checkpoint import concat_safetensors
 from lrquant.config import build_scheme
 from lrquant.errors import LrquantError
 from lrquant.methods.resume import ResumeStore
@@ -42,10 +42,11 @@ def data(text_file: Path) -> api.DataSettings:
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of an output folder, by file kind (the model's shards count as one) and name."""
+    """Every tensor of an output folder, by file kind (the model's shards count as one, and so do
+    the integer codes') and name."""
     out = {}
     for file in sorted(folder.glob("*.safetensors")):
-        kind = "model" if file.name.startswith("model") else file.name
+        kind = next((k for k in ("model", "integer_weights") if file.name.startswith(k)), file.name)
         out.update({f"{kind}:{key}": t for key, t in load_file(file).items()})
     return out
 
@@ -84,7 +85,7 @@ def test_streamed_run_writes_and_scores_what_an_in_memory_run_does(
         )
     memory, streamed = _tensors(tmp_path / "out-False"), _tensors(tmp_path / "out-True")
     assert set(memory) == set(streamed)
-    assert any(key.startswith("integer_weights") for key in memory)
+    assert any(key.startswith("integer_weights:") for key in memory)
     for key, tensor in memory.items():
         assert torch.equal(tensor, streamed[key]), key
     assert reports[True]["model"]["streamed"] and not reports[False]["model"]["streamed"]
@@ -212,18 +213,45 @@ def test_stream_is_chosen_when_the_model_would_not_fit(
     assert code == 0 and json.loads((tmp_path / "c" / "report.json").read_text())["model"]["streamed"]
 
 
-def test_concatenated_safetensors_hold_every_tensor(tmp_path: Path) -> None:
-    parts = []
-    expected = {}
-    for i, dtype in enumerate((torch.int8, torch.float32, torch.uint8)):
-        tensors = {f"p{i}.{k}": (torch.arange(i * 7 + k * 3 + 5) % 100).to(dtype) for k in range(3)}
-        parts.append(tmp_path / f"{i}.safetensors")
-        save_file(tensors, parts[-1])
-        expected.update(tensors)
-    concat_safetensors(parts, tmp_path / "all.safetensors")
-    merged = load_file(tmp_path / "all.safetensors")
-    assert set(merged) == set(expected)
-    assert all(torch.equal(merged[k], v) and merged[k].dtype == v.dtype for k, v in expected.items())
+@pytest.mark.parametrize("links", [True, False])
+def test_streamed_output_links_the_finished_blocks_of_the_store(
+    links: bool, llama3: Path, data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The save names the store's block files in the output (hard links: the blocks take their
+    disk space once) and copies them where the file system cannot link; the same output."""
+    linked = []
+    real_link = lrquant.checkpoint.os.link
+
+    def link(source, target) -> None:
+        if not links:
+            raise OSError(18, "Invalid cross-device link")
+        real_link(source, target)
+        assert Path(source).samefile(target)
+        linked.append((Path(source).name, Path(target).name))
+
+    monkeypatch.setattr(lrquant.checkpoint.os, "link", link)
+    out = tmp_path / "out"
+    _quantize(llama3, out, data, "lrquant_plus", SCHEME_W, FAST, stream=True, run_eval=False)
+    count = len(list(out.glob("model-*.safetensors")))  # 3 blocks, the rest (and a head on its own)
+    if links:  # every block's weights and integer codes, nothing else
+        assert sorted(linked) == sorted(
+            [(f"block-{i}.safetensors", f"model-{i + 1:05d}-of-{count:05d}.safetensors") for i in range(3)]
+            + [
+                (f"integers-{i}.safetensors", f"integer_weights-{i + 1:05d}-of-{count:05d}.safetensors")
+                for i in range(3)
+            ]
+        )
+    quant = json.loads((out / "lrquant_quant.json").read_text())
+    assert quant["integer_weights"] == [
+        f"integer_weights-{i:05d}-of-{count:05d}.safetensors" for i in range(1, 4)
+    ]
+    monkeypatch.undo()
+    memory = tmp_path / "memory"
+    _quantize(llama3, memory, data, "lrquant_plus", SCHEME_W, FAST, stream=False, run_eval=False)
+    expected, got = _tensors(memory), _tensors(out)
+    assert set(expected) == set(got)
+    assert all(torch.equal(t, got[k]) for k, t in expected.items())
+    assert not (tmp_path / ".out.resume").exists()  # cleared once the output is written
 
 
 MEMORY_SCRIPT = """

@@ -289,6 +289,7 @@ def apply_method(
         if stream is not None:
             if distributed.is_main():  # rounding to nearest is quick to redo: no resuming
                 store.clear()
+            store.bind(loaded.model, loaded.arch)
             quantize_rtn_streamed(stream, scheme, lambda index, block: store.save_block(index, block, None))
         else:
             quantize_rtn(loaded.model, loaded.arch, scheme)
@@ -936,8 +937,12 @@ def _note_whole_row_groups(loaded: LoadedModel, scheme: QuantScheme) -> None:
 
 
 def _saved_bytes(loaded: LoadedModel) -> int:
-    """About the size of the saved output: every tensor of the model, plus its tokenizer files."""
-    tensors = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
+    """About the size of the saved output: every tensor of the model (a streamed model's blocks
+    are in its resume store, linked into the output), plus its tokenizer files."""
+    blocks = tuple(f"{name}." for name in loaded.stream.names) if loaded.stream is not None else ()
+    tensors = sum(
+        t.numel() * t.element_size() for k, t in loaded.model.state_dict().items() if not k.startswith(blocks)
+    )
     return tensors + sum(p.stat().st_size for p in loaded.path.glob("tokenizer*") if p.is_file())
 
 

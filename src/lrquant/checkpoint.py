@@ -12,6 +12,7 @@ online rotations (``hadamard=online``) also has ``input_rotations.safetensors``:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -24,11 +25,11 @@ from safetensors.torch import load_file, save_file
 
 from lrquant import __version__
 from lrquant.arch import ArchSpec
-from lrquant.config import QuantScheme, describe_validation_error
+from lrquant.config import QuantScheme, QuantSpec, describe_validation_error
 from lrquant.errors import LrquantError
 from lrquant.models.streaming import SHARD_INDEX
 from lrquant.output_dir import write_json
-from lrquant.quant.apply import detach_block_quantizers, detach_quantizers, head_linears, quant_linears
+from lrquant.quant.apply import attach_block_quantizers, detach_quantizers, head_linears, quant_linears
 from lrquant.quant.linear import QuantLinear
 from lrquant.quant.quantizer import dequantize_codes, integer_codes
 
@@ -39,6 +40,7 @@ INTEGERS_FILE = "integer_weights.safetensors"
 FORMAT_VERSION = 1
 PREPROCESSOR_FILE = "preprocessor_config.json"
 VISION_SCHEME = "vision_scheme"  # the quant file's key of a quantized vision tower's scheme
+SHARD_METADATA = {"format": "pt"}  # what transformers writes into (and expects of) a shard
 
 
 def save_quantized(
@@ -61,7 +63,7 @@ def save_quantized(
     """
     archs = [arch] + ([vision[0]] if vision is not None else [])
     rotations = _save_input_rotations(folder, model, archs)
-    integers = _save_integer_weights(folder, model, archs)
+    integers = [INTEGERS_FILE] if _save_integer_weights(folder, model, archs) else []
     for part in archs:
         detach_quantizers(model, part)
     model.save_pretrained(folder, safe_serialization=True)
@@ -85,7 +87,7 @@ def _write_rest(folder, model, tokenizer, scheme, method, source, source_name, r
             "scheme": scheme.model_dump(),
             **({VISION_SCHEME: vision[1].model_dump()} if vision is not None else {}),
             **({"input_rotations": rotations} if rotations else {}),
-            **({"integer_weights": INTEGERS_FILE} if integers else {}),
+            **({"integer_weights": integers} if integers else {}),
         },
     )
 
@@ -100,45 +102,61 @@ def save_streamed(
     source: Path | None = None,
     source_name: str | None = None,
 ) -> None:
-    """:func:`save_quantized` for a streamed model (:mod:`lrquant.models.streaming`): each
-    finished block is read back from the run's resume ``store`` and written to a shard of its
-    own (what is outside the blocks to the last), so memory holds one block; the integer codes
-    are gathered into one file without holding them all. Loads to the same tensors as
-    :func:`save_quantized` of the same model quantized in memory."""
+    """:func:`save_quantized` for a streamed model (:mod:`lrquant.models.streaming`). The run's
+    resume ``store`` already holds each finished block as its shard of the output and its part
+    of the integer codes (:mod:`lrquant.methods.resume`): they are hard-linked into ``folder``
+    (copied where the file system cannot link), so the blocks are neither read nor written
+    again and take their disk space once. What is outside the blocks is written last, one
+    shard at a time. Loads to the same tensors as :func:`save_quantized` of the same model
+    quantized in memory."""
     model, arch, stream = loaded.model, loaded.arch, loaded.stream
     lazy = bool(stream.lazy)  # an untied head still on disk: read and written last, on its own
     count = len(stream) + 1 + lazy
     weight_map: dict[str, str] = {}
     rotation_tensors: dict[str, torch.Tensor] = {}
     rotations: dict[str, str] = {}
-    parts: list[Path] = []
+    integer_files: list[str] = []
     sizes: list[int] = []
-    work = Path(folder) / ".integers"
-    work.mkdir()
+
+    def shard(index: int) -> str:
+        return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+    def integers(index: int) -> str:
+        return f"integer_weights-{index + 1:05d}-of-{count:05d}.safetensors"
 
     def write(index: int, tensors: dict[str, torch.Tensor], linears) -> None:
         rotations.update(_collect_rotations(linears, rotation_tensors))
-        integers = _integer_tensors(linears)
-        if integers:
-            parts.append(work / f"{index}.safetensors")
-            save_file(integers, str(parts[-1]))
-        shard = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+        codes = integer_tensors(linears)
+        if codes:
+            integer_files.append(integers(index))
+            save_file(codes, str(Path(folder) / integer_files[-1]))
         save_file(
             {k: v.detach().contiguous() for k, v in tensors.items()},
-            str(Path(folder) / shard),
-            {"format": "pt"},
+            str(Path(folder) / shard(index)),
+            SHARD_METADATA,
         )
-        weight_map.update(dict.fromkeys(tensors, shard))
+        weight_map.update(dict.fromkeys(tensors, shard(index)))
         sizes.append(sum(t.numel() * t.element_size() for t in tensors.values()))
 
     for index, name in enumerate(stream.names):
         block = stream.fresh(index)
         for hook in stream.on_load:  # on the weightless block: its structure (run-time rotations)
             hook(name, block)
-        store.restore_block(index, block, arch, scheme, name)
+        attach_block_quantizers(block, arch, scheme, weights_on_grid=True, prefix=name)
         linears = [(f"{name}.{n}", m) for n, m in block.named_modules() if isinstance(m, QuantLinear)]
-        detach_block_quantizers(block, arch)
-        write(index, {f"{name}.{k}": v for k, v in block.state_dict().items()}, linears)
+        rotations.update(_collect_rotations(linears, rotation_tensors))
+        weights, codes = store.block_files(index)
+        header = _header(weights)
+        if set(header) != {f"{name}.{key}" for key in block.state_dict()}:  # never save another model's
+            raise LrquantError(
+                f"block {index + 1} in '{store.folder}' does not fit the model: delete that folder and rerun"
+            )
+        _link(weights, Path(folder) / shard(index))
+        weight_map.update(dict.fromkeys(header, shard(index)))
+        sizes.append(sum(end - begin for begin, end in header.values()))
+        if codes is not None:
+            integer_files.append(integers(index))
+            _link(codes, Path(folder) / integer_files[-1])
     heads = [(name, head) for name, head in head_linears(model, arch) if isinstance(head, QuantLinear)]
     detach_quantizers(model, arch)  # the head's (the blocks are weightless skeletons)
     seen: set[int] = set()
@@ -157,43 +175,29 @@ def save_streamed(
         stream.load_lazy()  # ... the head is read: they are never in memory together
         write(len(stream) + 1, outside_blocks(), [])
     write_json(Path(folder) / SHARD_INDEX, {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map})
-    if parts:
-        concat_safetensors(parts, Path(folder) / INTEGERS_FILE)
-    shutil.rmtree(work)
     if rotation_tensors:
         save_file(rotation_tensors, str(Path(folder) / ROTATIONS_FILE))
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(folder)
-    _write_rest(folder, model, tokenizer, scheme, method, source, source_name, rotations, bool(parts), None)
+    _write_rest(folder, model, tokenizer, scheme, method, source, source_name, rotations, integer_files, None)
 
 
-def concat_safetensors(parts: list[Path], out: Path) -> None:
-    """Write the tensors of the safetensors files ``parts`` into one file ``out``, copying their
-    bytes through a small buffer (never all in memory)."""
-    headers = []
-    for part in parts:
-        with open(part, "rb") as f:
-            length = struct.unpack("<Q", f.read(8))[0]
-            header = json.loads(f.read(length))
-        header.pop("__metadata__", None)
-        size = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-        headers.append((length, header, size))
-    merged, offset = {}, 0
-    for _, header, size in headers:
-        for key, entry in header.items():
-            begin, end = entry["data_offsets"]
-            merged[key] = {**entry, "data_offsets": [begin + offset, end + offset]}
-        offset += size
-    encoded = json.dumps(merged, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    with open(out, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for part, (length, _, _) in zip(parts, headers, strict=True):
-            with open(part, "rb") as source:
-                source.seek(8 + length)
-                shutil.copyfileobj(source, f, 2**24)
+def _header(path: Path) -> dict[str, tuple[int, int]]:
+    """{tensor name: (first byte, end byte)} of the safetensors file ``path``, from its header."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    header.pop("__metadata__", None)
+    return {key: tuple(entry["data_offsets"]) for key, entry in header.items()}
+
+
+def _link(source: Path, target: Path) -> None:
+    """``target`` as a second name of ``source`` (a hard link: no bytes copied, no disk taken);
+    a copy where the file system does not link (another device, no hard links)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _quant_linears(model: nn.Module, archs: list[ArchSpec]):
@@ -203,13 +207,13 @@ def _quant_linears(model: nn.Module, archs: list[ArchSpec]):
 def _save_integer_weights(folder: Path, model: nn.Module, archs: list[ArchSpec]) -> bool:
     """Write the integer codes, steps and zero points of every linear whose weight is on a known
     grid (:func:`_integer_tensors`); returns whether there were any."""
-    tensors = _integer_tensors(_quant_linears(model, archs))
+    tensors = integer_tensors(_quant_linears(model, archs))
     if tensors:
         save_file(tensors, str(Path(folder) / INTEGERS_FILE))
     return bool(tensors)
 
 
-def _integer_tensors(linears) -> dict[str, torch.Tensor]:
+def integer_tensors(linears) -> dict[str, torch.Tensor]:
     """The integer codes, steps and zero points (``weight = scale · (codes - zero)`` per group;
     scale and zero ``[out, groups]``) of each ``(name, linear)`` whose weight is on a known grid,
     after checking the weight really lies on it."""
@@ -231,16 +235,38 @@ def _integer_tensors(linears) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().cpu() for k, v in tensors.items()}
 
 
+def integer_files(folder: Path) -> list[Path]:
+    """The files of a quantized output folder that hold its integer codes (empty when it has
+    none: an output of an older lrquant, or one without weight quantization): one file, or a
+    streamed run's one per shard."""
+    folder = Path(folder)
+    names = [INTEGERS_FILE]
+    try:
+        names = json.loads((folder / QUANT_FILE).read_text()).get("integer_weights") or names
+    except (OSError, json.JSONDecodeError, AttributeError):
+        pass  # read_scheme says what is wrong with the quant file
+    names = [names] if isinstance(names, str) else names
+    return [folder / str(name) for name in names if (folder / str(name)).is_file()]
+
+
+def grid_shaped(
+    scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid of a linear (as :func:`lrquant.quant.quantizer.weight_groups_grid` shapes it) from
+    its saved steps and zero points (``[out, groups]``, :func:`integer_tensors`)."""
+    if spec.granularity == "group":
+        return scale.unsqueeze(-1), zero.unsqueeze(-1)
+    return scale, zero
+
+
 def read_integer_weights(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     """{linear name: {"codes", "scale", "zero"}} of a quantized output folder (empty when it has
     none: an output of an older lrquant, or one without weight quantization)."""
-    path = Path(folder) / INTEGERS_FILE
-    if not path.is_file():
-        return {}
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(str(path)).items():
-        name, _, part = key.rpartition(".")
-        out.setdefault(name, {})[part] = tensor
+    for path in integer_files(folder):
+        for key, tensor in load_file(str(path)).items():
+            name, _, part = key.rpartition(".")
+            out.setdefault(name, {})[part] = tensor
     return out
 
 

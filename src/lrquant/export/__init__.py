@@ -16,10 +16,10 @@ import torch
 
 from lrquant.arch.vision_language import get_vision_language_spec
 from lrquant.checkpoint import (
-    INTEGERS_FILE,
     QUANT_FILE,
     REPORT_FILE,
     VISION_SCHEME,
+    integer_files,
     read_input_rotations,
     read_scheme,
 )
@@ -146,9 +146,10 @@ def read_output(folder: str | Path) -> QuantizedOutput:
     if not scheme.weight.enabled:
         raise LrquantError(f"'{folder}' has no quantized weights ({scheme.name}): there is nothing to pack")
     integers = {}
-    if (folder / INTEGERS_FILE).is_file():
-        check_safetensors(folder / INTEGERS_FILE)
-        integers = LazyTensors.of([folder / INTEGERS_FILE])
+    if files := integer_files(folder):
+        for file in files:
+            check_safetensors(file)
+        integers = LazyTensors.of(files)
     if not integers:
         raise LrquantError(
             f"'{folder}' has no integer weights (written by an older lrquant): {_recreate_hint(folder)}"
