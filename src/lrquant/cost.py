@@ -116,14 +116,16 @@ def estimate(
     all_params = sum(p.numel() for p in model.parameters())
     blocks_params = sum(p.numel() for b in blocks for p in b.parameters())
     weights = 4 * ((all_params - blocks_params + 2 * blocks_params / len(blocks)) if streamed else all_params)
-    held = weights  # while the blocks learn: a streamed model's untied head is still on disk
+    # a streamed model's untied head stays on disk while the blocks learn, and the save reads it
+    # only after writing the embedding: they are never in memory together
+    held = weights
     if streamed:
         embedding = model.get_input_embeddings().weight
         heads = [head for _, head in head_linears(model, arch)]
         held -= 4 * sum(head.weight.numel() for head in heads if head.weight is not embedding)
     vocab = getattr(config, "vocab_size", 0) or 0
     # outside the blocks: a window's logits (recording what each block is called with), the save
-    around = PROCESS_MB * 2**20 + weights + 2 * 4 * tokens * vocab
+    around = PROCESS_MB * 2**20 + held + 2 * 4 * tokens * vocab
     memory = PROCESS_MB * 2**20 + held
     if recipe is not None:
         chains = AT_ONCE * DTYPES[recipe.chain_dtype].itemsize * total_tokens * hidden
