@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import lrquant.checkpoint
 from lrquant import api, cli
@@ -156,6 +156,31 @@ def test_interrupted_streamed_run_resumes_to_the_uninterrupted_result(
     first, second = _tensors(whole), _tensors(out)
     assert set(first) == set(second)
     assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_a_store_block_of_another_model_is_refused_at_the_save(
+    llama3: Path, data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streamed resume does not read its finished blocks back; the save, which links them
+    into the output, refuses one whose tensors are not the model's, and writes nothing."""
+    original = ResumeStore.save_block
+
+    def save_then_interrupt(self, index, block, state, report=None) -> None:
+        original(self, index, block, state, report)
+        if index == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(ResumeStore, "save_block", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _quantize(llama3, out, data, "lrquant_plus", SCHEME_W, FAST, stream=True, run_eval=False)
+    monkeypatch.undo()
+    block = tmp_path / ".out.resume" / "block-0.safetensors"
+    moved = {key.replace("layers.0.", "layers.1."): t for key, t in load_file(block).items()}
+    save_file(moved, block, {"format": "pt"})
+    with pytest.raises(LrquantError, match="block 1 in .* does not fit the model: delete that folder"):
+        _quantize(llama3, out, data, "lrquant_plus", SCHEME_W, FAST, stream=True, run_eval=False)
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
 def test_streamed_model_holds_no_block_weights_until_loaded(llama3: Path) -> None:
