@@ -267,6 +267,15 @@ def test_processes_compares_one_process_with_two(tiny_llama, tmp_path) -> None:
     assert row["perplexity"][1] == pytest.approx(row["perplexity"][0], rel=1e-3)
 
 
+def test_stream_equal_compares_a_streamed_run_with_an_in_memory_one(tiny_llama, tmp_path) -> None:
+    args = ["--model", str(tiny_llama), "--wbits", "3", "--group-size", "16", "--nsamples", "2",
+            "--seqlen", "32", "--set", "epochs=1", "--set", "e2e_epochs=1", "--name", "eq"]  # fmt: skip
+    run_script("stream_equal.py", args, tmp_path)
+    row = json.loads((tmp_path / "eq.jsonl").read_text())
+    assert row["streamed"] == [False, True] and row["tensors"] > 0
+    assert row["tensors_differ"] == 0 and row["e2e_kl"][0] == row["e2e_kl"][1] and len(row["e2e_kl"][0]) == 1
+
+
 def test_eval_dtype_scores_float32_beside_bf16(tiny_llama, tmp_path) -> None:
     from lrquant import api
     from lrquant.config import build_scheme

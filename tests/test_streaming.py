@@ -68,6 +68,8 @@ def _quantize(model: Path, out: Path, data, method: str, scheme, overrides, stre
         ("llama", "smoothquant", SCHEME_WA, {"hadamard": "online"}),
         ("mistral", "rtn", SCHEME_WA, {"hadamard": "inputs"}),
         ("gemma3_text", "omniquant", SCHEME_WA, FAST),
+        ("llama-bf16", "lrquant_plus", SCHEME_W, {**FAST, "e2e_epochs": 1, "rounding": True}),
+        ("qwen2", "auto", SCHEME_WA, FAST),  # the W4A4 default: a run-time rotation, the end-to-end step
     ],
 )
 def test_streamed_run_writes_and_scores_what_an_in_memory_run_does(
@@ -158,6 +160,35 @@ def test_interrupted_streamed_run_resumes_to_the_uninterrupted_result(
     assert all(torch.equal(first[key], second[key]) for key in first)
 
 
+def test_streamed_end_to_end_step_interrupted_while_folding_resumes_to_the_same_output(
+    llama3: Path, data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end-to-end step folds into files beside the block-wise result: cut short, a rerun
+    trains it again from that result and ends where an uninterrupted run ends."""
+    settings = {**FAST, "e2e_epochs": 1}
+    whole = tmp_path / "whole"
+    report = _quantize(llama3, whole, data, "lrquant_plus", SCHEME_W, settings, stream=True, run_eval=False)
+    assert len(report["blocks"][-1]["e2e_kl"]) == 1
+    original = ResumeStore.save_folded
+
+    def fold_then_interrupt(self, index, block) -> None:
+        original(self, index, block)
+        if index == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(ResumeStore, "save_folded", fold_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _quantize(llama3, out, data, "lrquant_plus", SCHEME_W, settings, stream=True, run_eval=False)
+    assert {p.name for p in (tmp_path / ".out.resume" / "e2e").iterdir()} >= {"block-1.safetensors"}
+    monkeypatch.undo()
+    again = _quantize(llama3, out, data, "lrquant_plus", SCHEME_W, settings, stream=True, run_eval=False)
+    assert again["blocks"][-1]["e2e_kl"] == report["blocks"][-1]["e2e_kl"]
+    first, second = _tensors(whole), _tensors(out)
+    assert set(first) == set(second)
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
 def test_a_store_block_of_another_model_is_refused_at_the_save(
     llama3: Path, data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -200,25 +231,19 @@ def test_streamed_model_holds_no_block_weights_until_loaded(llama3: Path) -> Non
     assert loaded.model.model.layers[1] is stream.skeletons[1]
 
 
-def test_what_a_streamed_run_cannot_do_is_refused_in_one_line(
-    llama3: Path, data, tmp_path: Path, capsys
-) -> None:
+def test_what_a_streamed_run_cannot_do_is_refused_in_one_line(llama3: Path, data, tmp_path: Path) -> None:
     tiny_vit = save_tiny_vision_model("vit", tmp_path / "vit")
     out = tmp_path / "out"
-    with pytest.raises(LrquantError, match="end-to-end step .* --set e2e_epochs=0"):
-        _quantize(llama3, out, data, "lrquant_plus", SCHEME_W, {**FAST, "e2e_epochs": 1}, stream=True)
+    more = {**FAST, "e2e_epochs": 1, "e2e_samples": 8}  # beyond the 4 block-wise windows
+    with pytest.raises(
+        LrquantError, match="e2e_samples=8 runs the full-precision model whole .* e2e_samples=0"
+    ):
+        _quantize(llama3, out, data, "lrquant_plus", SCHEME_W, more, stream=True)
     with pytest.raises(LrquantError, match="--stream covers language models"):
         api.quantize(str(tiny_vit), out, SCHEME_WA, "rtn", stream=True)
     assert not out.exists()
     with pytest.raises(LrquantError, match="fake backend only"):
         api.evaluate(str(llama3), data, stream=True, backend="packed")
-    # the default leaves out what streaming cannot do, and says so
-    report = _quantize(llama3, out, data, "auto", SCHEME_WA, FAST, stream=True, run_eval=False)
-    assert report["recipe"]["e2e_epochs"] == 0 and report["recipe"]["hadamard"] == "down"
-    assert (
-        "streamed: the default's end-to-end step (e2e_epochs=2) needs the whole model"
-        in capsys.readouterr().err
-    )
 
 
 def test_stream_is_chosen_when_the_model_would_not_fit(

@@ -332,7 +332,15 @@ def apply_method(
             if not distributed.is_main():
                 return blocks
         kl = run_end_to_end(
-            loaded.model, loaded.arch, recipe, calibration, fp_hidden, seed, device, e2e_extra
+            loaded.model,
+            loaded.arch,
+            recipe,
+            calibration,
+            fp_hidden,
+            seed,
+            device,
+            e2e_extra,
+            None if stream is None else (stream, store, scheme),
         )
         if blocks:
             blocks[-1] = {**blocks[-1], "e2e_kl": kl}
@@ -355,25 +363,14 @@ def _stream_wanted(model: str, stream: bool | None) -> bool:
 
 
 def check_streamable(recipe: Recipe, scheme: QuantScheme) -> None:
-    """Refuse, in one line, what a streamed run cannot do yet: the end-to-end step (it trains
-    the whole model at once)."""
-    if end_to_end_wanted(recipe, scheme):
+    """Refuse, in one line, what a streamed run cannot do yet: an end-to-end step on more windows
+    than the block-wise pass (their targets need the whole full-precision model)."""
+    if end_to_end_wanted(recipe, scheme) and recipe.e2e_samples > recipe.nsamples:
         raise LrquantError(
-            "the end-to-end step (e2e_epochs) trains the whole model at once, which a streamed run "
-            "does not hold: use --set e2e_epochs=0, or quantize without --stream"
+            f"e2e_samples={recipe.e2e_samples} runs the full-precision model whole on the windows beyond "
+            f"the block-wise pass's {recipe.nsamples}, which a streamed run does not hold: use "
+            "--set e2e_samples=0, or quantize without --stream"
         )
-
-
-def _without_end_to_end(recipe: Recipe, scheme: QuantScheme) -> Recipe:
-    """The default recipe without the end-to-end step, which a streamed run cannot do yet
-    (:func:`check_streamable`), saying so."""
-    if not end_to_end_wanted(recipe, scheme):
-        return recipe
-    log(
-        f"streamed: the default's end-to-end step (e2e_epochs={recipe.e2e_epochs}) needs the whole "
-        "model in memory and is left out (e2e_epochs=0)"
-    )
-    return recipe.model_copy(update={"e2e_epochs": 0})
 
 
 def _sample_tokens(loaded: LoadedModel, data: DataSettings) -> int:
@@ -619,8 +616,6 @@ def quantize(
         rule = default_rule(now) if method == AUTO else None
         if rule is not None:
             log(f"recipe: LRQuant+ for a {rule.when}{_rule_summary(rule)}")
-        if stream and method == AUTO:
-            recipe = _without_end_to_end(recipe, scheme)
         if scheme.patch_embed:
             patch_embedding(loaded.model)  # a model without one stops here, before any work
         _note_whole_row_groups(loaded, scheme)

@@ -25,13 +25,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from lrquant.arch import ArchSpec
 from lrquant.config import QuantScheme, QuantSpec
 from lrquant.console import log
 from lrquant.data import samples
 from lrquant.device import placed
+from lrquant.methods.resume import ResumeStore
 from lrquant.modalities import LastHidden, modality_of
+from lrquant.models.streaming import Stream
+from lrquant.quant.apply import attach_block_quantizers, replace_module
 from lrquant.quant.gptq import WeightRounding
 from lrquant.quant.linear import QuantLinear
 from lrquant.quant.quantizer import group_for_stats, ungroup
@@ -119,8 +123,7 @@ def tune_step_sizes(
     """Train every quantized block linear's step factors end to end, then fold them; returns the
     mean KL (image models: feature error) per epoch. ``fp_hidden`` are the full-precision model's
     last hidden states for the ``calibration`` samples. The model must already sit on ``device``."""
-    modality = modality_of(arch)
-    modality.check_end_to_end(model, arch)
+    modality_of(arch).check_end_to_end(model, arch)
     linears = [
         m
         for block in arch.block_list(model)
@@ -131,6 +134,26 @@ def tune_step_sizes(
     for module in linears:
         module.transform = StepScale(module.weight, module.weight_spec)
     params = [module.transform.alpha for module in linears]
+    losses = _train(model, arch, params, calibration, fp_hidden, recipe, seed, device)
+    with torch.no_grad():
+        for module in linears:
+            module.fold_transform()
+    return losses
+
+
+def _train(
+    model: nn.Module,
+    arch: ArchSpec,
+    params: list[nn.Parameter],
+    calibration: torch.Tensor,
+    fp_hidden: torch.Tensor,
+    recipe: Recipe,
+    seed: int,
+    device: torch.device,
+) -> list[float]:
+    """The step factors ``params`` trained on the end-to-end loss; back at 1 after a non-finite
+    loss. Returns the mean loss per epoch."""
+    modality = modality_of(arch)
     norm = modality.end_to_end_norm(model, arch)
     optimizer = torch.optim.AdamW(params, lr=recipe.lr_e2e, weight_decay=0.0)
     steps_in_all = recipe.e2e_epochs * calibration.shape[0]
@@ -168,11 +191,86 @@ def tune_step_sizes(
             )
     except FloatingPointError:
         log("end-to-end step sizes: non-finite loss, keeping the block-wise step sizes")
-        for module in linears:
-            module.transform.alpha.data.fill_(1.0)
+        for alpha in params:
+            alpha.data.fill_(1.0)
+    return losses
+
+
+class _Recomputed(nn.Module):
+    """Takes the place of block ``index`` of a streamed model while the step factors train: loads
+    the finished block from the resume store for its forward, and again for its backward
+    (activation checkpointing), so no block stays in memory between the two."""
+
+    def __init__(self, load, index: int) -> None:
+        super().__init__()
+        self.load, self.index = load, index
+
+    def forward(self, hidden, *args, **kwargs):
+        return checkpoint(self._run, hidden, *args, use_reentrant=False, **kwargs)
+
+    def _run(self, hidden, *args, **kwargs):
+        return self.load(self.index)(hidden, *args, **kwargs)
+
+
+def tune_step_sizes_streamed(
+    stream: Stream,
+    store: ResumeStore,
+    scheme: QuantScheme,
+    calibration: torch.Tensor,
+    fp_hidden: torch.Tensor,
+    recipe: Recipe,
+    seed: int,
+) -> list[float]:
+    """:func:`tune_step_sizes` for a streamed model (:mod:`lrquant.models.streaming`), on the CPU:
+    each finished block is read from the resume ``store`` when the forward reaches it and again
+    when the backward does, with its step factors, which alone stay in memory; the folded blocks
+    go to the store's end-to-end files (:meth:`ResumeStore.save_folded`). The same steps, losses
+    and folded weights as :func:`tune_step_sizes` on the model held whole."""
+    model, arch = stream.model, stream.arch
+    modality_of(arch).check_end_to_end(model, arch)
+    stream.load_lazy()  # the head
+    model.requires_grad_(False)
+    alphas: list[dict[str, nn.Parameter]] = []
+    for index in range(len(stream)):  # the step factors, shaped from the weightless blocks
+        block = stream.fresh(index)
+        attach_block_quantizers(block, arch, scheme, weights_on_grid=True, prefix=stream.names[index])
+        alphas.append(
+            {
+                name: nn.Parameter(torch.ones(group_for_stats(m.weight, m.weight_spec)[0].shape[:-1] + (1,)))
+                for name, m in block.named_modules()
+                if isinstance(m, QuantLinear) and m.weight_spec.enabled
+            }
+        )
+
+    def load(index: int) -> nn.Module:
+        """Finished block ``index`` with its step factors, from the store."""
+        block = stream.fresh(index)
+        for hook in stream.on_load:
+            hook(stream.names[index], block)
+        store.restore_block(index, block, arch, scheme, stream.names[index])
+        block.requires_grad_(False)
+        for name, alpha in alphas[index].items():
+            linear = block.get_submodule(name)
+            linear.transform = StepScale(linear.weight, linear.weight_spec)
+            linear.transform.alpha = alpha
+        return block
+
+    store.clear_folded()
+    params = [alpha for block in alphas for alpha in block.values()]
+    try:
+        for index, name in enumerate(stream.names):
+            replace_module(model, name, _Recomputed(load, index))
+        losses = _train(model, arch, params, calibration, fp_hidden, recipe, seed, torch.device("cpu"))
+    finally:
+        for index in range(len(stream)):
+            stream.release(index)
     with torch.no_grad():
-        for module in linears:
-            module.fold_transform()
+        for index in range(len(stream)):
+            block = load(index)
+            for name in alphas[index]:
+                block.get_submodule(name).fold_transform()
+            store.save_folded(index, block)
+    store.finish_folded()
     return losses
 
 
@@ -185,6 +283,7 @@ def run_end_to_end(
     seed: int = 0,
     device: torch.device | None = None,
     extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+    streamed: tuple[Stream, ResumeStore, QuantScheme] | None = None,
 ) -> list[float]:
     """The end-to-end step after the block-wise pass: :func:`tune_step_sizes` on the first
     ``e2e_samples`` windows (all of ``calibration`` when 0), with ``model`` on ``device`` (default:
@@ -194,6 +293,8 @@ def run_end_to_end(
     last hidden states for them (:attr:`lrquant.methods.blockwise.BlockwiseResult.fp_hidden`);
     ``extra`` holds the windows after them that this step also trains on (``e2e_samples``) and
     the full-precision model's last hidden states for those (:func:`fp_final_hidden`).
+    ``streamed``: a streamed model's stream, the resume store its finished blocks are in and its
+    scheme (:func:`tune_step_sizes_streamed`, on the CPU).
     """
     device = device or torch.device("cpu")
     windows, hidden = calibration, fp_hidden
@@ -201,5 +302,8 @@ def run_end_to_end(
         extra_hidden = extra[1].to(device=hidden.device, dtype=hidden.dtype)
         windows, hidden = samples.cat([windows, extra[0]]), torch.cat([hidden, extra_hidden])
     n = recipe.e2e_samples or calibration.shape[0]
+    if streamed is not None:
+        stream, store, scheme = streamed
+        return tune_step_sizes_streamed(stream, store, scheme, windows[:n], hidden[:n], recipe, seed)
     with placed(model, device):
         return tune_step_sizes(model, arch, windows[:n], hidden[:n], recipe, seed, device)

@@ -37,6 +37,7 @@ from lrquant.quant.apply import attach_block_quantizers
 from lrquant.quant.linear import QuantLinear
 
 META = "progress.json"
+FOLDED, FOLDED_DONE = "e2e", "done"  # a streamed run's blocks after the end-to-end step
 VERSION = 2  # 1: block-relative keys with the grids beside the weights (refused: start over)
 
 
@@ -152,19 +153,48 @@ class ResumeStore:
 
     def block_files(self, index: int) -> tuple[Path, Path | None]:
         """The files of finished block ``index``: its output shard and its integer codes (None
-        when it has none)."""
-        codes = self.folder / integers_file(index)
-        return self.folder / block_file(index), codes if codes.is_file() else None
+        when it has none); after a finished end-to-end step, its folded block's."""
+        folder = self.folder / FOLDED if (self.folder / FOLDED / FOLDED_DONE).is_file() else self.folder
+        codes = folder / integers_file(index)
+        return folder / block_file(index), codes if codes.is_file() else None
+
+    def _block_tensors(self, index: int, block: nn.Module) -> tuple[dict, dict]:
+        """Block ``index``'s weights as its output shard holds them, and its integer codes."""
+        prefix = self.prefixes[index]
+        weights = {f"{prefix}.{k}": v.detach().cpu() for k, v in block.state_dict().items()}
+        linears = [(f"{prefix}.{n}", m) for n, m in block.named_modules() if isinstance(m, QuantLinear)]
+        return weights, integer_tensors(linears)
+
+    def clear_folded(self) -> None:
+        """Forget the folded blocks of an end-to-end step (before it runs, again, in full)."""
+        shutil.rmtree(self.folder / FOLDED, ignore_errors=True)
+
+    def save_folded(self, index: int, block: nn.Module) -> None:
+        """Keep block ``index`` with the end-to-end step's step sizes folded in, beside the
+        block-wise result it started from (which a rerun starts from again)."""
+        weights, integers = self._block_tensors(index, block)
+        folder = self.folder / FOLDED
+        with disk_space_for(
+            f"block {index + 1} after the end-to-end step",
+            self.folder.parent,
+            sum(t.numel() * t.element_size() for t in [*weights.values(), *integers.values()]),
+            "the block-wise result is kept: free space and rerun the same command to resume",
+        ):
+            folder.mkdir(parents=True, exist_ok=True)
+            if integers:
+                _atomic_save(integers, folder / integers_file(index))
+            _atomic_save(weights, folder / block_file(index), SHARD_METADATA)
+
+    def finish_folded(self) -> None:
+        """Mark every block as folded: the output is written from the folded blocks."""
+        (self.folder / FOLDED / FOLDED_DONE).touch()
 
     def save_block(
         self, index: int, block: nn.Module, state: ChainState | None, report: BlockReport | None = None
     ) -> None:
         """Record that block ``index`` is finished (call after it is folded and quantized); a
         run without calibration (``state`` None) keeps no chain."""
-        prefix = self.prefixes[index]
-        weights = {f"{prefix}.{k}": v.detach().cpu() for k, v in block.state_dict().items()}
-        linears = [(f"{prefix}.{n}", m) for n, m in block.named_modules() if isinstance(m, QuantLinear)]
-        integers = integer_tensors(linears)
+        weights, integers = self._block_tensors(index, block)
         chain = {} if state is None else {"fp": state.fp.cpu(), "quant": state.quant.cpu()}
         needed = sum(
             t.numel() * t.element_size() for t in [*weights.values(), *integers.values(), *chain.values()]
