@@ -57,6 +57,19 @@ def _quantize(model: Path, out: Path, data, method: str, scheme, overrides, stre
     )
 
 
+def _interrupt_after(monkeypatch: pytest.MonkeyPatch, method: str, at: int) -> None:
+    """Make the resume store's ``method`` (save_block, save_folded) stop the run right after it
+    wrote block ``at``."""
+    original = getattr(ResumeStore, method)
+
+    def then_interrupt(self, index, *args, **kwargs) -> None:
+        original(self, index, *args, **kwargs)
+        if index == at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ResumeStore, method, then_interrupt)
+
+
 @pytest.mark.parametrize(
     ("model_type", "method", "scheme", "overrides"),
     [
@@ -132,20 +145,13 @@ def test_interrupted_streamed_run_resumes_to_the_uninterrupted_result(
 ) -> None:
     whole = tmp_path / "whole"
     _quantize(llama3, whole, data, "lrquant_plus", SCHEME_WA, FAST, stream=True, run_eval=False)
-    original = ResumeStore.save_block
     loaded_blocks: list[int] = []
-
-    def save_then_interrupt(self, index, block, state, report=None) -> None:
-        original(self, index, block, state, report)
-        if index == 1:
-            raise KeyboardInterrupt
-
     out = tmp_path / "out"
-    monkeypatch.setattr(ResumeStore, "save_block", save_then_interrupt)
+    _interrupt_after(monkeypatch, "save_block", 1)
     with pytest.raises(KeyboardInterrupt):
         _quantize(llama3, out, data, "lrquant_plus", SCHEME_WA, FAST, stream=True, run_eval=False)
     assert not out.exists()
-    monkeypatch.setattr(ResumeStore, "save_block", original)
+    monkeypatch.undo()
     load = streaming.Stream.load
 
     def counted(self, index, files=None):
@@ -169,15 +175,8 @@ def test_streamed_end_to_end_step_interrupted_while_folding_resumes_to_the_same_
     whole = tmp_path / "whole"
     report = _quantize(llama3, whole, data, "lrquant_plus", SCHEME_W, settings, stream=True, run_eval=False)
     assert len(report["blocks"][-1]["e2e_kl"]) == 1
-    original = ResumeStore.save_folded
-
-    def fold_then_interrupt(self, index, block) -> None:
-        original(self, index, block)
-        if index == 1:
-            raise KeyboardInterrupt
-
     out = tmp_path / "out"
-    monkeypatch.setattr(ResumeStore, "save_folded", fold_then_interrupt)
+    _interrupt_after(monkeypatch, "save_folded", 1)
     with pytest.raises(KeyboardInterrupt):
         _quantize(llama3, out, data, "lrquant_plus", SCHEME_W, settings, stream=True, run_eval=False)
     assert {p.name for p in (tmp_path / ".out.resume" / "e2e").iterdir()} >= {"block-1.safetensors"}
@@ -194,15 +193,8 @@ def test_a_store_block_of_another_model_is_refused_at_the_save(
 ) -> None:
     """A streamed resume does not read its finished blocks back; the save, which links them
     into the output, refuses one whose tensors are not the model's, and writes nothing."""
-    original = ResumeStore.save_block
-
-    def save_then_interrupt(self, index, block, state, report=None) -> None:
-        original(self, index, block, state, report)
-        if index == 1:
-            raise KeyboardInterrupt
-
     out = tmp_path / "out"
-    monkeypatch.setattr(ResumeStore, "save_block", save_then_interrupt)
+    _interrupt_after(monkeypatch, "save_block", 1)
     with pytest.raises(KeyboardInterrupt):
         _quantize(llama3, out, data, "lrquant_plus", SCHEME_W, FAST, stream=True, run_eval=False)
     monkeypatch.undo()
