@@ -73,3 +73,29 @@ def test_the_estimate_counts_the_chains_as_they_are_kept() -> None:
     half = estimate(model, arch, SCHEME, bf16, windows, tokens, CPU, max_memory=2**40).peak_memory_mb
     spilled = estimate(model, arch, SCHEME, fp32, windows, tokens, CPU, max_memory=1).peak_memory_mb
     assert full - half == pytest.approx(chains_mb / 2) and full - spilled == pytest.approx(chains_mb)
+
+
+def test_the_estimate_counts_the_end_to_end_step(monkeypatch) -> None:
+    """Its time grows with its epochs and streamed (the blocks recomputed and read back), its
+    memory is the model's backward on one window, or streamed a block's."""
+    monkeypatch.setattr(cost, "_matmul_rate", lambda *args: 1e10)
+    model, arch = tiny_model("llama", num_layers=8), get_arch_spec("llama")
+
+    def with_epochs(epochs: int, streamed: bool = False) -> cost.Estimate:
+        recipe = build_recipe("lrquant_plus", "fast", {"compile": False, "e2e_epochs": epochs})
+        return estimate(model, arch, SCHEME, recipe, 8, 64, CPU, streamed=streamed)
+
+    none, one, two = with_epochs(0), with_epochs(1), with_epochs(2)
+    assert none.e2e_seconds == 0 and one.e2e_seconds > 0
+    assert two.e2e_seconds == pytest.approx(2 * one.e2e_seconds)
+    assert two.seconds == pytest.approx(none.seconds + two.e2e_seconds)
+    assert two.seconds_per_block == none.seconds_per_block
+    assert with_epochs(2, streamed=True).e2e_seconds > two.e2e_seconds
+    assert "end-to-end step" in two.words() and "end-to-end" not in none.words()
+    big = tiny_model("llama", num_layers=32)
+    recipe = build_recipe("lrquant_plus", "fast", {"compile": False, "e2e_epochs": 2})
+    deep = [
+        estimate(big, arch, SCHEME, recipe, 8, 512, CPU, streamed=s).peak_memory_mb for s in (False, True)
+    ]
+    assert deep[1] < deep[0]  # one block's activations at a time, not every block's
+    assert two.peak_memory_mb >= none.peak_memory_mb

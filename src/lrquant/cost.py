@@ -44,6 +44,14 @@ LOGITS_COPIES = 3
 # transformed and the fake-quantized weights and what autograd keeps of them for the backward
 # (fitted to the streamed LRQuant+ runs: 2.5 copies unaccounted for at the 1B shape, 3.6 at 3B)
 TRAIN_WEIGHT_COPIES = 3
+# the end-to-end step: the share of the matrix product's speed its steps reach, seconds per byte
+# of a block read back from the resume store (mostly from the page cache), and the
+# vocabulary-wide copies of a window's logits it holds (the model's, their log-softmax, the
+# target's, the KL terms and their gradients); fitted to SmolLM2-135M (in memory and streamed)
+# and the 1B shape cut to 2 blocks (streamed): docs/results.md, "The cost model"
+E2E_EFFICIENCY = 0.5
+READ_S_PER_BYTE = 2.5e-10
+E2E_LOGITS_COPIES = 8
 
 
 @dataclass(frozen=True)
@@ -55,18 +63,20 @@ class Estimate:
     blocks: int
     gflop_per_second: float  # the timed matrix product's speed
     once_seconds: float = 0.0  # compiling, once
+    e2e_seconds: float = 0.0  # the end-to-end step, after the blocks
 
     @property
     def seconds(self) -> float:
-        return self.seconds_per_block * self.blocks + self.once_seconds
+        return self.seconds_per_block * self.blocks + self.once_seconds + self.e2e_seconds
 
     def as_dict(self) -> dict:
         return {**{k: round(v, 2) for k, v in asdict(self).items()}, "seconds": round(self.seconds, 1)}
 
     def words(self) -> str:
+        step = f", then {self.e2e_seconds / 60:.1f} min of end-to-end step" if self.e2e_seconds else ""
         return (
             f"about {self.peak_memory_mb / 1024:.1f} GiB at most and {self.seconds_per_block:.1f} s per "
-            f"block ({self.seconds / 60:.1f} min for {self.blocks} blocks)"
+            f"block{step} ({self.seconds / 60:.1f} min in all for {self.blocks} blocks)"
         )
 
 
@@ -118,11 +128,12 @@ def estimate(
     weights = 4 * ((all_params - blocks_params + 2 * blocks_params / len(blocks)) if streamed else all_params)
     # a streamed model's untied head stays on disk while the blocks learn, and the save reads it
     # only after writing the embedding: they are never in memory together
-    held = weights
+    untied = 0
     if streamed:
         embedding = model.get_input_embeddings().weight
         heads = [head for _, head in head_linears(model, arch)]
-        held -= 4 * sum(head.weight.numel() for head in heads if head.weight is not embedding)
+        untied = 4 * sum(head.weight.numel() for head in heads if head.weight is not embedding)
+    held = weights - untied
     vocab = getattr(config, "vocab_size", 0) or 0
     # outside the blocks: a window's logits (recording what each block is called with), the save
     around = PROCESS_MB * 2**20 + held + 2 * 4 * tokens * vocab
@@ -145,7 +156,23 @@ def estimate(
     once = (
         COMPILE_S if recipe is not None and recipe.learn and recipe.compile and device.type == "cpu" else 0.0
     )
-    return Estimate(memory / 2**20, seconds, len(blocks), rate / 1e9, once)
+    e2e_seconds = 0.0
+    if recipe is not None and recipe.e2e_epochs and scheme.weight.enabled:
+        steps = recipe.e2e_epochs * (recipe.e2e_samples or windows)
+        # one window through every block: forward and backward (the step factors need the weights'
+        # gradients), streamed the forward again for the backward, every block read from the store
+        # twice; the head: forward, backward to its input, and the full-precision target's
+        through = len(blocks) * (2 * block_params * tokens + 4 * tokens * tokens * hidden)
+        flops = (3 + int(streamed)) * through + 3 * 2 * tokens * hidden * vocab
+        reads = 2 * len(blocks) * 4 * block_params * READ_S_PER_BYTE if streamed else 0.0
+        e2e_seconds = steps * (flops / (rate * E2E_EFFICIENCY) + reads)
+        intermediate = max(m.out_features for m in linears)
+        acts = 4 * tokens * (12 * hidden + 6 * intermediate)  # what one block's backward keeps
+        kept = acts + 4 * tokens * hidden * len(blocks) if streamed else acts * len(blocks)
+        # the whole model or, streamed, what is outside the blocks (the head read now) and a block
+        e2e_memory = PROCESS_MB * 2**20 + weights + kept + E2E_LOGITS_COPIES * 4 * tokens * vocab
+        memory = max(memory, e2e_memory)
+    return Estimate(memory / 2**20, seconds, len(blocks), rate / 1e9, once, e2e_seconds)
 
 
 def _gptq_column_seconds(rows: int, device: torch.device) -> float:
