@@ -171,6 +171,15 @@ def lrquant_output(work: Path, model: Path, *extra: str) -> None:
 
 
 def output_without_integers(work: Path, model: Path) -> None:
+    """An output as an older lrquant wrote it: no integer codes, and its quant file names none."""
+    output_lacking_integers(work, model)
+    quant = json.loads((work / "out" / "lrquant_quant.json").read_text())
+    del quant["integer_weights"]
+    (work / "out" / "lrquant_quant.json").write_text(json.dumps(quant))
+
+
+def output_lacking_integers(work: Path, model: Path) -> None:
+    """An output copied without the integer codes its quant file names."""
     lrquant_output(work, model)
     (work / "out" / "integer_weights.safetensors").unlink()
 
@@ -313,6 +322,7 @@ CASES = [
     Case("export-missing-source", ("export", "nowhere", "--format", "gguf"), ("output folder 'nowhere' not found",)),
     Case("export-not-an-output", ("export", "{model}", "--format", "gguf"), ("is not an lrquant output folder",)),
     Case("export-without-integers", ("export", "{out}", "--format", "gguf"), ("has no integer weights", "lrquant quantize --model"), output_without_integers),
+    Case("export-lacking-integers", ("export", "{out}", "--format", "gguf"), ("lacks integer_weights.safetensors", "copy the whole folder"), output_lacking_integers),
     Case("export-16-bit-weights", ("export", "{out}", "--format", "gguf"), ("has no quantized weights (W16A8)",), lambda w, m: lrquant_output(w, m, "--wbits", "16", "--abits", "8")),
     Case("export-into-its-source", ("export", "{out}", "--format", "compressed-tensors", "--output", "{out}/packed"), ("is inside the quantized output",), lrquant_output),
     Case("export-onto-its-source", ("export", "{out}", "--format", "compressed-tensors", "--output", "{out}", "--overwrite"), ("which this run reads or runs in",), lrquant_output),

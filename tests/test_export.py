@@ -12,7 +12,7 @@ from test_cli import error_line, run
 from test_output_safety import snapshot
 
 from lrquant import api, export
-from lrquant.checkpoint import INTEGERS_FILE
+from lrquant.checkpoint import INTEGERS_FILE, QUANT_FILE
 from lrquant.config import build_scheme
 from lrquant.export import ExportFormat, read_output
 
@@ -74,6 +74,9 @@ def test_outputs_without_integers_name_the_command_that_recreates_them(
 
     old = Path(shutil.copytree(output, tmp_path / "old"))
     (old / INTEGERS_FILE).unlink()
+    quant = json.loads((old / QUANT_FILE).read_text())
+    del quant["integer_weights"]  # as an older lrquant wrote it
+    (old / QUANT_FILE).write_text(json.dumps(quant))
     line = error_line(*run(capsys, "export", old, "--format", "gguf"))
     assert "has no integer weights (written by an older lrquant)" in line
     assert "lrquant quantize --model" in line and "--method rtn" in line and "--group-size 16" in line

@@ -242,13 +242,21 @@ def integer_files(folder: Path) -> list[Path]:
     none: an output of an older lrquant, or one without weight quantization): one file, or a
     streamed run's one per shard."""
     folder = Path(folder)
-    names = [INTEGERS_FILE]
+    listed = None
     try:
-        names = json.loads((folder / QUANT_FILE).read_text()).get("integer_weights") or names
+        listed = json.loads((folder / QUANT_FILE).read_text()).get("integer_weights")
     except (OSError, json.JSONDecodeError, AttributeError):
         pass  # read_scheme says what is wrong with the quant file
-    names = [names] if isinstance(names, str) else names
-    return [folder / str(name) for name in names if (folder / str(name)).is_file()]
+    if not listed:  # none, or an output of an older lrquant that did not list its file
+        return [folder / INTEGERS_FILE] if (folder / INTEGERS_FILE).is_file() else []
+    files = [folder / str(name) for name in ([listed] if isinstance(listed, str) else listed)]
+    missing = [file.name for file in files if not file.is_file()]
+    if missing:
+        raise LrquantError(
+            f"'{folder}' lacks {missing[0]}, one of the files of its integer codes: copy the whole "
+            "folder, or re-run the quantization"
+        )
+    return files
 
 
 def grid_shaped(
