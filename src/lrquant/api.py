@@ -564,9 +564,9 @@ def quantize(
 
     ``stream`` (a language model): the model is never whole in memory. Its blocks are loaded from
     the safetensors files one at a time, learned, written to the resume store and dropped; the
-    output is written from the store block by block, and evaluated block by block (the quantized
-    and the full-precision model side by side). The output equals an in-memory run's. Not yet
-    with the end-to-end step (the default leaves it out, and says so).
+    output links the store's blocks, and is evaluated block by block (the quantized and the
+    full-precision model side by side). The end-to-end step reads each block from the store for
+    its forward and again for its backward. The output equals an in-memory run's.
     ``None``: streamed when the model is a language model that would take more than 60 % of the
     available memory in float32.
 
