@@ -139,9 +139,7 @@ def save_streamed(
         sizes.append(sum(t.numel() * t.element_size() for t in tensors.values()))
 
     for index, name in enumerate(stream.names):
-        block = stream.fresh(index)
-        for hook in stream.on_load:  # on the weightless block: its structure (run-time rotations)
-            hook(name, block)
+        block = stream.weightless(index)
         attach_block_quantizers(block, arch, scheme, weights_on_grid=True, prefix=name)
         linears = [(f"{name}.{n}", m) for n, m in block.named_modules() if isinstance(m, QuantLinear)]
         rotations.update(_collect_rotations(linears, rotation_tensors))

@@ -108,6 +108,12 @@ def estimate(
     config = arch.config_of(model)
     hidden = getattr(config, "hidden_size", linears[0].in_features)
     widest = max(linears, key=lambda m: m.weight.numel())
+    intermediate = max(m.out_features for m in linears)
+
+    def activations(count: int) -> int:
+        """Bytes of what a block's backward keeps for ``count`` tokens."""
+        return 4 * count * (12 * hidden + 6 * intermediate)
+
     local = -(-windows // processes)
     total_tokens = local * tokens
     # forward operations of one block over this process's calibration tokens
@@ -142,10 +148,8 @@ def estimate(
         chains = AT_ONCE * DTYPES[recipe.chain_dtype].itemsize * total_tokens * hidden
         if not spills(chains, memory_budget(max_memory)):  # else in memory-mapped files
             memory += chains
-        batch = recipe.batch_size * tokens
-        intermediate = max(m.out_features for m in linears)
         if recipe.learn:
-            memory += 4 * batch * (12 * hidden + 6 * intermediate) + TRAIN_WEIGHT_COPIES * 4 * block_params
+            memory += activations(recipe.batch_size * tokens) + TRAIN_WEIGHT_COPIES * 4 * block_params
         if recipe.rounding:  # a learned offset per weight, its gradient and two Adam moments
             memory += 4 * 4 * block_params
         if recipe.gptq:  # the widest input's Hessian, its reordered copy and inverse factor
@@ -166,8 +170,7 @@ def estimate(
         flops = (3 + int(streamed)) * through + 3 * 2 * tokens * hidden * vocab
         reads = 2 * len(blocks) * 4 * block_params * READ_S_PER_BYTE if streamed else 0.0
         e2e_seconds = steps * (flops / (rate * E2E_EFFICIENCY) + reads)
-        intermediate = max(m.out_features for m in linears)
-        acts = 4 * tokens * (12 * hidden + 6 * intermediate)  # what one block's backward keeps
+        acts = activations(tokens)
         kept = acts + 4 * tokens * hidden * len(blocks) if streamed else acts * len(blocks)
         # the whole model or, streamed, what is outside the blocks (the head read now) and a block
         e2e_memory = PROCESS_MB * 2**20 + weights + kept + E2E_LOGITS_COPIES * 4 * tokens * vocab

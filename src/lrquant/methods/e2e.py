@@ -50,10 +50,12 @@ class StepScale(nn.Module):
     folding it writes the rescaled weight (its integer codes unchanged: nothing is rounded again).
     """
 
-    def __init__(self, weight: torch.Tensor, spec: QuantSpec) -> None:
+    def __init__(self, weight: torch.Tensor, spec: QuantSpec, device: torch.device | None = None) -> None:
+        """Factors for ``weight``'s groups, on ``device`` (default: the weight's; a weightless
+        block's weight gives their shape only)."""
         super().__init__()
         grouped = group_for_stats(weight.detach(), spec)[0]
-        self.alpha = nn.Parameter(torch.ones(grouped.shape[:-1] + (1,), device=weight.device))
+        self.alpha = nn.Parameter(torch.ones(grouped.shape[:-1] + (1,), device=device or weight.device))
 
     def weight_and_bias(
         self, weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec
@@ -230,13 +232,14 @@ def tune_step_sizes_streamed(
     modality_of(arch).check_end_to_end(model, arch)
     stream.load_lazy()  # the head
     model.requires_grad_(False)
-    alphas: list[dict[str, nn.Parameter]] = []
+    cpu = torch.device("cpu")
+    scales: list[dict[str, StepScale]] = []
     for index in range(len(stream)):  # the step factors, shaped from the weightless blocks
         block = stream.fresh(index)
         attach_block_quantizers(block, arch, scheme, weights_on_grid=True, prefix=stream.names[index])
-        alphas.append(
+        scales.append(
             {
-                name: nn.Parameter(torch.ones(group_for_stats(m.weight, m.weight_spec)[0].shape[:-1] + (1,)))
+                name: StepScale(m.weight, m.weight_spec, cpu)
                 for name, m in block.named_modules()
                 if isinstance(m, QuantLinear) and m.weight_spec.enabled
             }
@@ -244,30 +247,26 @@ def tune_step_sizes_streamed(
 
     def load(index: int) -> nn.Module:
         """Finished block ``index`` with its step factors, from the store."""
-        block = stream.fresh(index)
-        for hook in stream.on_load:
-            hook(stream.names[index], block)
+        block = stream.weightless(index)
         store.restore_block(index, block, arch, scheme, stream.names[index])
         block.requires_grad_(False)
-        for name, alpha in alphas[index].items():
-            linear = block.get_submodule(name)
-            linear.transform = StepScale(linear.weight, linear.weight_spec)
-            linear.transform.alpha = alpha
+        for name, scale in scales[index].items():
+            block.get_submodule(name).transform = scale
         return block
 
     store.clear_folded()
-    params = [alpha for block in alphas for alpha in block.values()]
+    params = [scale.alpha for block in scales for scale in block.values()]
     try:
         for index, name in enumerate(stream.names):
             replace_module(model, name, _Recomputed(load, index))
-        losses = _train(model, arch, params, calibration, fp_hidden, recipe, seed, torch.device("cpu"))
+        losses = _train(model, arch, params, calibration, fp_hidden, recipe, seed, cpu)
     finally:
         for index in range(len(stream)):
             stream.release(index)
     with torch.no_grad():
         for index in range(len(stream)):
             block = load(index)
-            for name in alphas[index]:
+            for name in scales[index]:
                 block.get_submodule(name).fold_transform()
             store.save_folded(index, block)
     store.finish_folded()

@@ -127,6 +127,14 @@ class Stream:
         memo = {id(config): config, id(self.arch.config_of(self.model)): self.arch.config_of(self.model)}
         return copy.deepcopy(self.skeletons[index], memo)
 
+    def weightless(self, index: int) -> nn.Module:
+        """:meth:`fresh` with the :attr:`on_load` hooks run on it: a finished block's structure
+        (run-time rotations), to be given its weights from elsewhere (the resume store)."""
+        block = self.fresh(index)
+        for hook in self.on_load:
+            hook(self.names[index], block)
+        return block
+
     def load(self, index: int, files: WeightFiles | None = None) -> nn.Module:
         """Load block ``index`` (from ``files``, default the model's) into the model, in float32;
         returns it."""
