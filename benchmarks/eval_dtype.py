@@ -19,7 +19,7 @@ import json
 import time
 
 import torch
-from llm_ppl import RESULTS, code_version, cpu_name
+from llm_ppl import append_row, code_version, cpu_name
 
 from lrquant.api import DataSettings, evaluation_data
 from lrquant.eval.perplexity import score_windows
@@ -71,9 +71,7 @@ def main() -> None:
         )
     row.update(commit=code_version(), cpu=cpu_name(), threads=torch.get_num_threads())
     print(json.dumps(row, indent=1))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / f"{args.name}.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_row(args.name, row)
 
 
 if __name__ == "__main__":

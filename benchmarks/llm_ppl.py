@@ -284,6 +284,13 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def append_row(name: str, row: dict) -> None:
+    """Append ``row`` to results ``name`` (its ``.jsonl``)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / f"{name}.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def code_version() -> str:
     """The checked-out commit (with "+dirty" for uncommitted changes), so every row names its code."""
     here = Path(__file__).parent.parent  # the repository root, where "src" is

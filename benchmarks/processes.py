@@ -24,9 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+from llm_ppl import append_row
 from safetensors.torch import load_file
-
-RESULTS = Path(os.environ.get("LRQUANT_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def run(command: list[str], threads: int) -> float:
@@ -90,9 +89,7 @@ def main() -> None:
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         }  # fmt: skip
         print(json.dumps(row))
-        RESULTS.mkdir(exist_ok=True)
-        with open(RESULTS / f"{args.name}.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(args.name, row)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -23,9 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+from llm_ppl import append_row
 from safetensors.torch import load_file
-
-RESULTS = Path(os.environ.get("LRQUANT_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -90,9 +88,7 @@ def main() -> None:
             "torch": torch.__version__,
         }  # fmt: skip
         print(json.dumps(row), flush=True)
-        RESULTS.mkdir(exist_ok=True)
-        with open(RESULTS / f"{args.name}.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(args.name, row)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -36,9 +35,9 @@ import zlib
 from pathlib import Path
 
 import torch
+from llm_ppl import append_row
 from safetensors.torch import save_file
 
-RESULTS = Path(os.environ.get("LRQUANT_BENCH_RESULTS") or Path(__file__).parent / "results")
 SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),  # for a smoke run
@@ -216,9 +215,7 @@ def main() -> None:
                 "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             }  # fmt: skip
             print(json.dumps(result), flush=True)
-            RESULTS.mkdir(exist_ok=True)
-            with open(RESULTS / f"{args.name}.jsonl", "a") as f:
-                f.write(json.dumps(result) + "\n")
+            append_row(args.name, result)
             shutil.rmtree(out, ignore_errors=True)
     finally:
         if args.workdir is None:
