@@ -290,7 +290,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) ->
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(quantizer, "_compiled_fn", broken)
+    monkeypatch.setattr(quantizer, "_compiled", {quantizer.quantize_dequantize: broken})
     monkeypatch.setattr(quantizer, "_compile_failed", False)
     x = torch.randn(4, 32)
     with compiled_quantizer():

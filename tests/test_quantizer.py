@@ -8,7 +8,8 @@ from pydantic import ValidationError
 
 from lrquant.config import QuantScheme, QuantSpec, build_scheme
 from lrquant.errors import LrquantError
-from lrquant.quant.quantizer import fake_quantize, group_for_stats, group_sums
+from lrquant.quant import quantizer
+from lrquant.quant.quantizer import compiled_quantizer, fake_quantize, group_for_stats, group_sums
 from lrquant.transforms.weight import CLIP_INIT, CLIP_SEARCH_LOWEST, CLIP_SEARCH_STEPS, LearnableClipping
 
 BITS = range(2, 9)
@@ -308,6 +309,48 @@ def test_gradient_is_zero_outside_clipped_range_and_reaches_clip_factors() -> No
     assert clipped.any() and inside.any()
     assert torch.all(x.grad[clipped] == 0)
     assert torch.allclose(x.grad[inside], torch.ones(int(inside.sum())), atol=1e-5)
+
+
+class _AutogradRange:
+    """What ``quantizer._GroupRange`` computes, through autograd's own ``amax`` and ``amin``."""
+
+    @staticmethod
+    def apply(x):
+        return x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_gradients_equal_autograd_through_amax_and_amin(
+    compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(quantizer, "COMPILE_ALLOWED", compiled)
+    # Weights read from bf16 repeat values, so groups hold ties at their extremes: the gradient
+    # of an extreme is shared evenly between the tied elements, as autograd's amax shares it.
+    generator = torch.Generator().manual_seed(3)
+    x0 = torch.randn(8, 64, generator=generator).bfloat16().float()
+    x0[0, :4] = x0[0, :16].max()  # a four-way tie at a group's maximum
+    x0[1, 16:19] = x0[1, 16:32].min()  # a three-way tie at a minimum
+    spec = QuantSpec(bits=3, granularity="group", group_size=16)
+    weights = torch.randn(8, 64, generator=generator)
+
+    def gradients(fn):
+        x, c = x0.clone().requires_grad_(True), torch.ones(64, requires_grad=True)
+        upper = torch.full((8, 4, 1), 0.9, requires_grad=True)
+        lower = torch.full((8, 4, 1), 0.8, requires_grad=True)
+        offset = (0.2 * torch.randn(8, 64, generator=torch.Generator().manual_seed(4))).requires_grad_(True)
+        out = fn(x * c, spec, upper, lower, offset)
+        (out * weights).sum().backward()
+        return out.detach(), [t.grad for t in (x, c, upper, lower, offset)]
+
+    with compiled_quantizer(compiled):
+        got = gradients(fake_quantize)
+    monkeypatch.setattr(quantizer, "_GroupRange", _AutogradRange)
+    expected = gradients(quantizer.quantize_dequantize)
+    assert torch.equal(got[0], expected[0])
+    assert int((x0[0, :16] == x0[0, :16].max()).sum()) > 1  # the ties are there
+    assert int((x0[1, 16:32] == x0[1, 16:32].min()).sum()) > 1
+    for a, b in zip(got[1], expected[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_clip_factors_reach_group_statistics() -> None:

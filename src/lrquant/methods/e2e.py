@@ -157,7 +157,7 @@ def _train(
     loss. Returns the mean loss per epoch."""
     modality = modality_of(arch)
     norm = modality.end_to_end_norm(model, arch)
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr_e2e, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr_e2e, weight_decay=0.0, fused=True)
     steps_in_all = recipe.e2e_epochs * calibration.shape[0]
     schedule = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_in_all)

@@ -96,13 +96,39 @@ def quant_params(
     return scale, zero
 
 
+class _GroupRange(torch.autograd.Function):
+    """The maximum and minimum of each row of the last dimension, with the gradient of
+    ``amax``/``amin`` (shared evenly between the elements that equal the extreme).
+
+    Computed here rather than by autograd's ``amax`` so that, under ``torch.compile``, the
+    backward finds the extremes' positions again from the saved input instead of the forward
+    storing them as boolean masks: inductor's CPU kernels store booleans slowly, which made the
+    compiled fake quantization of a training step several times slower than this (measured in
+    docs/results.md, "Cheaper training steps"). The positions are ``sign(x - max) + 1`` and
+    ``1 - sign(x - min)``: 1 exactly where ``x`` equals the extreme, else 0.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xmax, xmin = x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True)
+        ctx.save_for_backward(x, xmax, xmin)
+        return xmax, xmin
+
+    @staticmethod
+    def backward(ctx, grad_max: torch.Tensor, grad_min: torch.Tensor) -> torch.Tensor:
+        x, xmax, xmin = ctx.saved_tensors
+        at_max, at_min = torch.sign(x - xmax) + 1, 1 - torch.sign(x - xmin)
+        return at_max * (grad_max / at_max.sum(dim=-1, keepdim=True)) + at_min * (
+            grad_min / at_min.sum(dim=-1, keepdim=True)
+        )
+
+
 def group_grid(
     xg: torch.Tensor, spec: QuantSpec, upper: torch.Tensor | None, lower: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step size and zero point of each statistics group of ``xg`` (grouped by
     :func:`group_for_stats`), its range shrunk by ``upper`` and ``lower`` when given."""
-    xmax = xg.amax(dim=-1, keepdim=True)
-    xmin = xg.amin(dim=-1, keepdim=True)
+    xmax, xmin = _GroupRange.apply(xg)
     if spec.clip_ratio != 1.0:
         xmax, xmin = xmax * spec.clip_ratio, xmin * spec.clip_ratio
     if upper is not None:
@@ -160,18 +186,18 @@ def fake_quantize(
     """
     if not spec.enabled:
         return x
-    if _compiled_depth and not _compile_failed:
-        return _run_compiled(x, spec, upper, lower, offset)
-    return _fake_quantize(x, spec, upper, lower, offset)
+    return fused(quantize_dequantize, x, spec, upper, lower, offset)
 
 
-def _fake_quantize(
+def quantize_dequantize(
     x: torch.Tensor,
     spec: QuantSpec,
     upper: torch.Tensor | None,
     lower: torch.Tensor | None,
     offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """:func:`fake_quantize` for a quantizing ``spec``, as it runs (fused or not): for callers
+    that fuse it into a longer computation of their own (:func:`fused`)."""
     xg, pad = group_for_stats(x, spec)
     scale, zero = group_grid(xg, spec, upper, lower)
     qmin, qmax = integer_range(spec.bits, spec.symmetric)
@@ -181,38 +207,44 @@ def _fake_quantize(
 
 
 # Fake quantization is a chain of a dozen elementwise ops and reductions, forward and backward;
-# eager PyTorch runs each as its own pass over memory. Fusing them with torch.compile makes a
-# block-training step about 1.5x faster on CPU. Compiled once per process (shapes are static).
+# eager PyTorch runs each as its own pass over memory. Fusing them with torch.compile (with the
+# smoothing of the weight before it, :mod:`lrquant.transforms.weight`) makes a block-training step
+# faster on CPU (docs/results.md, "Cheaper training steps"). Compiled once per process and
+# function (shapes are static).
 COMPILE_ALLOWED = True  # a process-wide off switch (the test suite runs eager)
-_compiled_fn: Callable | None = None  # built on first use, kept for the process
+_compiled: dict[Callable, Callable] = {}  # each function's compiled version, built on first use
 _compiled_depth = 0  # how many compiled_quantizer contexts are open
 _compile_failed = False
 _COMPILE_VARIANTS = 64  # tensor shapes x specs x clipping on/off seen in one model
 
 
-def _run_compiled(x, spec, upper, lower, offset) -> torch.Tensor:
+def fused(fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """``fn(*args)``, through ``torch.compile`` inside :func:`compiled_quantizer` (one fused
+    kernel forward and one backward), eagerly elsewhere or where compiling failed."""
     global _compile_failed
-    assert _compiled_fn is not None
+    if not _compiled_depth or _compile_failed:
+        return fn(*args)
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=False)
     try:
-        return _compiled_fn(x, spec, upper, lower, offset)
+        return _compiled[fn](*args)
     except Exception as error:  # no C++ compiler, unsupported platform, ...
         log(f"torch.compile is unavailable here ({type(error).__name__}); quantizing without it")
         _compile_failed = True
-        return _fake_quantize(x, spec, upper, lower, offset)
+        return fn(*args)
 
 
 @contextlib.contextmanager
 def compiled_quantizer(enabled: bool = True) -> Iterator[None]:
-    """Run :func:`fake_quantize` through ``torch.compile`` inside this context (if ``enabled``).
+    """Run :func:`fake_quantize` (and what else goes through :func:`fused`) through
+    ``torch.compile`` inside this context (if ``enabled``).
 
     Falls back to the eager version, with one log line, where compiling fails.
     """
-    global _compiled_depth, _compiled_fn
+    global _compiled_depth
     if not (enabled and COMPILE_ALLOWED) or _compile_failed:
         yield
         return
-    if _compiled_fn is None:
-        _compiled_fn = torch.compile(_fake_quantize, dynamic=False)
     _compiled_depth += 1
     try:
         # Compiling happens lazily, at calls inside this context: the limit applies there.

@@ -18,7 +18,14 @@ import torch.nn as nn
 
 from lrquant.config import QuantSpec
 from lrquant.quant.gptq import WeightRounding, weight_grid
-from lrquant.quant.quantizer import fake_quantize, group_for_stats, group_sums, weight_groups_grid
+from lrquant.quant.quantizer import (
+    fake_quantize,
+    fused,
+    group_for_stats,
+    group_sums,
+    quantize_dequantize,
+    weight_groups_grid,
+)
 
 Vector = Callable[[], torch.Tensor]
 CLIP_INIT = 4.0  # sigmoid(4) ≈ 0.982: start just inside the min/max range
@@ -83,51 +90,57 @@ class WeightTransform:
             return weight
         return weight @ self.input_rotation.to(weight.dtype).T
 
+    def _factors(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor | None]:
+        """The column and row factors, and the run-time input rotation that the column factors
+        act before (a rotation without column factors or shift leaves the stored weight as it is)."""
+        smoothed_columns = bool(self.col_scale) or self.col_shift is not None
+        rotation = self.input_rotation if smoothed_columns else None
+        return tuple(col() for col in self.col_scale), tuple(row() for row in self.row_scale), rotation
+
+    def _bias(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, rows: tuple[torch.Tensor, ...], rotation
+    ) -> torch.Tensor | None:
+        b = None if bias is None else bias.float()
+        if self.col_shift is not None:
+            w = weight.float() if rotation is None else self.unrotated(weight.float())
+            shifted = w @ self.col_shift()
+            b = shifted if b is None else b + shifted
+        if self.row_shift is not None:
+            b = -self.row_shift() if b is None else b - self.row_shift()
+        for r in rows:
+            b = None if b is None else b / r
+        return b
+
     def transformed(
         self, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The smoothed, still unquantized weight and bias."""
-        w = weight.float()
-        b = None if bias is None else bias.float()
-        # a run-time input rotation R comes after the smoothing: the stored weight is W R, and the
-        # columns the factors act on are those of W
-        input_rotation = self.input_rotation if self.col_scale or self.col_shift is not None else None
-        if input_rotation is not None:
-            w = self.unrotated(w)
-        if self.col_shift is not None:
-            shifted = w @ self.col_shift()
-            b = shifted if b is None else b + shifted
-        for col in self.col_scale:
-            w = w * col()
-        if input_rotation is not None:
-            w = w @ input_rotation.to(w.dtype)
-        if self.row_shift is not None:
-            b = -self.row_shift() if b is None else b - self.row_shift()
-        for row in self.row_scale:
-            r = row()
-            w = w / r[:, None]
-            b = None if b is None else b / r
-        return w, b
+        cols, rows, rotation = self._factors()
+        return _smoothed(weight.float(), cols, rows, rotation), self._bias(weight, bias, rows, rotation)
 
     def _clip_factors(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The learned clipping factors (upper, lower), or ``None`` for both without clipping."""
         return self.clipping.factors() if self.clipping is not None else (None, None)
 
-    def quantize(self, weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-        """Fake-quantize with the learned clipping range and rounding offsets, then apply the
-        rotation vector."""
-        upper, lower = self._clip_factors()
-        w = fake_quantize(weight, spec, upper, lower, self.rounding)
-        if self.rotation_vector is not None:
-            w = w * self.rotation_vector
-        return w
-
     def weight_and_bias(
         self, weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What the linear computes with: quantized transformed weight, transformed bias."""
-        w, b = self.transformed(weight, bias)
-        return self.quantize(w, spec), b
+        """What the linear computes with: the transformed weight fake-quantized with the learned
+        clipping range and rounding offsets, times the rotation vector; the transformed bias. The
+        weight's chain runs as one fused kernel inside :func:`compiled_quantizer`."""
+        cols, rows, rotation = self._factors()
+        w = fused(
+            _smoothed_quantized,
+            weight,
+            cols,
+            rows,
+            rotation,
+            spec,
+            *self._clip_factors(),
+            self.rounding,
+            self.rotation_vector,
+        )
+        return w, self._bias(weight, bias, rows, rotation)
 
     @torch.no_grad()
     def final_grid(
@@ -161,3 +174,40 @@ class WeightTransform:
         if self.rotation_vector is not None:
             scale = scale * self.rotation_vector
         return round_weight(w, spec, scale, zero), b
+
+
+def _smoothed(
+    w: torch.Tensor,
+    cols: tuple[torch.Tensor, ...],
+    rows: tuple[torch.Tensor, ...],
+    rotation: torch.Tensor | None,
+) -> torch.Tensor:
+    """``diag(1/r) · W · diag(c)``, with the columns taken before a run-time input rotation
+    ``R`` (``W`` stores ``W R``): ``diag(1/r) · W Rᵀ · diag(c) · R``."""
+    if rotation is not None:
+        w = w @ rotation.to(w.dtype).T
+    for c in cols:
+        w = w * c
+    if rotation is not None:
+        w = w @ rotation.to(w.dtype)
+    for r in rows:
+        w = w / r[:, None]
+    return w
+
+
+def _smoothed_quantized(
+    weight: torch.Tensor,
+    cols: tuple[torch.Tensor, ...],
+    rows: tuple[torch.Tensor, ...],
+    rotation: torch.Tensor | None,
+    spec: QuantSpec,
+    upper: torch.Tensor | None,
+    lower: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    rotation_vector: torch.Tensor | None,
+) -> torch.Tensor:
+    """The weight a learned linear computes with (:meth:`WeightTransform.weight_and_bias`)."""
+    w = _smoothed(weight.float(), cols, rows, rotation)
+    if spec.enabled:
+        w = quantize_dequantize(w, spec, upper, lower, offset)
+    return w if rotation_vector is None else w * rotation_vector
