@@ -433,7 +433,10 @@ def search_clipping(learner: Learner, work: BlockWork, state: ChainState) -> Non
         square_sums[module] = square_sums.get(module, 0.0) + x.square().sum(dim=0)
         tokens[module] = tokens.get(module, 0) + x.shape[0]
 
-    _hooked(block, clipped, observe, state.quant, work.kwargs, learner.recipe)
+    # Mean squares need no more precision than bf16 gives: the pass runs as training's forward does.
+    device = module_device(block)
+    with torch.autocast(device.type, torch.bfloat16, use_bf16(learner.recipe, device)):
+        _hooked(block, clipped, observe, state.quant, work.kwargs, learner.recipe)
     for module in clipped if distributed.world() > 1 else []:  # over every process's windows
         distributed.reduce_(square_sums[module])
         tokens[module] = int(distributed.reduce_(torch.tensor([tokens[module]], dtype=torch.float64))[0])
