@@ -6,16 +6,21 @@ variant first runs untimed warm-up steps (compiling happens there; its time is r
 preset's training time (what ``lrquant quantize`` spends beyond capture and folding).
 
     python benchmarks/step_time.py --wbits 4 --abits 4
+    python benchmarks/step_time.py --wbits 4 --abits 16 --group-size 64 --method auto --profile
+
+With ``--profile``, the timed steps of the bf16 compiled variant run under ``torch.profiler`` and
+its table of operators by their own time follows.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
 
-from lrquant.api import DataSettings, calibration_data
+from lrquant.api import DataSettings, calibration_data, situation
 from lrquant.config import build_scheme
 from lrquant.methods import losses
 from lrquant.methods.blockwise import (
@@ -40,17 +45,21 @@ def main() -> None:
     parser.add_argument("--abits", type=int, default=4)
     parser.add_argument("--group-size", type=int)
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    parser.add_argument("--method", default="lrquant_plus", help="the recipe (auto: the default's)")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="profile the bf16 compiled steps")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     loaded = load_model(args.model)
     model, arch = loaded.model, loaded.arch
-    recipe = build_recipe("lrquant_plus", "fast")
     n = args.steps + args.warmup
     calibration = calibration_data(loaded, DataSettings(seqlen=args.seqlen), n)
     scheme = build_scheme(wbits=args.wbits, abits=args.abits, group_size=args.group_size)
+    recipe = build_recipe(args.method, "fast", situation=situation(args.model, scheme))
+    if recipe.hadamard != "off":
+        parser.error(f"the {args.method} recipe rotates at run time (hadamard={recipe.hadamard}): not timed")
     kwargs = capture_block_kwargs(model, arch, calibration[0])[0][0]
     inputs = capture_block_inputs(model, arch, calibration)
     state = ChainState(inputs, inputs.clone())
@@ -77,21 +86,29 @@ def main() -> None:
             targets = [fp_out[batch], hom_out[batch]]
             training_step(block, state.quant[batch], targets, kwargs, timed, optimizer, weighting)
 
+        profiled = args.profile and bf16 and compiled
         with compiled_quantizer(compiled):
             start = time.perf_counter()
             for i in range(args.warmup):
                 step(i)
             warm = time.perf_counter() - start
-            start = time.perf_counter()
-            for i in range(args.warmup, n):
-                step(i)
-        return (time.perf_counter() - start) / args.steps, warm
+            with torch.profiler.profile() if profiled else contextlib.nullcontext() as profile:
+                start = time.perf_counter()
+                for i in range(args.warmup, n):
+                    step(i)
+                seconds = time.perf_counter() - start
+        if profiled:
+            tables.append(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        return seconds / args.steps, warm
+
+    tables: list[str] = []
 
     blocks = len(arch.block_list(model))
     print(
         f"{args.model}, block 0 of {blocks}, W{args.wbits}A{args.abits}"
-        f"{f'g{args.group_size}' if args.group_size else ''}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}; {args.steps} timed steps after {args.warmup} warm-up steps"
+        f"{f'g{args.group_size}' if args.group_size else ''}, {args.method}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"{args.steps} timed steps after {args.warmup} warm-up steps"
     )
     print("| matmuls | quantizer | s / step | warm-up s | train min: fast | default | paper |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -107,6 +124,8 @@ def main() -> None:
                 f"| {warm:.1f} | " + " | ".join(f"{m:.1f}" for m in minutes) + " |",
                 flush=True,
             )
+    for table in tables:
+        print(f"\nbf16, compiled, {args.steps} steps under torch.profiler:\n{table}")
 
 
 if __name__ == "__main__":

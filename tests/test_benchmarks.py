@@ -121,13 +121,23 @@ def test_vision_benchmarks_run_on_a_tiny_backbone(tmp_path) -> None:
 
 
 def test_step_time_runs_on_a_tiny_llm(tiny_llama, tmp_path) -> None:
-    args = ["--model", str(tiny_llama), "--seqlen", "32", "--steps", "2", "--warmup", "1"]
+    args = ["--model", str(tiny_llama), "--seqlen", "32", "--steps", "2", "--warmup", "1", "--profile"]
     out = run_script("step_time.py", args, tmp_path)
+    assert "steps under torch.profiler" in out and "aten::mm" in out
     table = [line for line in out.splitlines() if line.startswith("| bf16") or line.startswith("| fp32")]
     assert len(table) == 4  # bf16/fp32 x eager/compiled
     for line in table:
         per_step = float(line.split("|")[3])
         assert per_step > 0
+
+
+def test_quantizer_speed_times_eager_and_compiled(tmp_path) -> None:
+    args = ["--rows", "32", "--columns", "64", "--group-size", "16", "--repeats", "1"]
+    out = run_script("quantizer_speed.py", args, tmp_path)
+    table = [line.split("|") for line in out.splitlines() if line.startswith(("| eager", "| compiled"))]
+    assert len(table) == 3  # eager, compiled, compiled with autograd's range
+    assert all(float(cells[2]) > 0 and float(cells[3]) > 0 for cells in table)
+    assert "storing a boolean each" in out
 
 
 def test_clip_search_cost_runs_on_a_tiny_llm(tiny_llama, tmp_path) -> None:
