@@ -128,8 +128,11 @@ def test_two_processes_quantize_as_one_does(method, llama3: Path, text_file: Pat
     assert ppl[1] == pytest.approx(ppl[0], rel=1e-3 if method == "lrquant_plus" else 1e-6)
     assert not (tmp_path / ".two.resume").exists()
     if e2e:  # the step ran, on the same windows
+        # The KL is about 1e-4 here, and the codes it starts from differ a little: measured 0.8 %
+        # apart with AdamW's per-parameter loop, 2.2 % with the fused update (codes 0.03 % and 0.1 %
+        # apart, perplexities within 2e-5).
         kl = [report["blocks"][-1]["e2e_kl"] for report in reports]
-        assert len(kl[1]) == 1 and kl[1][0] == pytest.approx(kl[0][0], rel=1e-2)
+        assert len(kl[1]) == 1 and kl[1][0] == pytest.approx(kl[0][0], rel=3e-2)
 
 
 def test_a_run_resumes_with_another_number_of_processes(
