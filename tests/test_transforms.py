@@ -16,7 +16,7 @@ from lrquant.config import build_scheme
 from lrquant.methods.blockwise import quantize_blockwise
 from lrquant.models.tiny import TINY_ARCHS, tiny_model
 from lrquant.quant.apply import attach_block_quantizers, use_quantized_attention
-from lrquant.quant.linear import QuantLinear
+from lrquant.quant.linear import QuantLinear, weights_held
 from lrquant.recipes import build_recipe
 from lrquant.transforms.block import (
     AttentionLayout,
@@ -166,3 +166,41 @@ def test_small_scales_are_truncated_with_straight_through_gradient() -> None:
     assert torch.equal(factor.scale.grad, weights)  # identity gradient, truncated entries included
     # The stored parameter itself is untouched.
     assert factor.scale[0].item() == pytest.approx(1e-3)
+
+
+def test_held_weights_compute_each_weight_once_and_the_same_output() -> None:
+    """``weights_held``: a pass over several batches quantizes each learning linear's weight once
+    (on entry), gives what the unheld forwards give, and lets go on exit (the transforms move
+    again, so the next forward must see them)."""
+    model = tiny_model("llama", seed=0, num_layers=1)
+    arch = get_arch_spec("llama")
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, model.config.vocab_size, (2, SEQ), generator=generator)
+    use_quantized_attention(model)
+    block = arch.block_list(model)[0]
+    attach_block_quantizers(block, arch, build_scheme(3, 16, group_size=16))
+    options = TransformOptions(shifts=False, clipping=True, rotation_vectors=True)
+    bt = attach_block_transforms(
+        block, arch, AttentionLayout.from_config(model.config), random_stats(block, arch, generator), options
+    )
+    perturb(bt, generator)
+    linears = [m for m in block.modules() if isinstance(m, QuantLinear)]
+    calls = {"n": 0}
+    for m in linears:
+        compute = m.transform.weight_and_bias
+
+        def counted(*args, _compute=compute):
+            calls["n"] += 1
+            return _compute(*args)
+
+        m.transform.weight_and_bias = counted
+    ref = logits(model, ids)
+    assert calls["n"] == len(linears)  # once per forward, unheld
+    calls["n"] = 0
+    with weights_held(block):
+        held = [logits(model, ids) for _ in range(3)]
+    assert calls["n"] == len(linears)  # once for the three forwards
+    assert all(torch.equal(out, ref) for out in held)
+    assert all(m.held is None for m in linears)
+    perturb(bt, generator)  # a moved transform reaches the next forward
+    assert rel_err(logits(model, ids), ref) > 1e-3

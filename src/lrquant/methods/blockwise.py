@@ -49,7 +49,7 @@ from lrquant.quant.apply import (
     use_quantized_attention,
 )
 from lrquant.quant.gptq import GPTQStatistics, HessianAccumulator
-from lrquant.quant.linear import QuantLinear, rotate_input
+from lrquant.quant.linear import QuantLinear, rotate_input, weights_held
 from lrquant.quant.quantizer import compiled_quantizer
 from lrquant.recipes import Recipe, use_bf16
 from lrquant.transforms.block import (
@@ -307,7 +307,8 @@ def _plain_loss(
 ) -> float:
     """The block's loss terms on ``inputs``, summed without dynamic weighting: a score that
     compares states of one block (candidate inits); over every process's share of the windows."""
-    out = run_block(block, inputs, kwargs, recipe.batch_size) if inputs.shape[0] else None
+    with weights_held(block):
+        out = run_block(block, inputs, kwargs, recipe.batch_size) if inputs.shape[0] else None
     if distributed.world() > 1:
         return sum(_SharedTerms(out, targets, recipe).values.values())
     return sum(_loss(out, targets, recipe, None)[1].values())
@@ -375,11 +376,13 @@ def _choose_init(
 
 
 def _hooked(block: nn.Module, linears: list[QuantLinear], hook, inputs: torch.Tensor, kwargs, recipe) -> None:
-    """Run ``block`` on ``inputs`` with ``hook`` as a forward pre-hook on each of ``linears``."""
+    """Run ``block`` on ``inputs`` with ``hook`` as a forward pre-hook on each of ``linears``
+    (the transforms unchanged: each weight is quantized once for the whole pass)."""
     handles = [m.register_forward_pre_hook(hook) for m in linears]
     try:
-        for x in batches(inputs, recipe.batch_size, module_device(block)):
-            block(x, **kwargs)
+        with weights_held(block):
+            for x in batches(inputs, recipe.batch_size, module_device(block)):
+                block(x, **kwargs)
     finally:
         for handle in handles:
             handle.remove()

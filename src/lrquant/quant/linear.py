@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,6 +37,23 @@ class RotatedInputLinear(nn.Linear):
         return F.linear(rotate_input(x, self.input_rotation), self.weight, self.bias)
 
 
+@contextmanager
+def weights_held(module: nn.Module) -> Iterator[None]:
+    """Within, every :class:`QuantLinear` of ``module`` that still learns (has a transform) uses
+    the weight and bias it computed on entry, instead of computing them again at every forward:
+    for passes that change no transform and take no gradients (statistics, scores). Enter it
+    inside the pass's autocast, so the held weights are those its forwards would compute."""
+    linears = [m for m in module.modules() if isinstance(m, QuantLinear) and m.transform is not None]
+    with torch.no_grad():
+        for m in linears:
+            m.held = m.weight_and_bias()
+    try:
+        yield
+    finally:
+        for m in linears:
+            m.held = None
+
+
 class QuantLinear(nn.Linear):
     """Drop-in ``nn.Linear`` that shares the original ``weight``/``bias`` parameters.
 
@@ -55,6 +75,7 @@ class QuantLinear(nn.Linear):
         self.act_spec = act_spec
         self.weight_frozen = not weight_spec.enabled
         self.transform: WeightTransform | None = None
+        self.held: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see weights_held
         self.register_buffer("input_rotation", getattr(linear, "input_rotation", None), persistent=False)
 
     def quantized_weight(self) -> torch.Tensor:
@@ -65,6 +86,8 @@ class QuantLinear(nn.Linear):
 
     def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weight and bias the forward computes with."""
+        if self.held is not None:
+            return self.held
         if self.transform is not None:
             return self.transform.weight_and_bias(self.weight, self.bias, self.weight_spec)
         return self.quantized_weight(), self.bias
