@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=3)
     args = parser.parse_args()
 
-    seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+    seconds: dict[str, list[float]] = {name: [] for name in STAGES}  # per block, in order
 
     def timed(name: str, fn):
         @functools.wraps(fn)
@@ -48,7 +48,7 @@ def main() -> None:
             try:
                 return fn(*a, **k)
             finally:
-                seconds[name] += time.perf_counter() - start
+                seconds[name].append(time.perf_counter() - start)
 
         return run
 
@@ -67,23 +67,30 @@ def main() -> None:
         args.method, args.preset, parse_overrides(args.overrides), situation=situation(args.model, scheme)
     )
     calibration = calibration_data(loaded, DataSettings(seqlen=args.seqlen), recipe.nsamples)
-    start = time.perf_counter()
     reports = blockwise.quantize_blockwise(model, arch, scheme, recipe, calibration).reports
-    total = time.perf_counter() - start
     n = len(reports)
     # initialise contains the targets: report it without them
-    seconds["initialise"] -= seconds["_targets_and_stats"]
+    seconds["initialise"] = [
+        a - b for a, b in zip(seconds["initialise"], seconds["_targets_and_stats"], strict=True)
+    ]
+    blocks_s = [r.seconds for r in reports]
     print(
         f"{args.model}, first {n} blocks, {scheme.name}, {args.method} at {args.preset} "
         f"({recipe.nsamples} windows x {args.seqlen} tokens, {recipe.epochs} epochs), "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}"
     )
-    print("| stage | s per block |")
-    print("|---|---:|")
+    print("| stage | s per block | first block (compiles) | later blocks, mean |")
+    print("|---|---:|---:|---:|")
     names = {"_targets_and_stats": "full-precision targets and statistics", "initialise": "smoothing start"}
+
+    def row(label: str, values: list[float], whole: float) -> None:
+        first, later = (values[0], sum(values[1:]) / (len(values) - 1)) if len(values) > 1 else (whole, whole)
+        print(f"| {label} | {whole / n:.2f} | {first:.2f} | {later:.2f} |")
+
     for name in STAGES:
-        print(f"| {names.get(name, name.replace('_', ' '))} | {seconds[name] / n:.2f} |")
-    print(f"| the whole block | {total / n:.2f} |")
+        values = seconds[name] or [0.0] * n  # a stage the recipe skips
+        row(names.get(name, name.replace("_", " ")), values, sum(values))
+    row("the whole block", blocks_s, sum(blocks_s))
 
 
 if __name__ == "__main__":

@@ -207,7 +207,7 @@ def test_stage_time_runs_on_a_tiny_llm(tiny_llama, tmp_path) -> None:
         "--seqlen",
         "32",
         "--blocks",
-        "1",
+        "2",
         "--wbits",
         "3",
         "--set",
@@ -215,12 +215,14 @@ def test_stage_time_runs_on_a_tiny_llm(tiny_llama, tmp_path) -> None:
     ]
     out = run_script("stage_time.py", args, tmp_path)
     rows_ = {
-        line.split("|")[1].strip(): float(line.split("|")[2])
+        line.split("|")[1].strip(): [float(cell) for cell in line.split("|")[2:5]]
         for line in out.splitlines()
         if line.startswith("| ") and "---" not in line and "stage" not in line
     }
-    assert rows_["train"] > 0 and rows_["search clipping"] > 0  # the weight-only rule searches clipping
-    assert rows_["the whole block"] >= rows_["train"]
+    assert rows_["train"][0] > 0 and rows_["search clipping"][0] > 0  # the weight-only rule searches clipping
+    mean, first, later = rows_["the whole block"]
+    assert mean >= rows_["train"][0]
+    assert mean == pytest.approx((first + later) / 2, abs=0.02)  # two blocks: the first and one later
 
 
 def test_vision_language_table_runs_on_a_tiny_llava(tmp_path) -> None:
@@ -299,3 +301,12 @@ def test_eval_dtype_scores_float32_beside_bf16(tiny_llama, tmp_path) -> None:
     assert row["windows"] == 2 and row["fp32"]["perplexity"] > 1 and row["bf16"]["perplexity"] > 1
     assert 0 <= row["bf16_against_fp32"]["kl"] < 0.05 and row["bf16_against_fp32"]["top1_agreement"] > 0.5
     assert row["quantized_fp32"]["kl"] > 0 and row["quantized_bf16"]["kl"] > 0
+
+
+def test_e2e_step_time_runs_on_a_tiny_llm(tiny_llama, tmp_path) -> None:
+    args = ["--model", str(tiny_llama), "--seqlen", "32", "--steps", "2", "--warmup", "1", "--profile"]
+    out = run_script("e2e_step_time.py", args, tmp_path)
+    assert "steps under torch.profiler" in out and "aten::mm" in out
+    row = next(line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit())
+    per_step, share = (float(cell) for cell in row.strip("| \n").split("|"))
+    assert per_step > 0 and share == pytest.approx(per_step * 32 * 2, abs=0.5)
