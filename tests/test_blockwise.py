@@ -22,7 +22,7 @@ from lrquant.quant import quantizer
 from lrquant.quant.apply import attach_block_quantizers, use_quantized_attention
 from lrquant.quant.linear import QuantLinear
 from lrquant.quant.quantizer import compiled_quantizer
-from lrquant.recipes import PRESETS, RECIPES, Recipe, build_recipe, parse_overrides
+from lrquant.recipes import PRESETS, RECIPES, Recipe, Situation, build_recipe, parse_overrides
 from lrquant.transforms.block import (
     AttentionLayout,
     ChannelStats,
@@ -376,7 +376,9 @@ def test_recipe_contents() -> None:
 
 
 def test_image_models_choose_the_smoothing_init_per_block_unless_told() -> None:
-    assert build_recipe("auto", "fast").smoothing == "lae"
+    # a language model: LAE where activations are quantized, no smoothing for weights alone
+    assert build_recipe("auto", "fast", situation=Situation("text", 4, 4)).smoothing == "lae"
+    assert build_recipe("auto", "fast", situation=Situation("text", 4, 16)).smoothing is None
     assert build_recipe("auto", "fast", modality="image").smoothing == "best"
     assert build_recipe("auto", "fast", {"smoothing": "lae"}, "image").smoothing == "lae"
     # The named recipes keep their own initialisation, whatever the model.
