@@ -616,3 +616,40 @@ def test_a_group_longer_than_the_row_is_the_whole_row_unpadded() -> None:
     assert pad == 0 and grouped.shape == (12, 1, 40)
     channel = QuantSpec(bits=4, granularity="channel")
     assert torch.equal(fake_quantize(w, wide), fake_quantize(w, channel))
+
+
+@pytest.mark.parametrize("group_size", [128, 100, 64], ids=["ragged-128", "ragged-100", "whole-64"])
+def test_compiled_weight_chain_equals_eager_with_a_ragged_last_group(
+    group_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A learned linear's fused weight chain (clipping factors, rounding offsets, row multiplier)
+    compiled computes what it computes eagerly, also where the group size leaves a shorter last
+    group (576 columns, as SmolLM2's, in groups of 128). Joining the groups before cutting the
+    padding compiled wrong there: the last group's columns came out zero."""
+    from lrquant.transforms.weight import _smoothed_quantized
+
+    monkeypatch.setattr(quantizer, "COMPILE_ALLOWED", True)
+    generator = torch.Generator().manual_seed(0)
+    rows, cols = 96, 576
+    groups = -(-cols // group_size)
+    weight = torch.randn(rows, cols, generator=generator)
+    spec = QuantSpec(bits=4, granularity="group", group_size=group_size)
+    out_weights = torch.randn(rows, cols, generator=generator)
+
+    def run(compiled: bool):
+        params = [
+            torch.full((rows, groups, 1), 0.9, requires_grad=True),
+            torch.full((rows, groups, 1), 0.95, requires_grad=True),
+            (torch.rand(rows, cols, generator=torch.Generator().manual_seed(1)) - 0.5).requires_grad_(True),
+            (1 + 0.1 * torch.randn(rows, 1, generator=torch.Generator().manual_seed(2))).requires_grad_(True),
+        ]
+        with compiled_quantizer(compiled):
+            out = quantizer.fused(_smoothed_quantized, weight, (), (), None, spec, *params)
+        (out * out_weights).sum().backward()
+        return out.detach(), [p.grad for p in params]
+
+    eager, compiled = run(False), run(True)
+    assert torch.equal(compiled[0], eager[0])
+    assert (eager[0][:, -(cols % group_size or group_size) :] != 0).any()
+    for a, b in zip(compiled[1], eager[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

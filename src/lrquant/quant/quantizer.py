@@ -67,13 +67,21 @@ def group_sums(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 def ungroup(xg: torch.Tensor, like: torch.Tensor, pad: int) -> torch.Tensor:
-    """Undo :func:`group_for_stats`: back to the shape of ``like``."""
+    """Undo :func:`group_for_stats`: back to the shape of ``like``.
+
+    A padded last group is cut to its own columns before the groups are joined, not after: the
+    cut after joining (``flatten(-2)[..., :n]``) compiled wrong in torch 2.13's inductor on the
+    CPU when fused with what follows (per-group clipping factors, a row multiplier), leaving the
+    last group's columns zero or garbage (tests/test_quantizer.py).
+    """
     if xg.shape == like.shape:
         return xg
-    out = xg.flatten(-2) if xg.dim() == like.dim() + 1 else xg
-    if pad:
-        out = out[..., : like.shape[-1]]
-    return out.reshape(like.shape)
+    if xg.dim() != like.dim() + 1:
+        return xg.reshape(like.shape)
+    if not pad:
+        return xg.flatten(-2).reshape(like.shape)
+    tail = xg[..., -1, : xg.shape[-1] - pad]
+    return torch.cat([xg[..., :-1, :].flatten(-2), tail], dim=-1).reshape(like.shape)
 
 
 def quant_params(
