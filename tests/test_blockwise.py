@@ -350,6 +350,33 @@ def test_always_nan_falls_back_to_the_initial_transforms(monkeypatch: pytest.Mon
         assert torch.equal(value, expected[key]), key
 
 
+@pytest.mark.parametrize("chain", ["quant", "fp"])
+def test_a_block_with_non_finite_outputs_stops_the_run_before_it_is_kept(
+    chain: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished block whose outputs hold NaN (a diverged or miscompiled quantizer; a model that
+    overflows) stops the run in one line, before the block is handed on to be kept."""
+    model = tiny_model("llama", seed=0, num_layers=3)
+    calibration = random_ids(model, 4, 32, seed=0)
+    real = blockwise.fold
+
+    def broken_second_block(learner, work, state, gptq):
+        out = real(learner, work, state, gptq)
+        if work.report.index == 1:
+            getattr(out, chain)[0, 3, 5] = float("nan")
+        return out
+
+    monkeypatch.setattr(blockwise, "fold", broken_second_block)
+    kept = []
+    recipe = build_recipe("lrquant_plus", "fast", {"epochs": 1})
+    whose = "the quantized model" if chain == "quant" else "the full-precision model"
+    with pytest.raises(LrquantError, match=f"block 2 of {whose} gives non-finite outputs"):
+        quantize_blockwise(
+            model, LLAMA, W4A16, recipe, calibration, seed=0, on_block_done=lambda i, *_: kept.append(i)
+        )
+    assert kept == [0]
+
+
 # ---------------------------------------------------------------------------------------------- recipes
 
 

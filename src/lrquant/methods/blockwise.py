@@ -636,6 +636,7 @@ def quantize_blockwise(
         if index in transitions:  # e.g. Swin's patch merging, kept in full precision
             with placed(transitions[index], device):
                 state = _through(transitions[index], state, transition_kwargs[index], recipe.batch_size, acts)
+        _check_finite(state, index)
         report.seconds = round(time.perf_counter() - began, 2)
         reports.append(report)
         if on_block_done is not None:
@@ -650,6 +651,23 @@ def quantize_blockwise(
         _log_block(report, len(blocks), time.perf_counter() - run_start, index - first + 1)
     bar.close()
     return BlockwiseResult(reports, state.fp)
+
+
+def _check_finite(state: ChainState, index: int) -> None:
+    """Stop, in one line, before a block whose outputs hold NaN or infinity is kept: every later
+    block would learn on them and the output would be a broken model."""
+    for chain, whose in ((state.fp, "the full-precision model"), (state.quant, "the quantized model")):
+        if not bool(torch.isfinite(chain).all()):
+            advice = (
+                "check the model's weights and the calibration data"
+                if chain is state.fp
+                else "rerun with --set compile=false; if that fails too, with a smaller learning rate "
+                "(--set lr_transform=..., lr_clipping=...)"
+            )
+            raise LrquantError(
+                f"block {index + 1} of {whose} gives non-finite outputs (NaN or infinity) on the "
+                f"calibration windows; the run stops rather than write a broken model: {advice}"
+            )
 
 
 def _batch(chain: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
