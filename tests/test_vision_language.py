@@ -495,3 +495,86 @@ def test_compressed_tensors_export_loads_to_the_lrquant_logits(
         packed = AutoModelForImageTextToText.from_pretrained(folder).eval()(**inputs).logits
         full = load_model(str(model)).model(**inputs).logits
     assert (packed - reference).abs().max() <= 1e-5 < (full - reference).abs().max()
+
+
+# ------------------------------------------------------------------ the projector too
+
+
+def test_projector_quantized_saved_reloaded_and_evaluated(
+    vlm: Path, pairs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--quantize-projector: the projector's linears are rounded to the language model's grid
+    before its blocks learn, whose quantized chain then starts from the quantized projector's
+    image tokens (the text tokens' inputs unchanged); the reloaded output has the quantizers and
+    scores as the run did. Gemma 3's projector is a matrix, not a linear: refused in one line."""
+    from lrquant.methods import blockwise
+
+    scheme = build_scheme(4, 8, projector=True)
+    model_type = load_model(str(vlm)).model_type
+    if model_type == "gemma3":
+        with pytest.raises(LrquantError, match="holds no linear layer .*leave out --quantize-projector"):
+            api.quantize(str(vlm), tmp_path / "out", scheme, "rtn", run_eval=False)
+        assert not (tmp_path / "out").exists()
+        return
+    captured = []
+    capture = blockwise.capture_block_inputs
+    monkeypatch.setattr(
+        blockwise, "capture_block_inputs", lambda *a: captured.append(capture(*a)) or captured[-1]
+    )
+    report = api.quantize(
+        str(vlm), tmp_path / "out", scheme, "lrquant_plus", "fast", {"epochs": 1, "compile": False},
+        _data(pairs),
+    )  # fmt: skip
+    fp, quant = captured  # the full-precision chain's inputs, then the quantized chain's
+    calibration = api.calibration_data(load_model(str(vlm)), _data(pairs), 4)
+    image = (calibration["input_ids"] == IMAGE_TOKEN)[..., None].expand_as(fp)
+    assert torch.equal(fp[~image], quant[~image]) and not torch.equal(fp[image], quant[image])
+    assert report["fidelity"]["kl"] > 0
+    again = api.evaluate(str(tmp_path / "out"), api.DataSettings(eval=str(pairs)))
+    assert again["perplexity"] == pytest.approx(report["perplexity"]["quantized"], rel=1e-5)
+    assert again["kl"] == pytest.approx(report["fidelity"]["kl"], rel=1e-4)
+    reloaded = load_model(str(tmp_path / "out"))
+    spec = get_vision_language_spec(model_type)
+    projector = reloaded.model.get_submodule(spec.projector)
+    linears = [m for m in projector.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, QuantLinear) for m in linears)
+    for linear in linears:
+        assert linear.weight_spec.bits == 4 and linear.act_spec.bits == 8
+        assert max(len(torch.unique(row)) for row in linear.weight.detach()) <= 16  # 4-bit codes per row
+    codes = load_file(tmp_path / "out" / "integer_weights.safetensors")
+    assert any(key.startswith(spec.projector + ".") for key in codes)
+
+
+def test_quantize_projector_is_refused_where_it_does_not_apply(llava: Path, tmp_path: Path, capsys) -> None:
+    text = save_tiny_model("llama", tmp_path / "llama")
+    argv = ["quantize", "--model", str(text), "--output", str(tmp_path / "out"), "--method", "rtn",
+            "--quantize-projector", "--no-eval"]  # fmt: skip
+    assert main(argv) == 2
+    assert (
+        "--quantize-projector applies to a vision-language model's projector; this text model has none"
+        in (capsys.readouterr().err)
+    )
+    with pytest.raises(LrquantError, match="GGUF holds the language model alone .*--quantize-projector"):
+        api.quantize(str(llava), tmp_path / "out", build_scheme(4, 16, projector=True), "rtn", format="gguf")
+    with pytest.raises(LrquantError, match="quantized with the language model's scheme"):
+        api.quantize(str(llava), tmp_path / "out", build_scheme(4, 16), "rtn", run_eval=False,
+                     vision_scheme=build_scheme(4, 16, projector=True))  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_qwen2_vl_projector_is_exported_on_the_language_models_grid(tmp_path: Path) -> None:
+    """Qwen2-VL's projector (the merger) sits inside the vision tower's module: quantized with
+    the language model, its linears belong to the language model's grid, not the tower's."""
+    from lrquant.export import read_output
+    from lrquant.export.compressed_tensors import quantization_schemes
+
+    model = save_tiny_vlm("qwen2_vl", tmp_path / "model")
+    out = tmp_path / "out"
+    api.quantize(str(model), out, build_scheme(4, 16, group_size=16, projector=True), "rtn", run_eval=False,
+                 vision_scheme=build_scheme(8, 16, group_size=16))  # fmt: skip
+    output = read_output(out)
+    merger = [name for name in output.linears if name.startswith("model.visual.merger.")]
+    assert len(merger) == 2 and not any(output.in_tower(name) for name in merger)
+    assert all(output.scheme_of(name).weight.bits == 4 for name in merger)
+    groups = quantization_schemes(output)
+    assert groups["group_1"].weights.num_bits == 8 and not set(merger) & set(groups["group_1"].targets)

@@ -44,7 +44,7 @@ from lrquant.models.builtin import builtin_folder, cache_root, is_builtin
 from lrquant.models.loading import LoadedModel, load_model, resolve_model_dir
 from lrquant.models.streaming import too_large
 from lrquant.output_dir import AtomicOutputDir, AtomicOutputFile, disk_space_for, write_json
-from lrquant.quant.apply import head_linears, patch_embedding
+from lrquant.quant.apply import check_projector, head_linears, patch_embedding
 from lrquant.recipes import (
     AUTO,
     DEFAULT_METHOD,
@@ -423,6 +423,17 @@ def _check_has_tower(arch, name: str) -> None:
         )
 
 
+def _check_projector(loaded: LoadedModel, scheme: QuantScheme, vision_scheme: QuantScheme | None) -> None:
+    """Refuse, before any work, a projector that cannot be quantized as asked."""
+    if scheme.projector:
+        check_projector(loaded.model, loaded.arch)
+    if vision_scheme is not None and vision_scheme.projector:
+        raise LrquantError(
+            "the projector is quantized with the language model's scheme (its projector=True), "
+            "not the vision tower's"
+        )
+
+
 def _vision_tower(loaded: LoadedModel) -> LoadedModel:
     """``loaded`` seen through its vision tower's map, or one clear error for a model without one."""
     _check_has_tower(loaded.arch, loaded.name)
@@ -606,6 +617,7 @@ def quantize(
         log(f"loading {model}" + (", one block at a time (streamed)" if stream else ""))
         loaded = load_model(model, trust_remote_code=trust_remote_code, stream=stream)
         tower = None if vision_scheme is None else _vision_tower(loaded)
+        _check_projector(loaded, scheme, vision_scheme)
         modality = modality_of(loaded.arch)
         data = (data or DataSettings()).for_model(loaded)
         nsamples = data.nsamples if data.nsamples is not None else modality.default_samples

@@ -159,10 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: full precision)",
     )
     q.add_argument(
+        "--quantize-projector",
+        action="store_true",
+        help="also quantize a vision-language model's projector at --wbits/--abits, round-to-nearest "
+        "(default: full precision)",
+    )
+    q.add_argument(
         "--quantize-vision",
         action="store_true",
         help="also quantize a vision-language model's vision tower, first, with the recipe rules of "
-        "a vision transformer (default: the tower and the projector stay in full precision)",
+        "a vision transformer (default: the tower stays in full precision)",
     )
     q.add_argument(
         "--vision-wbits", type=int, default=None, help="the vision tower's weight bits (default: --wbits)"
@@ -306,6 +312,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         rotate_qkv=args.rotate_qkv,
         head=args.quantize_head,
         patch_embed=args.quantize_patch_embed,
+        projector=args.quantize_projector,
     )
     if args.explain:
         return _explain(args, scheme)
@@ -368,7 +375,7 @@ def _vision_scheme(args: argparse.Namespace, scheme):
                 raise LrquantError(f"{flag} sets the vision tower's bits: give it with --quantize-vision")
         return None
     if args.vision_wbits is None and args.vision_abits is None:
-        return scheme.model_copy(update={"head": False, "patch_embed": False})
+        return scheme.model_copy(update={"head": False, "patch_embed": False, "projector": False})
     abits = args.vision_abits if args.vision_abits is not None else args.abits
     follow = args.vision_abits is not None  # Q, K, V and the MLP output follow the tower's abits
     return build_scheme(

@@ -80,7 +80,9 @@ class QuantScheme(BaseModel):
     (the GELU/SiLU output: the hardest activation of vision transformers). ``head`` also
     quantizes the output head (LM head or classifier; round-to-nearest, it is not learned);
     ``patch_embed`` the weight of a vision model's patch embedding (round-to-nearest; its input,
-    the normalised pixels, stays in full precision). ``rotate_qkv`` multiplies each head of Q, K
+    the normalised pixels, stays in full precision). ``projector`` the linears of a
+    vision-language model's projector, between its vision tower and its language model (weights
+    round-to-nearest, inputs at the activation grid; not learned). ``rotate_qkv`` multiplies each head of Q, K
     and V by a fixed Hadamard matrix before they are quantized, and the attention output back
     (exact without quantization; :mod:`lrquant.quant.attention`).
     """
@@ -94,6 +96,7 @@ class QuantScheme(BaseModel):
     post_act: QuantSpec | None = None
     head: bool = False
     patch_embed: bool = False
+    projector: bool = False
     rotate_qkv: bool = False
     weight_grids: dict[str, QuantSpec] = {}
     gguf_type: str | None = None
@@ -152,6 +155,7 @@ def build_scheme(
     post_act_bits: int | None = None,
     head: bool = False,
     patch_embed: bool = False,
+    projector: bool = False,
     a_clip: float = 1.0,
     rotate_qkv: bool = False,
 ) -> QuantScheme:
@@ -186,6 +190,7 @@ def build_scheme(
         ),
         head=head,
         patch_embed=patch_embed,
+        projector=projector,
         rotate_qkv=rotate_qkv,
     )
     if a_clip != 1.0 and not scheme.quantized_linear_inputs:

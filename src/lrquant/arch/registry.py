@@ -77,6 +77,9 @@ class ArchSpec:
     # linears outside the blocks that write token embeddings into the residual stream beside the
     # embedding (a vision-language model's projector, relative to the whole model)
     stream_writers: tuple[str, ...] = ()
+    # a vision-language model's projector (relative to the whole model), whose linears
+    # ``--quantize-projector`` quantizes; None: the model has none
+    projector: str | None = None
     feature_norm: tuple[str, ...] = ()
     # blocks that take the tokens of all samples packed in one unbatched sequence, delimited by
     # ``cu_seqlens`` (Qwen2-VL's vision tower): :func:`lrquant.methods.capture.batch_packed_blocks`

@@ -53,6 +53,7 @@ class VisionLanguageSpec:
             embedding=None if text.embedding is None else move(text.embedding),
             final_norm=None if text.final_norm is None else move(text.final_norm),
             stream_writers=() if self.projector_out is None else (f"{self.projector}.{self.projector_out}",),
+            projector=self.projector,
             modality="image-text",
             config="text_config",
         )

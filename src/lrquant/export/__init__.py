@@ -76,6 +76,9 @@ class QuantizedOutput:
     # a vision-language model's quantized vision tower: its scheme, and the prefix of its linears
     vision_scheme: QuantScheme | None = None
     tower: str | None = None
+    # a vision-language model's projector (quantized, if at all, on the language model's scheme;
+    # Qwen2-VL's sits inside the tower's module)
+    projector: str | None = None
 
     @property
     def model_type(self) -> str:
@@ -100,8 +103,9 @@ class QuantizedOutput:
         return tuple(self.tensors[key].shape), self.tensors[key].dtype
 
     def in_tower(self, name: str) -> bool:
-        """Whether the linear ``name`` is in the quantized vision tower."""
-        return self.tower is not None and name.startswith(self.tower + ".")
+        """Whether the linear ``name`` is in the quantized vision tower (not its projector)."""
+        in_projector = self.projector is not None and name.startswith(self.projector + ".")
+        return self.tower is not None and name.startswith(self.tower + ".") and not in_projector
 
     def scheme_of(self, name: str) -> QuantScheme:
         """The scheme the linear ``name`` was quantized with (its part's)."""
@@ -165,10 +169,11 @@ def read_output(folder: str | Path) -> QuantizedOutput:
         check_safetensors(weights)
     tensors = LazyTensors.of(files)  # read one at a time, as the writers ask for them
     vision_scheme = read_scheme(folder, VISION_SCHEME)
-    tower = None
+    tower = projector = None
     if vision_scheme is not None:
-        tower = get_vision_language_spec(str(config.get("model_type"))).vision
-    output = QuantizedOutput(folder, config, scheme, {}, tensors, None, vision_scheme, tower)
+        spec = get_vision_language_spec(str(config.get("model_type")))
+        tower, projector = spec.vision, spec.projector
+    output = QuantizedOutput(folder, config, scheme, {}, tensors, None, vision_scheme, tower, projector)
     output.linears = LazyLinears(integers, lambda name: output.scheme_of(name).weight_for(name), tensors)
     output.tensors = tensors.without(
         key for name in output.linears for key in (f"{name}.weight", f"{name}.bias")

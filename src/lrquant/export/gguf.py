@@ -184,12 +184,19 @@ def preset_rules(rules: TypeRules, config: dict, matrices: dict[str, int]) -> Ty
 
 
 def refuse_scheme(scheme: QuantScheme) -> None:
-    """GGUF holds weights only: a scheme that quantizes activations is refused."""
+    """GGUF holds weights only: a scheme that quantizes activations is refused; so is a quantized
+    projector (the file holds a vision-language model's language model alone)."""
     if scheme.quantizes_activations:
         raise LrquantError(
             f"{scheme.name} quantizes activations, but GGUF holds weights only: llama.cpp would run "
             "them in full precision, not as evaluated; quantize weights only (without --abits, the "
             "default 16) for GGUF"
+        )
+    if scheme.projector:
+        raise LrquantError(
+            "GGUF holds the language model alone (llama.cpp reads the projector from an mmproj file, "
+            "which this writer does not make), so the quantized projector would be left out: leave "
+            "out --quantize-projector for GGUF, or use --format compressed-tensors"
         )
 
 

@@ -45,7 +45,7 @@ from lrquant.models.streaming import Stream
 from lrquant.quant.apply import (
     attach_block_quantizers,
     attach_head_quantizers,
-    quantize_patch_embedding,
+    quantize_before_blocks,
     use_quantized_attention,
 )
 from lrquant.quant.gptq import GPTQStatistics, HessianAccumulator
@@ -597,8 +597,8 @@ def quantize_blockwise(
     if start is None:
         first = 0
         inputs = capture_block_inputs(model, arch, calibration, acts)
-        if scheme.patch_embed:  # the quantized chain starts from the quantized patch embedding
-            quantize_patch_embedding(model, scheme)
+        if scheme.patch_embed or scheme.projector:  # the quantized chain starts from them quantized
+            quantize_before_blocks(model, arch, scheme)
             state = ChainState(fp=inputs, quant=capture_block_inputs(model, arch, calibration, acts))
         else:
             state = ChainState(fp=inputs, quant=acts.keep(inputs))
@@ -606,7 +606,7 @@ def quantize_blockwise(
         first, state = start
         if share is not None:
             state = ChainState(fp=state.fp[share], quant=state.quant[share])
-        quantize_patch_embedding(model, scheme)  # a resumed run starts from the loaded model
+        quantize_before_blocks(model, arch, scheme)  # a resumed run starts from the loaded model
         state = ChainState(fp=acts.keep(state.fp), quant=acts.keep(state.quant))
     log(acts.words())
     # The head (when asked for) runs after every block, so rounding it first changes no target;

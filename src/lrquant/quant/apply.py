@@ -27,13 +27,15 @@ def attach_quantizers(
     """Swap every linear inside the transformer blocks for a :class:`QuantLinear` and make the
     attention modules quantize Q, K, V (and optionally the softmax output).
 
-    Embeddings (patch embeddings too) and the final norm stay in full precision; so does the LM or
-    classifier head unless ``scheme.head``. ``weights_on_grid`` marks
+    Embeddings (patch embeddings too) and the final norm stay in full precision; so do the LM or
+    classifier head unless ``scheme.head``, and a vision-language model's projector unless
+    ``scheme.projector``. ``weights_on_grid`` marks
     weights as already quantized (a saved quantized checkpoint), so they are used as stored.
     """
     for prefix, block in arch.named_blocks(model):
         attach_block_quantizers(block, arch, scheme, weights_on_grid, prefix)
     attach_head_quantizers(model, arch, scheme, weights_on_grid)
+    attach_projector_quantizers(model, arch, scheme, weights_on_grid)
     use_quantized_attention(model)
 
 
@@ -48,6 +50,48 @@ def head_linears(model: nn.Module, arch: ArchSpec) -> list[tuple[str, nn.Linear]
         if isinstance(module, nn.Linear):
             found.append((name, module))
     return found
+
+
+def projector_linears(model: nn.Module, arch: ArchSpec) -> list[tuple[str, nn.Linear]]:
+    """The linear layers of a vision-language model's projector (a model without one has none)."""
+    if arch.projector is None:
+        return []
+    projector = model.get_submodule(arch.projector)
+    return [
+        (f"{arch.projector}.{name}", m) for name, m in projector.named_modules() if isinstance(m, nn.Linear)
+    ]
+
+
+def outer_linears(model: nn.Module, arch: ArchSpec) -> list[tuple[str, nn.Linear]]:
+    """The linears outside the blocks that may be quantized: the heads and a projector's."""
+    return head_linears(model, arch) + projector_linears(model, arch)
+
+
+def check_projector(model: nn.Module, arch: ArchSpec) -> None:
+    """Refuse, in one line, ``--quantize-projector`` for a model without a projector of linears."""
+    if arch.projector is None:
+        raise LrquantError(
+            f"--quantize-projector applies to a vision-language model's projector; this {arch.modality} "
+            "model has none: leave it out"
+        )
+    if not projector_linears(model, arch):
+        raise LrquantError(
+            f"the projector '{arch.projector}' holds no linear layer (Gemma 3's is a matrix), so "
+            "there is nothing to quantize: leave out --quantize-projector"
+        )
+
+
+def _round_outside(
+    model: nn.Module, name: str, linear: nn.Linear, scheme: QuantScheme, on_grid: bool
+) -> None:
+    """Put a :class:`QuantLinear` in place of the linear ``name`` outside the blocks, its weight
+    rounded to nearest (``on_grid``: already there)."""
+    qlinear = QuantLinear(linear, scheme.weight_for(name), scheme.activation)
+    if on_grid:
+        qlinear.weight_frozen = True
+    else:
+        qlinear.freeze_weight()
+    replace_module(model, name, qlinear)
 
 
 def attach_head_quantizers(
@@ -67,12 +111,20 @@ def attach_head_quantizers(
                 f"'{name}' shares its weight with the input embeddings: it cannot be quantized "
                 "alone; leave out --quantize-head"
             )
-        qlinear = QuantLinear(linear, scheme.weight_for(name), scheme.activation)
-        if weights_on_grid:
-            qlinear.weight_frozen = True
-        else:
-            qlinear.freeze_weight()
-        replace_module(model, name, qlinear)
+        _round_outside(model, name, linear, scheme, weights_on_grid)
+
+
+def attach_projector_quantizers(
+    model: nn.Module, arch: ArchSpec, scheme: QuantScheme, weights_on_grid: bool = False
+) -> None:
+    """With ``scheme.projector``, quantize a vision-language model's projector linears: weights
+    rounded to nearest (unless already on the grid), inputs at the activation grid."""
+    if not scheme.projector:
+        return
+    check_projector(model, arch)
+    for name, linear in projector_linears(model, arch):
+        if not isinstance(linear, QuantLinear):
+            _round_outside(model, name, linear, scheme, weights_on_grid)
 
 
 def patch_embedding(model: nn.Module) -> nn.Conv2d:
@@ -86,6 +138,13 @@ def patch_embedding(model: nn.Module) -> nn.Conv2d:
         f"{type(model).__name__} has no patch embedding (a Conv2d): --quantize-patch-embed is for "
         "vision models"
     )
+
+
+def quantize_before_blocks(model: nn.Module, arch: ArchSpec, scheme: QuantScheme) -> None:
+    """Quantize what runs before the first block when the scheme asks: a vision model's patch
+    embedding, a vision-language model's projector (for the quantized chain's inputs)."""
+    quantize_patch_embedding(model, scheme)
+    attach_projector_quantizers(model, arch, scheme)
 
 
 @torch.no_grad()
@@ -125,7 +184,7 @@ def use_quantized_attention(model: nn.Module) -> None:
 
 def detach_quantizers(model: nn.Module, arch: ArchSpec) -> None:
     """Undo :func:`attach_quantizers`, keeping whatever weights the linears hold now."""
-    for name, head in head_linears(model, arch):
+    for name, head in outer_linears(model, arch):
         if isinstance(head, QuantLinear):
             replace_module(model, name, head.to_linear())
     for block in arch.block_list(model):
@@ -144,11 +203,11 @@ def detach_block_quantizers(block: nn.Module, arch: ArchSpec) -> None:
 
 
 def quant_linears(model: nn.Module, arch: ArchSpec) -> Iterator[tuple[str, QuantLinear]]:
-    """Every quantized linear in the blocks (and heads), with its name relative to the model."""
+    """Every quantized linear in the blocks (and heads, projector), with its name relative to the model."""
     for prefix, block in arch.named_blocks(model):
         for name, child in block.named_modules():
             if isinstance(child, QuantLinear):
                 yield f"{prefix}.{name}", child
-    for name, head in head_linears(model, arch):
+    for name, head in outer_linears(model, arch):
         if isinstance(head, QuantLinear):
             yield name, head
