@@ -121,7 +121,10 @@ def run_one(job: dict) -> dict:
     blocks = []
     learned_in = None  # "matmuls" of the row; older rows lack it
     if job["method"] == "autoround":
-        calibration = calibration_data(loaded, data, PRESETS[job["preset"]]["nsamples"])
+        # auto-round's own sample count when given (``--autoround nsamples=128``: its default),
+        # else the preset's, as lrquant gets
+        count = parse_overrides(job["overrides"]).get("nsamples", PRESETS[job["preset"]]["nsamples"])
+        calibration = calibration_data(loaded, data, int(count))
         _autoround(
             loaded, setting_kwargs(SETTINGS, job["setting"]), calibration, job["seed"], job["overrides"]
         )
@@ -201,7 +204,7 @@ def _autoround(loaded, setting: dict, calibration, seed: int, overrides: list[st
         seqlen=calibration.shape[1],
         seed=seed,
         device_map="cpu",
-        **{key: _literal(value) for key, value in parse_overrides(overrides).items()},
+        **{key: _literal(value) for key, value in parse_overrides(overrides).items() if key != "nsamples"},
     )
     tuner.quantize()
     # auto-round's "fake" export wrote unquantized weights in 0.16.1: check the model we score.

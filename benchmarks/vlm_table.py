@@ -56,9 +56,11 @@ def run(args: argparse.Namespace, method: str, setting: str, tower: bool) -> dic
             args.model, out, scheme, method, args.preset, parse_overrides(args.overrides), data,
             device=args.device, vision_scheme=vision,
         )  # fmt: skip
+        pairs = per_pair(out, args.model, data) if args.paired else None
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
     return {
+        **({"pairs": pairs} if pairs else {}),
         "model": args.model,
         "method": method,
         "setting": setting,
@@ -78,6 +80,84 @@ def run(args: argparse.Namespace, method: str, setting: str, tower: bool) -> dic
         "cpu": cpu_name(),
         "python": platform.python_version(),
     }
+
+
+def per_pair(out: Path, source: str, data: api.DataSettings) -> dict[str, list]:
+    """Each test pair of the output ``out`` scored alone against ``source`` in full precision: its
+    KL summed over its text tokens, the tokens where both models put the same token first, its
+    text tokens, and whether its answer was right (what :func:`orders` resamples)."""
+    import torch
+
+    from lrquant.inference import apply_backend
+    from lrquant.modalities import modality_of
+    from lrquant.modalities.image_text import SCORED, score_pairs
+    from lrquant.models.loading import load_model
+
+    loaded = load_model(str(out))
+    apply_backend(loaded, "fake", torch.device("cpu"))
+    reference = load_model(source).model
+    samples = modality_of(loaded.arch).eval_samples(loaded, data.for_model(loaded))
+    pairs: dict[str, list] = {"kl": [], "agree": [], "tokens": [], "right": []}
+    for i in range(len(samples)):
+        one = samples[i : i + 1]
+        tokens = int(one[SCORED][0, 1:].sum())
+        scores = score_pairs(loaded.model, one, 1, "pair", reference)
+        pairs["kl"].append(scores["kl"] * tokens)
+        pairs["agree"].append(round(scores["top1_agreement"] * tokens))
+        pairs["tokens"].append(tokens)
+        if "accuracy" in scores:  # pairs with answers
+            pairs["right"].append(round(scores["accuracy"]))
+    return pairs
+
+
+def orders(rows: list[dict], claims: list[str], draws: int = 2000, seed: int = 0) -> list[str]:
+    """For each claim ``A:B`` (method A ahead of method B) at each setting and tower where both have
+    per-pair scores: the difference of their KL, top-1 agreement and accuracy with a 95 % interval
+    from a paired bootstrap over the test pairs (the same resampled pairs for both methods)."""
+    import torch
+
+    lines = [
+        "| setting | tower | A | B | KL: A - B [95 %] | top-1 points: A - B [95 %] "
+        "| accuracy points: A - B [95 %] |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
+    found = {(r["setting"], r["tower"], r["method"]): r["pairs"] for r in rows if "pairs" in r}
+    generator = torch.Generator().manual_seed(seed)
+    for setting, tower in sorted({(s, t) for s, t, _ in found}):
+        for claim in claims:
+            a, b = claim.split(":")
+            if (setting, tower, a) not in found or (setting, tower, b) not in found:
+                continue
+            pa, pb = (
+                {k: torch.tensor(v, dtype=torch.float64) for k, v in found[setting, tower, m].items()}
+                for m in (a, b)
+            )
+            n = len(pa["tokens"])
+            picks = torch.randint(n, (draws, n), generator=generator)
+            cells = []
+            for key, scale in (("kl", 1.0), ("agree", 100.0), ("right", 100.0)):
+                if pa[key].numel() < n or pb[key].numel() < n:  # no answers to be right about
+                    cells.append("-")
+                    continue
+                diff = scale * (_mean(pa, key) - _mean(pb, key))
+                boot = scale * (_mean(pa, key, picks) - _mean(pb, key, picks))
+                low, high = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64))
+                digits = 4 if key == "kl" else 1
+                cells.append(f"{diff:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]")
+            lines.append(
+                f"| {setting} | {'yes' if tower else 'no'} | {a} | {b} | " + " | ".join(cells) + " |"
+            )
+    return lines
+
+
+def _mean(pairs: dict, key: str, picks=None):
+    """The mean of ``key`` over the pairs (``picks``: rows of resampled pair indices), per text
+    token for KL and agreement, per pair for accuracy."""
+    taken = pairs[key] if picks is None else pairs[key][picks]
+    if key == "right":
+        return taken.mean(-1)
+    tokens = pairs["tokens"] if picks is None else pairs["tokens"][picks]
+    return taken.sum(-1) / tokens.sum(-1)
 
 
 def _in_own_process(method: str, setting: str, tower: bool) -> dict:
@@ -125,6 +205,12 @@ def main() -> None:
     parser.add_argument("--eval-pairs", type=int, default=None, help="test pairs (default: all 500)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--paired", action="store_true",
+                        help="also score each test pair alone, and write <name>_orders.md: paired "
+                        "bootstrap intervals for --orders")  # fmt: skip
+    parser.add_argument("--orders", nargs="+", metavar="A:B",
+                        default=["auto:omniquant", "lrquant_plus:omniquant", "omniquant:rtn"],
+                        help="with --paired: method A against method B")  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--name", default="vlm_fast")
     parser.add_argument(
@@ -153,6 +239,8 @@ def main() -> None:
                 print("\n".join(table([row])[2:]), flush=True)
     rows = [row for row in load_rows(args.name) if row["model"] == args.model]
     (RESULTS / f"{args.name}.md").write_text("\n".join(table(rows)) + "\n")
+    if any("pairs" in row for row in rows):
+        (RESULTS / f"{args.name}_orders.md").write_text("\n".join(orders(rows, args.orders)) + "\n")
 
 
 if __name__ == "__main__":

@@ -246,6 +246,34 @@ def test_vision_language_table_runs_on_a_tiny_llava(tmp_path) -> None:
     assert "| rtn | W4A4 | no | yes |" in (results / "vlmsmoke.md").read_text()
 
 
+def test_vision_language_paired_orders_on_a_tiny_llava(tmp_path) -> None:
+    from lrquant.models.tiny_vlm import save_tiny_vlm
+
+    model = str(save_tiny_vlm("llava", tmp_path / "llava"))
+    results = tmp_path / "results"
+    sets = [arg for item in TINY_BUDGET for arg in ("--set", item)]
+    args = ["--model", model, "--methods", "rtn", "lrquant_plus", "--settings", "W4A4", "--nsamples", "4",
+            "--eval-pairs", "8", "--name", "paired", "--paired", "--orders", "lrquant_plus:rtn",
+            *sets]  # fmt: skip
+    run_script("vlm_table.py", args, results)
+    found = {r["method"]: r for r in rows(results, "paired")}
+    kl = {}
+    for method, row in found.items():
+        pairs = row["pairs"]
+        assert len(pairs["kl"]) == 8 and all(t > 0 for t in pairs["tokens"])
+        # each pair scored alone adds up to the run's own evaluation of the same pairs
+        kl[method] = sum(pairs["kl"]) / sum(pairs["tokens"])
+        assert kl[method] == pytest.approx(row["fidelity"]["kl"], rel=1e-4)
+        assert sum(pairs["agree"]) / sum(pairs["tokens"]) == pytest.approx(row["fidelity"]["top1_agreement"])
+    line = next(
+        x for x in (results / "paired_orders.md").read_text().splitlines() if "| lrquant_plus | rtn |" in x
+    )
+    diff, low, high = (
+        float(v) for v in line.split("|")[5].replace("[", " ").replace("]", " ").replace(",", " ").split()
+    )
+    assert diff == pytest.approx(kl["lrquant_plus"] - kl["rtn"], abs=1e-4) and low <= diff <= high
+
+
 def test_stream_scale_runs_on_a_tiny_shape(tmp_path) -> None:
     args = ["--shape", "tiny", "--methods", "rtn", "gptq", "--nsamples", "1", "--seqlen", "32", "--eval"]
     run_script("stream_scale.py", [*args, "--group-size", "32", "--name", "rows"], tmp_path)
