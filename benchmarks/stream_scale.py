@@ -72,11 +72,12 @@ threading.Thread(target=sample, daemon=True).start()
 data = api.DataSettings(nsamples=args["nsamples"], seqlen=args["seqlen"], eval_windows=args["eval_windows"])
 report = api.quantize(args["model"], args["out"], build_scheme(**args["scheme"]), args["method"],
                       args["preset"], args["overrides"], data, run_eval=args["eval"], stream=True,
-                      max_memory=args["max_memory"])
+                      max_memory=args["max_memory"], device=args["device"])
 print("ROW " + json.dumps({"seconds": report["seconds"], "peak_rss_mb": report["peak_rss_mb"],
       "peak_anon_mb": anon[0], "activations": report.get("activations"),
       "blocks": [b.get("seconds") for b in report["blocks"]], "perplexity": report.get("perplexity"),
-      "fidelity": report.get("fidelity"), "estimate": report["estimate"]}))
+      "fidelity": report.get("fidelity"), "estimate": report["estimate"],
+      "peak_gpu_mb": report.get("peak_gpu_mb"), "device": report.get("device")}))
 """
 
 
@@ -164,6 +165,7 @@ def main() -> None:
     parser.add_argument(
         "--workdir", default=None, help="where the checkpoint and outputs go (default: a temp dir)"
     )
+    parser.add_argument("--device", default="cpu", help="where blocks learn: cpu or cuda")
     parser.add_argument("--name", default="stream_scale")
     args = parser.parse_args()
 
@@ -191,6 +193,7 @@ def main() -> None:
                 "overrides": parse_overrides([*extra, *args.overrides]) or None, "nsamples": args.nsamples,
                 "seqlen": args.seqlen, "eval": args.eval, "eval_windows": 4,
                 "max_memory": None if args.max_memory is None else parse_size(args.max_memory),
+                "device": args.device,
             }  # fmt: skip
             with DiskPeak(work) as disk:
                 done = subprocess.run(
@@ -211,7 +214,7 @@ def main() -> None:
                 "max_memory": args.max_memory, "seconds": row["seconds"],
                 "seconds_per_block": round(row["seconds"]["quantize"] / config["num_hidden_layers"], 2),
                 "learned_block_seconds": blocks, "perplexity": row["perplexity"], "fidelity": row["fidelity"],
-                "estimate": row["estimate"],
+                "estimate": row["estimate"], "device": args.device, "peak_gpu_mb": row["peak_gpu_mb"],
                 "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             }  # fmt: skip
             print(json.dumps(result), flush=True)

@@ -27,7 +27,9 @@ RESULTS = Path(os.environ.get("LRQUANT_BENCH_RESULTS") or Path(__file__).parent 
 SHAPES = {name: shape for name, shape in STREAM_SHAPES.items() if name != "tiny"}
 
 
-def estimates(shape: str, methods: list[str], nsamples: int, seqlen: int, group_size: int) -> list[dict]:
+def estimates(
+    shape: str, methods: list[str], nsamples: int, seqlen: int, group_size: int, device: str = "cpu"
+) -> list[dict]:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from lrquant.arch import get_arch_spec
@@ -42,7 +44,7 @@ def estimates(shape: str, methods: list[str], nsamples: int, seqlen: int, group_
     rows = []
     for method in methods:
         recipe = None if method == "rtn" else build_recipe(method, "fast", {"nsamples": nsamples})
-        cost = estimate(model, arch, scheme, recipe, nsamples, seqlen, torch.device("cpu"), streamed=True)
+        cost = estimate(model, arch, scheme, recipe, nsamples, seqlen, torch.device(device), streamed=True)
         rows.append({"shape": shape, "method": method, **cost.as_dict()})
     return rows
 
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--device", default="cpu", help="where the product is timed: cpu or cuda")
     parser.add_argument(
         "--measured", nargs="*", default=[], help="stream_scale.py result names to compare with"
     )
@@ -72,15 +75,20 @@ def main() -> None:
         if r["nsamples"] == args.nsamples and r["seqlen"] == args.seqlen and not r.get("overrides")
         and not r.get("perplexity")  # not evaluated: the estimate is of quantizing alone
         and r["scheme"] == {"wbits": 4, "abits": 16, "group_size": args.group_size}
+        and r.get("device", "cpu") == args.device
     ]  # fmt: skip
-    cpu = platform.processor() or platform.machine()
-    print(f"{cpu}, {torch.get_num_threads()} thread(s); W4A16 g{args.group_size}, `fast`, "
+    where = (
+        torch.cuda.get_device_name(0)
+        if args.device == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
+    )
+    print(f"{where}; W4A16 g{args.group_size}, `fast`, "
           f"{args.nsamples} windows x {args.seqlen} tokens, streamed")  # fmt: skip
     print("| shape | blocks | method | s per block, estimated | measured | hours in all, estimated | "
           "peak GiB, estimated | measured |")  # fmt: skip
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     for shape in args.shapes:
-        for row in estimates(shape, args.methods, args.nsamples, args.seqlen, args.group_size):
+        for row in estimates(shape, args.methods, args.nsamples, args.seqlen, args.group_size, args.device):
             mine = [r for r in measured if r["shape"] == shape and r["method"] == row["method"]]
             seconds = "/".join(f"{r['seconds_per_block']:.1f}" for r in mine) or "-"
             peak = "/".join(f"{r['peak_rss_mb'] / 1024:.1f}" for r in mine) or "-"

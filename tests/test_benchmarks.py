@@ -284,13 +284,15 @@ def test_stream_scale_runs_on_a_tiny_shape(tmp_path) -> None:
     assert rows_[1]["fidelity"]["kl"] > 0 and len(rows_[1]["learned_block_seconds"]) == 2
     assert 0 < rows_[1]["peak_anon_mb"] <= rows_[1]["peak_rss_mb"]
     assert rows_[1]["activations"]["where"] == "memory (cpu)" and rows_[1]["activations"]["bytes"] > 0
+    assert rows_[1]["device"] == "cpu" and rows_[1]["peak_gpu_mb"] is None
 
 
 def test_time_model_prints_estimates_beside_measured_rows(tmp_path) -> None:
     row = {"shape": "1b", "method": "gptq", "nsamples": 1, "seqlen": 32, "overrides": None,
            "scheme": {"wbits": 4, "abits": 16, "group_size": 128}, "perplexity": None,
            "seconds_per_block": 12.5, "peak_rss_mb": 3072}  # fmt: skip
-    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    on_gpu = {**row, "device": "cuda", "seconds_per_block": 0.5}  # another device's row: not beside
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(on_gpu) + "\n")
     args = ["--shapes", "1b", "70b", "--methods", "rtn", "gptq", "--nsamples", "1", "--seqlen", "32"]
     out = run_script("time_model.py", [*args, "--measured", "rows"], tmp_path)
     table = [line for line in out.splitlines() if line.startswith("| 1b") or line.startswith("| 70b")]
