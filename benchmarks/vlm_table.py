@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shutil
 import subprocess
@@ -54,11 +55,18 @@ def run(args: argparse.Namespace, method: str, setting: str, tower: bool) -> dic
     try:
         report = api.quantize(
             args.model, out, scheme, method, args.preset, parse_overrides(args.overrides), data,
-            device=args.device, vision_scheme=vision,
+            device=args.device, vision_scheme=vision, run_eval=not args.paired,
         )  # fmt: skip
+        # --paired: the pairs scored one at a time stand for the run's evaluation (the same sums)
         pairs = per_pair(out, args.model, data) if args.paired else None
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
+    scores = _pair_scores(pairs) if pairs else {
+        "eval_pairs": report["data"]["eval_pairs"],
+        "accuracy": report.get("accuracy"),  # None where the pairs' words are not one token each
+        "perplexity": report["perplexity"],
+        "fidelity": report["fidelity"],
+    }  # fmt: skip
     return {
         **({"pairs": pairs} if pairs else {}),
         "model": args.model,
@@ -70,10 +78,7 @@ def run(args: argparse.Namespace, method: str, setting: str, tower: bool) -> dic
         "seed": args.seed,
         "overrides": args.overrides,
         "nsamples": args.nsamples,
-        "eval_pairs": report["data"]["eval_pairs"],
-        "accuracy": report.get("accuracy"),  # None where the pairs' words are not one token each
-        "perplexity": report["perplexity"],
-        "fidelity": report["fidelity"],
+        **scores,
         "seconds": report["seconds"],
         "peak_rss_mb": report["peak_rss_mb"],
         "code": code_version(),
@@ -97,17 +102,30 @@ def per_pair(out: Path, source: str, data: api.DataSettings) -> dict[str, list]:
     apply_backend(loaded, "fake", torch.device("cpu"))
     reference = load_model(source).model
     samples = modality_of(loaded.arch).eval_samples(loaded, data.for_model(loaded))
-    pairs: dict[str, list] = {"kl": [], "agree": [], "tokens": [], "right": []}
+    pairs: dict[str, list] = {"kl": [], "agree": [], "nll": [], "tokens": [], "right": []}
     for i in range(len(samples)):
         one = samples[i : i + 1]
         tokens = int(one[SCORED][0, 1:].sum())
         scores = score_pairs(loaded.model, one, 1, "pair", reference)
         pairs["kl"].append(scores["kl"] * tokens)
         pairs["agree"].append(round(scores["top1_agreement"] * tokens))
+        pairs["nll"].append(math.log(scores["perplexity"]) * tokens)
         pairs["tokens"].append(tokens)
         if "accuracy" in scores:  # pairs with answers
             pairs["right"].append(round(scores["accuracy"]))
     return pairs
+
+
+def _pair_scores(pairs: dict[str, list]) -> dict:
+    """A row's scores from its pairs scored alone (the full-precision model's are not computed)."""
+    tokens = sum(pairs["tokens"])
+    right = pairs["right"]
+    return {
+        "eval_pairs": len(pairs["tokens"]),
+        "accuracy": {"fp": None, "quantized": sum(right) / len(right)} if right else None,
+        "perplexity": {"fp": None, "quantized": math.exp(sum(pairs["nll"]) / tokens)},
+        "fidelity": {"kl": sum(pairs["kl"]) / tokens, "top1_agreement": sum(pairs["agree"]) / tokens},
+    }
 
 
 def orders(rows: list[dict], claims: list[str], draws: int = 2000, seed: int = 0) -> list[str]:
@@ -178,7 +196,8 @@ def table(rows: list[dict]) -> list[str]:
     ]
     for row in rows:
         acc, fid, ppl = row["accuracy"], row["fidelity"], row["perplexity"]
-        accuracy = f"{100 * acc['fp']:.1f}: {100 * acc['quantized']:.1f}" if acc else "-"
+        fp = "-" if not acc or acc["fp"] is None else f"{100 * acc['fp']:.1f}"
+        accuracy = f"{fp}: {100 * acc['quantized']:.1f}" if acc else "-"
         seconds = row["seconds"].get("quantize", 0) + row["seconds"].get("quantize_vision", 0)
         lines.append(
             f"| {row['method']} | {row['setting']} | {'yes' if row['tower'] else 'no'} | "
