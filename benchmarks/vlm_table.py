@@ -172,6 +172,14 @@ def orders(rows: list[dict], claims: list[str], draws: int = 2000, seed: int = 0
     return lines
 
 
+def claim_arg(value: str) -> str:
+    """An ``--orders`` claim, ``A:B`` (two method names), checked when the command starts."""
+    parts = value.split(":")
+    if len(parts) != 2 or not all(parts):
+        raise argparse.ArgumentTypeError(f"'{value}' is not A:B, two methods (e.g. auto:omniquant)")
+    return value
+
+
 def _mean(pairs: dict, key: str, picks=None):
     """The mean of ``key`` over the pairs (``picks``: rows of resampled pair indices), per text
     token for KL and agreement, per pair for accuracy."""
@@ -231,7 +239,7 @@ def main() -> None:
     parser.add_argument("--paired", action="store_true",
                         help="also score each test pair alone, and write <name>_orders.md: paired "
                         "bootstrap intervals for --orders")  # fmt: skip
-    parser.add_argument("--orders", nargs="+", metavar="A:B",
+    parser.add_argument("--orders", nargs="+", metavar="A:B", type=claim_arg,
                         default=["auto:omniquant", "lrquant_plus:omniquant", "omniquant:rtn"],
                         help="with --paired: method A against method B")  # fmt: skip
     parser.add_argument("--device", default="cpu")

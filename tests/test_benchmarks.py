@@ -4,6 +4,7 @@ Each script runs as a user runs it, in a fresh process, with its result files re
 temporary folder (``LRQUANT_BENCH_RESULTS``), at the smallest budget that still learns.
 """
 
+import argparse
 import json
 import math
 import os
@@ -198,6 +199,12 @@ def test_setting_names_take_clipping_and_rotated_qkv_in_either_order(monkeypatch
     for bad in ("W4A5", "W4A4-x", "W4A4-cfast"):
         with pytest.raises((KeyError, ValueError)):
             setting_kwargs(SETTINGS, bad)
+    from vlm_table import claim_arg
+
+    assert claim_arg("auto:omniquant") == "auto:omniquant"
+    for bad in ("auto", "auto:", "a:b:c"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            claim_arg(bad)
 
 
 def test_stage_time_runs_on_a_tiny_llm(tiny_llama, tmp_path) -> None:
